@@ -1,0 +1,183 @@
+"""The ``maskgen`` command line. Errors are one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from maskgen.imaging import DEFAULT_MAX_PIXELS
+from maskgen.methods import METHODS
+from maskgen.pipeline import BuildError, BuildOptions, run_build
+from maskgen.sources import SOURCES, SourceError
+from maskgen.sources.sample import DEFAULT_SAMPLE_SIZE
+
+# Which source uses which option; anything else given with that source is an error.
+SOURCE_OPTIONS = {
+    "sample": {"sample_size"},
+    "folder": {"root", "gt", "class_folders"},
+    "imagenet": {"root", "gt", "split", "val_labels"},
+    "coco": {"root", "annotations", "categories"},
+}
+SOURCE_ONLY_OPTIONS = {
+    "sample_size",
+    "root",
+    "gt",
+    "class_folders",
+    "split",
+    "val_labels",
+    "annotations",
+    "categories",
+}
+
+
+def _threshold(value: str) -> float | str:
+    if value == "otsu":
+        return value
+    try:
+        t = float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a number in [0, 1] nor 'otsu'") from None
+    if not 0.0 <= t <= 1.0:
+        raise click.BadParameter(f"{value} is not in [0, 1]")
+    return t
+
+
+def source_config(source: str, opts: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Map CLI options to the chosen source's constructor arguments."""
+    given = {k for k in SOURCE_ONLY_OPTIONS if opts.get(k) not in (None, False, ())}
+    extra = given - SOURCE_OPTIONS[source]
+    if extra:
+        flag = "--" + sorted(extra)[0].replace("_", "-")
+        raise click.UsageError(f"{flag} is not used by --source {source}")
+    if source != "sample" and not opts.get("root"):
+        raise click.UsageError(f"--source {source} needs --root PATH")
+    if source == "sample":
+        return {"sample_size": opts.get("sample_size") or DEFAULT_SAMPLE_SIZE, "seed": seed}
+    if source == "folder":
+        return {"root": opts["root"], "gt": opts.get("gt"), "class_folders": bool(opts.get("class_folders"))}
+    if source == "imagenet":
+        return {"root": opts["root"], "split": opts.get("split") or "train", "gt": opts.get("gt"),
+                "val_labels": opts.get("val_labels")}  # fmt: skip
+    cats = [c.strip() for c in (opts.get("categories") or "").split(",") if c.strip()]
+    return {"root": opts["root"], "annotations": opts.get("annotations"), "categories": cats}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="maskgen-sslmask")
+def cli() -> None:
+    """Build, check and publish foreground-mask datasets as WebDataset shards."""
+
+
+@cli.command(epilog="Example: maskgen build --source sample --method center --out out/sample")
+@click.option(
+    "--source", type=click.Choice(sorted(SOURCES)), default="sample", help="Where images come from."
+)
+@click.option("--root", type=str, help="Source root folder (folder, imagenet, coco).")
+@click.option("--gt", type=str, help="Ground-truth mask folder, matched by relative path/stem.")
+@click.option("--annotations", type=str, help="COCO instances json (coco).")
+@click.option("--categories", type=str, help="Comma-separated COCO category names or ids to keep (coco).")
+@click.option(
+    "--split", type=click.Choice(["train", "val"]), help="ImageNet split (imagenet). [default: train]"
+)
+@click.option(
+    "--val-labels", type=str, help="Labels for a flat ImageNet val/ (LOC_val_solution.csv, devkit file)."
+)
+@click.option("--class-folders", is_flag=True, help="First sub-folder is the class label (folder).")
+@click.option(
+    "--sample-size", type=int, help=f"Synthetic scenes in the sample source. [default: {DEFAULT_SAMPLE_SIZE}]"
+)
+@click.option("--method", type=click.Choice(sorted(METHODS)), required=True, help="Mask method.")
+@click.option(
+    "--threshold", default="0.5", callback=lambda c, p, v: _threshold(v), help="Number in [0,1] or 'otsu'."
+)
+@click.option("--fallback", type=click.Choice(["center", "keep"]), default="center",
+              help="For empty (<1%) or full (>99%) masks: use the centre-prior mask, or keep and flag.")  # fmt: skip
+@click.option("--save-saliency", is_flag=True, help="Also store the soft map as KEY.sal.png.")
+@click.option("--out", required=True, type=str, help="Output folder.")
+@click.option("--shard-size", type=int, default=1000, help="Images per shard.")
+@click.option(
+    "--workers", type=int, default=2, help="Local Ray workers (in-flight tasks with --ray-address)."
+)
+@click.option(
+    "--ray-address", type=str, help="Run on an existing Ray cluster (ADDR:PORT); OUT must be shared storage."
+)
+@click.option("--executor", type=click.Choice(["ray", "local"]), default="ray",
+              help="'local' runs shards one by one in this process (debugging).")  # fmt: skip
+@click.option("--limit", type=int, help="Use only the first N images (sorted order).")
+@click.option("--overwrite", is_flag=True, help="Delete an existing build in OUT and start over.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and what is already done; write nothing.")
+@click.option("--image-format", type=click.Choice(["keep", "jpg", "none"]), default="keep",
+              help="keep: original JPEG bytes when possible; jpg: always re-encode; none: masks only.")  # fmt: skip
+@click.option("--seed", type=int, default=0, help="Seed for every random choice (sample scenes, methods).")
+@click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="Decompression-bomb limit (pixels).")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def build(**kw: Any) -> None:
+    """Generate masks for every image of a source and write WebDataset shards plus a report."""
+    opts = BuildOptions(
+        source=kw["source"],
+        source_config=source_config(kw["source"], kw, kw["seed"]),
+        method=kw["method"],
+        out=kw["out"],
+        threshold=kw["threshold"],
+        fallback=kw["fallback"],
+        save_saliency=kw["save_saliency"],
+        shard_size=kw["shard_size"],
+        workers=kw["workers"],
+        ray_address=kw["ray_address"],
+        executor=kw["executor"],
+        limit=kw["limit"],
+        overwrite=kw["overwrite"],
+        dry_run=kw["dry_run"],
+        image_format=kw["image_format"],
+        seed=kw["seed"],
+        max_pixels=kw["max_pixels"],
+        progress=kw["progress"],
+    )
+    if opts.workers < 1:
+        raise click.UsageError(f"--workers must be >= 1, got {opts.workers}")
+    run_build(opts)
+
+
+@cli.command("eval")
+@click.argument("out", type=str)
+@click.option("--gt", type=str, help="Ground-truth folder (default: the build's own source).")
+def eval_cmd(out: str, gt: str | None) -> None:
+    """Recompute report.json and report.html of a finished build from its shards."""
+    from maskgen.evaluate import evaluate_build
+
+    report = evaluate_build(out, gt)
+    fields = ("n_images", "n_with_gt", "miou", "mae", "max_fbeta", "s_measure", "e_measure")
+    click.echo(" ".join(f"{k}={report[k]:.4f}" if isinstance(report[k], float) else f"{k}={report[k]}"
+                        for k in fields))  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI and turn every expected failure into one line."""
+    prog = "maskgen"
+    try:
+        cli.main(args=argv, prog_name=prog, standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as exc:  # --help, --version
+        return exc.exit_code
+    except click.Abort:
+        click.echo(f"{prog}: aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else prog
+        click.echo(f"{where}: error: {exc.format_message()}", err=True)
+        return exc.exit_code
+    except (BuildError, SourceError) as exc:
+        click.echo(f"{prog}: error: {exc}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        click.echo(
+            f"{prog}: interrupted; completed shards are kept, run the same command to resume", err=True
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""``maskgen eval OUT``: recompute the report from the shards themselves.
+
+Ground truth comes from the build's own source (as recorded in the manifest) or from a
+folder of masks given with ``--gt`` (matched by the sample's source path, then by stem).
+The SOD metrics use the stored soft map (``sal.png``) when the build kept one, else the
+binary mask; ``report.json`` says which in ``sod_input``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from maskgen.imaging import load_binary_mask
+from maskgen.metrics import MetricSums
+from maskgen.pipeline import BuildError
+from maskgen.report import aggregate, throughput, write_build_outputs
+from maskgen.shard_format import (
+    FIELD_MASK,
+    FIELD_META,
+    FIELD_SALIENCY,
+    MANIFEST,
+    SHARDS_DIR,
+    decode_gray_png,
+    decode_mask_png,
+    decode_meta,
+    iter_tar_samples,
+    shard_name,
+)
+from maskgen.sources import ItemRef, SourceError, make_source
+from maskgen.sources.base import index_masks, read_file, require_dir
+
+N_EXTREMES = 8
+
+
+class _GroundTruth:
+    """Looks up a sample's ground truth by its json ``path``."""
+
+    def __init__(self, manifest: dict[str, Any], gt_dir: str | None):
+        self.gt_dir = require_dir(gt_dir, "--gt") if gt_dir else None
+        self.by_path: dict[str, ItemRef] = {}
+        self.masks: dict[str, str] = {}
+        self.source = None
+        if self.gt_dir is not None:
+            self.masks = index_masks(self.gt_dir)
+            self.by_stem = {os.path.basename(k): v for k, v in self.masks.items()}
+        else:
+            try:
+                self.source = make_source(manifest["source"], manifest["source_config"])
+                self.by_path = {it.path: it for it in self.source.list_items()}
+            except SourceError as exc:
+                raise BuildError(
+                    f"cannot reopen the build's source for ground truth ({exc}); give --gt DIR"
+                ) from None
+
+    def __call__(self, path: str) -> np.ndarray | None:
+        if self.gt_dir is not None:
+            stem = os.path.splitext(path)[0]
+            rel = self.masks.get(stem) or self.by_stem.get(os.path.basename(stem))
+            return load_binary_mask(read_file(self.gt_dir / rel)) if rel else None
+        item = self.by_path.get(path)
+        return self.source.ground_truth(item) if item is not None else None
+
+
+def evaluate_build(out: str | os.PathLike, gt_dir: str | None = None) -> dict[str, Any]:
+    out = Path(out)
+    manifest_path = out / MANIFEST
+    if not manifest_path.is_file():
+        raise BuildError(f"{out}: not a maskgen build (no {MANIFEST})")
+    manifest = json.loads(manifest_path.read_text())
+    if not manifest.get("complete"):
+        raise BuildError(f"{out}: the build is not complete; run maskgen build again to finish it")
+    gt_of = _GroundTruth(manifest, gt_dir)
+    agg = aggregate(out, manifest["n_shards"])
+    sums = MetricSums()
+    extremes: list[tuple[float, str, int]] = []
+    used_saliency = None
+    for i in range(manifest["n_shards"]):
+        fields_wanted = {FIELD_MASK, FIELD_SALIENCY, FIELD_META}
+        for key, fields in iter_tar_samples(out / SHARDS_DIR / shard_name(i), fields_wanted):
+            meta = decode_meta(fields[FIELD_META])
+            gt = gt_of(meta["path"])
+            if gt is None:
+                continue
+            mask = decode_mask_png(fields[FIELD_MASK])
+            has_sal = FIELD_SALIENCY in fields
+            used_saliency = has_sal if used_saliency is None else used_saliency and has_sal
+            soft = decode_gray_png(fields[FIELD_SALIENCY]) if has_sal else mask.astype(np.uint8) * 255
+            if gt.shape != mask.shape:
+                gt = cv2.resize(gt.astype(np.uint8), mask.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
+            extremes.append((sums.add(mask, soft, gt), key, i))
+    agg.metrics = sums
+    agg.best = [(v, k) for v, k, _ in sorted(extremes, key=lambda t: (-t[0], t[1]))[:N_EXTREMES]]
+    agg.worst = [(v, k) for v, k, _ in sorted(extremes, key=lambda t: (t[0], t[1]))[:N_EXTREMES]]
+    agg.shard_of_key = {k: i for _, k, i in extremes}
+    sod_input = "saliency" if used_saliency else "mask"
+    return write_build_outputs(out, manifest, agg, throughput(manifest), sod_input)

@@ -1,0 +1,21 @@
+"""Registry of mask methods: ``--method NAME`` -> class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from maskgen.methods.base import Resources, SaliencyMethod
+from maskgen.methods.center import CenterPrior
+
+METHODS: dict[str, type[SaliencyMethod]] = {
+    CenterPrior.name: CenterPrior,
+}
+
+
+def make_method(name: str, params: dict[str, Any] | None = None) -> SaliencyMethod:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}")
+    return METHODS[name](**(params or {}))
+
+
+__all__ = ["METHODS", "Resources", "SaliencyMethod", "make_method"]

@@ -1,0 +1,38 @@
+"""The mask-method interface: decoded RGB images in, soft saliency maps in [0, 1] out.
+
+Binarisation, clean-up and fallbacks are shared (``maskgen.postprocess``), so a method only
+computes saliency. Each method says what it needs (CPU threads or a GPU) so the pipeline
+can schedule it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Resources:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+class SaliencyMethod(ABC):
+    """Base class; subclasses set ``name`` and implement ``predict``."""
+
+    name: ClassVar[str]
+    resources: ClassVar[Resources] = Resources()
+    batch_size: ClassVar[int] = 16
+
+    @property
+    @abstractmethod
+    def params(self) -> dict[str, Any]:
+        """JSON-serialisable parameters; recorded in every sample as ``method_params``."""
+
+    @abstractmethod
+    def predict(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Soft saliency (float32, H x W, values in [0, 1]) for each H x W x 3 uint8 image."""

@@ -1,0 +1,350 @@
+"""``maskgen build``: plan shards from a source, run them, then write the build's summary files.
+
+Order of writes, so that a crash at any moment leaves a resumable folder:
+1. ``manifest.json`` (the plan and its fingerprint) before any shard;
+2. per shard, the tar under a temporary name -> fsync -> rename, then its ``.stats.json``
+   the same way (the stats file is the success marker; a tar without one is redone);
+3. at the end ``errors.jsonl``, ``index.json``, ``report.json``/``report.html`` and the
+   final manifest, each written atomically, all derived from the stats files alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from maskgen import __version__
+from maskgen.atomic import remove_stale_temps, write_json
+from maskgen.distribute import ShardJob, run_jobs
+from maskgen.imaging import DEFAULT_MAX_PIXELS
+from maskgen.methods import METHODS, make_method
+from maskgen.postprocess import PostprocessConfig
+from maskgen.report import aggregate, throughput, write_build_outputs
+from maskgen.shard_format import (
+    ERRORS,
+    INDEX,
+    MANIFEST,
+    REPORT_HTML,
+    REPORT_JSON,
+    SHARDS_DIR,
+    shard_name,
+    stats_name,
+)
+from maskgen.sources import ItemRef, Source, SourceError, make_source
+from maskgen.worker import BuildSpec
+
+MANIFEST_FORMAT = "maskgen-build-v1"
+OUTPUT_NAMES = (MANIFEST, INDEX, REPORT_JSON, REPORT_HTML, ERRORS)
+
+
+class BuildError(Exception):
+    """A problem that stops the whole build; printed as one line."""
+
+
+@dataclass
+class BuildOptions:
+    source: str
+    source_config: dict[str, Any]
+    method: str
+    out: str
+    method_params: dict[str, Any] = field(default_factory=dict)
+    threshold: float | str = 0.5
+    fallback: str = "center"
+    save_saliency: bool = False
+    shard_size: int = 1000
+    workers: int = 2
+    ray_address: str | None = None
+    executor: str = "ray"  # ray | local
+    limit: int | None = None
+    overwrite: bool = False
+    dry_run: bool = False
+    image_format: str = "keep"
+    seed: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    progress: bool = True
+
+
+@dataclass
+class Plan:
+    source: Source
+    items: list[ItemRef]
+    jobs: list[ShardJob]
+    spec: BuildSpec
+    fingerprint: str
+
+
+def make_plan(opts: BuildOptions) -> Plan:
+    """List the source and split it into shards; nothing is written."""
+    if opts.method not in METHODS:
+        raise BuildError(f"--method {opts.method}: unknown method; choose from {', '.join(sorted(METHODS))}")
+    if opts.shard_size < 1:
+        raise BuildError(f"--shard-size must be >= 1, got {opts.shard_size}")
+    if opts.image_format not in ("keep", "jpg", "none"):
+        raise BuildError(f"--image-format must be keep, jpg or none, got {opts.image_format!r}")
+    try:
+        post = PostprocessConfig(threshold=opts.threshold, fallback=opts.fallback)
+        method = make_method(opts.method, opts.method_params)
+    except (ValueError, TypeError) as exc:
+        raise BuildError(str(exc)) from None
+    try:
+        source = make_source(opts.source, opts.source_config)
+        items = source.list_items()
+    except TypeError as exc:
+        raise BuildError(f"--source {opts.source}: {exc}") from None
+    if opts.limit is not None:
+        if opts.limit < 1:
+            raise BuildError(f"--limit must be >= 1, got {opts.limit}")
+        items = items[: opts.limit]
+    listing = hashlib.sha256()
+    for it in items:
+        listing.update(f"{it.key}\t{it.path}\t{it.label}\n".encode())
+    plan_def = {
+        "source": opts.source,
+        "source_config": source.config(),
+        "method": opts.method,
+        "method_params": method.params,
+        "postprocess": asdict(post),
+        "image_format": opts.image_format,
+        "save_saliency": opts.save_saliency,
+        "max_pixels": opts.max_pixels,
+        "shard_size": opts.shard_size,
+        "items_sha256": listing.hexdigest(),
+    }
+    fingerprint = hashlib.sha256(json.dumps(plan_def, sort_keys=True).encode()).hexdigest()[:16]
+    spec = BuildSpec(
+        out_dir=str(Path(opts.out).resolve()),
+        source=opts.source,
+        source_config=source.config(),
+        method=opts.method,
+        method_params=method.params,
+        postprocess=post,
+        image_format=opts.image_format,
+        save_saliency=opts.save_saliency,
+        max_pixels=opts.max_pixels,
+        fingerprint=fingerprint,
+    )
+    jobs = [
+        ShardJob(i, items[start : start + opts.shard_size])
+        for i, start in enumerate(range(0, len(items), opts.shard_size))
+    ]
+    return Plan(source, items, jobs, spec, fingerprint)
+
+
+def completed_shards(out: Path, fingerprint: str, n_shards: int) -> set[int]:
+    """Shards whose tar and stats exist and whose stats belong to this plan."""
+    done = set()
+    shards_dir = out / SHARDS_DIR
+    for i in range(n_shards):
+        stats, tar = shards_dir / stats_name(i), shards_dir / shard_name(i)
+        if stats.exists() and tar.exists():
+            try:
+                if json.loads(stats.read_text()).get("fingerprint") == fingerprint:
+                    done.add(i)
+            except (OSError, json.JSONDecodeError):
+                pass
+    return done
+
+
+def _prepare_out(out: Path, plan: Plan, overwrite: bool) -> None:
+    manifest = out / MANIFEST
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"--out {out}: exists and is not a directory")
+    if overwrite:
+        shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
+        for name in OUTPUT_NAMES:
+            (out / name).unlink(missing_ok=True)
+    elif manifest.exists():
+        try:
+            old = json.loads(manifest.read_text())
+        except (OSError, json.JSONDecodeError):
+            raise BuildError(f"{manifest}: unreadable manifest; use --overwrite to start over") from None
+        if old.get("fingerprint") != plan.fingerprint:
+            raise BuildError(
+                f"--out {out}: holds a build with other inputs or options; "
+                "use --overwrite to replace it or choose another --out"
+            )
+    elif out.exists() and any(out.iterdir()):
+        raise BuildError(f"--out {out}: not empty and not a maskgen build; choose another folder")
+    (out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out / SHARDS_DIR)
+    remove_stale_temps(out)
+
+
+def _git_commit() -> str | None:
+    try:
+        res = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        if res.returncode != 0:
+            return None
+        return res.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"maskgen": __version__, "python": sys.version.split()[0]}
+    for pkg in (
+        "numpy",
+        "pillow",
+        "opencv-python-headless",
+        "scikit-image",
+        "pysodmetrics",
+        "webdataset",
+        "ray",
+    ):
+        with contextlib.suppress(PackageNotFoundError):
+            out[pkg] = version(pkg)
+    return out
+
+
+def _manifest(plan: Plan, opts: BuildOptions, old: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "format": MANIFEST_FORMAT,
+        "fingerprint": plan.fingerprint,
+        "source": opts.source,
+        "source_config": plan.source.config(),
+        "root": plan.source.root,
+        "class_names": plan.source.class_names,
+        "method": plan.spec.method,
+        "method_params": plan.spec.method_params,
+        "postprocess": asdict(plan.spec.postprocess),
+        "threshold": opts.threshold,
+        "image_format": opts.image_format,
+        "save_saliency": opts.save_saliency,
+        "max_pixels": opts.max_pixels,
+        "seed": opts.seed,
+        "shard_size": opts.shard_size,
+        "limit": opts.limit,
+        "n_items": len(plan.items),
+        "n_shards": len(plan.jobs),
+        "n_samples": None,
+        "n_errors": None,
+        "complete": False,
+        "versions": package_versions(),
+        "git_commit": _git_commit(),
+        "command": " ".join(sys.argv),
+        "runs": list((old or {}).get("runs", [])),
+    }
+
+
+def describe_plan(plan: Plan, done: set[int], opts: BuildOptions, stream: TextIO) -> None:
+    method = METHODS[opts.method]
+    todo = len(plan.jobs) - len(done)
+    print(
+        f"source      {opts.source} ({plan.source.root or 'embedded'}): {len(plan.items)} images", file=stream
+    )
+    print(f"method      {opts.method} {json.dumps(plan.spec.method_params)} "
+          f"(per task: {method.resources.num_cpus:g} CPU, {method.resources.num_gpus:g} GPU)", file=stream)  # fmt: skip
+    print(
+        f"shards      {len(plan.jobs)} of up to {opts.shard_size} images -> {opts.out}/{SHARDS_DIR}/",
+        file=stream,
+    )
+    print(f"done        {len(done)} shards already complete, {todo} to build", file=stream)
+    where = opts.ray_address or (
+        "in-process" if opts.executor == "local" else f"local Ray, {opts.workers} workers"
+    )
+    print(f"executor    {where}", file=stream)
+
+
+def run_build(opts: BuildOptions, stream: TextIO = sys.stderr) -> dict[str, Any]:
+    """Run (or resume) a build; returns the report dict. Raises BuildError/SourceError."""
+    plan = make_plan(opts)
+    out = Path(opts.out)
+    done = set() if opts.overwrite else completed_shards(out, plan.fingerprint, len(plan.jobs))
+    if opts.dry_run:
+        describe_plan(plan, done, opts, stream)
+        return {}
+    _prepare_out(out, plan, opts.overwrite)
+    old_manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).exists() else None
+    manifest = _manifest(plan, opts, old_manifest)
+    write_json(out / MANIFEST, manifest)
+
+    todo = [job for job in plan.jobs if job.index not in done]
+    started = time.time()
+    failures: list[str] = []
+    n_processed = 0
+    method = METHODS[opts.method]
+    bar = _progress(sum(len(j.items) for j in todo), opts.progress, stream)
+    if todo:
+        outcomes = run_jobs(
+            plan.spec,
+            todo,
+            opts.workers,
+            opts.ray_address,
+            opts.executor,
+            (method.resources.num_cpus, method.resources.num_gpus),
+        )
+        for outcome in outcomes:
+            job_items = len(plan.jobs[outcome.index].items)
+            if outcome.error:
+                failures.append(f"shard {outcome.index}: {outcome.error}")
+            else:
+                n_processed += job_items
+            if bar is not None:
+                bar.update(job_items)
+    if bar is not None:
+        bar.close()
+    seconds = time.time() - started
+
+    manifest["runs"].append({
+        "started": started,
+        "seconds": round(seconds, 3),
+        "shards_built": len(todo) - len(failures),
+        "images": n_processed,
+        "workers": opts.workers,
+        "executor": opts.executor if not opts.ray_address else f"ray:{opts.ray_address}",
+        "command": " ".join(sys.argv),
+    })  # fmt: skip
+    if failures:
+        write_json(out / MANIFEST, manifest)
+        raise BuildError(
+            f"{len(failures)} shard(s) failed ({failures[0]}); completed shards are kept, re-run to resume"
+        )
+    agg = aggregate(out, len(plan.jobs))
+    manifest.update(n_samples=agg.n_samples, n_errors=agg.n_errors, complete=True)
+    write_json(out / MANIFEST, manifest)
+    report = write_build_outputs(out, manifest, agg, throughput(manifest))
+    _summary(report, agg, out, stream)
+    return report
+
+
+def _progress(total: int, enabled: bool, stream: TextIO):
+    if not enabled or total == 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="maskgen build", file=stream, smoothing=0.1)
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _summary(report: dict[str, Any], agg, out: Path, stream: TextIO) -> None:
+    skipped = ", ".join(f"{n} {r}" for r, n in sorted(agg.errors_by_reason.items())) or "none"
+    print(f"maskgen: {report['n_images']} images -> {out}/{SHARDS_DIR}/ ({agg.n_shards} shards); "
+          f"skipped {report['n_errors']} ({skipped})", file=stream)  # fmt: skip
+    if report.get("n_with_gt"):
+        print(f"maskgen: vs ground truth on {report['n_with_gt']} images: mIoU {_fmt(report['miou'])}, "
+              f"MAE {_fmt(report['mae'])}, max F-beta {_fmt(report['max_fbeta'])}, "
+              f"S {_fmt(report['s_measure'])}, E {_fmt(report['e_measure'])}", file=stream)  # fmt: skip
+    ips = report.get("images_per_second")
+    print(f"maskgen: report {out / REPORT_HTML}" + (f"; {ips:.1f} images/s" if ips else ""), file=stream)
+
+
+__all__ = ["BuildError", "BuildOptions", "SourceError", "make_plan", "run_build"]

@@ -1,0 +1,293 @@
+"""Build summaries: ``errors.jsonl``, ``index.json``, ``report.json`` and ``report.html``.
+
+Everything here is derived from the per-shard stats files (plus a few samples read back
+for thumbnails), so a resumed build reports exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from maskgen.atomic import atomic_open, write_json
+from maskgen.metrics import MetricSums
+from maskgen.shard_format import (
+    ERRORS,
+    FIELD_IMAGE,
+    FIELD_MASK,
+    FIELD_META,
+    INDEX,
+    REPORT_HTML,
+    REPORT_JSON,
+    SHARDS_DIR,
+    decode_mask_png,
+    decode_meta,
+    iter_tar_samples,
+    shard_name,
+    stats_name,
+)
+
+N_GRID = 24
+THUMB = 160
+MAX_ERRORS_SHOWN = 200
+
+
+@dataclass
+class Aggregate:
+    n_shards: int = 0
+    n_samples: int = 0
+    n_errors: int = 0
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[dict[str, Any]] = field(default_factory=list)
+    errors_by_reason: Counter[str] = field(default_factory=Counter)
+    status_counts: Counter[str] = field(default_factory=Counter)
+    reencoded: int = 0
+    fg_fraction_sum: float = 0.0
+    fg_hist: np.ndarray = field(default_factory=lambda: np.zeros(20, np.int64))
+    metrics: MetricSums = field(default_factory=MetricSums)
+    best: list[tuple[float, str]] = field(default_factory=list)
+    worst: list[tuple[float, str]] = field(default_factory=list)
+    shard_of_key: dict[str, int] = field(default_factory=dict)
+    seconds: Counter[str] = field(default_factory=Counter)
+    index: list[dict[str, Any]] = field(default_factory=list)
+
+
+def aggregate(out: Path, n_shards: int) -> Aggregate:
+    """Add up the stats files of shards 0 .. n_shards-1 (in order: deterministic output)."""
+    agg = Aggregate(n_shards=n_shards)
+    for i in range(n_shards):
+        st = json.loads((out / SHARDS_DIR / stats_name(i)).read_text())
+        agg.n_samples += st["nsamples"]
+        agg.n_errors += st["n_errors"]
+        agg.errors.extend(st["errors"])
+        agg.warnings.extend(st.get("warnings", []))
+        agg.errors_by_reason.update(st["errors_by_reason"])
+        agg.status_counts.update(st["status_counts"])
+        agg.reencoded += st["reencoded"]
+        agg.fg_fraction_sum += st["fg_fraction_sum"]
+        agg.fg_hist = agg.fg_hist + np.asarray(st["fg_fraction_hist"], np.int64)
+        agg.metrics.merge(MetricSums.from_json(st["metrics"]))
+        for _v, k in st["best_iou"] + st["worst_iou"]:
+            agg.shard_of_key[k] = i
+        agg.best.extend((float(v), k) for v, k in st["best_iou"])
+        agg.worst.extend((float(v), k) for v, k in st["worst_iou"])
+        agg.seconds.update(st.get("seconds", {}))
+        agg.index.append({
+            "url": f"{SHARDS_DIR}/{shard_name(i)}",
+            "nsamples": st["nsamples"],
+            "filesize": st["filesize"],
+            "md5sum": st["md5sum"],
+        })  # fmt: skip
+    agg.best = sorted(agg.best, key=lambda t: (-t[0], t[1]))[:8]
+    agg.worst = sorted(agg.worst, key=lambda t: (t[0], t[1]))[:8]
+    return agg
+
+
+def throughput(manifest: dict[str, Any]) -> float | None:
+    """Images per second over every run that built shards (a resumed build counts all its runs)."""
+    runs = [r for r in manifest.get("runs", []) if r.get("images")]
+    images = sum(r["images"] for r in runs)
+    seconds = sum(r["seconds"] for r in runs)
+    return images / seconds if images and seconds > 0 else None
+
+
+def make_report(
+    manifest: dict[str, Any], agg: Aggregate, images_per_second: float | None, sod_input: str = "saliency"
+) -> dict[str, Any]:
+    """report.json: the contract keys first, then the extras."""
+    m = agg.metrics.results()
+    return {
+        "n_images": agg.n_samples,
+        "n_errors": agg.n_errors,
+        "miou": m["miou"],
+        "mae": m["mae"],
+        "max_fbeta": m["max_fbeta"],
+        "s_measure": m["s_measure"],
+        "e_measure": m["e_measure"],
+        "fg_fraction_mean": agg.fg_fraction_sum / agg.n_samples if agg.n_samples else None,
+        "images_per_second": images_per_second,
+        "method": manifest["method"],
+        "method_params": manifest["method_params"],
+        # extras
+        "n_with_gt": agg.metrics.n,
+        "dataset_iou": m["dataset_iou"],
+        "mean_fbeta": m["mean_fbeta"],
+        "max_e_measure": m["max_e_measure"],
+        "weighted_f": m["weighted_f"],
+        "sod_input": sod_input,
+        "threshold": manifest.get("threshold"),
+        "source": manifest["source"],
+        "n_shards": agg.n_shards,
+        "status_counts": dict(sorted(agg.status_counts.items())),
+        "errors_by_reason": dict(sorted(agg.errors_by_reason.items())),
+        "n_reencoded": agg.reencoded,
+        "fg_fraction_hist": agg.fg_hist.tolist(),
+        "best_iou": [{"key": k, "iou": v} for v, k in agg.best],
+        "worst_iou": [{"key": k, "iou": v} for v, k in agg.worst],
+        "worker_seconds_by_stage": {k: round(v, 3) for k, v in sorted(agg.seconds.items())},
+    }
+
+
+def write_build_outputs(
+    out: Path,
+    manifest: dict[str, Any],
+    agg: Aggregate,
+    images_per_second: float | None,
+    sod_input: str = "saliency",
+) -> dict[str, Any]:
+    with atomic_open(out / ERRORS, "w") as f:
+        for e in agg.errors:
+            f.write(json.dumps(e) + "\n")
+    write_json(out / INDEX, {"__kind__": "wids-shard-index-v1", "wids_version": 1, "shardlist": agg.index})
+    report = make_report(manifest, agg, images_per_second, sod_input)
+    write_json(out / REPORT_JSON, report)
+    with atomic_open(out / REPORT_HTML, "w") as f:
+        f.write(render_html(out, manifest, report, agg))
+    return report
+
+
+# ---------------------------------------------------------------------------------- HTML
+
+
+def _thumbnail(fields: dict[str, bytes]) -> str:
+    """Image with the mask overlaid in red and its outline, as an inline JPEG data URI."""
+    mask = decode_mask_png(fields[FIELD_MASK])
+    if FIELD_IMAGE in fields:
+        with Image.open(io.BytesIO(fields[FIELD_IMAGE])) as im:
+            rgb = np.asarray(im.convert("RGB")).astype(np.float32)
+    else:
+        rgb = np.full(mask.shape + (3,), 128, np.float32)
+    scale = THUMB / max(mask.shape)
+    size = (max(1, round(mask.shape[1] * scale)), max(1, round(mask.shape[0] * scale)))
+    rgb = np.asarray(Image.fromarray(rgb.astype(np.uint8)).resize(size, Image.BILINEAR)).astype(np.float32)
+    m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
+    rgb[m] = 0.55 * rgb[m] + 0.45 * np.array([230, 30, 30], np.float32)
+    edge = m ^ np.pad(m, 1, mode="edge")[1:-1, 2:] | m ^ np.pad(m, 1, mode="edge")[2:, 1:-1]
+    rgb[edge] = (255, 255, 0)
+    buf = io.BytesIO()
+    Image.fromarray(rgb.astype(np.uint8)).save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _collect_thumbnails(
+    out: Path, agg: Aggregate, keys_wanted: set[str]
+) -> tuple[list[str], dict[str, tuple[str, dict]]]:
+    """Read back the first N_GRID samples and the wanted keys (only the shards holding them)."""
+    found: dict[str, tuple[str, dict]] = {}
+    first: list[str] = []
+    shards_needed = {agg.shard_of_key[k] for k in keys_wanted if k in agg.shard_of_key}
+    for i in range(agg.n_shards):
+        need_first = len(first) < N_GRID
+        if not need_first and i not in shards_needed:
+            continue
+        for key, fields in iter_tar_samples(out / SHARDS_DIR / shard_name(i)):
+            take_first = len(first) < N_GRID
+            if take_first or key in keys_wanted:
+                found[key] = (_thumbnail(fields), decode_meta(fields[FIELD_META]))
+                if take_first:
+                    first.append(key)
+            if len(first) >= N_GRID and i not in shards_needed:
+                break
+    return first, found
+
+
+def _fig(thumb: str, meta: dict[str, Any]) -> str:
+    iou = meta.get("iou")
+    caption = f"{html.escape(meta['key'])}<br>fg {meta['fg_fraction']:.2f}"
+    if iou is not None:
+        caption += f" · IoU {iou:.2f}"
+    if meta.get("status", "ok") != "ok":
+        caption += f"<br><span class=warn>{html.escape(meta['status'])}</span>"
+    return f'<figure><img src="{thumb}" alt="{html.escape(meta["key"])}"><figcaption>{caption}</figcaption></figure>'
+
+
+def _histogram_svg(hist: list[int]) -> str:
+    top = max(hist) or 1
+    w, h, n = 400, 120, len(hist)
+    bars = "".join(
+        f'<rect x="{i * w / n:.1f}" y="{h - c / top * (h - 15):.1f}" width="{w / n - 2:.1f}" '
+        f'height="{c / top * (h - 15):.1f}" fill="#4a78c2"><title>{i / n:.2f}-{(i + 1) / n:.2f}: {c}</title></rect>'
+        for i, c in enumerate(hist)
+    )
+    return (f'<svg width="{w}" height="{h + 15}" role="img" aria-label="foreground fraction histogram">{bars}'
+            f'<text x="0" y="{h + 12}" font-size="10">0</text><text x="{w - 12}" y="{h + 12}" font-size="10">1</text></svg>')  # fmt: skip
+
+
+def render_html(out: Path, manifest: dict[str, Any], report: dict[str, Any], agg: Aggregate) -> str:
+    keys_wanted = {k for _, k in agg.best} | {k for _, k in agg.worst}
+    first, thumbs = _collect_thumbnails(out, agg, keys_wanted)
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "n/a"
+        return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+
+    rows = [
+        ("images", report["n_images"]),
+        ("skipped inputs", report["n_errors"]),
+        ("images with ground truth", report["n_with_gt"]),
+        ("mIoU (mean of per-image IoU)", report["miou"]),
+        ("dataset IoU", report["dataset_iou"]),
+        ("MAE", report["mae"]),
+        ("max F-beta (β²=0.3)", report["max_fbeta"]),
+        ("S-measure", report["s_measure"]),
+        ("E-measure (mean)", report["e_measure"]),
+        ("weighted F", report["weighted_f"]),
+        ("mean foreground fraction", report["fg_fraction_mean"]),
+        ("images / second", report["images_per_second"]),
+        ("SOD metrics computed on", report["sod_input"]),
+    ]
+    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{fmt(v)}</td></tr>" for k, v in rows)
+    status = "".join(f"<li>{html.escape(k)}: {v}</li>" for k, v in report["status_counts"].items())
+    grid = "".join(_fig(*thumbs[k]) for k in first if k in thumbs)
+    best = "".join(_fig(*thumbs[k]) for _, k in agg.best if k in thumbs)
+    worst = "".join(_fig(*thumbs[k]) for _, k in agg.worst if k in thumbs)
+    err_rows = "".join(
+        f"<tr><td>{html.escape(e['path'])}</td><td>{html.escape(e['stage'])}</td>"
+        f"<td>{html.escape(e['reason'])}</td><td>{html.escape(e.get('detail', ''))}</td></tr>"
+        for e in agg.errors[:MAX_ERRORS_SHOWN]
+    )
+    more = (
+        f"<p>… and {len(agg.errors) - MAX_ERRORS_SHOWN} more in {ERRORS}</p>"
+        if len(agg.errors) > MAX_ERRORS_SHOWN
+        else ""
+    )
+    src = html.escape(f"{manifest['source']} {json.dumps(manifest.get('source_config', {}))}")
+    meth = html.escape(f"{manifest['method']} {json.dumps(manifest['method_params'])}")
+    comparison = ""
+    if best:
+        comparison = f"<h2>Best by IoU</h2><div class=grid>{best}</div><h2>Worst by IoU</h2><div class=grid>{worst}</div>"
+    errors_html = (
+        f"<table class=errors><tr><th>path</th><th>stage</th><th>reason</th><th>detail</th></tr>{err_rows}</table>{more}"
+        if agg.errors
+        else "<p>None.</p>"
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>maskgen report: {html.escape(str(out.name))}</title>
+<style>
+body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}}
+table{{border-collapse:collapse}} th,td{{padding:3px 10px;border-bottom:1px solid #ddd;text-align:left;font-size:14px}}
+.grid{{display:flex;flex-wrap:wrap;gap:8px}} figure{{margin:0;width:{THUMB}px;font-size:11px}}
+figure img{{display:block;max-width:{THUMB}px}} .warn{{color:#b45309}} code{{background:#f3f3f3;padding:1px 4px}}
+</style></head><body>
+<h1>maskgen report</h1>
+<p>Source <code>{src}</code><br>Method <code>{meth}</code>, threshold <code>{html.escape(str(manifest.get("threshold")))}</code><br>
+Built with maskgen {html.escape(manifest["versions"]["maskgen"])}, commit <code>{html.escape(str(manifest.get("git_commit")))}</code></p>
+<h2>Summary</h2><table>{table}</table>
+<h3>Mask status</h3><ul>{status}</ul>
+<h3>Foreground fraction</h3>{_histogram_svg(report["fg_fraction_hist"])}
+<h2>Samples</h2><p>The first {len(first)} samples; the mask is overlaid in red, its outline in yellow.</p>
+<div class=grid>{grid}</div>
+{comparison}
+<h2>Skipped inputs ({len(agg.errors)})</h2>{errors_html}
+</body></html>
+"""

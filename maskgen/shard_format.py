@@ -1,0 +1,154 @@
+"""The shard-format contract shared by ``maskgen`` (writer) and ``sslmask`` (reader).
+
+This is the only ``maskgen`` module ``sslmask`` imports: file names, sample fields and
+the decoders for them. See ``docs/shard-format.md`` for the prose version.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SHARD_PREFIX = "maskgen-"
+SHARD_DIGITS = 6
+SHARDS_DIR = "shards"
+STATS_SUFFIX = ".stats.json"
+TAR_SUFFIX = ".tar"
+
+MANIFEST = "manifest.json"
+INDEX = "index.json"
+REPORT_JSON = "report.json"
+REPORT_HTML = "report.html"
+ERRORS = "errors.jsonl"
+
+# Sample fields, in the order they appear inside the tar.
+FIELD_IMAGE = "jpg"
+FIELD_MASK = "mask.png"
+FIELD_SALIENCY = "sal.png"
+FIELD_CLASS = "cls"
+FIELD_META = "json"
+FIELD_ORDER = (FIELD_IMAGE, FIELD_MASK, FIELD_SALIENCY, FIELD_CLASS, FIELD_META)
+
+# Every sample's json carries exactly these keys.
+META_KEYS = (
+    "key",
+    "source",
+    "path",
+    "width",
+    "height",
+    "label",
+    "method",
+    "method_params",
+    "threshold",
+    "fg_fraction",
+    "iou",
+    "status",
+    "reencoded",
+)
+
+JPEG_QUALITY = 95
+TAR_MTIME = 0  # fixed so that tars are byte-identical between runs
+
+_KEY_BAD_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def shard_name(index: int) -> str:
+    return f"{SHARD_PREFIX}{index:0{SHARD_DIGITS}d}{TAR_SUFFIX}"
+
+
+def stats_name(index: int) -> str:
+    return f"{SHARD_PREFIX}{index:0{SHARD_DIGITS}d}{STATS_SUFFIX}"
+
+
+def shard_index_of(name: str) -> int | None:
+    """Shard number of ``maskgen-000012.tar`` (or its stats file); None for other names."""
+    m = re.fullmatch(rf"{SHARD_PREFIX}(\d{{{SHARD_DIGITS}}})(\.tar|\.stats\.json)", name)
+    return int(m.group(1)) if m else None
+
+
+def sanitize_key(text: str) -> str:
+    """A webdataset key: no dots (webdataset splits the extension at the first dot), no slashes."""
+    parts = [p for p in re.split(r"[/\\]", text) if p]
+    cleaned = "__".join(_KEY_BAD_CHARS.sub("_", p).strip("_") or "_" for p in parts)
+    return cleaned or "_"
+
+
+def shard_paths(out_dir: str | Path) -> list[Path]:
+    """Complete shards of a build directory (those with a stats file), in order."""
+    shards_dir = Path(out_dir) / SHARDS_DIR
+    done = []
+    for stats in sorted(shards_dir.glob(f"{SHARD_PREFIX}*{STATS_SUFFIX}")):
+        idx = shard_index_of(stats.name)
+        if idx is not None and (shards_dir / shard_name(idx)).exists():
+            done.append(shards_dir / shard_name(idx))
+    return done
+
+
+def decode_mask_png(data: bytes) -> np.ndarray:
+    """Decode a ``mask.png`` to a bool array (True = foreground)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(im.convert("L"))
+    return arr > 127
+
+
+def decode_gray_png(data: bytes) -> np.ndarray:
+    """Decode an 8-bit single-channel PNG (``sal.png``) to uint8."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("L")).copy()
+
+
+def decode_meta(data: bytes) -> dict[str, Any]:
+    return json.loads(data.decode("utf-8"))
+
+
+def decode_class(data: bytes) -> int:
+    return int(data.decode("ascii").strip())
+
+
+class ShardFormatError(Exception):
+    """A tar that does not follow the contract (or tries to escape its folder)."""
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    if name.startswith("/") or "/" in name or "\\" in name or name.startswith(".."):
+        raise ShardFormatError(f"member {name!r} is outside the shard's flat layout")
+    key, dot, ext = name.partition(".")
+    if not key or not dot:
+        raise ShardFormatError(f"member {name!r} has no key.extension form")
+    return key, ext
+
+
+def iter_tar_samples(path: str | Path, fields: set[str] | None = None):
+    """Yield ``(key, {field: bytes})`` from a maskgen shard, in tar order.
+
+    Reads regular members only and never extracts anything to disk; members whose names
+    would escape the folder (absolute, ``..``, subfolders) are refused. ``fields`` limits
+    which payloads are read (the others are skipped without reading them).
+    """
+    import tarfile
+
+    current_key: str | None = None
+    current: dict[str, bytes] = {}
+    with tarfile.open(path, mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                raise ShardFormatError(f"{path}: member {member.name!r} is not a regular file")
+            key, ext = _split_member(member.name)
+            if key != current_key:
+                if current_key is not None:
+                    yield current_key, current
+                current_key, current = key, {}
+            if fields is None or ext in fields:
+                f = tar.extractfile(member)
+                current[ext] = f.read() if f is not None else b""
+        if current_key is not None:
+            yield current_key, current

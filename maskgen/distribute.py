@@ -52,7 +52,12 @@ def run_ray(
     num_cpus_per_task: float = 1.0,
     num_gpus_per_task: float = 0.0,
 ) -> Iterable[ShardOutcome]:
-    """One Ray task per shard, at most ``2 * workers`` in flight; yields as shards finish."""
+    """One Ray task per shard; yields as shards finish.
+
+    On the local instance started here, ``workers`` CPUs bound the concurrency and twice as
+    many tasks are queued to keep them busy; on an existing cluster ``workers`` is the
+    number of tasks in flight.
+    """
     if address is None:
         for k, v in LOOPBACK_ENV.items():
             os.environ.setdefault(k, v)
@@ -72,7 +77,7 @@ def run_ray(
         spec_ref = ray.put(spec)
         pending: dict[Any, int] = {}
         queue = list(jobs)
-        max_in_flight = max(1, 2 * workers)
+        max_in_flight = max(1, 2 * workers if started_here and address is None else workers)
         while queue or pending:
             while queue and len(pending) < max_in_flight:
                 job = queue.pop(0)

@@ -261,13 +261,18 @@ def describe_plan(plan: Plan, done: set[int], opts: BuildOptions, stream: TextIO
     print(f"executor    {where}", file=stream)
 
 
-def run_build(opts: BuildOptions, stream: TextIO = sys.stderr) -> dict[str, Any]:
-    """Run (or resume) a build; returns the report dict. Raises BuildError/SourceError."""
+def run_build(opts: BuildOptions, stream: TextIO | None = None) -> dict[str, Any]:
+    """Run (or resume) a build; returns the report dict. Raises BuildError/SourceError.
+
+    Progress and the summary go to ``stream`` (stderr by default); a dry run's plan is the
+    command's output and goes to stdout.
+    """
+    stream = stream or sys.stderr
     plan = make_plan(opts)
     out = Path(opts.out)
     done = set() if opts.overwrite else completed_shards(out, plan.fingerprint, len(plan.jobs))
     if opts.dry_run:
-        describe_plan(plan, done, opts, stream)
+        describe_plan(plan, done, opts, sys.stdout)
         return {}
     _prepare_out(out, plan, opts.overwrite)
     old_manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).exists() else None

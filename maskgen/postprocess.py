@@ -7,6 +7,7 @@ almost full; the fallback is recorded in the sample's ``status``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import cv2
@@ -39,22 +40,41 @@ class PostprocessConfig:
 @dataclass
 class MaskResult:
     mask: np.ndarray  # uint8, 0 or 255
+    saliency_u8: np.ndarray  # the quantised soft map the mask was cut from
     threshold: float  # the threshold actually applied, on the [0, 1] scale
-    status: str  # "ok" or "fallback:<reason>"
+    status: str  # "ok", "fallback:<reason>" or "degenerate:<reason>"
 
 
 def quantize(saliency: np.ndarray) -> np.ndarray:
-    """Soft map in [0, 1] -> uint8, the form stored as ``sal.png`` and fed to the metrics."""
-    return np.clip(np.rint(saliency * 255.0), 0, 255).astype(np.uint8)
+    """Soft map in [0, 1] -> uint8 (round half to even, saturating), the form stored as
+    ``sal.png`` and fed to the metrics. Values must already be non-negative."""
+    return cv2.convertScaleAbs(np.asarray(saliency, np.float32), alpha=255.0)
 
 
+@functools.lru_cache(maxsize=64)  # datasets repeat a few sizes (ImageNet: 500x375, 375x500, ...)
 def center_prior(height: int, width: int, sigma: float = CENTER_SIGMA) -> np.ndarray:
-    """Separable Gaussian centre prior in [0, 1], peak 1 at the image centre."""
+    """Separable Gaussian centre prior in [0, 1], peak 1 at the image centre (read-only array)."""
     ys = (np.arange(height, dtype=np.float32) + 0.5) / height - 0.5
     xs = (np.arange(width, dtype=np.float32) + 0.5) / width - 0.5
     gy = np.exp(-(ys**2) / (2 * sigma**2))
     gx = np.exp(-(xs**2) / (2 * sigma**2))
-    return np.outer(gy, gx).astype(np.float32)
+    prior = np.outer(gy, gx).astype(np.float32)
+    prior.setflags(write=False)
+    return prior
+
+
+def threshold_u8(sal_u8: np.ndarray, t: float) -> np.ndarray:
+    """Foreground = quantised value above ``t`` on the [0, 1] scale.
+
+    Comparing on the quantised map (the one stored as ``sal.png``) means re-thresholding a
+    stored soft map reproduces the stored mask exactly.
+    """
+    return sal_u8 > t * 255.0
+
+
+def center_mask(height: int, width: int) -> np.ndarray:
+    """The centre-prior map thresholded at 0.5: the baseline mask and the fallback mask."""
+    return threshold_u8(quantize(center_prior(height, width)), 0.5)
 
 
 def otsu_threshold(sal_u8: np.ndarray) -> float:
@@ -70,8 +90,10 @@ def remove_small_components(mask: np.ndarray, min_fraction: float) -> np.ndarray
     min_area = min_fraction * mask.size
     if min_area <= 1 or not mask.any():
         return mask
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_area
+    n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    if n == 2:  # one component (the common case): its area is the foreground count
+        return mask if np.count_nonzero(mask) >= min_area else np.zeros_like(mask, dtype=bool)
+    keep = np.bincount(labels.ravel(), minlength=n) >= min_area
     keep[0] = False  # label 0 is the background
     return keep[labels]
 
@@ -80,8 +102,7 @@ def binarize(saliency: np.ndarray, config: PostprocessConfig) -> MaskResult:
     """Threshold, clean and (when degenerate) replace a soft map by the centre-prior mask."""
     sal_u8 = quantize(saliency)
     t = otsu_threshold(sal_u8) if config.threshold == "otsu" else float(config.threshold)
-    # Compare on the quantised map so that `maskgen eval` on sal.png reproduces the mask.
-    fg = sal_u8 > round(t * 255.0)
+    fg = threshold_u8(sal_u8, t)
     fg = remove_small_components(fg, config.min_component_fraction)
     frac = float(fg.mean()) if fg.size else 0.0
     status = "ok"
@@ -89,8 +110,8 @@ def binarize(saliency: np.ndarray, config: PostprocessConfig) -> MaskResult:
         reason = "empty" if frac < config.min_fg_fraction else "full"
         if config.fallback == "center":
             h, w = fg.shape
-            fg = quantize(center_prior(h, w)) > 127
+            fg = center_mask(h, w)
             status = f"fallback:{reason}"
         else:
             status = f"degenerate:{reason}"
-    return MaskResult(mask=fg.astype(np.uint8) * 255, threshold=t, status=status)
+    return MaskResult(mask=fg.astype(np.uint8) * 255, saliency_u8=sal_u8, threshold=t, status=status)

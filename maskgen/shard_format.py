@@ -152,3 +152,61 @@ def iter_tar_samples(path: str | Path, fields: set[str] | None = None):
                 current[ext] = f.read() if f is not None else b""
         if current_key is not None:
             yield current_key, current
+
+
+def hf_features(
+    method_params: dict[str, Any],
+    *,
+    image: bool = True,
+    saliency: bool = False,
+    labels: bool = True,
+):
+    """The ``datasets.Features`` of a maskgen shard set, for ``load_dataset("webdataset", ...)``.
+
+    The Hugging Face loader infers the schema from the first five samples; a set whose first
+    samples have no ground truth (``iou`` null) or no label would be typed ``null`` and fail
+    later. Passing these features avoids the guess.
+    """
+    import datasets
+
+    def value_type(v: Any) -> Any:
+        if isinstance(v, bool):
+            return datasets.Value("bool")
+        if isinstance(v, int):
+            return datasets.Value("int64")
+        if isinstance(v, float):
+            return datasets.Value("float64")
+        if isinstance(v, dict):
+            return {k: value_type(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return datasets.Sequence(value_type(v[0]) if v else datasets.Value("string"))
+        return datasets.Value("string")
+
+    string, i64, f64 = datasets.Value("string"), datasets.Value("int64"), datasets.Value("float64")
+    meta = {
+        "key": string,
+        "source": string,
+        "path": string,
+        "width": i64,
+        "height": i64,
+        "label": i64,
+        "method": string,
+        "method_params": value_type(method_params),
+        "threshold": f64,
+        "fg_fraction": f64,
+        "iou": f64,
+        "status": string,
+        "reencoded": datasets.Value("bool"),
+    }
+    feats: dict[str, Any] = {}
+    if image:
+        feats[FIELD_IMAGE] = datasets.Image()
+    feats[FIELD_MASK] = datasets.Image()
+    if saliency:
+        feats[FIELD_SALIENCY] = datasets.Image()
+    if labels:
+        feats[FIELD_CLASS] = i64
+    feats[FIELD_META] = meta
+    feats["__key__"] = string
+    feats["__url__"] = string
+    return datasets.Features(feats)

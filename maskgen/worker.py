@@ -29,10 +29,11 @@ from maskgen.imaging import (
     decode_image,
     encode_gray_png,
     encode_jpeg,
+    encode_mask_png,
 )
 from maskgen.methods import SaliencyMethod, make_method
 from maskgen.metrics import MetricSums
-from maskgen.postprocess import PostprocessConfig, binarize, quantize
+from maskgen.postprocess import PostprocessConfig, binarize
 from maskgen.shard_format import (
     FIELD_CLASS,
     FIELD_IMAGE,
@@ -168,7 +169,7 @@ def process_shard(spec: BuildSpec, shard_index: int, items: list[ItemRef]) -> di
                 h, w = rgb.shape[:2]
                 with timer("postprocess"):
                     result = binarize(sal, spec.postprocess)
-                    sal_u8 = quantize(sal)
+                    sal_u8 = result.saliency_u8
                 fg = result.mask > 0
                 fg_fraction = float(np.count_nonzero(fg)) / fg.size
                 fg_sum += fg_fraction
@@ -195,7 +196,7 @@ def process_shard(spec: BuildSpec, shard_index: int, items: list[ItemRef]) -> di
                             fields[FIELD_IMAGE] = encode_jpeg(rgb, dec.image.grayscale)
                             is_reencoded = True
                             reencoded += 1
-                    fields[FIELD_MASK] = encode_gray_png(result.mask)
+                    fields[FIELD_MASK] = encode_mask_png(result.mask)
                     if spec.save_saliency:
                         fields[FIELD_SALIENCY] = encode_gray_png(sal_u8)
                     if has_labels:
@@ -245,9 +246,20 @@ def process_shard(spec: BuildSpec, shard_index: int, items: list[ItemRef]) -> di
         "filesize": tar_path.stat().st_size,
         "md5sum": file_md5(tar_path),
         "hostname": os.uname().nodename,
+        "ray_node_id": _ray_node_id(),
     }
     write_json(shards_dir / stats_name(shard_index), stats)
     return stats
+
+
+def _ray_node_id() -> str | None:
+    """The Ray node this shard ran on (None outside Ray): shows how work spread over a cluster."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
 
 
 def _predict(method: SaliencyMethod, batch: list[_Decoded], record_error) -> list[np.ndarray | None]:
@@ -271,7 +283,10 @@ def _predict(method: SaliencyMethod, batch: list[_Decoded], record_error) -> lis
 def _check_map(sal: np.ndarray, image: np.ndarray) -> np.ndarray:
     if sal.shape != image.shape[:2]:
         raise ValueError(f"saliency map shape {sal.shape} != image shape {image.shape[:2]}")
-    return np.clip(np.nan_to_num(sal.astype(np.float32), nan=0.0), 0.0, 1.0)
+    sal = np.asarray(sal, np.float32)
+    if not (np.isfinite(sal).all() and sal.min() >= 0.0 and sal.max() <= 1.0):
+        sal = np.clip(np.nan_to_num(sal, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+    return sal
 
 
 def _ground_truth(source: Source, item: ItemRef, record_warning) -> np.ndarray | None:

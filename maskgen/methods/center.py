@@ -29,4 +29,4 @@ class CenterPrior(SaliencyMethod):
         return {"sigma": self.sigma}
 
     def predict(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return [center_prior(im.shape[0], im.shape[1], self.sigma) for im in images]
+        return [center_prior(im.shape[0], im.shape[1], self.sigma) for im in images]  # shared, read-only

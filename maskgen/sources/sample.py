@@ -1,9 +1,11 @@
 """The embedded sample source: works offline on a fresh install.
 
-Two parts: the natural photos scikit-image ships (original bytes, no ground truth), and
-``sample_size`` synthetic scenes with exact masks and shape-class labels
-(``maskgen.sources.synthetic``). The photos get the label of an extra class ``photo`` so
-every sample of the set carries the same fields.
+Two parts: ``sample_size`` synthetic scenes with exact masks and shape-class labels
+(``maskgen.sources.synthetic``, paths ``scenes/NNNNNN.jpg``), then the natural photos
+scikit-image ships (``skimage/NAME``, original bytes, no ground truth). The photos get the
+label of an extra class ``photo`` so every sample of the set carries the same fields.
+Scenes sort first so that the Hugging Face loader, which infers the json schema from the
+first five samples, sees a numeric ``iou`` there.
 """
 
 from __future__ import annotations
@@ -56,19 +58,19 @@ class SampleSource(Source):
 
     def list_items(self) -> list[ItemRef]:
         items = []
+        for i in range(self.sample_size):
+            label = scene_label(self.seed, i)
+            items.append(ItemRef(f"scenes__{i:06d}", f"scenes/{i:06d}.jpg", label, gt=i))
         if self.photos:
             for fn in PHOTOS:
                 stem = fn.rsplit(".", 1)[0]
-                items.append(ItemRef(f"photos__{stem}", f"photos/{fn}", CLASS_NAMES.index("photo")))
-        for i in range(self.sample_size):
-            label = scene_label(self.seed, i)
-            items.append(ItemRef(f"synthetic__{i:06d}", f"synthetic/{i:06d}.jpg", label, gt=i))
+                items.append(ItemRef(f"skimage__{stem}", f"skimage/{fn}", CLASS_NAMES.index("photo")))
         if not items:
             raise SourceError("--source sample: nothing to generate (--sample-size 0 and no photos)")
         return items
 
     def read(self, item: ItemRef) -> bytes:
-        if item.path.startswith("photos/"):
+        if item.path.startswith("skimage/"):
             return read_file(skimage_data_dir() / item.path.split("/", 1)[1])
         rgb = _scene(self.seed, int(item.gt))[0]
         buf = io.BytesIO()

@@ -117,10 +117,14 @@ def _polygon(cx: float, cy: float, radii: np.ndarray, angles: np.ndarray) -> np.
     return np.round(pts).astype(np.int32)
 
 
-def _shape_mask(rng: np.random.Generator, shape: str, h: int, w: int) -> np.ndarray:
+def _touches_border(mask: np.ndarray) -> bool:
+    return bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
+
+
+def _shape_mask(rng: np.random.Generator, shape: str, h: int, w: int, at_border: bool) -> np.ndarray:
     area = rng.uniform(0.04, 0.40) * h * w
     r = float(np.sqrt(area / np.pi))
-    if rng.random() < BORDER_TOUCH_P:  # centre close to an edge: the object is cut by the border
+    if at_border:  # centre close to an edge: the object is cut by the border
         side = int(rng.integers(4))
         off = rng.uniform(0.0, 0.6) * r
         cx = [off, w - off, rng.uniform(0, w), rng.uniform(0, w)][side]
@@ -176,11 +180,11 @@ def render_scene(seed: int, index: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Scene ``index`` of the stream ``seed``: (RGB uint8, bool mask, shape-class label)."""
     rng = np.random.default_rng([int(seed), int(index)])
     h, w, label = _scene_header(rng)
-    mask = _shape_mask(rng, SHAPES[label], h, w)
-    for _ in range(20):  # redraw objects that the border cut down to almost nothing
-        if MIN_FG <= mask.mean() <= MAX_FG:
+    at_border = bool(rng.random() < BORDER_TOUCH_P)
+    for _ in range(30):  # redraw until the size is sane and the border contact is as drawn
+        mask = _shape_mask(rng, SHAPES[label], h, w, at_border)
+        if MIN_FG <= mask.mean() <= MAX_FG and _touches_border(mask) == at_border:
             break
-        mask = _shape_mask(rng, SHAPES[label], h, w)
     bg = _background(rng, h, w)
     fg = _appearance(rng, APPEARANCES[int(rng.integers(len(APPEARANCES)))], h, w)
     img = np.where(mask[:, :, None], fg, bg)

@@ -1,0 +1,207 @@
+"""`maskgen build` end to end on small data: the shard contract, resume rules, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tarfile
+
+import numpy as np
+import pytest
+import webdataset as wds
+from conftest import maskgen_cmd
+
+from maskgen.cli import main
+from maskgen.shard_format import META_KEYS, shard_paths
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(maskgen_cmd(*args), capture_output=True, text=True, timeout=300)
+
+
+def test_contract_files_and_fields(sample_build):
+    out = sample_build
+    for name in ("manifest.json", "index.json", "report.json", "report.html", "errors.jsonl"):
+        assert (out / name).is_file(), name
+    shards = shard_paths(out)
+    assert [p.name for p in shards] == ["maskgen-000000.tar", "maskgen-000001.tar", "maskgen-000002.tar"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["n_shards"] == 3 and manifest["n_samples"] == 42
+    assert manifest["versions"]["maskgen"] and manifest["method"] == "center"
+    index = json.loads((out / "index.json").read_text())
+    assert index["__kind__"] == "wids-shard-index-v1"
+    assert sum(s["nsamples"] for s in index["shardlist"]) == 42
+    assert index["shardlist"][0]["filesize"] == shards[0].stat().st_size
+
+    report = json.loads((out / "report.json").read_text())
+    for key in ("n_images", "n_errors", "miou", "mae", "max_fbeta", "s_measure", "e_measure",
+                "fg_fraction_mean", "images_per_second", "method", "method_params"):  # fmt: skip
+        assert key in report, key
+    assert report["n_images"] == 42 and report["n_with_gt"] == 30 and 0 < report["miou"] < 1
+
+    field_sets = set()
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            members = tar.getmembers()
+        keys = []
+        for m in members:
+            key, ext = m.name.split(".", 1)
+            if not keys or keys[-1][0] != key:
+                keys.append((key, []))
+            keys[-1][1].append(ext)
+        field_sets |= {tuple(exts) for _, exts in keys}
+    assert field_sets == {("jpg", "mask.png", "sal.png", "cls", "json")}  # same files, contract order
+
+
+def test_reads_back_with_webdataset(sample_build):
+    urls = [str(p) for p in shard_paths(sample_build)]
+    n = 0
+    for s in wds.WebDataset(urls, shardshuffle=False).decode("rgb8"):
+        meta = s["json"]
+        assert tuple(meta) == META_KEYS
+        img, mask = s["jpg"], s["mask.png"]
+        assert img.shape[:2] == mask.shape[:2] == (meta["height"], meta["width"])
+        assert set(np.unique(mask)) <= {0, 255}
+        assert s["cls"] == meta["label"]
+        assert meta["fg_fraction"] == pytest.approx((mask[..., 0] > 0).mean())
+        if meta["path"].startswith("scenes/"):
+            assert meta["iou"] is not None and meta["reencoded"] is False
+        else:
+            assert meta["iou"] is None
+        n += 1
+    assert n == 42
+
+
+def test_reads_back_with_huggingface_datasets(sample_build, monkeypatch, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    files = [str(p) for p in shard_paths(sample_build)]
+    ds = datasets.load_dataset("webdataset", data_files={"train": files}, split="train",
+                               cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    assert len(ds) == 42
+    assert {"jpg", "mask.png", "sal.png", "cls", "json"} <= set(ds.column_names)
+    row = ds[0]
+    assert row["jpg"].size == row["mask.png"].size
+    assert row["json"]["key"] == row["__key__"]
+
+
+def test_dry_run_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["build", "--method", "center", "--out", str(out), "--sample-size", "10", "--dry-run"]) == 0
+    assert not out.exists()
+    plan = capsys.readouterr().out
+    assert "22 images" in plan and "0 shards already complete, 1 to build" in plan
+
+
+def test_resume_skips_done_shards_and_refuses_other_options(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["build", "--method", "center", "--out", str(out), "--sample-size", "8", "--shard-size", "10",
+            "--executor", "local", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    tar = out / "shards" / "maskgen-000001.tar"
+    before = tar.read_bytes()
+    mtime = tar.stat().st_mtime_ns
+    (out / "shards" / "maskgen-000000.stats.json").unlink()  # as if killed before the marker
+    assert main(args + ["--dry-run"]) == 0
+    assert "1 shards already complete, 1 to build" in capsys.readouterr().out
+    assert main(args) == 0
+    assert tar.stat().st_mtime_ns == mtime and tar.read_bytes() == before  # skipped, untouched
+    assert (out / "shards" / "maskgen-000000.stats.json").exists()
+
+    assert main(args + ["--threshold", "otsu"]) == 1
+    assert "other inputs or options" in capsys.readouterr().err
+    assert main(args + ["--threshold", "otsu", "--overwrite"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["threshold"] == "otsu"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--source", "folder", "--root", "{tmp}/missing"], "no such directory"),
+        (["--source", "folder", "--root", "{tmp}/empty"], "no images found"),
+        (["--method", "nosuch"], "Invalid value for '--method'"),
+        (["--source", "folder"], "needs --root"),
+        (["--gt", "{tmp}"], "--gt is not used by --source sample"),
+        (["--threshold", "2"], "not in [0, 1]"),
+    ],
+)
+def test_bad_invocations_are_one_line_errors_and_write_nothing(tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--method" not in argv:
+        argv += ["--method", "center"]
+    res = run("build", *argv, "--out", str(out))
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert not out.exists()
+
+
+def test_out_holding_other_files_is_refused(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    res = run("build", "--method", "center", "--out", str(out), "--sample-size", "2", "--executor", "local")
+    assert res.returncode == 1 and "not a maskgen build" in res.stderr
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_masks_only_and_limit(tmp_path):
+    out = tmp_path / "out"
+    assert main(["build", "--method", "center", "--out", str(out), "--sample-size", "6", "--limit", "5",
+                 "--image-format", "none", "--executor", "local", "--no-progress"]) == 0  # fmt: skip
+    with tarfile.open(out / "shards" / "maskgen-000000.tar") as tar:
+        names = tar.getnames()
+    assert len(names) == 5 * 3 and not any(n.endswith(".jpg") for n in names)
+
+
+def test_eval_reproduces_the_build_report(sample_build, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(sample_build, out)
+    built = json.loads((out / "report.json").read_text())
+    res = run("eval", str(out))
+    assert res.returncode == 0, res.stderr
+    again = json.loads((out / "report.json").read_text())
+    assert again["sod_input"] == "saliency"  # the build kept sal.png, so eval sees the same soft maps
+    for key in ("n_images", "n_with_gt", "miou", "dataset_iou", "mae", "max_fbeta", "s_measure", "e_measure",
+                "weighted_f", "fg_fraction_mean"):  # fmt: skip
+        assert again[key] == pytest.approx(built[key], rel=1e-9), key
+    assert again["best_iou"] == built["best_iou"] and again["worst_iou"] == built["worst_iou"]
+
+
+def test_huggingface_loader_with_explicit_features_when_first_samples_lack_ground_truth(
+    tmp_path, monkeypatch
+):
+    """Partial ground truth: the loader's 5-sample schema guess types `iou` as null; hf_features fixes it."""
+    datasets = pytest.importorskip("datasets")
+    from conftest import gradient_rgb, jpeg_bytes
+    from PIL import Image
+
+    from maskgen.shard_format import hf_features
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    root, gt = tmp_path / "img", tmp_path / "gt"
+    root.mkdir()
+    gt.mkdir()
+    for i in range(8):
+        (root / f"{i:02d}.jpg").write_bytes(jpeg_bytes(gradient_rgb(20, 24, i)))
+    for i in (6, 7):  # only the last two images have ground truth
+        Image.new("L", (24, 20), 255).save(gt / f"{i:02d}.png")
+    out = tmp_path / "out"
+    assert main(["build", "--source", "folder", "--root", str(root), "--gt", str(gt), "--method", "center",
+                 "--out", str(out), "--executor", "local", "--no-progress"]) == 0  # fmt: skip
+    files = [str(p) for p in shard_paths(out)]
+    with pytest.raises(Exception, match="generating the dataset"):
+        datasets.load_dataset(
+            "webdataset", data_files={"train": files}, split="train", cache_dir=str(tmp_path / "c1")
+        )
+    manifest = json.loads((out / "manifest.json").read_text())
+    feats = hf_features(manifest["method_params"], labels=False)
+    ds = datasets.load_dataset("webdataset", data_files={"train": files}, split="train", features=feats,
+                               cache_dir=str(tmp_path / "c2"))  # fmt: skip
+    assert [r["iou"] for r in ds["json"]] == [None] * 6 + [pytest.approx(0.27, abs=0.05)] * 2

@@ -1,0 +1,111 @@
+"""Ray paths: worker count, SIGKILL + resume, and a real two-node cluster on loopback.
+
+All compare tars byte for byte with a reference build.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import maskgen_cmd
+
+from maskgen.cli import main
+
+pytestmark = pytest.mark.slow
+LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+BUILD = [
+    "--source",
+    "sample",
+    "--sample-size",
+    "108",
+    "--shard-size",
+    "12",
+    "--method",
+    "center",
+    "--no-progress",
+]
+
+
+def tars(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "shards").glob("maskgen-*.tar"))}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, bytes]:
+    """The same build, in-process, one shard after another."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    assert main(["build", *BUILD, "--out", str(out), "--executor", "local"]) == 0
+    ref = tars(out)
+    assert len(ref) == 10
+    return ref
+
+
+def build(out: Path, *extra: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(maskgen_cmd("build", *BUILD, "--out", str(out), *extra), capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})  # fmt: skip
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_worker_count_does_not_change_the_bytes(tmp_path, reference, workers):
+    res = build(tmp_path / "out", "--workers", workers)
+    assert res.returncode == 0, res.stderr
+    assert tars(tmp_path / "out") == reference
+
+
+def test_sigkill_at_random_moments_then_resume_gives_identical_tars(tmp_path, reference):
+    out = tmp_path / "out"
+    rng = random.Random(1234)
+    kills = 0
+    for attempt in range(4):
+        proc = subprocess.Popen(maskgen_cmd("build", *BUILD, "--out", str(out), "--workers", "2"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)  # fmt: skip
+        time.sleep(rng.uniform(1.5, 6.0) if attempt else 3.5)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and every Ray process it started
+            kills += 1
+        proc.wait()
+        time.sleep(0.5)
+        shards = out / "shards"
+        if shards.is_dir():
+            for tar in shards.glob("maskgen-*.tar"):
+                # a tar under its final name is complete: either it has its stats, or it is
+                # byte-identical to the reference (killed between the two renames)
+                stats = tar.with_name(tar.name.replace(".tar", ".stats.json"))
+                assert stats.exists() or tar.read_bytes() == reference[tar.name], tar.name
+            for stats in shards.glob("*.stats.json"):
+                assert json.loads(stats.read_text())["nsamples"] > 0
+    assert kills >= 2, "the build finished before it could be killed; make it longer"
+    res = build(out, "--workers", "2")
+    assert res.returncode == 0, res.stderr
+    assert tars(out) == reference
+    assert not [p for p in (out / "shards").iterdir() if p.name.startswith(".")], "temporaries left behind"
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_images"] == 120 and report["n_errors"] == 0
+
+
+def test_two_node_cluster_on_loopback(tmp_path, reference, monkeypatch):
+    for k, v in LOOPBACK.items():
+        monkeypatch.setenv(k, v)
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1"})
+    try:
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        cluster.wait_for_nodes()
+        assert cluster.address.startswith("127.0.0.1:")
+        out = tmp_path / "out"
+        res = build(out, "--ray-address", cluster.address, env=LOOPBACK)
+        assert res.returncode == 0, res.stderr
+        assert tars(out) == reference
+        nodes = {json.loads(p.read_text())["ray_node_id"] for p in (out / "shards").glob("*.stats.json")}
+        assert len(nodes) == 2, "every shard ran on one node"
+    finally:
+        cluster.shutdown()

@@ -1,7 +1,7 @@
 """``maskgen eval OUT``: recompute the report from the shards themselves.
 
 Ground truth comes from the build's own source (as recorded in the manifest) or from a
-folder of masks given with ``--gt`` (matched by the sample's source path, then by stem).
+folder of masks given with ``--gt`` (``maskgen.groundtruth``).
 The SOD metrics use the stored soft map (``sal.png``) when the build kept one, else the
 binary mask; ``report.json`` says which in ``sod_input``.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from maskgen.imaging import load_binary_mask
+from maskgen.groundtruth import GroundTruthLookup
 from maskgen.metrics import MetricSums
 from maskgen.pipeline import BuildError
 from maskgen.report import aggregate, throughput, write_build_outputs
@@ -32,39 +32,9 @@ from maskgen.shard_format import (
     iter_tar_samples,
     shard_name,
 )
-from maskgen.sources import ItemRef, SourceError, make_source
-from maskgen.sources.base import index_masks, read_file, require_dir
+from maskgen.sources import SourceError
 
 N_EXTREMES = 8
-
-
-class _GroundTruth:
-    """Looks up a sample's ground truth by its json ``path``."""
-
-    def __init__(self, manifest: dict[str, Any], gt_dir: str | None):
-        self.gt_dir = require_dir(gt_dir, "--gt") if gt_dir else None
-        self.by_path: dict[str, ItemRef] = {}
-        self.masks: dict[str, str] = {}
-        self.source = None
-        if self.gt_dir is not None:
-            self.masks = index_masks(self.gt_dir)
-            self.by_stem = {os.path.basename(k): v for k, v in self.masks.items()}
-        else:
-            try:
-                self.source = make_source(manifest["source"], manifest["source_config"])
-                self.by_path = {it.path: it for it in self.source.list_items()}
-            except SourceError as exc:
-                raise BuildError(
-                    f"cannot reopen the build's source for ground truth ({exc}); give --gt DIR"
-                ) from None
-
-    def __call__(self, path: str) -> np.ndarray | None:
-        if self.gt_dir is not None:
-            stem = os.path.splitext(path)[0]
-            rel = self.masks.get(stem) or self.by_stem.get(os.path.basename(stem))
-            return load_binary_mask(read_file(self.gt_dir / rel)) if rel else None
-        item = self.by_path.get(path)
-        return self.source.ground_truth(item) if item is not None else None
 
 
 def evaluate_build(out: str | os.PathLike, gt_dir: str | None = None) -> dict[str, Any]:
@@ -75,7 +45,12 @@ def evaluate_build(out: str | os.PathLike, gt_dir: str | None = None) -> dict[st
     manifest = json.loads(manifest_path.read_text())
     if not manifest.get("complete"):
         raise BuildError(f"{out}: the build is not complete; run maskgen build again to finish it")
-    gt_of = _GroundTruth(manifest, gt_dir)
+    try:
+        gt_of = GroundTruthLookup.from_manifest(manifest, gt_dir)
+    except SourceError as exc:
+        raise BuildError(
+            f"cannot reopen the build's source for ground truth ({exc}); give --gt DIR"
+        ) from None
     agg = aggregate(out, manifest["n_shards"])
     sums = MetricSums()
     extremes: list[tuple[float, str, int]] = []
@@ -99,4 +74,4 @@ def evaluate_build(out: str | os.PathLike, gt_dir: str | None = None) -> dict[st
     agg.worst = [(v, k) for v, k, _ in sorted(extremes, key=lambda t: (t[0], t[1]))[:N_EXTREMES]]
     agg.shard_of_key = {k: i for _, k, i in extremes}
     sod_input = "saliency" if used_saliency else "mask"
-    return write_build_outputs(out, manifest, agg, throughput(manifest), sod_input)
+    return write_build_outputs(out, manifest, agg, throughput(manifest), sod_input, gt_of)

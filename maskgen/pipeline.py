@@ -24,6 +24,7 @@ from typing import Any, TextIO
 from maskgen import __version__
 from maskgen.atomic import remove_stale_temps, write_json
 from maskgen.distribute import ShardJob, run_jobs
+from maskgen.groundtruth import GroundTruthLookup
 from maskgen.imaging import DEFAULT_MAX_PIXELS
 from maskgen.methods import METHODS, make_method
 from maskgen.postprocess import PostprocessConfig
@@ -305,6 +306,7 @@ def run_build(opts: BuildOptions, stream: TextIO | None = None) -> dict[str, Any
     if bar is not None:
         bar.close()
     seconds = time.time() - started
+    remove_stale_temps(out / SHARDS_DIR)  # left by attempts killed mid-write (lost Ray node, ...)
 
     manifest["runs"].append({
         "started": started,
@@ -323,7 +325,9 @@ def run_build(opts: BuildOptions, stream: TextIO | None = None) -> dict[str, Any
     agg = aggregate(out, len(plan.jobs))
     manifest.update(n_samples=agg.n_samples, n_errors=agg.n_errors, complete=True)
     write_json(out / MANIFEST, manifest)
-    report = write_build_outputs(out, manifest, agg, throughput(manifest))
+    report = write_build_outputs(
+        out, manifest, agg, throughput(manifest), gt_of=GroundTruthLookup(plan.source)
+    )
     _summary(report, agg, out, stream)
     return report
 

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from maskgen.atomic import atomic_open, write_json
+from maskgen.groundtruth import GroundTruthLookup, safe_lookup
 from maskgen.metrics import MetricSums
 from maskgen.shard_format import (
     ERRORS,
@@ -143,7 +144,9 @@ def write_build_outputs(
     agg: Aggregate,
     images_per_second: float | None,
     sod_input: str = "saliency",
+    gt_of: GroundTruthLookup | None = None,
 ) -> dict[str, Any]:
+    """Write errors.jsonl, index.json, report.json and report.html; returns the report."""
     with atomic_open(out / ERRORS, "w") as f:
         for e in agg.errors:
             f.write(json.dumps(e) + "\n")
@@ -151,15 +154,20 @@ def write_build_outputs(
     report = make_report(manifest, agg, images_per_second, sod_input)
     write_json(out / REPORT_JSON, report)
     with atomic_open(out / REPORT_HTML, "w") as f:
-        f.write(render_html(out, manifest, report, agg))
+        f.write(render_html(out, manifest, report, agg, gt_of or safe_lookup(manifest)))
     return report
 
 
 # ---------------------------------------------------------------------------------- HTML
 
 
-def _thumbnail(fields: dict[str, bytes]) -> str:
-    """Image with the mask overlaid in red and its outline, as an inline JPEG data URI."""
+def _outline(m: np.ndarray) -> np.ndarray:
+    pad = np.pad(m, 1, mode="edge")
+    return (m ^ pad[1:-1, 2:]) | (m ^ pad[2:, 1:-1])
+
+
+def _thumbnail(fields: dict[str, bytes], gt: np.ndarray | None = None) -> str:
+    """Image with the mask in red (outline yellow) and the ground truth's outline in green."""
     mask = decode_mask_png(fields[FIELD_MASK])
     if FIELD_IMAGE in fields:
         with Image.open(io.BytesIO(fields[FIELD_IMAGE])) as im:
@@ -171,15 +179,17 @@ def _thumbnail(fields: dict[str, bytes]) -> str:
     rgb = np.asarray(Image.fromarray(rgb.astype(np.uint8)).resize(size, Image.BILINEAR)).astype(np.float32)
     m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
     rgb[m] = 0.55 * rgb[m] + 0.45 * np.array([230, 30, 30], np.float32)
-    edge = m ^ np.pad(m, 1, mode="edge")[1:-1, 2:] | m ^ np.pad(m, 1, mode="edge")[2:, 1:-1]
-    rgb[edge] = (255, 255, 0)
+    rgb[_outline(m)] = (255, 255, 0)
+    if gt is not None and gt.shape == mask.shape:
+        g = np.asarray(Image.fromarray(gt.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
+        rgb[_outline(g)] = (0, 230, 60)
     buf = io.BytesIO()
     Image.fromarray(rgb.astype(np.uint8)).save(buf, format="JPEG", quality=80)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _collect_thumbnails(
-    out: Path, agg: Aggregate, keys_wanted: set[str]
+    out: Path, agg: Aggregate, keys_wanted: set[str], gt_of: GroundTruthLookup
 ) -> tuple[list[str], dict[str, tuple[str, dict]]]:
     """Read back the first N_GRID samples and the wanted keys (only the shards holding them)."""
     found: dict[str, tuple[str, dict]] = {}
@@ -192,7 +202,9 @@ def _collect_thumbnails(
         for key, fields in iter_tar_samples(out / SHARDS_DIR / shard_name(i)):
             take_first = len(first) < N_GRID
             if take_first or key in keys_wanted:
-                found[key] = (_thumbnail(fields), decode_meta(fields[FIELD_META]))
+                meta = decode_meta(fields[FIELD_META])
+                gt = gt_of(meta["path"]) if meta.get("iou") is not None else None
+                found[key] = (_thumbnail(fields, gt), meta)
                 if take_first:
                     first.append(key)
             if len(first) >= N_GRID and i not in shards_needed:
@@ -222,9 +234,11 @@ def _histogram_svg(hist: list[int]) -> str:
             f'<text x="0" y="{h + 12}" font-size="10">0</text><text x="{w - 12}" y="{h + 12}" font-size="10">1</text></svg>')  # fmt: skip
 
 
-def render_html(out: Path, manifest: dict[str, Any], report: dict[str, Any], agg: Aggregate) -> str:
+def render_html(
+    out: Path, manifest: dict[str, Any], report: dict[str, Any], agg: Aggregate, gt_of: GroundTruthLookup
+) -> str:
     keys_wanted = {k for _, k in agg.best} | {k for _, k in agg.worst}
-    first, thumbs = _collect_thumbnails(out, agg, keys_wanted)
+    first, thumbs = _collect_thumbnails(out, agg, keys_wanted, gt_of)
 
     def fmt(v: Any) -> str:
         if v is None:
@@ -285,7 +299,7 @@ Built with maskgen {html.escape(manifest["versions"]["maskgen"])}, commit <code>
 <h2>Summary</h2><table>{table}</table>
 <h3>Mask status</h3><ul>{status}</ul>
 <h3>Foreground fraction</h3>{_histogram_svg(report["fg_fraction_hist"])}
-<h2>Samples</h2><p>The first {len(first)} samples; the mask is overlaid in red, its outline in yellow.</p>
+<h2>Samples</h2><p>The first {len(first)} samples: the mask in red with a yellow outline; the ground truth's outline, where there is one, in green.</p>
 <div class=grid>{grid}</div>
 {comparison}
 <h2>Skipped inputs ({len(agg.errors)})</h2>{errors_html}

@@ -109,3 +109,43 @@ def test_two_node_cluster_on_loopback(tmp_path, reference, monkeypatch):
         assert len(nodes) == 2, "every shard ran on one node"
     finally:
         cluster.shutdown()
+
+
+def test_node_killed_mid_build_tasks_retried_on_survivor(tmp_path, monkeypatch):
+    for k, v in LOOPBACK.items():
+        monkeypatch.setenv(k, v)
+    from ray.cluster_utils import Cluster
+
+    args = [
+        "--source",
+        "sample",
+        "--sample-size",
+        "300",
+        "--shard-size",
+        "10",
+        "--method",
+        "center",
+        "--no-progress",
+    ]
+    ref_out = tmp_path / "ref"
+    assert main(["build", *args, "--out", str(ref_out), "--executor", "local"]) == 0
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1"})
+    try:
+        doomed = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        cluster.wait_for_nodes()
+        out = tmp_path / "out"
+        proc = subprocess.Popen(maskgen_cmd("build", *args, "--out", str(out), "--ray-address", cluster.address),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **LOOPBACK})  # fmt: skip
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list((out / "shards").glob("*.stats.json"))) < 4:
+            time.sleep(0.05)
+        finished_before = len(list((out / "shards").glob("*.stats.json")))
+        cluster.remove_node(doomed, allow_graceful=False)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        assert finished_before < 31, "the build ended before the node was killed"
+        assert tars(out) == tars(ref_out)
+        assert not [p for p in (out / "shards").iterdir() if p.name.startswith(".")]
+    finally:
+        cluster.shutdown()

@@ -1,0 +1,52 @@
+"""Find the ground truth of a built sample from its json ``path``.
+
+Used after a build (report thumbnails, ``maskgen eval``): either the build's own source,
+reopened from the manifest, or a folder of masks (matched by relative path, then stem).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from maskgen.imaging import load_binary_mask
+from maskgen.sources import ItemRef, Source, SourceError, make_source
+from maskgen.sources.base import index_masks, read_file, require_dir
+
+
+class GroundTruthLookup:
+    def __init__(self, source: Source | None = None, gt_dir: str | None = None):
+        self.source = source
+        self.gt_dir = require_dir(gt_dir, "--gt") if gt_dir else None
+        self._by_path: dict[str, ItemRef] | None = None
+        self._masks: dict[str, str] = index_masks(self.gt_dir) if self.gt_dir else {}
+        self._by_stem = {os.path.basename(k): v for k, v in self._masks.items()}
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any], gt_dir: str | None = None) -> GroundTruthLookup:
+        """The build's own source (``gt_dir`` overrides it); raises SourceError if it is gone."""
+        if gt_dir:
+            return cls(gt_dir=gt_dir)
+        return cls(source=make_source(manifest["source"], manifest["source_config"]))
+
+    def __call__(self, path: str) -> np.ndarray | None:
+        if self.gt_dir is not None:
+            stem = os.path.splitext(path)[0]
+            rel = self._masks.get(stem) or self._by_stem.get(os.path.basename(stem))
+            return load_binary_mask(read_file(self.gt_dir / rel)) if rel else None
+        if self.source is None:
+            return None
+        if self._by_path is None:
+            self._by_path = {it.path: it for it in self.source.list_items()}
+        item = self._by_path.get(path)
+        return self.source.ground_truth(item) if item is not None else None
+
+
+def safe_lookup(manifest: dict[str, Any]) -> GroundTruthLookup:
+    """A lookup for decoration (report outlines): never fails, finds nothing if the source is gone."""
+    try:
+        return GroundTruthLookup.from_manifest(manifest)
+    except (SourceError, TypeError, OSError):
+        return GroundTruthLookup()

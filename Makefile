@@ -13,13 +13,17 @@ $(STAMP): pyproject.toml
 	# torch first, pinned to the build these machines carry on local disk (no multi-GB download)
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# the plain OpenCV wheels share the cv2 folder with the contrib build we need: keep only contrib
+	if $(BIN)/python -m pip show -q opencv-python-headless opencv-python >/dev/null 2>&1; then \
+	  $(BIN)/python -m pip uninstall -y -q opencv-python-headless opencv-python; \
+	  $(BIN)/python -m pip install -q --force-reinstall --no-deps opencv-contrib-python-headless; fi
 	rm -f $(VENV)/.installed-*
 	touch $@
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/maskgen build --source sample --method center --out out/demo --shard-size 64 --save-saliency
+	$(BIN)/maskgen build --source sample --method drfi --out out/demo --shard-size 64 --save-saliency
 	$(BIN)/maskgen eval out/demo
 	$(BIN)/sslmask inspect out/demo
 

@@ -9,6 +9,7 @@ import click
 
 from maskgen.imaging import DEFAULT_MAX_PIXELS
 from maskgen.methods import METHODS
+from maskgen.methods.drfi.scoring import ModelError
 from maskgen.pipeline import BuildError, BuildOptions, run_build
 from maskgen.sources import SOURCES, SourceError
 from maskgen.sources.sample import DEFAULT_SAMPLE_SIZE
@@ -44,6 +45,56 @@ def _threshold(value: str) -> float | str:
     return t
 
 
+def parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``("k=300", "scorer=heuristic")`` -> ``{"k": 300, "scorer": "heuristic"}`` (numbers parsed)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--param")
+        for cast in (int, float):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = value
+    return out
+
+
+def source_options(f):
+    """The options that choose and configure a source (shared by build and drfi fit)."""
+    opts = [
+        click.option(
+            "--source", type=click.Choice(sorted(SOURCES)), default="sample", help="Where images come from."
+        ),
+        click.option("--root", type=str, help="Source root folder (folder, imagenet, coco)."),
+        click.option("--gt", type=str, help="Ground-truth mask folder, matched by relative path/stem."),
+        click.option("--annotations", type=str, help="COCO instances json (coco)."),
+        click.option(
+            "--categories", type=str, help="Comma-separated COCO category names or ids to keep (coco)."
+        ),
+        click.option(
+            "--split", type=click.Choice(["train", "val"]), help="ImageNet split (imagenet). [default: train]"
+        ),
+        click.option(
+            "--val-labels",
+            type=str,
+            help="Labels for a flat ImageNet val/ (LOC_val_solution.csv, devkit file).",
+        ),
+        click.option("--class-folders", is_flag=True, help="First sub-folder is the class label (folder)."),
+        click.option(
+            "--sample-size",
+            type=int,
+            help=f"Synthetic scenes in the sample source. [default: {DEFAULT_SAMPLE_SIZE}]",
+        ),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
 def source_config(source: str, opts: dict[str, Any], seed: int) -> dict[str, Any]:
     """Map CLI options to the chosen source's constructor arguments."""
     given = {k for k in SOURCE_ONLY_OPTIONS if opts.get(k) not in (None, False, ())}
@@ -71,24 +122,11 @@ def cli() -> None:
 
 
 @cli.command(epilog="Example: maskgen build --source sample --method center --out out/sample")
-@click.option(
-    "--source", type=click.Choice(sorted(SOURCES)), default="sample", help="Where images come from."
-)
-@click.option("--root", type=str, help="Source root folder (folder, imagenet, coco).")
-@click.option("--gt", type=str, help="Ground-truth mask folder, matched by relative path/stem.")
-@click.option("--annotations", type=str, help="COCO instances json (coco).")
-@click.option("--categories", type=str, help="Comma-separated COCO category names or ids to keep (coco).")
-@click.option(
-    "--split", type=click.Choice(["train", "val"]), help="ImageNet split (imagenet). [default: train]"
-)
-@click.option(
-    "--val-labels", type=str, help="Labels for a flat ImageNet val/ (LOC_val_solution.csv, devkit file)."
-)
-@click.option("--class-folders", is_flag=True, help="First sub-folder is the class label (folder).")
-@click.option(
-    "--sample-size", type=int, help=f"Synthetic scenes in the sample source. [default: {DEFAULT_SAMPLE_SIZE}]"
-)
+@source_options
 @click.option("--method", type=click.Choice(sorted(METHODS)), required=True, help="Mask method.")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Method parameter, repeatable (drfi: scorer=heuristic|forest, model=FILE, levels=harl|multi|drfi15, "
+                   "sigma=, k=, min_size=).")  # fmt: skip
 @click.option(
     "--threshold", default="0.5", callback=lambda c, p, v: _threshold(v), help="Number in [0,1] or 'otsu'."
 )
@@ -119,6 +157,7 @@ def build(**kw: Any) -> None:
         source=kw["source"],
         source_config=source_config(kw["source"], kw, kw["seed"]),
         method=kw["method"],
+        method_params=parse_params(kw["params"]),
         out=kw["out"],
         threshold=kw["threshold"],
         fallback=kw["fallback"],
@@ -153,6 +192,43 @@ def eval_cmd(out: str, gt: str | None) -> None:
                         for k in fields))  # fmt: skip
 
 
+@cli.group()
+def drfi() -> None:
+    """DRFI tools: fit the region regressor."""
+
+
+@drfi.command("fit", epilog="Example: maskgen drfi fit --source folder --root photos/ --out drfi.npz")
+@source_options
+@click.option("--out", required=True, type=str, help="Model file to write (.npz).")
+@click.option("--labels", type=click.Choice(["auto", "pseudo", "gt"]), default="auto",
+              help="Region labels: boundary-prior pseudo labels or ground truth (auto: gt when --gt is given).")  # fmt: skip
+@click.option("--levels", type=click.Choice(["harl", "multi", "drfi15"]), default="multi",
+              help="Segmentation levels the training regions come from.")  # fmt: skip
+@click.option(
+    "--rounds", type=int, default=1, help="Self-training rounds after the first fit (pseudo labels)."
+)
+@click.option("--limit", type=int, help="Use only the first N images.")
+@click.option("--trees", type=int, default=200, help="Trees in the forest.")
+@click.option("--seed", type=int, default=0)
+def drfi_fit(**kw: Any) -> None:
+    """Fit DRFI's random-forest region regressor and save it (plain arrays, no pickle)."""
+    from maskgen.methods.drfi.fit import fit_drfi
+    from maskgen.sources import make_source
+
+    labels = kw["labels"] if kw["labels"] != "auto" else ("gt" if kw["gt"] else "pseudo")
+    source = make_source(kw["source"], source_config(kw["source"], kw, kw["seed"]))
+    try:
+        forest = fit_drfi(source, kw["source"], labels=labels, levels=kw["levels"], rounds=kw["rounds"],
+                          limit=kw["limit"], seed=kw["seed"], n_estimators=kw["trees"])  # fmt: skip
+    except ValueError as exc:
+        raise BuildError(str(exc)) from None
+    forest.save(kw["out"])
+    info = forest.info
+    click.echo(f"maskgen: wrote {kw['out']}: {forest.roots.size} trees, {forest.left.size} nodes, "
+               f"{info['n_train_regions']} training regions from {info['images']} images ({labels} labels)",
+               err=True)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and turn every expected failure into one line."""
     prog = "maskgen"
@@ -169,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         where = ctx.command_path if ctx is not None else prog
         click.echo(f"{where}: error: {exc.format_message()}", err=True)
         return exc.exit_code
-    except (BuildError, SourceError) as exc:
+    except (BuildError, SourceError, ModelError) as exc:
         click.echo(f"{prog}: error: {exc}", err=True)
         return 1
     except KeyboardInterrupt:

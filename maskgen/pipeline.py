@@ -125,6 +125,7 @@ def make_plan(opts: BuildOptions) -> Plan:
         source=opts.source,
         source_config=source.config(),
         method=opts.method,
+        method_args=METHODS[opts.method].canonical_args(opts.method_params),
         method_params=method.params,
         postprocess=post,
         image_format=opts.image_format,
@@ -202,7 +203,7 @@ def package_versions() -> dict[str, str]:
     for pkg in (
         "numpy",
         "pillow",
-        "opencv-python-headless",
+        "opencv-contrib-python-headless",
         "scikit-image",
         "pysodmetrics",
         "webdataset",

@@ -59,7 +59,8 @@ class BuildSpec:
     source: str
     source_config: dict[str, Any]
     method: str
-    method_params: dict[str, Any]
+    method_args: dict[str, Any]  # constructor arguments, as the user gave them
+    method_params: dict[str, Any]  # what the method reports (resolved defaults, model checksums)
     postprocess: PostprocessConfig
     image_format: str = "keep"  # keep | jpg | none
     save_saliency: bool = False
@@ -84,7 +85,10 @@ def limit_threads() -> None:
     """One thread per worker: parallelism comes from the shards, not from BLAS/OpenCV."""
     cv2.setNumThreads(1)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(var, "1")
+        os.environ.setdefault(var, "1")  # for libraries loaded later
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)  # for BLAS/OpenMP pools already loaded
 
 
 class _Timer:
@@ -113,7 +117,9 @@ def process_shard(spec: BuildSpec, shard_index: int, items: list[ItemRef]) -> di
     started = time.time()
     timer = _Timer()
     source = _cached_source(spec.source, json.dumps(spec.source_config, sort_keys=True))
-    method = _cached_method(spec.method, json.dumps(spec.method_params, sort_keys=True))
+    method = _cached_method(spec.method, json.dumps(spec.method_args, sort_keys=True))
+    if method.params != spec.method_params:  # e.g. a model file changed since the plan was made
+        raise RuntimeError(f"method parameters changed since the build was planned: {method.params}")
     has_labels = source.class_names is not None
 
     shards_dir = Path(spec.out_dir) / SHARDS_DIR

@@ -6,16 +6,19 @@ from typing import Any
 
 from maskgen.methods.base import Resources, SaliencyMethod
 from maskgen.methods.center import CenterPrior
+from maskgen.methods.drfi import DRFI
 
 METHODS: dict[str, type[SaliencyMethod]] = {
     CenterPrior.name: CenterPrior,
+    DRFI.name: DRFI,
 }
 
 
 def make_method(name: str, params: dict[str, Any] | None = None) -> SaliencyMethod:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}")
-    return METHODS[name](**(params or {}))
+    cls = METHODS[name]
+    return cls(**cls.canonical_args(params or {}))
 
 
 __all__ = ["METHODS", "Resources", "SaliencyMethod", "make_method"]

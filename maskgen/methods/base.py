@@ -28,6 +28,12 @@ class SaliencyMethod(ABC):
     resources: ClassVar[Resources] = Resources()
     batch_size: ClassVar[int] = 16
 
+    @classmethod
+    def canonical_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+        """Constructor arguments that rebuild the same method in any worker process (e.g. with
+        file paths made absolute, since a worker's working directory may differ)."""
+        return dict(args)
+
     @property
     @abstractmethod
     def params(self) -> dict[str, Any]:

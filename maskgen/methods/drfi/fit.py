@@ -1,0 +1,137 @@
+"""``maskgen drfi fit``: fit DRFI's region regressor on a dataset.
+
+Labels per region come either from ground truth (DRFI's purity rule: >= 75 % of the
+region's pixels foreground -> 1, >= 75 % background -> 0, else unused) or, without ground
+truth, from the boundary prior (``pseudo_labels``: regions mostly on the image edge -> 0,
+the best-scored inner regions -> 1). Self-training rounds re-label with the fitted forest
+and fit again. Classes are balanced before fitting, as in DRFI.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import numpy as np
+
+from maskgen.imaging import ImageDecodeError, decode_image
+from maskgen.methods.drfi.features import RegionStats, pixel_features, region_features
+from maskgen.methods.drfi.scoring import (
+    Forest,
+    ForestScorer,
+    HeuristicScorer,
+    pseudo_labels,
+    purity_labels,
+)
+from maskgen.methods.drfi.segment import LEVEL_SETS, segment
+from maskgen.sources import Source
+
+# RandomForestRegressor settings of METHODS.md §2.1 (DRFI: 200 trees, mtry 15)
+FOREST_DEFAULTS = {"n_estimators": 200, "max_features": 15, "min_samples_leaf": 5}
+
+
+@dataclass
+class _Level:
+    feats: np.ndarray
+    stats: RegionStats
+    gt_labels: np.ndarray | None
+
+
+def extract_levels(
+    source: Source, items, levels: str, need_gt: bool, log: TextIO
+) -> tuple[list[_Level], int]:
+    """Region descriptors of every level of every usable image (bad images are skipped)."""
+    out, skipped = [], 0
+    t0 = time.time()
+    for n, item in enumerate(items, 1):
+        try:
+            rgb = decode_image(source.read(item)).rgb
+        except (OSError, ImageDecodeError):
+            skipped += 1
+            continue
+        gt = source.ground_truth(item) if need_gt else None
+        if need_gt and (gt is None or gt.shape != rgb.shape[:2]):
+            skipped += 1
+            continue
+        pix = pixel_features(rgb)
+        for sigma, k, min_size in LEVEL_SETS[levels]:
+            labels = segment(rgb, sigma, k, min_size)
+            feats, stats = region_features(pix, labels)
+            gl = purity_labels(labels, gt, feats.shape[0]) if gt is not None else None
+            out.append(_Level(feats, stats, gl))
+        if n % 50 == 0:
+            print(f"drfi fit: described {n}/{len(items)} images ({time.time() - t0:.0f} s)", file=log)
+    return out, skipped
+
+
+def _balanced(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    keep = y >= 0
+    x, y = x[keep], y[keep]
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError(
+            f"drfi fit: need both foreground and background regions (got {pos.size} and {neg.size})"
+        )
+    m = min(pos.size, neg.size)
+    idx = np.sort(np.concatenate([rng.choice(pos, m, replace=False), rng.choice(neg, m, replace=False)]))
+    return x[idx], y[idx].astype(np.float64)
+
+
+def fit_forest(x: np.ndarray, y: np.ndarray, seed: int, info: dict[str, Any], **forest_kw: Any) -> Forest:
+    from sklearn.ensemble import RandomForestRegressor
+
+    kw = {**FOREST_DEFAULTS, **forest_kw}
+    kw["max_features"] = min(kw["max_features"], x.shape[1])
+    model = RandomForestRegressor(random_state=seed, n_jobs=1, **kw)
+    model.fit(x, y)
+    return Forest.from_sklearn(model, info={**info, "forest": kw, "n_train_regions": int(x.shape[0])})
+
+
+def fit_drfi(
+    source: Source,
+    source_name: str,
+    *,
+    labels: str = "pseudo",
+    levels: str = "harl",
+    rounds: int = 0,
+    limit: int | None = None,
+    seed: int = 0,
+    log: TextIO | None = None,
+    **forest_kw: Any,
+) -> Forest:
+    """Fit a forest on ``source``; ``labels`` is 'pseudo' or 'gt'."""
+    log = log or sys.stderr
+    if labels not in ("pseudo", "gt"):
+        raise ValueError(f"drfi fit: labels must be 'pseudo' or 'gt', got {labels!r}")
+    items = source.list_items()[:limit] if limit else source.list_items()
+    data, skipped = extract_levels(source, items, levels, labels == "gt", log)
+    if not data:
+        raise ValueError("drfi fit: no usable images" + (" with ground truth" if labels == "gt" else ""))
+    rng = np.random.default_rng(seed)
+    x_all = np.concatenate([d.feats for d in data])
+    info = {
+        "source": source_name,
+        "source_config": source.config(),
+        "images": len(items) - skipped,
+        "labels": labels,
+        "levels": levels,
+        "rounds": rounds,
+        "seed": seed,
+    }
+    if labels == "gt":
+        y_all = np.concatenate([d.gt_labels for d in data])
+        x, y = _balanced(x_all, y_all, rng)
+        return fit_forest(x, y, seed, info, **forest_kw)
+
+    scorer: HeuristicScorer | ForestScorer = HeuristicScorer()
+    forest = None
+    for r in range(rounds + 1):
+        y_all = np.concatenate([pseudo_labels(scorer.score(d.feats, d.stats), d.stats) for d in data])
+        x, y = _balanced(x_all, y_all, rng)
+        forest = fit_forest(x, y, seed + r, {**info, "round": r}, **forest_kw)
+        print(f"drfi fit: round {r}: {x.shape[0]} balanced regions", file=log)
+        scorer = ForestScorer(forest, "round", "")
+    assert forest is not None
+    return forest

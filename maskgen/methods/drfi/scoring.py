@@ -1,0 +1,222 @@
+"""Region scorers behind one interface, region labelling rules, and the forest file format.
+
+Scorers turn the 93-d descriptors of one segmentation level into a saliency score per
+region:
+
+- ``HeuristicScorer`` (no training): z-scored backgroundness + 0.5 x z-scored contrast,
+  times a centre prior, times (1 - share of the region's outline on the image edge).
+- ``ForestScorer``: a random-forest regressor (DRFI's own regressor) fitted by
+  ``maskgen drfi fit`` on pseudo labels or on ground truth.
+
+The forest is stored as plain arrays in an ``.npz`` (loaded with ``allow_pickle=False``):
+loading a model never executes code. Prediction walks every tree at once in numpy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from maskgen.methods.drfi.features import BACKGROUND, CONTRAST, N_FEATURES, RegionStats
+
+MODEL_FORMAT = "maskgen-drfi-forest-v1"
+CENTER_SIGMA = 0.25
+BORDER_NEGATIVE = 0.30  # pseudo label 0: >= 30 % of the region's outline on the image edge
+TOP_POSITIVE = 0.20  # pseudo label 1: top 20 % of scores among regions not touching the edge
+PURITY = 0.75  # ground-truth label: >= 75 % of the region's pixels fg (1) or bg (0)
+
+
+class ModelError(Exception):
+    """A model file that cannot be used; the message names the file and the problem."""
+
+
+def _zscore(x: np.ndarray) -> np.ndarray:
+    sd = x.std(axis=0)
+    return np.divide(x - x.mean(axis=0), sd, out=np.zeros_like(x), where=sd > 1e-12)
+
+
+def _minmax(x: np.ndarray) -> np.ndarray:
+    lo, hi = float(x.min()), float(x.max())
+    return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+
+
+class HeuristicScorer:
+    name = "heuristic"
+
+    def params(self) -> dict[str, Any]:
+        return {"scorer": self.name}
+
+    def score(self, feats: np.ndarray, stats: RegionStats) -> np.ndarray:
+        z = _zscore(feats.astype(np.float64))
+        s = _minmax(z[:, BACKGROUND].mean(axis=1) + 0.5 * z[:, CONTRAST].mean(axis=1))
+        d2 = ((stats.centroid - 0.5) ** 2).sum(axis=1)
+        return s * np.exp(-d2 / (2 * CENTER_SIGMA**2)) * (1.0 - stats.border_contact)
+
+
+@dataclass
+class Forest:
+    """A regression forest as flat arrays; ``left[i] < 0`` marks a leaf."""
+
+    feature: np.ndarray  # int32, per node
+    threshold: np.ndarray  # float64 (sklearn compares x <= threshold in float64)
+    left: np.ndarray  # int32, absolute node index or -1
+    right: np.ndarray  # int32
+    value: np.ndarray  # float64, the leaf prediction
+    roots: np.ndarray  # int32, first node of each tree
+    info: dict[str, Any] = field(default_factory=dict)  # how it was trained
+
+    @classmethod
+    def from_sklearn(cls, model, info: dict[str, Any] | None = None) -> Forest:
+        parts, roots, offset = [], [], 0
+        for est in model.estimators_:
+            t = est.tree_
+            n = t.node_count
+            leaf = t.children_left < 0
+            parts.append((
+                np.where(leaf, 0, t.feature).astype(np.int32),
+                t.threshold.astype(np.float64),
+                np.where(leaf, -1, t.children_left + offset).astype(np.int32),
+                np.where(leaf, -1, t.children_right + offset).astype(np.int32),
+                t.value[:, 0, 0].astype(np.float64),
+            ))  # fmt: skip
+            roots.append(offset)
+            offset += n
+        cat = [np.concatenate(p) for p in zip(*parts, strict=True)]
+        return cls(*cat, roots=np.asarray(roots, np.int32), info=dict(info or {}))
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Mean of the trees' predictions for each row of ``x`` (n x 93)."""
+        x = np.asarray(x, np.float32).astype(np.float64)
+        rows = np.arange(x.shape[0])[None, :]
+        node = np.broadcast_to(self.roots[:, None], (self.roots.size, x.shape[0])).copy()
+        for _ in range(self.left.size):  # bounded: every step goes one level deeper
+            inner = self.left[node] >= 0
+            if not inner.any():
+                break
+            go_left = x[rows, self.feature[node]] <= self.threshold[node]
+            node = np.where(inner, np.where(go_left, self.left[node], self.right[node]), node)
+        return self.value[node].mean(axis=0)
+
+    def save(self, path: str | Path) -> None:
+        from maskgen.atomic import atomic_open
+
+        with atomic_open(path, "wb") as f:
+            np.savez_compressed(
+                f,
+                format=np.array(MODEL_FORMAT),
+                n_features=np.array(N_FEATURES),
+                feature=self.feature,
+                threshold=self.threshold,
+                left=self.left,
+                right=self.right,
+                value=self.value,
+                roots=self.roots,
+                info=np.array(json.dumps(self.info, sort_keys=True)),
+            )
+
+    @classmethod
+    def load(cls, path: str | Path) -> Forest:
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        except FileNotFoundError:
+            raise ModelError(f"{path}: no such model file") from None
+        except Exception as exc:
+            raise ModelError(f"{path}: not a readable .npz model ({type(exc).__name__}: {exc})") from None
+        need = ("format", "n_features", "feature", "threshold", "left", "right", "value", "roots", "info")
+        missing = [k for k in need if k not in data]
+        if missing:
+            raise ModelError(f"{path}: not a maskgen DRFI model (missing {', '.join(missing)})")
+        if str(data["format"]) != MODEL_FORMAT:
+            raise ModelError(f"{path}: model format {str(data['format'])!r}, expected {MODEL_FORMAT!r}")
+        if int(data["n_features"]) != N_FEATURES:
+            raise ModelError(
+                f"{path}: model expects {int(data['n_features'])} features, DRFI has {N_FEATURES}"
+            )
+        n = data["feature"].shape[0]
+        arrays = [data[k] for k in ("feature", "threshold", "left", "right", "value")]
+        if n == 0 or any(a.ndim != 1 or a.shape[0] != n for a in arrays):
+            raise ModelError(f"{path}: node arrays are empty or of different lengths")
+        idx = np.arange(n)
+        inner = data["left"] >= 0
+        kids_ok = (
+            (data["left"][inner] > idx[inner]).all()  # children come after their parent: no cycles
+            and (data["right"][inner] > idx[inner]).all()
+            and (data["left"][inner] < n).all()
+            and (data["right"][inner] < n).all()
+            and (data["feature"][inner] >= 0).all()
+            and (data["feature"][inner] < N_FEATURES).all()
+        )
+        roots = data["roots"]
+        if not kids_ok or roots.ndim != 1 or roots.size == 0 or (roots < 0).any() or (roots >= n).any():
+            raise ModelError(f"{path}: corrupt tree structure")
+        if not np.isfinite(data["value"]).all():
+            raise ModelError(f"{path}: non-finite leaf values")
+        try:
+            info = json.loads(str(data["info"]))
+        except json.JSONDecodeError:
+            raise ModelError(f"{path}: unreadable model info") from None
+        return cls(
+            feature=data["feature"].astype(np.int32),
+            threshold=data["threshold"].astype(np.float64),
+            left=data["left"].astype(np.int32),
+            right=data["right"].astype(np.int32),
+            value=data["value"].astype(np.float64),
+            roots=roots.astype(np.int32),
+            info=info,
+        )
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class ForestScorer:
+    name = "forest"
+
+    def __init__(self, forest: Forest, source: str, sha256: str):
+        self.forest = forest
+        self.source = source
+        self.sha256 = sha256
+
+    @classmethod
+    def from_file(cls, path: str | Path, label: str | None = None) -> ForestScorer:
+        return cls(Forest.load(path), label or str(path), file_sha256(path))
+
+    def params(self) -> dict[str, Any]:
+        return {"scorer": self.name, "model": self.source, "model_sha256": self.sha256[:16]}
+
+    def score(self, feats: np.ndarray, stats: RegionStats) -> np.ndarray:
+        return self.forest.predict(feats)
+
+
+# ------------------------------------------------------------------------- region labels
+
+
+def pseudo_labels(scores: np.ndarray, stats: RegionStats) -> np.ndarray:
+    """Boundary-prior pseudo labels: 1, 0, or -1 (ignored), for ``pseudo_rf`` fitting."""
+    y = np.full(scores.shape, -1, np.int8)
+    y[stats.border_contact >= BORDER_NEGATIVE] = 0
+    inside = stats.border_contact == 0
+    if inside.any():
+        cut = np.quantile(scores, 1.0 - TOP_POSITIVE)
+        y[inside & (scores >= cut) & (scores > 0)] = 1
+    return y
+
+
+def purity_labels(labels: np.ndarray, gt: np.ndarray, n_regions: int) -> np.ndarray:
+    """DRFI's ground-truth labelling: >= 75 % foreground -> 1, >= 75 % background -> 0, else -1."""
+    lab = labels.reshape(-1)
+    area = np.bincount(lab, minlength=n_regions)
+    fg = np.bincount(lab, weights=gt.reshape(-1).astype(np.float64), minlength=n_regions)
+    frac = fg / np.maximum(area, 1)
+    y = np.full(n_regions, -1, np.int8)
+    y[frac >= PURITY] = 1
+    y[frac <= 1.0 - PURITY] = 0
+    return y

@@ -1,0 +1,342 @@
+"""DRFI: every feature group against a slow, obviously-correct per-region reference; the forest
+format; labelling rules; and the method against the centre baseline."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import maskgen_cmd
+
+from maskgen.methods.drfi.features import (
+    CHI2_EPS,
+    FEATURE_NAMES,
+    N_FILTERS,
+    POSITION_SIGMA2,
+    PixelFeatures,
+    lbp_codes,
+    lm_filters,
+    pixel_features,
+    region_features,
+)
+from maskgen.methods.drfi.method import DRFI, fuse, level_map
+from maskgen.methods.drfi.scoring import Forest, ModelError, pseudo_labels, purity_labels
+from maskgen.methods.drfi.segment import segment
+from maskgen.sources.synthetic import render_scene
+
+H, W = 14, 17
+
+
+def toy_labels() -> np.ndarray:
+    lab = np.zeros((H, W), np.int64)
+    lab[3:10, 4:12] = 1  # an inner block
+    lab[:, 13:] = 2  # a strip on the right edge
+    lab[10:, :5] = 3  # a corner block
+    return lab
+
+
+def toy_pixels(seed: int = 0) -> PixelFeatures:
+    rng = np.random.default_rng(seed)
+    n = H * W
+    border = np.zeros((H, W), bool)
+    border[:1], border[-1:], border[:, :1], border[:, -1:] = True, True, True, True
+    return PixelFeatures(
+        height=H,
+        width=W,
+        channels=rng.random((n, 24)).astype(np.float32),
+        lbp_value=rng.random(n).astype(np.float32),
+        bins=(
+            rng.integers(0, 512, n),
+            rng.integers(0, 512, n),
+            rng.integers(0, 512, n),
+            rng.integers(0, N_FILTERS, n),
+            rng.integers(0, 256, n),
+        ),  # fmt: skip
+        n_bins=(512, 512, 512, N_FILTERS, 256),
+        border=border.reshape(-1),
+    )
+
+
+def slow_descriptor(pix: PixelFeatures, lab: np.ndarray) -> np.ndarray:
+    """The 93 features by loops over regions and pixels, straight from the definitions."""
+    h, w = lab.shape
+    flat = lab.reshape(-1)
+    regions = sorted(set(flat.tolist()))
+    ch = pix.channels.astype(np.float64)
+    masks = {r: flat == r for r in regions}
+
+    def hist(sel, k):
+        v = np.zeros(pix.n_bins[k])
+        for b in pix.bins[k][sel]:
+            v[b] += 1
+        return v / v.sum()
+
+    def chi2(a, b):
+        return 0.5 * sum((x - y) ** 2 / (x + y + CHI2_EPS) for x, y in zip(a, b, strict=True))
+
+    def dists(sel_a, sel_b):
+        d = [abs(ch[sel_a, c].mean() - ch[sel_b, c].mean()) for c in range(24)]
+        return d + [chi2(hist(sel_a, k), hist(sel_b, k)) for k in range(5)]
+
+    cent = {}
+    for r in regions:
+        ys, xs = np.nonzero(lab == r)
+        cent[r] = (xs.mean() / max(h, w), ys.mean() / max(h, w))
+    rows = []
+    for i in regions:
+        ys, xs = np.nonzero(lab == i)
+        area = len(xs)
+        # contrast
+        wts = {j: masks[j].sum() * np.exp(-((cent[i][0] - cent[j][0]) ** 2 + (cent[i][1] - cent[j][1]) ** 2)
+                                          / POSITION_SIGMA2) for j in regions if j != i}  # fmt: skip
+        total = sum(wts.values())
+        contrast = np.zeros(29)
+        for j, wt in wts.items():
+            contrast += wt / total * np.array(dists(masks[i], masks[j]))
+        background = np.array(dists(masks[i], pix.border))
+        # properties
+        xn, yn = np.sort(xs / w), np.sort(ys / h)
+        p10, p90 = int(np.floor(0.1 * (area - 1))), int(np.floor(0.9 * (area - 1)))
+        perim = 0
+        neighbours = set()
+        for y, x in zip(ys, xs, strict=True):
+            on_outline = False
+            for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+                yy, xx = y + dy, x + dx
+                if 0 <= yy < h and 0 <= xx < w and lab[yy, xx] != i:
+                    on_outline = True
+                    neighbours.add(int(lab[yy, xx]))
+            perim += on_outline
+        sel = masks[i]
+        props = [(xs / w).mean(), (ys / h).mean(), xn[p10], yn[p10], xn[p90], yn[p90], perim / (w + h),
+                 (xn[p90] - xn[p10]) / (yn[p90] - yn[p10] + 1e-6)]  # fmt: skip
+        props += [ch[sel, c].var() for c in range(24)]
+        props += [pix.lbp_value[sel].astype(np.float64).var(), area / (h * w),
+                  sum(masks[j].sum() for j in neighbours) / (h * w)]  # fmt: skip
+        rows.append(np.concatenate([contrast, background, props]))
+    return np.array(rows)
+
+
+def test_descriptor_has_93_named_dimensions():
+    assert len(FEATURE_NAMES) == 93 and len(set(FEATURE_NAMES)) == 93
+
+
+def test_region_features_match_slow_reference():
+    pix, lab = toy_pixels(), toy_labels()
+    feats, stats = region_features(pix, lab)
+    ref = slow_descriptor(pix, lab)
+    assert feats.shape == (4, 93)
+    for k, name in enumerate(FEATURE_NAMES):
+        np.testing.assert_allclose(feats[:, k], ref[:, k], rtol=2e-4, atol=2e-5, err_msg=name)
+    np.testing.assert_allclose(stats.area, [np.sum(lab == r) for r in range(4)])
+    # the strip on the right edge: 2 of its outline pixels per row lie on the image edge
+    assert stats.border_contact[1] == 0.0 and stats.border_contact[2] > 0.5
+
+
+def test_lbp_matches_slow_loop():
+    rng = np.random.default_rng(3)
+    g = rng.integers(0, 256, (6, 7)).astype(np.uint8)
+    codes = lbp_codes(g)
+    pad = np.pad(g, 1, mode="edge")
+    order = [(-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1)]
+    for y, x in itertools.product(range(6), range(7)):
+        expected = sum(1 << b for b, (dy, dx) in enumerate(order) if pad[y + 1 + dy, x + 1 + dx] >= g[y, x])
+        assert codes[y, x] == expected
+
+
+def test_lm_filter_bank():
+    bank = lm_filters()
+    assert bank.shape == (15, 19, 19)
+    np.testing.assert_allclose(np.abs(bank).sum(axis=(1, 2)), 1.0, rtol=1e-5)
+    for i in range(15):
+        if i != 12:  # all but the plain Gaussian are zero-mean
+            assert abs(bank[i].sum()) < 1e-6
+
+
+def test_pixel_features_on_a_real_image():
+    rgb, _, _ = render_scene(0, 3)
+    pix = pixel_features(rgb)
+    h, w = rgb.shape[:2]
+    assert pix.channels.shape == (h * w, 24)
+    assert pix.channels.min() >= -1e-6 and pix.channels.max() <= 1 + 1e-6
+    assert all(b.min() >= 0 and b.max() < n for b, n in zip(pix.bins, pix.n_bins, strict=True))
+    band = int(np.floor(15 * max(h, w) / 400))
+    assert (
+        pix.border.reshape(h, w)[:band].all() and not pix.border.reshape(h, w)[band:-band, band:-band].any()
+    )
+
+
+def test_segmentation_labels_consecutive_and_min_size():
+    rgb, _, _ = render_scene(0, 5)
+    lab = segment(rgb, 0.8, 300, 1000)
+    counts = np.bincount(lab.ravel())
+    assert counts.min() > 0 and lab.max() + 1 == counts.size
+    assert counts.min() >= 1000 or counts.size == 1
+    fine = segment(rgb, 0.8, 100, 150)
+    assert fine.max() > lab.max()
+
+
+def test_forest_packs_sklearn_exactly_and_round_trips(tmp_path):
+    from sklearn.ensemble import RandomForestRegressor
+
+    rng = np.random.default_rng(0)
+    x = rng.random((300, 93)).astype(np.float32)
+    y = (x[:, 3] + x[:, 50] > 1.0).astype(float)
+    model = RandomForestRegressor(n_estimators=7, max_features=15, min_samples_leaf=3, random_state=0).fit(
+        x, y
+    )
+    forest = Forest.from_sklearn(model, info={"labels": "test"})
+    xt = rng.random((50, 93)).astype(np.float32)
+    np.testing.assert_allclose(forest.predict(xt), model.predict(xt), rtol=0, atol=1e-12)
+    path = tmp_path / "m.npz"
+    forest.save(path)
+    back = Forest.load(path)
+    np.testing.assert_array_equal(back.predict(xt), forest.predict(xt))
+    assert back.info == {"labels": "test"}
+
+
+def _corrupt(path, **changes):
+    with np.load(path, allow_pickle=False) as z:
+        data = {k: z[k] for k in z.files}
+    for k, v in changes.items():
+        if v is None:
+            data.pop(k)
+        else:
+            data[k] = v
+    np.savez(path, **data)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"feature": None}, "missing feature"),
+        ({"format": np.array("something-else")}, "model format"),
+        ({"n_features": np.array(12)}, "expects 12 features"),
+        ({"left": np.zeros(1, np.int32)}, "different lengths"),
+        ({"roots": np.array([10**6], np.int32)}, "corrupt tree structure"),
+    ],
+)
+def test_malformed_models_give_clear_errors(tmp_path, change, message):
+    from sklearn.ensemble import RandomForestRegressor
+
+    rng = np.random.default_rng(1)
+    x = rng.random((40, 93))
+    model = RandomForestRegressor(n_estimators=2, random_state=0).fit(x, x[:, 0])
+    path = tmp_path / "m.npz"
+    Forest.from_sklearn(model).save(path)
+    _corrupt(path, **change)
+    with pytest.raises(ModelError, match=message) as info:
+        Forest.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_cyclic_or_garbage_models_are_refused(tmp_path):
+    from sklearn.ensemble import RandomForestRegressor
+
+    x = np.random.default_rng(2).random((40, 93))
+    path = tmp_path / "m.npz"
+    Forest.from_sklearn(RandomForestRegressor(n_estimators=1, random_state=0).fit(x, x[:, 0])).save(path)
+    with np.load(path) as z:
+        left = z["left"].copy()
+    inner = np.flatnonzero(left >= 0)
+    left[inner[-1]] = 0  # a child pointing back to the root: a cycle
+    _corrupt(path, left=left)
+    with pytest.raises(ModelError, match="corrupt"):
+        Forest.load(path)
+    (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ModelError, match="not a readable"):
+        Forest.load(tmp_path / "junk.npz")
+    with pytest.raises(ModelError, match="no such model"):
+        Forest.load(tmp_path / "missing.npz")
+
+
+def test_purity_and_pseudo_labels():
+    lab = toy_labels()
+    gt = np.zeros((H, W), bool)
+    gt[3:10, 4:12] = True  # region 1 exactly
+    gt[:, 13:14] = True  # a quarter of the right strip
+    np.testing.assert_array_equal(purity_labels(lab, gt, 4), [0, 1, 0, 0])
+    gt[:, 13:15] = True  # half of the strip: ambiguous, unused
+    assert purity_labels(lab, gt, 4)[2] == -1
+    _, stats = region_features(toy_pixels(), lab)
+    y = pseudo_labels(np.array([0.1, 0.9, 0.8, 0.2]), stats)
+    assert y[1] == 1 and y[2] == 0  # inner top scorer -> 1; edge strip -> 0 whatever its score
+
+
+def test_level_map_and_fusion_end_points():
+    lab = toy_labels()
+    m = level_map(np.array([0.0, 2.0, 1.0, 0.5]), lab)
+    assert m.min() == 0.0 and m.max() == 1.0 and m[5, 6] == 1.0
+    assert m[0, 0] == 0.0
+    f = fuse([m, m * 0.5])
+    assert f.max() == pytest.approx(1.0) and f.min() == 0.0
+
+
+def _miou(method, n=24):
+    from maskgen.postprocess import PostprocessConfig, binarize
+
+    ious = []
+    for i in range(n):
+        rgb, gt, _ = render_scene(11, i)
+        mask = binarize(method.predict([rgb])[0], PostprocessConfig()).mask > 0
+        ious.append((mask & gt).sum() / (mask | gt).sum())
+    return float(np.mean(ious))
+
+
+def test_drfi_beats_the_center_baseline_on_synthetic_scenes():
+    from maskgen.methods.center import CenterPrior
+
+    center = _miou(CenterPrior())
+    heuristic = _miou(DRFI(scorer="heuristic"))
+    forest = _miou(DRFI(scorer="forest"))
+    assert heuristic > center + 0.15, (heuristic, center)
+    assert forest > center + 0.15, (forest, center)
+
+
+def test_fit_then_build_with_the_model(tmp_path):
+    model = tmp_path / "m.npz"
+    res = subprocess.run(maskgen_cmd("drfi", "fit", "--source", "sample", "--sample-size", "12", "--trees", "8",
+                                     "--out", str(model)), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    info = Forest.load(model).info
+    assert info["labels"] == "pseudo" and info["rounds"] == 1 and info["images"] == 24
+    out = tmp_path / "out"
+    res = subprocess.run(maskgen_cmd("build", "--method", "drfi", "--param", f"model={model}", "--sample-size", "4",
+                                     "--limit", "4", "--out", str(out), "--executor", "local", "--no-progress",
+                                     "--save-saliency"), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    meta = json.loads((out / "manifest.json").read_text())
+    assert (
+        meta["method_params"]["model"] == str(model.resolve()) and meta["method_params"]["scorer"] == "forest"
+    )
+    bad = tmp_path / "bad.npz"
+    bad.write_text("nope")
+    res = subprocess.run(maskgen_cmd("build", "--method", "drfi", "--param", f"model={bad}", "--out",
+                                     str(tmp_path / "o2")), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1 and str(bad) in res.stderr
+
+
+def test_drfi_builds_are_deterministic_and_params_recorded(tmp_path):
+    from maskgen.cli import main
+
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert main(["build", "--method", "drfi", "--param", "levels=multi", "--sample-size", "6", "--out", str(out),
+                     "--executor", "local", "--no-progress", "--shard-size", "4"]) == 0  # fmt: skip
+        outs.append(out)
+    for tar in sorted((outs[0] / "shards").glob("*.tar")):
+        assert tar.read_bytes() == (outs[1] / "shards" / tar.name).read_bytes()
+    params = json.loads((outs[0] / "manifest.json").read_text())["method_params"]
+    assert params["scorer"] == "forest" and params["model"] == "default" and len(params["segmentations"]) == 3
+    assert len(params["model_sha256"]) == 16
+
+
+def test_unknown_drfi_parameter_is_a_one_line_error(tmp_path):
+    res = subprocess.run(maskgen_cmd("build", "--method", "drfi", "--param", "levels=nine", "--out",
+                                     str(tmp_path / "o")), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 1 and "levels must be one of" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

@@ -13,10 +13,11 @@ $(STAMP): pyproject.toml
 	# torch first, pinned to the build these machines carry on local disk (no multi-GB download)
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	# the plain OpenCV wheels share the cv2 folder with the contrib build we need: keep only contrib
-	if $(BIN)/python -m pip show -q opencv-python-headless opencv-python >/dev/null 2>&1; then \
-	  $(BIN)/python -m pip uninstall -y -q opencv-python-headless opencv-python; \
-	  $(BIN)/python -m pip install -q --force-reinstall --no-deps opencv-contrib-python-headless; fi
+	# DRFI's fast segmentation is in the opencv-contrib build, which shares the cv2 folder with
+	# the plain wheel that pysodmetrics requires: replace the plain one (same cv2 API, plus ximgproc)
+	$(BIN)/python -c "import cv2; cv2.ximgproc.segmentation" 2>/dev/null || { \
+	  $(BIN)/python -m pip uninstall -y -q opencv-python-headless opencv-python opencv-contrib-python-headless; \
+	  $(BIN)/python -m pip install -q --no-deps opencv-contrib-python-headless; }
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -62,6 +62,9 @@ def main() -> None:
         "drfi harl, heuristic scorer": DRFI(scorer="heuristic", levels="harl").saliency,
         "drfi harl, forest scorer": DRFI(scorer="forest", levels="harl").saliency,
         "drfi multi (3 levels), forest": DRFI(scorer="forest", levels="multi").saliency,
+        "drfi multi, forest+heuristic, refine": DRFI(
+            scorer="forest+heuristic", levels="multi", refine=1
+        ).saliency,
         "drfi drfi15 (15 levels), forest": DRFI(scorer="forest", levels="drfi15").saliency,
     }
     results: dict[str, list[float]] = {k: [] for k in runs}
@@ -72,7 +75,7 @@ def main() -> None:
     ref = med["skimage felzenszwalb (1 call, HARL setting)"]
 
     stages = {"pixel features": 0.0, "segmentation": 0.0, "region features + score": 0.0}
-    forest = DRFI(scorer="forest", levels="harl").scorer
+    forest = DRFI(scorer="forest", levels="harl").scorers[0]
     for im in images:
         t0 = time.perf_counter()
         pix = pixel_features(im)

@@ -125,7 +125,8 @@ def cli() -> None:
 @source_options
 @click.option("--method", type=click.Choice(sorted(METHODS)), required=True, help="Mask method.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
-              help="Method parameter, repeatable (drfi: scorer=heuristic|forest, model=FILE, levels=harl|multi|drfi15, "
+              help="Method parameter, repeatable (drfi: scorer=forest|heuristic|forest+heuristic, model=FILE, "
+                   "levels=harl|multi|drfi15, refine=1, "
                    "sigma=, k=, min_size=).")  # fmt: skip
 @click.option(
     "--threshold", default="0.5", callback=lambda c, p, v: _threshold(v), help="Number in [0,1] or 'otsu'."

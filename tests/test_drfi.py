@@ -340,3 +340,55 @@ def test_unknown_drfi_parameter_is_a_one_line_error(tmp_path):
                                      str(tmp_path / "o")), capture_output=True, text=True, timeout=120)  # fmt: skip
     assert res.returncode == 1 and "levels must be one of" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_refinement_without_neighbours_is_the_closed_form_sharpening():
+    from scipy import sparse
+
+    from maskgen.methods.drfi.refine import POWER, refine_regions
+
+    f = np.array([0.0, 0.2, 0.5, 0.7, 1.0])
+    lab = np.zeros((5, 3))
+    got = refine_regions(f, lab, sparse.csr_matrix((5, 5)))
+    expected = f**POWER / (f**POWER + (1 - f) ** POWER)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_refinement_evens_out_similar_neighbours_only():
+    from scipy import sparse
+
+    from maskgen.methods.drfi.refine import refine_regions
+
+    f = np.array([0.9, 0.6, 0.6])
+    lab = np.array([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.9, 0.1, 0.1]])  # region 2 has another colour
+    adj = sparse.csr_matrix(np.array([[0, 1, 1], [1, 0, 1], [1, 1, 0]], float))
+    got = refine_regions(f, lab, adj)
+    alone = refine_regions(f, lab, sparse.csr_matrix((3, 3)))
+    assert got[1] > alone[1] + 0.05  # pulled up by its similar, confident neighbour
+    assert abs(got[2] - alone[2]) < 0.02  # a differently coloured neighbour barely matters
+    assert ((got >= 0) & (got <= 1)).all()
+
+
+def test_refined_ensemble_runs_and_records_its_params():
+    m = DRFI(scorer="forest+heuristic", levels="multi", refine=1)
+    rgb, _, _ = render_scene(2, 0)
+    sal = m.predict([rgb])[0]
+    assert sal.shape == rgb.shape[:2] and sal.min() >= 0.0 and sal.max() <= 1.0
+    p = m.params
+    assert p["scorer"] == "forest+heuristic" and p["refine"] is True and p["model"] == "default"
+    with pytest.raises(ValueError, match="scorer must be one of"):
+        DRFI(scorer="svm")
+
+
+def test_both_segmentation_backends_agree_in_kind():
+    from maskgen.methods.drfi.segment import opencv_available
+
+    rgb, _, _ = render_scene(0, 5)
+    sk = segment(rgb, 0.8, 300, 1000, backend="skimage")
+    counts = np.bincount(sk.ravel())
+    assert counts.min() > 0 and sk.max() + 1 == counts.size and (counts.min() >= 1000 or counts.size == 1)
+    assert DRFI(levels="harl", backend="skimage").params["backend"] == "skimage"
+    if not opencv_available():
+        pytest.skip("opencv-contrib build not installed")
+    cv = segment(rgb, 0.8, 300, 1000, backend="opencv")
+    assert abs(int(cv.max()) - int(sk.max())) <= max(3, sk.max() // 2)  # same algorithm, similar granularity

@@ -94,19 +94,26 @@ def walk_images(root: Path) -> list[str]:
     return found
 
 
-def unique_keys(paths: list[str]) -> list[str]:
-    """Keys from relative paths without their extension; clashes get a numeric suffix."""
-    used: set[str] = set()
-    keys = []
-    for p in paths:
-        base = sanitize_key(os.path.splitext(p)[0])
+class KeyAllocator:
+    """Unique keys in listing order: a clash gets ``_1``, ``_2``, ... (deterministic)."""
+
+    def __init__(self) -> None:
+        self._used: set[str] = set()
+
+    def __call__(self, text: str) -> str:
+        base = sanitize_key(text)
         key, n = base, 0
-        while key in used:
+        while key in self._used:
             n += 1
             key = f"{base}_{n}"
-        used.add(key)
-        keys.append(key)
-    return keys
+        self._used.add(key)
+        return key
+
+
+def unique_keys(paths: list[str]) -> list[str]:
+    """Keys from relative paths without their extension."""
+    alloc = KeyAllocator()
+    return [alloc(os.path.splitext(p)[0]) for p in paths]
 
 
 def index_masks(gt_root: Path) -> dict[str, str]:

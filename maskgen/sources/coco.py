@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from maskgen.shard_format import sanitize_key
-from maskgen.sources.base import ItemRef, Source, SourceError, read_file, require_dir
+from maskgen.sources.base import ItemRef, KeyAllocator, Source, SourceError, read_file, require_dir
 
 
 class CocoSource(Source):
@@ -75,16 +74,11 @@ class CocoSource(Source):
         images = sorted(coco.loadImgs(img_ids), key=lambda im: im["file_name"])
         if not images:
             raise SourceError(f"--annotations {self._ann}: no images")
-        items, used = [], set()
+        items, new_key = [], KeyAllocator()
         for im in images:
             ann_ids = coco.getAnnIds(imgIds=[im["id"]], catIds=cat_ids or [], iscrowd=None)
             segs = [a["segmentation"] for a in coco.loadAnns(ann_ids) if a.get("segmentation")]
-            base = sanitize_key(Path(im["file_name"]).with_suffix("").as_posix())
-            key, n = base, 0
-            while key in used:
-                n += 1
-                key = f"{base}_{n}"
-            used.add(key)
+            key = new_key(Path(im["file_name"]).with_suffix("").as_posix())
             gt = {"height": int(im["height"]), "width": int(im["width"]), "segmentations": segs}
             items.append(ItemRef(key=key, path=im["file_name"], label=None, gt=gt))
         return items

@@ -19,9 +19,9 @@ import numpy as np
 from PIL import Image
 
 from maskgen.imaging import load_binary_mask
-from maskgen.shard_format import sanitize_key
 from maskgen.sources.base import (
     ItemRef,
+    KeyAllocator,
     Source,
     SourceError,
     index_masks,
@@ -143,17 +143,13 @@ class ImageNetSource(Source):
         val_map = self._flat_val_labels() if flat else {}
         masks = index_masks(self._gt) if self._gt else {}
         items: list[ItemRef] = []
-        used: set[str] = set()
+        new_key = KeyAllocator()
         for p in paths:
             stem = os.path.splitext(os.path.basename(p))[0]
             wnid = p.split("/", 1)[0] if "/" in p else val_map.get(stem)
             if wnid not in index:
                 raise SourceError(f"{self._split_dir / p}: unknown class {wnid!r}")
-            key, n = sanitize_key(stem), 0
-            while key in used:
-                n += 1
-                key = f"{sanitize_key(stem)}_{n}"
-            used.add(key)
+            key = new_key(stem)
             gt = masks.get(f"{wnid}/{stem}") or masks.get(stem)
             items.append(ItemRef(key=key, path=f"{self.split}/{p}", label=index[wnid], gt=gt))
         return items

@@ -25,7 +25,7 @@ from maskgen.methods.drfi.scoring import (
     pseudo_labels,
     purity_labels,
 )
-from maskgen.methods.drfi.segment import LEVEL_SETS, segment
+from maskgen.methods.drfi.segment import LEVEL_SETS, default_backend, segment
 from maskgen.sources import Source
 
 # RandomForestRegressor settings of METHODS.md §2.1 (DRFI: 200 trees, mtry 15)
@@ -119,6 +119,7 @@ def fit_drfi(
         "levels": levels,
         "rounds": rounds,
         "seed": seed,
+        "segmentation_backend": default_backend(),
     }
     if labels == "gt":
         y_all = np.concatenate([d.gt_labels for d in data])

@@ -10,8 +10,9 @@ import numpy as np
 
 from maskgen.methods.base import Resources, SaliencyMethod
 from maskgen.methods.drfi.features import pixel_features, region_features
+from maskgen.methods.drfi.refine import refine_map
 from maskgen.methods.drfi.scoring import ForestScorer, HeuristicScorer, _minmax
-from maskgen.methods.drfi.segment import LEVEL_SETS, segment
+from maskgen.methods.drfi.segment import LEVEL_SETS, default_backend, opencv_available, segment
 
 DEFAULT_MODEL = Path(__file__).parent / "default_forest.npz"
 ENHANCE = 1.25  # DRFI's per-level contrast enhancement exp(1.25 s)
@@ -28,16 +29,24 @@ def fuse(maps: list[np.ndarray]) -> np.ndarray:
     return _minmax(np.mean(maps, axis=0)).astype(np.float32)
 
 
-def make_scorer(scorer: str, model: str | None):
-    if scorer == "heuristic":
-        if model:
-            raise ValueError("drfi: model= is only used with scorer=forest")
-        return HeuristicScorer()
-    if scorer == "forest":
+SCORERS = ("forest", "heuristic", "forest+heuristic")
+
+
+def make_scorers(scorer: str, model: str | None) -> list:
+    """``forest``, ``heuristic``, or ``forest+heuristic`` (both maps averaged per level)."""
+    if scorer not in SCORERS:
+        raise ValueError(f"drfi: scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
+    if scorer == "heuristic" and model:
+        raise ValueError("drfi: model= needs a forest scorer")
+    out: list = []
+    if "forest" in scorer:
         if model in (None, "", "default"):
-            return ForestScorer.from_file(DEFAULT_MODEL, label="default")
-        return ForestScorer.from_file(model)
-    raise ValueError(f"drfi: scorer must be 'heuristic' or 'forest', got {scorer!r}")
+            out.append(ForestScorer.from_file(DEFAULT_MODEL, label="default"))
+        else:
+            out.append(ForestScorer.from_file(model))
+    if "heuristic" in scorer:
+        out.append(HeuristicScorer())
+    return out
 
 
 class DRFI(SaliencyMethod):
@@ -53,6 +62,8 @@ class DRFI(SaliencyMethod):
         sigma: float | None = None,
         k: float | None = None,
         min_size: int | None = None,
+        refine: bool | int = False,
+        backend: str | None = None,
     ):
         if levels not in LEVEL_SETS:
             raise ValueError(f"drfi: levels must be one of {', '.join(LEVEL_SETS)}, got {levels!r}")
@@ -63,7 +74,14 @@ class DRFI(SaliencyMethod):
                 raise ValueError("drfi: sigma/k/min_size override the single HARL level only")
             s0, k0, m0 = self.levels[0]
             self.levels = [(float(sigma or s0), float(k or k0), int(min_size or m0))]
-        self.scorer = make_scorer(scorer, model)
+        self.scorer_name = scorer
+        self.scorers = make_scorers(scorer, model)
+        self.refine = bool(refine)
+        self.backend = backend or default_backend()
+        if self.backend == "opencv" and not opencv_available():
+            raise ValueError("drfi: backend=opencv needs the opencv-contrib build (see docs/drfi.md)")
+        if self.backend not in ("opencv", "skimage"):
+            raise ValueError(f"drfi: backend must be 'opencv' or 'skimage', got {self.backend!r}")
 
     @classmethod
     def canonical_args(cls, args: dict[str, Any]) -> dict[str, Any]:
@@ -74,20 +92,31 @@ class DRFI(SaliencyMethod):
 
     @property
     def params(self) -> dict[str, Any]:
-        return {
-            **self.scorer.params(),
-            "levels": self.levels_name,
-            "segmentations": [list(lv) for lv in self.levels],
-        }
+        params: dict[str, Any] = {"scorer": self.scorer_name}
+        for sc in self.scorers:
+            params.update({k: v for k, v in sc.params().items() if k != "scorer"})
+        params.update(
+            levels=self.levels_name,
+            segmentations=[list(lv) for lv in self.levels],
+            refine=self.refine,
+            backend=self.backend,
+        )
+        return params
 
     def saliency(self, rgb: np.ndarray) -> np.ndarray:
         pix = pixel_features(rgb)
         maps = []
+        finest = None
         for sigma, k, min_size in self.levels:
-            labels = segment(rgb, sigma, k, min_size)
+            labels = segment(rgb, sigma, k, min_size, self.backend)
             feats, stats = region_features(pix, labels)
-            maps.append(level_map(self.scorer.score(feats, stats), labels))
-        return fuse(maps)
+            if finest is None or stats.area.size > finest[1].area.size:
+                finest = (labels, stats)
+            maps.extend(level_map(sc.score(feats, stats), labels) for sc in self.scorers)
+        fused = fuse(maps)
+        if self.refine and finest is not None and finest[1].area.size > 1:
+            fused = refine_map(fused, finest[0], pix, finest[1])
+        return fused
 
     def predict(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         return [self.saliency(im) for im in images]

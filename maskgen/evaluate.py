@@ -33,8 +33,7 @@ from maskgen.shard_format import (
     shard_name,
 )
 from maskgen.sources import SourceError
-
-N_EXTREMES = 8
+from maskgen.worker import N_EXTREMES
 
 
 def evaluate_build(out: str | os.PathLike, gt_dir: str | None = None) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from maskgen.shard_format import (
     shard_name,
     stats_name,
 )
+from maskgen.worker import N_EXTREMES
 
 N_GRID = 24
 THUMB = 160
@@ -88,8 +89,8 @@ def aggregate(out: Path, n_shards: int) -> Aggregate:
             "filesize": st["filesize"],
             "md5sum": st["md5sum"],
         })  # fmt: skip
-    agg.best = sorted(agg.best, key=lambda t: (-t[0], t[1]))[:8]
-    agg.worst = sorted(agg.worst, key=lambda t: (t[0], t[1]))[:8]
+    agg.best = sorted(agg.best, key=lambda t: (-t[0], t[1]))[:N_EXTREMES]
+    agg.worst = sorted(agg.worst, key=lambda t: (t[0], t[1]))[:N_EXTREMES]
     return agg
 
 

@@ -48,7 +48,7 @@ from maskgen.sources import ItemRef, Source, make_source
 from maskgen.tarwriter import DeterministicTarWriter, file_md5
 
 FG_HIST_BINS = 20
-N_EXTREMES = 8
+N_EXTREMES = 8  # best and worst IoUs kept per shard for the report
 
 
 @dataclass(frozen=True)

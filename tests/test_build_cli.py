@@ -205,3 +205,35 @@ def test_huggingface_loader_with_explicit_features_when_first_samples_lack_groun
     ds = datasets.load_dataset("webdataset", data_files={"train": files}, split="train", features=feats,
                                cache_dir=str(tmp_path / "c2"))  # fmt: skip
     assert [r["iou"] for r in ds["json"]] == [None] * 6 + [pytest.approx(0.27, abs=0.05)] * 2
+
+
+def test_eval_with_a_ground_truth_folder_given_afterwards(tmp_path):
+    from PIL import Image
+
+    from maskgen.sources.synthetic import render_scene
+
+    root, gt = tmp_path / "img", tmp_path / "gt"
+    (root / "a").mkdir(parents=True)
+    (gt / "a").mkdir(parents=True)
+    masks = {}
+    for i in range(5):
+        rgb, mask, _ = render_scene(4, i)
+        Image.fromarray(rgb).save(root / "a" / f"{i}.jpg", quality=95)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(gt / "a" / f"{i}.png")
+        masks[f"a/{i}.jpg"] = mask
+    out = tmp_path / "out"
+    assert main(["build", "--source", "folder", "--root", str(root), "--method", "center", "--out", str(out),
+                 "--executor", "local", "--no-progress"]) == 0  # fmt: skip
+    assert json.loads((out / "report.json").read_text())["miou"] is None  # no ground truth at build time
+    res = run("eval", str(out), "--gt", str(gt))
+    assert res.returncode == 0, res.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_with_gt"] == 5 and report["sod_input"] == "mask"
+    expected = []
+    for s in wds.WebDataset([str(p) for p in shard_paths(out)], shardshuffle=False).decode("l8"):
+        m = s["mask.png"] > 127
+        g = masks[s["json"]["path"]]
+        expected.append((m & g).sum() / (m | g).sum())
+    assert report["miou"] == pytest.approx(np.mean(expected))
+    bad = run("eval", str(tmp_path / "nowhere"))
+    assert bad.returncode == 1 and "not a maskgen build" in bad.stderr

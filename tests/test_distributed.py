@@ -149,3 +149,67 @@ def test_node_killed_mid_build_tasks_retried_on_survivor(tmp_path, monkeypatch):
         assert not [p for p in (out / "shards").iterdir() if p.name.startswith(".")]
     finally:
         cluster.shutdown()
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+            if int(fields[3]) == sid:  # field 6 of stat: session id
+                pids.append(int(d))
+    return pids
+
+
+def _listening_addresses(pids: list[int]) -> list[str]:
+    """Local addresses of TCP sockets in LISTEN state owned by ``pids`` (from /proc)."""
+    import ipaddress
+
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:
+            continue
+    found = []
+    for proto in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{proto}").read_text().splitlines()[1:]:
+            parts = line.split()
+            if parts[3] != "0A" or parts[9] not in inodes:  # 0A = LISTEN
+                continue
+            hexaddr = parts[1].split(":")[0]
+            raw = bytes.fromhex(hexaddr)
+            # /proc stores each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            found.append(str(ipaddress.ip_address(raw)))
+    return found
+
+
+def test_local_ray_listens_on_loopback_only(tmp_path):
+    import ipaddress
+
+    proc = subprocess.Popen(maskgen_cmd("build", "--method", "drfi", "--sample-size", "150", "--out", str(tmp_path / "o"),
+                                        "--no-progress"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    seen: set[str] = set()
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None:
+            seen.update(_listening_addresses(_session_pids(proc.pid)))
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert seen, "no listening socket observed: the check saw nothing"
+    for addr in seen:
+        ip = ipaddress.ip_address(addr)
+        ip = ip.ipv4_mapped or ip if ip.version == 6 else ip
+        assert ip.is_loopback, f"a Ray process listens on {addr}"

@@ -17,10 +17,15 @@ from maskgen.sources.base import index_masks, read_file, require_dir
 
 
 class GroundTruthLookup:
-    def __init__(self, source: Source | None = None, gt_dir: str | None = None):
+    def __init__(
+        self, source: Source | None = None, gt_dir: str | None = None, items: list[ItemRef] | None = None
+    ):
+        """``items``: the source's listing when the caller already has it (saves listing again)."""
         self.source = source
         self.gt_dir = require_dir(gt_dir, "--gt") if gt_dir else None
-        self._by_path: dict[str, ItemRef] | None = None
+        self._by_path: dict[str, ItemRef] | None = (
+            {it.path: it for it in items} if items is not None else None
+        )
         self._masks: dict[str, str] = index_masks(self.gt_dir) if self.gt_dir else {}
         self._by_stem = {os.path.basename(k): v for k, v in self._masks.items()}
 

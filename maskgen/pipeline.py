@@ -327,7 +327,7 @@ def run_build(opts: BuildOptions, stream: TextIO | None = None) -> dict[str, Any
     manifest.update(n_samples=agg.n_samples, n_errors=agg.n_errors, complete=True)
     write_json(out / MANIFEST, manifest)
     report = write_build_outputs(
-        out, manifest, agg, throughput(manifest), gt_of=GroundTruthLookup(plan.source)
+        out, manifest, agg, throughput(manifest), gt_of=GroundTruthLookup(plan.source, items=plan.items)
     )
     _summary(report, agg, out, stream)
     return report

@@ -33,7 +33,7 @@ from maskgen.shard_format import (
     shard_name,
 )
 from maskgen.sources import SourceError
-from maskgen.worker import N_EXTREMES
+from maskgen.worker import N_EXTREMES, push_extremes
 
 
 def evaluate_build(out: str | os.PathLike, gt_dir: str | None = None) -> dict[str, Any]:
@@ -52,9 +52,13 @@ def evaluate_build(out: str | os.PathLike, gt_dir: str | None = None) -> dict[st
         ) from None
     agg = aggregate(out, manifest["n_shards"])
     sums = MetricSums()
-    extremes: list[tuple[float, str, int]] = []
+    best: list[tuple[float, str]] = []
+    worst: list[tuple[float, str]] = []
+    agg.shard_of_key = {}
     used_saliency = None
     for i in range(manifest["n_shards"]):
+        shard_best: list[tuple[float, str]] = []  # per shard, exactly as the build keeps them
+        shard_worst: list[tuple[float, str]] = []
         fields_wanted = {FIELD_MASK, FIELD_SALIENCY, FIELD_META}
         for key, fields in iter_tar_samples(out / SHARDS_DIR / shard_name(i), fields_wanted):
             meta = decode_meta(fields[FIELD_META])
@@ -67,10 +71,13 @@ def evaluate_build(out: str | os.PathLike, gt_dir: str | None = None) -> dict[st
             soft = decode_gray_png(fields[FIELD_SALIENCY]) if has_sal else mask.astype(np.uint8) * 255
             if gt.shape != mask.shape:
                 gt = cv2.resize(gt.astype(np.uint8), mask.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
-            extremes.append((sums.add(mask, soft, gt), key, i))
+            push_extremes(shard_best, shard_worst, sums.add(mask, soft, gt), key)
+        kept = shard_best + [(-v, k) for v, k in shard_worst]
+        agg.shard_of_key.update((k, i) for _, k in kept)
+        best.extend(shard_best)
+        worst.extend(kept[len(shard_best) :])
     agg.metrics = sums
-    agg.best = [(v, k) for v, k, _ in sorted(extremes, key=lambda t: (-t[0], t[1]))[:N_EXTREMES]]
-    agg.worst = [(v, k) for v, k, _ in sorted(extremes, key=lambda t: (t[0], t[1]))[:N_EXTREMES]]
-    agg.shard_of_key = {k: i for _, k, i in extremes}
+    agg.best = sorted(best, key=lambda t: (-t[0], t[1]))[:N_EXTREMES]
+    agg.worst = sorted(worst, key=lambda t: (t[0], t[1]))[:N_EXTREMES]
     sod_input = "saliency" if used_saliency else "mask"
     return write_build_outputs(out, manifest, agg, throughput(manifest), sod_input, gt_of)

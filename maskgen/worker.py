@@ -190,7 +190,7 @@ def process_shard(spec: BuildSpec, shard_index: int, items: list[ItemRef]) -> di
                             gt = cv2.resize(gt.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
                             gt_resized += 1
                         sample_iou = sums.add(fg, sal_u8, gt)
-                        _push_extremes(best, worst, sample_iou, item.key)
+                        push_extremes(best, worst, sample_iou, item.key)
 
                 with timer("encode"):
                     fields: dict[str, bytes] = {}
@@ -303,7 +303,8 @@ def _ground_truth(source: Source, item: ItemRef, record_warning) -> np.ndarray |
         return None
 
 
-def _push_extremes(best: list, worst: list, value: float, key: str) -> None:
+def push_extremes(best: list, worst: list, value: float, key: str) -> None:
+    """Keep the N_EXTREMES highest (``best``) and lowest (``worst``, negated) IoUs: bounded memory."""
     for heap, entry in ((best, (value, key)), (worst, (-value, key))):
         if len(heap) < N_EXTREMES:
             heapq.heappush(heap, entry)

@@ -237,3 +237,29 @@ def test_eval_with_a_ground_truth_folder_given_afterwards(tmp_path):
     assert report["miou"] == pytest.approx(np.mean(expected))
     bad = run("eval", str(tmp_path / "nowhere"))
     assert bad.returncode == 1 and "not a maskgen build" in bad.stderr
+
+
+def test_a_method_failing_on_one_image_costs_that_image_only(tmp_path, monkeypatch):
+    """A batch that raises is retried image by image; only the bad image is recorded and skipped."""
+    from maskgen.methods.center import CenterPrior
+
+    original = CenterPrior.predict
+
+    def flaky(self, images):
+        if any(im.shape[:2] == (20, 30) for im in images):
+            raise RuntimeError("model blew up")
+        return original(self, images)
+
+    monkeypatch.setattr(CenterPrior, "predict", flaky)
+    from PIL import Image
+
+    root = tmp_path / "img"
+    root.mkdir()
+    for i, size in enumerate([(24, 32), (30, 20), (40, 40)]):  # PIL size is (w, h): image 1 is 20 x 30
+        Image.new("RGB", size, (i * 40, 80, 120)).save(root / f"{i}.png")
+    out = tmp_path / "out"
+    assert main(["build", "--source", "folder", "--root", str(root), "--method", "center", "--out", str(out),
+                 "--executor", "local", "--no-progress"]) == 0  # fmt: skip
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [(e["path"], e["stage"], e["reason"]) for e in errors] == [("1.png", "method", "RuntimeError")]
+    assert json.loads((out / "report.json").read_text())["n_images"] == 2

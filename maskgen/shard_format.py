@@ -154,6 +154,26 @@ def iter_tar_samples(path: str | Path, fields: set[str] | None = None):
             yield current_key, current
 
 
+def index_tar(path: str | Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """``[(key, {field: (data_offset, size)})]`` of a shard, in tar order, reading headers only.
+
+    For random access (a trainer's exact-resume sampler): a payload is then one ``seek`` and
+    one ``read``. The same safety rules as :func:`iter_tar_samples` apply.
+    """
+    import tarfile
+
+    out: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    with tarfile.open(path, mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                raise ShardFormatError(f"{path}: member {member.name!r} is not a regular file")
+            key, ext = _split_member(member.name)
+            if not out or out[-1][0] != key:
+                out.append((key, {}))
+            out[-1][1][ext] = (member.offset_data, member.size)
+    return out
+
+
 def hf_features(
     method_params: dict[str, Any],
     *,

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import click
 
+from sslmask.checkpoint import CheckpointError
+from sslmask.config import ConfigError, available_methods, load_config
 from sslmask.data import ShardError, dumps, resolve_shards, summarize
 
 
@@ -25,17 +29,176 @@ def inspect(shards: tuple[str, ...]) -> None:
     click.echo(dumps(summarize(resolve_shards(shards))))
 
 
+@cli.command()
+@click.argument("shards", nargs=-1, required=True)
+@click.option("--method", required=True, help=f"Training method: {', '.join(available_methods())}.")
+@click.option("--out", "run", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--config", "config_file", help="YAML overlay of config keys, or a packaged one (cpu-demo).")
+@click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one key, e.g. optim.lr=0.3."
+)
+@click.option(
+    "--resume",
+    type=click.Choice(["auto", "never"]),
+    default="never",
+    show_default=True,
+    help="auto: continue from RUN/checkpoint.pt when it exists.",
+)
+@click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
+def train(shards, method, run, config_file, overrides, resume, print_config) -> None:
+    """Pretrain a backbone on SHARDS (maskgen builds, tars, globs, brace patterns).
+
+    Multi-process: torchrun --nproc_per_node N -m sslmask.cli train ...
+    """
+    from sslmask.engine import train as run_training
+
+    cfg = load_config(method, config_file, overrides)
+    if print_config:
+        import yaml
+
+        click.echo(yaml.safe_dump(cfg, sort_keys=False), nl=False)
+        return
+    ckpt = run_training(list(shards), cfg, run, resume=resume == "auto")
+    click.echo(f"sslmask: trained {method} -> {ckpt}", err=True)
+
+
+def _features(checkpoint: str, arch: str | None, spec: tuple[str, ...], size: int, batch: int, workers: int):
+    import torch
+
+    from sslmask.checkpoint import load_backbone
+    from sslmask.dataset import index_any
+    from sslmask.eval.features import extract_features
+
+    torch.manual_seed(0)  # the random-init baseline is reproducible
+    backbone = load_backbone(checkpoint, arch)
+    records = index_any(list(spec))
+    if not records.labelled:
+        raise ShardError(f"{spec[0]}: some samples have no class label; evaluation needs labels")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return extract_features(backbone.to(device), records, size, batch, workers, device)
+
+
+def _eval_options(fn):
+    options = [
+        click.option(
+            "--checkpoint", required=True, help="Run folder, checkpoint or state_dict file, or 'random'."
+        ),
+        click.option("--arch", help="Backbone of a bare state_dict or of 'random' (else read or inferred)."),
+        click.option(
+            "--train", "train_spec", required=True, multiple=True, help="Labelled shards or class folders."
+        ),
+        click.option(
+            "--val", "val_spec", required=True, multiple=True, help="Labelled shards or class folders."
+        ),
+        click.option("--image-size", default=224, show_default=True, help="Centre-crop size."),
+        click.option("--batch-size", default=128, show_default=True),
+        click.option("--workers", default=2, show_default=True),
+        click.option(
+            "--out", "out_file", type=click.Path(dir_okay=False), help="Write the result JSON here too."
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _emit(result: dict, out_file: str | None) -> None:
+    text = json.dumps(result, indent=2)
+    if out_file:
+        Path(out_file).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(out_file).with_suffix(".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(out_file)
+    click.echo(text)
+
+
+@cli.group(name="eval")
+def eval_group() -> None:
+    """Evaluate a frozen backbone (k-NN, linear probe)."""
+
+
+@eval_group.command()
+@_eval_options
+@click.option("--k", "ks", multiple=True, type=int, default=(10, 20, 30), show_default=True)
+@click.option("--temperature", default=0.07, show_default=True)
+def knn(
+    checkpoint, arch, train_spec, val_spec, image_size, batch_size, workers, out_file, ks, temperature
+) -> None:
+    """Weighted k-NN accuracy (DINO protocol: cosine, exp(sim/T) votes)."""
+    from sslmask.eval.knn import knn_eval
+
+    ftr, ytr = _features(checkpoint, arch, train_spec, image_size, batch_size, workers)
+    fva, yva = _features(checkpoint, arch, val_spec, image_size, batch_size, workers)
+    result = knn_eval(ftr, ytr, fva, yva, tuple(ks), temperature)
+    _emit(
+        {
+            "eval": "knn",
+            "checkpoint": checkpoint,
+            "train": len(ytr),
+            "val": len(yva),
+            "temperature": temperature,
+            "accuracy": result,
+        },
+        out_file,
+    )
+
+
+@eval_group.command()
+@_eval_options
+@click.option("--epochs", default=100, show_default=True)
+@click.option("--lr", default=0.1, show_default=True)
+def linear(
+    checkpoint, arch, train_spec, val_spec, image_size, batch_size, workers, out_file, epochs, lr
+) -> None:
+    """Linear probe on frozen, centre-crop features (top-1/top-5 at the last epoch)."""
+    from sslmask.eval.linear import linear_probe
+
+    ftr, ytr = _features(checkpoint, arch, train_spec, image_size, batch_size, workers)
+    fva, yva = _features(checkpoint, arch, val_spec, image_size, batch_size, workers)
+    result = linear_probe(ftr, ytr, fva, yva, epochs=epochs, lr=lr)
+    _emit(
+        {
+            "eval": "linear",
+            "checkpoint": checkpoint,
+            "train": len(ytr),
+            "val": len(yva),
+            "epochs": epochs,
+            "accuracy": result,
+        },
+        out_file,
+    )
+
+
+@cli.command()
+@click.argument("run", type=click.Path(exists=True))
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False), help="Backbone .pt file.")
+def export(run, out_file) -> None:
+    """Write RUN's backbone as a bare torchvision-named state_dict."""
+    from sslmask.export import export_backbone
+
+    info = export_backbone(run, out_file)
+    click.echo(
+        f"sslmask: wrote {out_file} ({info['tensors']} tensors, {info['parameters']} parameters, step {info['step']})",
+        err=True,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    from sslmask.engine import TrainingError
+
     try:
         cli.main(args=argv, prog_name="sslmask", standalone_mode=False)
         return 0
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("sslmask: interrupted", err=True)
+        return 130
     except click.ClickException as exc:
         ctx = getattr(exc, "ctx", None)
         click.echo(f"{ctx.command_path if ctx else 'sslmask'}: error: {exc.format_message()}", err=True)
         return exc.exit_code
-    except ShardError as exc:
+    except (ShardError, ConfigError, CheckpointError, TrainingError) as exc:
         click.echo(f"sslmask: error: {exc}", err=True)
         return 1
 

@@ -1,0 +1,60 @@
+"""ResNet trunks that return the last feature map (the grid HARL pools masks on).
+
+A trunk is torchvision's ``ResNet`` without ``avgpool``/``fc``: parameter names are
+torchvision's, so an exported state_dict loads into ``torchvision.models.resnet50()`` with
+only ``fc.*`` missing. ``out_stride=16`` dilates the last stage (torchvision's
+``replace_stride_with_dilation``), giving 14x14 maps at 224 (HARL §5.1: better than 7x7).
+``resnet_tiny`` is the same design with 1 block per stage and widths 16..128, for CPU tests
+and the offline demo.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+ARCHS: dict[str, tuple[type[nn.Module], list[int], tuple[int, int, int, int]]] = {
+    "resnet_tiny": (BasicBlock, [1, 1, 1, 1], (16, 32, 64, 128)),
+    "resnet18": (BasicBlock, [2, 2, 2, 2], (64, 128, 256, 512)),
+    "resnet34": (BasicBlock, [3, 4, 6, 3], (64, 128, 256, 512)),
+    "resnet50": (Bottleneck, [3, 4, 6, 3], (64, 128, 256, 512)),
+}
+
+
+class ResNetTrunk(ResNet):
+    """torchvision ResNet with configurable widths, no classifier; ``forward`` -> N x C x h x w."""
+
+    def __init__(self, block, layers: list[int], widths=(64, 128, 256, 512), out_stride: int = 32):
+        if out_stride not in (16, 32):
+            raise ValueError(f"out_stride must be 16 or 32, got {out_stride}")
+        nn.Module.__init__(self)
+        self._norm_layer = nn.BatchNorm2d
+        self.inplanes, self.dilation, self.groups, self.base_width = widths[0], 1, 1, 64
+        self.conv1 = nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, widths[0], layers[0])
+        self.layer2 = self._make_layer(block, widths[1], layers[1], stride=2)
+        self.layer3 = self._make_layer(block, widths[2], layers[2], stride=2)
+        self.layer4 = self._make_layer(block, widths[3], layers[3], stride=2, dilate=out_stride == 16)
+        self.out_stride = out_stride
+        self.num_features = widths[3] * block.expansion
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def build_backbone(arch: str, out_stride: int = 32) -> ResNetTrunk:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown backbone {arch!r}; choose from {', '.join(ARCHS)}")
+    block, layers, widths = ARCHS[arch]
+    return ResNetTrunk(block, layers, widths, out_stride)

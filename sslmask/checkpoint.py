@@ -1,0 +1,108 @@
+"""Checkpoints: atomic writes, safe loads (``weights_only=True``), backbone extraction.
+
+A run directory holds ``checkpoint.pt``: ``{"method": state_dict, "optimizer": ...,
+"scaler": ..., "step": int, "config": dict, "rng": {...}}``. ``sslmask export`` writes the
+online backbone alone, with torchvision's parameter names.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sslmask.backbones import ARCHS, ResNetTrunk, build_backbone
+
+CHECKPOINT = "checkpoint.pt"
+BACKBONE_PREFIX = "backbone."
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, unreadable or does not fit the backbone."""
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_file(path: str | Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: no such checkpoint") from exc
+    except Exception as exc:  # unpickling refused, truncated file, not a torch file
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(exc).__name__})") from exc
+
+
+def run_checkpoint_path(run: str | Path) -> Path:
+    return Path(run) / CHECKPOINT
+
+
+def backbone_state(obj: Any) -> dict[str, torch.Tensor]:
+    """The backbone's tensors, torchvision-named, from a run checkpoint or a bare state_dict."""
+    if isinstance(obj, dict) and "method" in obj and isinstance(obj["method"], dict):
+        sd = obj["method"]
+        return {k[len(BACKBONE_PREFIX) :]: v for k, v in sd.items() if k.startswith(BACKBONE_PREFIX)}
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError("not a state_dict of tensors")
+    out = {}
+    for k, v in obj.items():
+        k = k.removeprefix("module.").removeprefix(BACKBONE_PREFIX)
+        if not k.startswith("fc."):
+            out[k] = v
+    return out
+
+
+def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, int]:
+    """``(arch, out_stride)`` of a torchvision-named ResNet state_dict, from its shapes."""
+    blocks = []
+    for i in range(1, 5):
+        idx = {int(m.group(1)) for k in state if (m := re.match(rf"layer{i}\.(\d+)\.", k))}
+        blocks.append(max(idx) + 1 if idx else 0)
+    width = int(state["conv1.weight"].shape[0]) if "conv1.weight" in state else -1
+    bottleneck = "layer1.0.conv3.weight" in state
+    for name, (block, layers, widths) in ARCHS.items():
+        if layers == blocks and widths[0] == width and (block.__name__ == "Bottleneck") == bottleneck:
+            return name, 32
+    raise CheckpointError(f"backbone with blocks {blocks}, width {width} matches no known arch")
+
+
+def load_backbone(spec: str, arch: str | None = None, out_stride: int | None = None) -> ResNetTrunk:
+    """A backbone from a run folder, a checkpoint/state_dict file, or ``random`` (with ``arch``)."""
+    if spec == "random":
+        if not arch:
+            raise CheckpointError("--checkpoint random needs --arch")
+        return build_backbone(arch, out_stride or 32)
+    path = Path(spec)
+    obj = load_file(run_checkpoint_path(path) if path.is_dir() else path)
+    state = backbone_state(obj)
+    if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
+        model_cfg = obj["config"]["model"]
+        arch = arch or model_cfg["arch"]
+        out_stride = out_stride or model_cfg["out_stride"]
+    if arch is None:
+        arch, _ = infer_arch(state)
+    backbone = build_backbone(arch, out_stride or 32)
+    result = backbone.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{spec}: does not fit {arch} (missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})"
+        )
+    return backbone

@@ -1,0 +1,110 @@
+"""Run configuration: a method's YAML shipped with the package, an optional overlay file,
+then ``--set section.key=value`` overrides. Unknown keys and wrong types are errors."""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A config that cannot be used (unknown method or key, wrong type, unreadable file)."""
+
+
+def available_methods() -> list[str]:
+    files = resources.files("sslmask.configs").iterdir()
+    return sorted(f.name[:-5] for f in files if f.name.endswith(".yaml") and "-" not in f.name)
+
+
+def default_config(method: str) -> dict[str, Any]:
+    if method not in available_methods():
+        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(available_methods())}")
+    text = resources.files("sslmask.configs").joinpath(f"{method}.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def packaged_overlay(name: str) -> Path | None:
+    """A config overlay shipped with the package (``cpu-demo``), by name."""
+    path = resources.files("sslmask.configs").joinpath(f"{name}.yaml")
+    return Path(str(path)) if path.is_file() else None
+
+
+def _check_type(key: str, old: Any, new: Any, where: str) -> Any:
+    if old is None or new is None:
+        return new
+    if isinstance(old, bool) != isinstance(new, bool):
+        raise ConfigError(f"{where}: {key} must be {type(old).__name__}, got {new!r}")
+    if isinstance(old, float) and isinstance(new, int):
+        return float(new)
+    if isinstance(old, int) and isinstance(new, float) and new.is_integer():
+        return int(new)
+    if type(old) is not type(new) and not (isinstance(old, (int, float)) and isinstance(new, (int, float))):
+        raise ConfigError(f"{where}: {key} must be {type(old).__name__}, got {new!r}")
+    return new
+
+
+def _merge(base: dict[str, Any], overlay: dict[str, Any], where: str, prefix: str = "") -> None:
+    for key, value in overlay.items():
+        full = f"{prefix}{key}"
+        if key not in base:
+            raise ConfigError(f"{where}: unknown config key {full!r}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {full} is a section, got {value!r}")
+            _merge(base[key], value, where, f"{full}.")
+        else:
+            base[key] = _check_type(full, base[key], value, where)
+
+
+def parse_set(item: str) -> dict[str, Any]:
+    """``"optim.lr=0.1"`` -> ``{"optim": {"lr": 0.1}}`` (values parsed as YAML scalars)."""
+    key, eq, raw = item.partition("=")
+    if not eq or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+    value: Any = yaml.safe_load(raw) if raw.strip() else None
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(
+    method: str, config_file: str | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> dict:
+    cfg = copy.deepcopy(default_config(method))
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file() and packaged_overlay(config_file) is not None:
+            path = packaged_overlay(config_file)
+        try:
+            overlay = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{config_file}: cannot read config ({exc})".replace("\n", " ")) from exc
+        if not isinstance(overlay, dict):
+            raise ConfigError(f"{config_file}: a config file must be a mapping")
+        if overlay.get("method", method) != method:
+            raise ConfigError(f"{config_file}: is for method {overlay['method']!r}, not {method!r}")
+        overlay.pop("method", None)
+        _merge(cfg, overlay, str(config_file))
+    for item in overrides:
+        _merge(cfg, parse_set(item), f"--set {item}")
+    return cfg
+
+
+def diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(f"{prefix}{k}")
+    return keys

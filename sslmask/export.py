@@ -1,0 +1,28 @@
+"""``sslmask export``: the online backbone of a run as a bare, torchvision-named state_dict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sslmask.checkpoint import CheckpointError, backbone_state, load_file, run_checkpoint_path, save_atomic
+
+
+def export_backbone(run: str | Path, out: str | Path) -> dict[str, int]:
+    """Write the backbone tensors of ``run`` (a run folder or its checkpoint file) to ``out``.
+
+    ``torchvision.models.resnet50().load_state_dict(torch.load(out), strict=False)`` then
+    reports only ``fc.weight`` and ``fc.bias`` missing (the classifier is not trained here).
+    """
+    path = Path(run)
+    ckpt = load_file(run_checkpoint_path(path) if path.is_dir() else path)
+    if not isinstance(ckpt, dict) or "method" not in ckpt:
+        raise CheckpointError(f"{run}: not an sslmask run checkpoint")
+    state = {k: v.contiguous() for k, v in backbone_state(ckpt).items()}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_atomic(state, out)
+    return {
+        "tensors": len(state),
+        "parameters": sum(v.numel() for v in state.values()),
+        "step": int(ckpt["step"]),
+    }

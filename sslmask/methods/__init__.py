@@ -1,0 +1,20 @@
+"""Training methods by name. Adding one: a module here, an entry below, a config in configs/."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sslmask.backbones import build_backbone
+from sslmask.methods.base import SSLMethod
+from sslmask.methods.byol import BYOL
+from sslmask.methods.harl import HARL
+
+METHODS: dict[str, type[SSLMethod]] = {m.name: m for m in (BYOL, HARL)}
+
+
+def build_method(cfg: dict[str, Any]) -> SSLMethod:
+    name = cfg["method"]
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    backbone = build_backbone(cfg["model"]["arch"], cfg["model"]["out_stride"])
+    return METHODS[name](backbone, cfg)

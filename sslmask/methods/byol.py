@@ -1,0 +1,63 @@
+"""BYOL (Grill et al., 2020): online backbone + projector + predictor, EMA target."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from sslmask.backbones import ResNetTrunk
+from sslmask.heads import MLPHead
+from sslmask.losses import embedding_std, regression_loss
+from sslmask.methods.base import SSLMethod
+
+
+class BYOL(SSLMethod):
+    name = "byol"
+
+    def __init__(self, backbone: ResNetTrunk, cfg: dict[str, Any]):
+        super().__init__(backbone, cfg)
+        model = cfg["model"]
+        dim = backbone.num_features
+        self.projector = MLPHead(dim, model["proj_hidden"], model["proj_dim"])
+        self.predictor = MLPHead(model["proj_dim"], model["pred_hidden"], model["proj_dim"])
+        self.target_backbone = copy.deepcopy(backbone)
+        self.target_projector = copy.deepcopy(self.projector)
+        for p in [*self.target_backbone.parameters(), *self.target_projector.parameters()]:
+            p.requires_grad_(False)
+
+    def online_modules(self) -> list[nn.Module]:
+        return [self.backbone, self.projector, self.predictor]
+
+    def _pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        online = [*self.backbone.parameters(), *self.projector.parameters()]
+        target = [*self.target_backbone.parameters(), *self.target_projector.parameters()]
+        return online, target
+
+    @torch.no_grad()
+    def momentum_update(self, tau: float) -> None:
+        online, target = self._pairs()
+        torch._foreach_mul_(target, tau)
+        torch._foreach_add_(target, online, alpha=1 - tau)
+
+    def online_predict(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.projector(pooled)
+        return self.predictor(z), z
+
+    @torch.no_grad()
+    def target_project(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.target_projector(pooled)
+
+    def forward(self, batch: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, torch.Tensor]:
+        p, z_online, z_target = [], [], []
+        for v in range(2):
+            x = batch[f"view{v}"]
+            pv, zv = self.online_predict(self.backbone(x).mean(dim=(2, 3)))
+            p.append(pv)
+            z_online.append(zv)
+            with torch.no_grad():
+                z_target.append(self.target_project(self.target_backbone(x).mean(dim=(2, 3))))
+        loss = (regression_loss(p[0], z_target[1]) + regression_loss(p[1], z_target[0])).mean()
+        return {"loss": loss, "z_std": embedding_std(z_online[0])}

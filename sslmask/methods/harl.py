@@ -1,0 +1,110 @@
+"""HARL (Tran et al., 2022): BYOL plus foreground/background terms on mask-pooled features.
+
+Per view: the last feature map h, the view's mask on h's grid m (``data.mask_mode``),
+h_f = MAP(h, m), h_b = MAP(h, 1 - m), h_g = GAP(h); all three go through the shared
+projector/predictor (online) or the target projector. Per sample and direction x -> x':
+
+    L_mask = alpha L(p_f, z'_f) + (1 - alpha) L(p_b, z'_b)               (Eq. 1)
+    L      = lambda L_mask + (1 - lambda) L(p_g, z'_g)   (hybrid, Eq. 4; mask-only: L_mask)
+
+symmetrised over the two directions. alpha and lambda follow cosine ramps from their base
+values to 1 (METHODS.md §1.3). A sample whose mask is almost empty or almost full in either
+view (foreground fraction outside [fallback_min, fallback_max]) uses the global BYOL term
+alone (METHODS.md §6); the fraction of such samples is logged as ``fallback``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sslmask.backbones import ResNetTrunk
+from sslmask.losses import embedding_std, harl_hybrid_loss, harl_mask_loss, regression_loss
+from sslmask.methods.byol import BYOL
+from sslmask.pooling import DOWNSAMPLE_MODES, POOL_NORMS, downsample_mask, masked_average_pool
+from sslmask.schedules import cosine_ramp
+
+LOSS_MODES = ("hybrid", "mask")
+
+
+class HARL(BYOL):
+    name = "harl"
+    needs_masks = True
+
+    def __init__(self, backbone: ResNetTrunk, cfg: dict[str, Any]):
+        super().__init__(backbone, cfg)
+        h = cfg["harl"]
+        if h["loss"] not in LOSS_MODES:
+            raise ValueError(f"harl.loss must be one of {', '.join(LOSS_MODES)}, got {h['loss']!r}")
+        if h["mask_mode"] not in DOWNSAMPLE_MODES:
+            raise ValueError(
+                f"harl.mask_mode must be one of {', '.join(DOWNSAMPLE_MODES)}, got {h['mask_mode']!r}"
+            )
+        if h["pool_norm"] not in POOL_NORMS:
+            raise ValueError(f"harl.pool_norm must be one of {', '.join(POOL_NORMS)}, got {h['pool_norm']!r}")
+        self.h = h
+
+    def coefficients(self, step: int, total_steps: int) -> tuple[float, float]:
+        h = self.h
+        alpha = (
+            cosine_ramp(h["alpha_base"], step, total_steps)
+            if h["alpha_schedule"] == "cosine"
+            else h["alpha_base"]
+        )
+        if h["loss"] == "mask":
+            return alpha, 1.0
+        lam = (
+            cosine_ramp(h["lambda_base"], step, total_steps)
+            if h["lambda_schedule"] == "cosine"
+            else h["lambda_base"]
+        )
+        return alpha, lam
+
+    def _pool(
+        self, fmap: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        m = downsample_mask(mask, fmap.shape[-2:], self.h["mask_mode"])
+        norm = self.h["pool_norm"]
+        return (
+            masked_average_pool(fmap, m, norm),
+            masked_average_pool(fmap, 1 - m, norm),
+            fmap.mean(dim=(2, 3)),
+        )
+
+    def forward(self, batch: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, torch.Tensor]:
+        alpha, lam = self.coefficients(step, total_steps)
+        online, target, fg_frac = [], [], []
+        for v in range(2):
+            x, mask = batch[f"view{v}"], batch[f"mask{v}"]
+            fg_frac.append(mask.float().mean(dim=(1, 2, 3)))
+            pooled = self._pool(self.backbone(x), mask)
+            online.append([self.online_predict(t) for t in pooled])  # [(p, z)] for fg, bg, global
+            with torch.no_grad():
+                target.append([self.target_project(t) for t in self._pool(self.target_backbone(x), mask)])
+        ok = torch.ones_like(fg_frac[0], dtype=torch.bool)
+        for f in fg_frac:
+            ok &= (f >= self.h["fallback_min"]) & (f <= self.h["fallback_max"])
+        total = fg_t = bg_t = glob_t = 0.0
+        for a, b in ((0, 1), (1, 0)):
+            (p_f, _), (p_b, _), (p_g, _) = online[a]
+            z_f, z_b, z_g = target[b]
+            mask_loss, fg, bg = harl_mask_loss(p_f, z_f, p_b, z_b, alpha)
+            glob = regression_loss(p_g, z_g)
+            per_sample = torch.where(ok, harl_hybrid_loss(mask_loss, glob, lam), glob)
+            total = total + per_sample.mean()
+            fg_t, bg_t, glob_t = (
+                fg_t + fg.detach().mean(),
+                bg_t + bg.detach().mean(),
+                glob_t + glob.detach().mean(),
+            )
+        return {
+            "loss": total,
+            "loss_fg": fg_t,
+            "loss_bg": bg_t,
+            "loss_global": glob_t,
+            "alpha": torch.tensor(alpha),
+            "lambda": torch.tensor(lam),
+            "fallback": 1 - ok.float().mean(),
+            "z_std": embedding_std(online[0][2][1]),
+        }

@@ -1,0 +1,119 @@
+"""Indexed shard reading, the epoch sampler (rank split, resume offset) and reproducible views."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from maskgen.shard_format import ShardFormatError, index_tar, iter_tar_samples
+from sslmask.data import ShardError
+from sslmask.dataset import (
+    EpochBatchSampler,
+    ViewsDataset,
+    epoch_order,
+    index_any,
+    index_folder,
+    index_shards,
+)
+from sslmask.transforms import byol_views
+from conftest import jpeg_bytes
+
+
+def _write_tar(path, members: dict[str, bytes]):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_index_matches_sequential_reading(sample_build):
+    records = index_shards([str(sample_build)], require_masks=True)
+    assert len(records) == 42 and records.mask is not None and records.labelled
+    i = 0
+    for fid, url in enumerate(records.files):
+        for key, fields in iter_tar_samples(url):
+            assert records.names[i] == key and records.image[i, 0] == fid
+            with open(url, "rb") as f:
+                f.seek(records.image[i, 1])
+                assert f.read(records.image[i, 2]) == fields["jpg"]
+                f.seek(records.mask[i, 1])
+                assert f.read(records.mask[i, 2]) == fields["mask.png"]
+            assert records.labels[i] == int(fields["cls"])
+            i += 1
+
+
+def test_image_only_shards_work_for_byol_but_not_for_mask_methods(tmp_path):
+    rgb = np.full((40, 50, 3), 128, np.uint8)
+    _write_tar(
+        tmp_path / "plain.tar",
+        {"a.jpg": jpeg_bytes(rgb), "a.cls": b"3", "b.jpg": jpeg_bytes(rgb), "b.cls": b"1"},
+    )
+    records = index_shards([str(tmp_path / "plain.tar")], require_masks=False)
+    assert records.mask is None and list(records.labels) == [3, 1]
+    item = ViewsDataset(records, byol_views(32), seed=0)[(0, 1)]
+    assert item["mask0"].min() == 255  # no mask: all foreground
+    with pytest.raises(ShardError, match="plain.tar: sample a has no mask.png; this method needs masks"):
+        index_shards([str(tmp_path / "plain.tar")], require_masks=True)
+
+
+def test_escaping_members_and_empty_shards_are_refused(tmp_path):
+    _write_tar(tmp_path / "evil.tar", {"../x.jpg": b"1"})
+    with pytest.raises(ShardFormatError, match="outside"):
+        index_tar(tmp_path / "evil.tar")
+    with pytest.raises(ShardError, match="evil.tar: unreadable shard"):
+        index_shards([str(tmp_path / "evil.tar")], require_masks=False)
+    _write_tar(tmp_path / "empty.tar", {})
+    with pytest.raises(ShardError, match="hold no samples"):
+        index_shards([str(tmp_path / "empty.tar")], require_masks=False)
+
+
+def test_image_folder_layout(tmp_path):
+    for cls, n in (("n02", 2), ("n01", 3)):
+        (tmp_path / cls).mkdir()
+        for i in range(n):
+            Image.new("RGB", (20, 20)).save(tmp_path / cls / f"{i}.JPEG")
+    (tmp_path / "n01" / "notes.txt").write_text("x")
+    records = index_folder(tmp_path)
+    assert list(records.labels) == [0, 0, 0, 1, 1] and records.mask is None
+    assert len(index_any([str(tmp_path)])) == 5
+    with pytest.raises(ShardError, match="image folder has no masks"):
+        index_any([str(tmp_path)], require_masks=True)
+
+
+def _batches(sampler):
+    return [b for b in sampler]
+
+
+def test_ranks_split_each_global_batch_like_one_process():
+    one = _batches(EpochBatchSampler(50, 8, epoch=3, seed=7))
+    r0 = _batches(EpochBatchSampler(50, 4, epoch=3, seed=7, world_size=2, rank=0))
+    r1 = _batches(EpochBatchSampler(50, 4, epoch=3, seed=7, world_size=2, rank=1))
+    assert len(one) == len(r0) == len(r1) == 6
+    assert [a + b for a, b in zip(r0, r1, strict=True)] == one
+    flat = [i for b in one for _, i in b]
+    assert len(set(flat)) == 48 and all(e == 3 for b in one for e, _ in b)
+
+
+def test_resume_offset_and_epoch_sizing():
+    full = _batches(EpochBatchSampler(50, 8, epoch=0, seed=1))
+    assert _batches(EpochBatchSampler(50, 8, epoch=0, seed=1, start=4)) == full[4:]
+    assert _batches(EpochBatchSampler(50, 8, epoch=1, seed=1)) != full
+    order = epoch_order(10, 25, seed=0, epoch=0)
+    assert sorted(order[:10]) == list(range(10)) and sorted(order[10:20]) == list(range(10))
+    assert len(EpochBatchSampler(10, 4, epoch=0, seed=0, samples_per_epoch=25)) == 6
+
+
+def test_views_depend_only_on_seed_epoch_and_index(sample_build):
+    records = index_shards([str(sample_build)], require_masks=True)
+    ds = ViewsDataset(records, byol_views(48), seed=0)
+    a, b = ds[(2, 5)], ViewsDataset(records, byol_views(48), seed=0)[(2, 5)]
+    for k in ("view0", "mask0", "view1", "mask1"):
+        assert torch.equal(a[k], b[k])
+    assert not torch.equal(a["view0"], ds[(3, 5)]["view0"])
+    assert a["label"] == records.labels[5] and a["mask0"].shape == (1, 48, 48)

@@ -1,0 +1,214 @@
+"""sslmask train/eval/export through the real CLI: outputs, errors, exact resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sslmask.cli import main
+from sslmask.schedules import cosine_ramp
+
+TINY = ["--config", "cpu-demo", "--set", "data.image_size=48", "--set", "data.batch_size=8",
+        "--set", "data.workers=0", "--set", "model.proj_hidden=64", "--set", "model.pred_hidden=64",
+        "--set", "model.proj_dim=32", "--set", "train.log_every=1"]  # fmt: skip
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sslmask_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sslmask.cli", *args]
+
+
+def _log(run: Path, kind: str = "train") -> list[dict]:
+    return [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def test_harl_train_export_and_knn_cli(sample_build, tmp_path, capsys):
+    run = tmp_path / "harl"
+    args = ["train", str(sample_build), "--method", "harl", "--out", str(run), *TINY]
+    assert main([*args, "--set", "train.epochs=2", "--set", "monitor.knn_every=1"]) == 0
+    assert {p.name for p in run.iterdir()} >= {"checkpoint.pt", "config.yaml", "log.jsonl", "tb"}
+    train_log = _log(run)
+    assert [r["step"] for r in train_log] == list(range(1, 11))  # 42 samples // 8 = 5 steps x 2 epochs
+    for key in (
+        "loss",
+        "loss_fg",
+        "loss_bg",
+        "loss_global",
+        "alpha",
+        "lambda",
+        "fallback",
+        "z_std",
+        "lr",
+        "tau",
+    ):
+        assert all(key in r for r in train_log), key
+    # the entry of step k logs the coefficients used for it (computed at k - 1 of 10)
+    assert [r["alpha"] for r in train_log] == pytest.approx(
+        [cosine_ramp(0.7, k, 10) for k in range(10)], rel=1e-6
+    )
+    assert 0 <= train_log[0]["fallback"] <= 1
+    assert len(_log(run, "monitor")) == 2 and 0 <= _log(run, "monitor")[0]["knn_top1"] <= 100
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 10 and ckpt["config"]["harl"]["alpha_base"] == 0.7
+
+    assert main(["export", str(run), "--out", str(tmp_path / "bb.pt")]) == 0
+    capsys.readouterr()
+    out_json = tmp_path / "knn.json"
+    assert main(["eval", "knn", "--checkpoint", str(tmp_path / "bb.pt"), "--train", str(sample_build),
+                 "--val", str(sample_build), "--image-size", "48", "--workers", "0", "--out", str(out_json)]) == 0  # fmt: skip
+    result = json.loads(out_json.read_text())
+    assert json.loads(capsys.readouterr().out) == result
+    assert result["train"] == result["val"] == 42 and set(result["accuracy"]) == {"k=10", "k=20", "k=30"}
+    # the memory bank holds the queries themselves: k-NN must find them
+    assert result["accuracy"]["k=10"]["top1"] > 50
+    assert main(["eval", "linear", "--checkpoint", "random", "--arch", "resnet_tiny", "--train", str(sample_build),
+                 "--val", str(sample_build), "--image-size", "48", "--workers", "0", "--epochs", "5"]) == 0  # fmt: skip
+
+
+def test_byol_trains_and_refuses_to_overwrite_a_run(sample_build, tmp_path, capsys):
+    run = tmp_path / "byol"
+    args = [
+        "train",
+        str(sample_build),
+        "--method",
+        "byol",
+        "--out",
+        str(run),
+        *TINY,
+        "--set",
+        "train.epochs=1",
+    ]
+    assert main(args) == 0
+    assert all("loss_fg" not in r for r in _log(run)) and len(_log(run)) == 5
+    capsys.readouterr()
+    assert main(args) == 1
+    assert "already holds a run; use --resume auto" in capsys.readouterr().err
+    # a finished run resumed with more epochs continues from its last step
+    assert main([*args, "--set", "train.epochs=2", "--resume", "auto"]) == 0
+    assert [r["step"] for r in _log(run)][-1] == 10
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["{tmp}/nope.tar", "--method", "byol"], "nope.tar: no such shard"),
+        (["{tmp}", "--method", "byol"], "no complete maskgen shards in this folder"),
+        (["{build}", "--method", "simclr"], "unknown method 'simclr'"),
+        (["{build}", "--method", "harl", "--set", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
+        (["{build}", "--method", "harl", "--set", "optim.lr=fast"], "optim.lr must be float"),
+        (["{build}", "--method", "harl", "--set", "model.arch=vit"], "unknown backbone 'vit'"),
+        (
+            ["{build}", "--method", "harl", "--config", "{tmp}/missing.yaml"],
+            "missing.yaml: cannot read config",
+        ),
+        (["{plain}", "--method", "harl"], "has no mask.png; this method needs masks"),
+        (["{build}", "--method", "harl", "--set", "data.batch_size=64"], "fewer than one global batch"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(sample_build, tmp_path, capsys, args, message):
+    import io
+    import tarfile
+
+    plain = tmp_path / "plain.tar"
+    with tarfile.open(plain, "w") as tar:
+        info = tarfile.TarInfo("a.jpg")
+        data = (sample_build / "shards" / "maskgen-000000.tar").read_bytes()[:10]
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    fill = {"{tmp}": str(tmp_path), "{build}": str(sample_build), "{plain}": str(plain)}
+    argv = []
+    for a in args:
+        for k, v in fill.items():
+            a = a.replace(k, v)
+        argv.append(a)
+    rc = main(["train", *argv, "--out", str(tmp_path / "run"), "--set", "data.workers=0"])
+    err = capsys.readouterr().err
+    assert rc != 0 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def _run_dir_weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoint.pt", weights_only=True)["method"]
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_same_weights(sample_build, tmp_path):
+    args = ["train", str(sample_build), "--method", "harl", *TINY, "--set", "train.epochs=6",
+            "--set", "train.ckpt_every=2", "--set", "train.deterministic=true", "--set", "data.workers=1"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    straight = tmp_path / "straight"
+    subprocess.run(sslmask_cmd(*args, "--out", str(straight)), check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(sslmask_cmd(*args, "--out", str(killed)), env=env, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "checkpoint.pt").exists():
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = torch.load(killed / "checkpoint.pt", weights_only=True)["step"]
+    assert 0 < step < 30
+    subprocess.run(
+        sslmask_cmd(*args, "--out", str(killed), "--resume", "auto"), check=True, env=env, capture_output=True
+    )
+    a, b = _run_dir_weights(straight), _run_dir_weights(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [r["step"] for r in _log(killed)]
+    assert steps[-1] == 30
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
+    """DDP's gradient is the mean of the ranks' gradients, each with its own batch statistics:
+    one process reproduces it by accumulating the two halves of the global batch."""
+    from ddp_reference import global_batch, make_method
+
+    out = tmp_path / "ddp.pt"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    subprocess.run([*torchrun, str(REPO / "tests" / "ddp_worker.py"), str(out)], check=True, env=env,
+                   capture_output=True, timeout=300)  # fmt: skip
+    ddp = torch.load(out, weights_only=True)
+
+    method = make_method()
+    batch = global_batch()
+    halves = [{k: v[i * 4 : (i + 1) * 4] for k, v in batch.items()} for i in range(2)]
+    loss = sum(method(h, 3, 10)["loss"] for h in halves) / 2
+    loss.backward()
+    torch.testing.assert_close(ddp["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+    grads = {n: p.grad for n, p in method.named_parameters() if p.grad is not None}
+    assert grads.keys() == ddp["grads"].keys() and len(grads) > 20
+    for name, g in grads.items():
+        torch.testing.assert_close(
+            ddp["grads"][name],
+            g,
+            rtol=1e-4,
+            atol=1e-6 + 1e-4 * float(g.abs().max()),
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
+
+
+@pytest.mark.slow
+def test_torchrun_training_run(sample_build, tmp_path):
+    run = tmp_path / "ddp_run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [*torchrun, "-m", "sslmask.cli", "train", str(sample_build), "--method", "harl", "--out", str(run), *TINY,
+           "--set", "data.batch_size=4", "--set", "train.epochs=2"]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = _log(run)
+    assert [r["step"] for r in log] == list(range(1, 11))  # global batch 8: 5 steps per epoch
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 10

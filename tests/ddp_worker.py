@@ -7,7 +7,6 @@ import sys
 
 import torch
 import torch.distributed as dist
-
 from ddp_reference import global_batch, make_method
 
 

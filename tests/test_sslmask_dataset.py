@@ -8,6 +8,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from conftest import jpeg_bytes
 from PIL import Image
 
 from maskgen.shard_format import ShardFormatError, index_tar, iter_tar_samples
@@ -21,7 +22,6 @@ from sslmask.dataset import (
     index_shards,
 )
 from sslmask.transforms import byol_views
-from conftest import jpeg_bytes
 
 
 def _write_tar(path, members: dict[str, bytes]):

@@ -114,10 +114,16 @@ def test_harl_forward_matches_manual_per_sample_computation():
         for v in range(2):
             fo, ft = harl.backbone(batch[f"view{v}"]), harl.target_backbone(batch[f"view{v}"])
             pooled_online.append(
-                [torch.stack(t) for t in zip(*[_manual_pool(fo[i], masks[v][i]) for i in range(n)])]
+                [
+                    torch.stack(t)
+                    for t in zip(*[_manual_pool(fo[i], masks[v][i]) for i in range(n)], strict=True)
+                ]
             )
             pooled_target.append(
-                [torch.stack(t) for t in zip(*[_manual_pool(ft[i], masks[v][i]) for i in range(n)])]
+                [
+                    torch.stack(t)
+                    for t in zip(*[_manual_pool(ft[i], masks[v][i]) for i in range(n)], strict=True)
+                ]
             )
         # the heads use batch statistics: each kind (fg/bg/global) goes through them as one batch
         p = [[harl.predictor(harl.projector(x)) for x in pooled_online[v]] for v in range(2)]

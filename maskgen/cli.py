@@ -16,13 +16,14 @@ from maskgen.sources.sample import DEFAULT_SAMPLE_SIZE
 
 # Which source uses which option; anything else given with that source is an error.
 SOURCE_OPTIONS = {
-    "sample": {"sample_size"},
+    "sample": {"sample_size", "no_photos"},
     "folder": {"root", "gt", "class_folders"},
     "imagenet": {"root", "gt", "split", "val_labels"},
     "coco": {"root", "annotations", "categories"},
 }
 SOURCE_ONLY_OPTIONS = {
     "sample_size",
+    "no_photos",
     "root",
     "gt",
     "class_folders",
@@ -89,6 +90,11 @@ def source_options(f):
             type=int,
             help=f"Synthetic scenes in the sample source. [default: {DEFAULT_SAMPLE_SIZE}]",
         ),
+        click.option(
+            "--no-photos",
+            is_flag=True,
+            help="Sample source: scenes only, without the 12 scikit-image photos (e.g. a held-out set).",
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -105,7 +111,8 @@ def source_config(source: str, opts: dict[str, Any], seed: int) -> dict[str, Any
     if source != "sample" and not opts.get("root"):
         raise click.UsageError(f"--source {source} needs --root PATH")
     if source == "sample":
-        return {"sample_size": opts.get("sample_size") or DEFAULT_SAMPLE_SIZE, "seed": seed}
+        size = opts.get("sample_size") or DEFAULT_SAMPLE_SIZE
+        return {"sample_size": size, "seed": seed, "photos": not opts.get("no_photos")}
     if source == "folder":
         return {"root": opts["root"], "gt": opts.get("gt"), "class_folders": bool(opts.get("class_folders"))}
     if source == "imagenet":

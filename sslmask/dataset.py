@@ -164,7 +164,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class ViewsDataset(Dataset):
     """``(epoch, index)`` -> the views a method trains on, each with its mask.
 
-    Samples without a mask in an image-only set get an all-foreground mask (BYOL ignores it).
+    Samples of an image-only set get an all-foreground mask (BYOL ignores it).
     """
 
     def __init__(self, records: Records, views: Sequence[ViewSpec], seed: int):
@@ -188,9 +188,8 @@ class ViewsDataset(Dataset):
                 raise ShardError(f"{name}: mask size {mask.size} differs from image size {image.size}")
             mask = mask.point(lambda v: 255 if v > 127 else 0)
             integral = mask_integral(np.asarray(mask) > 0)
-        else:
-            mask = Image.new("L", image.size, 255)
-            integral = None
+        else:  # image-only set: no mask to resample, every view is all foreground
+            mask, integral = None, None
         g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
         out: dict[str, torch.Tensor] = {
             "index": torch.tensor(index),
@@ -199,7 +198,9 @@ class ViewsDataset(Dataset):
         for v, spec in enumerate(self.views):
             img, m = make_view(g, spec, image, mask, integral)
             out[f"view{v}"] = img
-            out[f"mask{v}"] = m
+            out[f"mask{v}"] = (
+                m if m is not None else torch.full((1, spec.size, spec.size), 255, dtype=torch.uint8)
+            )
         return out
 
 

@@ -123,6 +123,10 @@ def test_resume_skips_done_shards_and_refuses_other_options(tmp_path, capsys):
         (["--method", "nosuch"], "Invalid value for '--method'"),
         (["--source", "folder"], "needs --root"),
         (["--gt", "{tmp}"], "--gt is not used by --source sample"),
+        (
+            ["--source", "folder", "--root", "{tmp}", "--no-photos"],
+            "--no-photos is not used by --source folder",
+        ),
         (["--threshold", "2"], "not in [0, 1]"),
     ],
 )
@@ -138,6 +142,15 @@ def test_bad_invocations_are_one_line_errors_and_write_nothing(tmp_path, args, m
     assert len(lines) == 1 and message in lines[0], res.stderr
     assert "Traceback" not in res.stderr
     assert not out.exists()
+
+
+def test_sample_without_photos_is_scenes_only(tmp_path):
+    out = tmp_path / "out"
+    assert main(["build", "--method", "center", "--out", str(out), "--sample-size", "4", "--no-photos",
+                 "--seed", "1", "--executor", "local", "--no-progress"]) == 0  # fmt: skip
+    with tarfile.open(out / "shards" / "maskgen-000000.tar") as tar:
+        keys = sorted({n.split(".")[0] for n in tar.getnames()})
+    assert keys == [f"scenes__{i:06d}" for i in range(4)]
 
 
 def test_out_holding_other_files_is_refused(tmp_path):

@@ -44,15 +44,24 @@ def inspect(shards: tuple[str, ...]) -> None:
     show_default=True,
     help="auto: continue from RUN/checkpoint.pt when it exists.",
 )
+@click.option(
+    "--seed", type=int, help="Run seed (data order, augmentations, initialisation); = --set train.seed=N."
+)
+@click.option(
+    "--deterministic", is_flag=True, help="Deterministic kernels; = --set train.deterministic=true."
+)
 @click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
-def train(shards, method, run, config_file, overrides, resume, print_config) -> None:
+def train(shards, method, run, config_file, overrides, resume, seed, deterministic, print_config) -> None:
     """Pretrain a backbone on SHARDS (maskgen builds, tars, globs, brace patterns).
 
     Multi-process: torchrun --nproc_per_node N -m sslmask.cli train ...
     """
     from sslmask.engine import train as run_training
 
-    cfg = load_config(method, config_file, overrides)
+    extra = ([f"train.seed={seed}"] if seed is not None else []) + (
+        ["train.deterministic=true"] if deterministic else []
+    )
+    cfg = load_config(method, config_file, [*overrides, *extra])
     if print_config:
         import yaml
 

@@ -96,6 +96,38 @@ def test_byol_trains_and_refuses_to_overwrite_a_run(sample_build, tmp_path, caps
     assert [r["step"] for r in _log(run)][-1] == 10
 
 
+def test_diverging_run_stops_with_a_clear_error(sample_build, tmp_path, capsys):
+    run = tmp_path / "nan"
+    args = ["train", str(sample_build), "--method", "byol", "--out", str(run), *TINY, "--set", "optim.name=sgd",
+            "--set", "optim.lr=1e30", "--set", "optim.warmup_epochs=0", "--set", "train.max_nan_skips=2"]  # fmt: skip
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "loss not finite for 3 steps in a row" in err
+    assert len(_log(run, "nan")) == 3
+
+
+def test_seed_flag_and_print_config(capsys):
+    assert (
+        main(
+            [
+                "train",
+                "x",
+                "--method",
+                "harl",
+                "--out",
+                "r",
+                "--seed",
+                "5",
+                "--deterministic",
+                "--print-config",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "seed: 5" in out and "deterministic: true" in out and "alpha_base: 0.7" in out
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

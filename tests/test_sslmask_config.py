@@ -1,0 +1,57 @@
+"""Config loading: packaged defaults, overlays, --set parsing and type checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from sslmask.config import ConfigError, available_methods, diff, load_config, parse_set
+
+
+def test_methods_and_overlay_precedence(tmp_path):
+    assert available_methods() == ["byol", "harl"]
+    overlay = tmp_path / "o.yaml"
+    overlay.write_text("optim:\n  lr: 0.5\ntrain:\n  epochs: 3\n")
+    cfg = load_config("harl", str(overlay), ["optim.lr=1e-3", "harl.loss=mask"])
+    assert cfg["optim"]["lr"] == pytest.approx(1e-3) and cfg["train"]["epochs"] == 3
+    assert cfg["harl"]["loss"] == "mask" and cfg["harl"]["alpha_base"] == 0.7
+    assert load_config("byol", "cpu-demo")["model"]["arch"] == "resnet_tiny"
+
+
+def test_set_values_are_typed():
+    assert parse_set("a.b=3") == {"a": {"b": 3}}
+    assert parse_set("a=true") == {"a": True}
+    cfg = load_config("byol", None, ["optim.weight_decay=0", "data.samples_per_epoch=1000"])
+    assert cfg["optim"]["weight_decay"] == 0.0 and isinstance(cfg["optim"]["weight_decay"], float)
+    assert cfg["data"]["samples_per_epoch"] == 1000
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optim"], "expected KEY=VALUE"),
+        (["optim=1"], "optim is a section"),
+        (["train.epochs=many"], "train.epochs must be int"),
+        (["train.compile=1"], "train.compile must be bool"),
+        (["harl.alpha_base=0.5"], "unknown config key 'harl'"),
+    ],
+)
+def test_bad_overrides(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("byol", None, overrides)
+
+
+def test_bad_overlay_files(tmp_path):
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config("byol", str(tmp_path / "list.yaml"))
+    (tmp_path / "other.yaml").write_text("method: harl\n")
+    with pytest.raises(ConfigError, match="is for method 'harl', not 'byol'"):
+        load_config("byol", str(tmp_path / "other.yaml"))
+    with pytest.raises(ConfigError, match="unknown method 'dino'"):
+        load_config("dino")
+
+
+def test_diff_lists_changed_keys():
+    a = load_config("harl")
+    b = load_config("harl", None, ["optim.lr=0.3", "train.epochs=5"])
+    assert diff(a, b) == ["optim.lr", "train.epochs"]

@@ -3,6 +3,7 @@ then ``--set section.key=value`` overrides. Unknown keys and wrong types are err
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from importlib import resources
 from pathlib import Path
@@ -37,10 +38,8 @@ def _check_type(key: str, old: Any, new: Any, where: str) -> Any:
     if old is None or new is None:
         return new
     if isinstance(new, str) and isinstance(old, (int, float)) and not isinstance(old, bool):
-        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+        with contextlib.suppress(ValueError):  # YAML 1.1 reads "1e-3" (no dot) as a string
             new = float(new)
-        except ValueError:
-            pass
     if isinstance(old, bool) != isinstance(new, bool):
         raise ConfigError(f"{where}: {key} must be {type(old).__name__}, got {new!r}")
     if isinstance(old, float) and isinstance(new, int):

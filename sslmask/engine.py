@@ -90,6 +90,8 @@ def _prepare_run_dir(run: Path, cfg: dict[str, Any], resume: bool, info: D.DistI
         changed = [k for k in diff(ckpt["config"], cfg) if k != "train.epochs"]
         if changed:
             raise TrainingError(f"{run}: the config differs from the run's on {', '.join(changed)}")
+        if info.main:
+            _truncate_log(run / LOG_FILE, int(ckpt["step"]))
         return ckpt
     if not resume and (ckpt_path.exists() or saved_cfg.exists()):
         raise TrainingError(f"{run}: already holds a run; use --resume auto or another --out")
@@ -101,6 +103,18 @@ def _prepare_run_dir(run: Path, cfg: dict[str, Any], resume: bool, info: D.DistI
         tmp.replace(saved_cfg)
     D.barrier(info)
     return None
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past the checkpoint: the resumed run logs those steps again."""
+    if not path.exists():
+        return
+    kept = [
+        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+    ]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -194,7 +208,8 @@ def train(shards: list[str], cfg: dict[str, Any], run: str | Path, resume: bool 
             method, device_ids=[info.local_rank] if info.device.type == "cuda" else None
         )
     forward = torch.compile(model) if t_cfg["compile"] else model
-    dataset = ViewsDataset(records, byol_views(data_cfg["image_size"], data_cfg["min_fg"]), t_cfg["seed"])
+    views = byol_views(data_cfg["image_size"], data_cfg["min_fg"], data_cfg["crop_min_scale"])
+    dataset = ViewsDataset(records, views, t_cfg["seed"])
     log = RunLog(run, info.main)
     if info.main and step == 0:
         log.write(

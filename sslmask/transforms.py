@@ -48,11 +48,12 @@ class ViewSpec:
     recrop_tries: int = 5
 
 
-def byol_views(size: int, min_fg: float = 0.0) -> tuple[ViewSpec, ViewSpec]:
+def byol_views(size: int, min_fg: float = 0.0, min_scale: float = 0.08) -> tuple[ViewSpec, ViewSpec]:
     """The asymmetric pair T / T' of BYOL and HARL."""
+    scale = (min_scale, 1.0)
     return (
-        ViewSpec(size=size, blur_p=1.0, solarize_p=0.0, min_fg=min_fg),
-        ViewSpec(size=size, blur_p=0.1, solarize_p=0.2, min_fg=min_fg),
+        ViewSpec(size=size, scale=scale, blur_p=1.0, solarize_p=0.0, min_fg=min_fg),
+        ViewSpec(size=size, scale=scale, blur_p=0.1, solarize_p=0.2, min_fg=min_fg),
     )
 
 

@@ -197,8 +197,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(sample_build, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    steps = [r["step"] for r in _log(killed)]
-    assert steps[-1] == 30
+    assert [r["step"] for r in _log(killed)] == list(range(1, 31))  # lines past the checkpoint dropped
 
 
 @pytest.mark.slow

@@ -23,18 +23,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# masks + report on the sample source, a held-out labelled set, a short HARL run, k-NN and a
-# linear probe. Re-running skips what is done (builds resume, training resumes at its end).
+# The main job, pipelines/demo.yaml: DRFI masks + report on the sample source, a held-out
+# labelled set, a short HARL run, k-NN and a linear probe. Re-running skips finished stages.
 demo: $(STAMP)
-	$(BIN)/maskgen build --source sample --method drfi --out out/demo --shard-size 64 --save-saliency
-	$(BIN)/maskgen eval out/demo
+	$(BIN)/maskgen pipeline pipelines/demo.yaml
 	$(BIN)/sslmask inspect out/demo
-	$(BIN)/maskgen build --source sample --seed 1 --no-photos --method center --out out/demo-val --shard-size 100
-	$(BIN)/sslmask train out/demo --method harl --config cpu-demo --out out/demo-harl --resume auto
-	$(BIN)/sslmask eval knn --checkpoint out/demo-harl --train out/demo --val out/demo-val --image-size 96 \
-	  --out out/demo-harl/knn.json
-	$(BIN)/sslmask eval linear --checkpoint out/demo-harl --train out/demo --val out/demo-val --image-size 96 \
-	  --out out/demo-harl/linear.json
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,0 +1,132 @@
+"""Recipes: the runner skips complete stages and records what ran; the demo runs end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from maskgen.cli import main
+from maskgen.recipe import RecipeError, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+SMALL = """
+name: small
+vars:
+  out: {out}
+  size: "3"
+stages:
+  - name: masks
+    run: maskgen build --source sample --sample-size ${{size}} --no-photos --method center --out ${{out}}/b --executor local --no-progress
+    outputs:
+      - ${{out}}/b/report.json
+  - name: check
+    run: {python} -c "import pathlib; pathlib.Path('${{out}}/checked').write_text('ok')"
+    outputs:
+      - ${{out}}/checked
+"""
+
+
+def _recipe(tmp_path: Path, text: str = SMALL) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text.format(out=tmp_path / "o", python=sys.executable))
+    return path
+
+
+def test_runs_skips_and_records(tmp_path, capsys):
+    recipe = _recipe(tmp_path)
+    assert main(["pipeline", str(recipe)]) == 0
+    assert "ran 2 of 2 stages" in capsys.readouterr().err
+    record = json.loads((tmp_path / "o" / "pipelines" / "small.json").read_text())
+    assert [record["stages"][s]["status"] for s in ("masks", "check")] == ["done", "done"]
+    assert record["stages"]["masks"]["returncode"] == 0 and record["stages"]["masks"]["seconds"] >= 0
+
+    assert main(["pipeline", str(recipe)]) == 0
+    err = capsys.readouterr().err
+    assert "masks: complete, skipped" in err and "ran 0 of 2 stages" in err
+
+    # a changed command is a different stage; a deleted output makes a stage incomplete
+    (tmp_path / "o" / "checked").unlink()
+    assert main(["pipeline", str(recipe), "--var", "size=4", "--dry-run"]) == 0
+    assert "would run 2 of 2" in capsys.readouterr().err
+    assert main(["pipeline", str(recipe)]) == 0
+    assert "ran 1 of 2 stages" in capsys.readouterr().err
+    assert main(["pipeline", str(recipe), "--force", "check"]) == 0
+    assert "ran 1 of 2 stages" in capsys.readouterr().err
+
+
+def test_failing_stage_is_recorded_and_stops_the_run(tmp_path, capsys):
+    text = SMALL.replace("import pathlib;", "import sys; sys.exit(3);")
+    recipe = _recipe(tmp_path, text)
+    assert main(["pipeline", str(recipe)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("stage 'check' failed (exit status 3)")
+    record = json.loads((tmp_path / "o" / "pipelines" / "small.json").read_text())
+    assert record["stages"]["masks"]["status"] == "done" and record["stages"]["check"]["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("stages: []\n", "non-empty 'stages' list"),
+        ("stages:\n  - name: a\n    run: x ${nope}\n    outputs: [o]\n", "unknown variable ${nope}"),
+        ("stages:\n  - name: a\n    run: x\n", "list the stage's 'outputs'"),
+        (
+            "stages:\n  - {name: a, run: x, outputs: [o]}\n  - {name: a, run: y, outputs: [o]}\n",
+            "duplicate stage",
+        ),
+        ("stages:\n  - {name: a, run: x, outputs: [o], shell: true}\n", "unknown stage key 'shell'"),
+        ("[1", "cannot read recipe"),
+    ],
+)
+def test_bad_recipes(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(
+        RecipeError, match=message.replace("$", r"\$").replace("{", r"\{").replace("(", r"\(")
+    ):
+        load_recipe(path)
+
+
+def test_unknown_var_override_is_an_error(tmp_path):
+    with pytest.raises(RecipeError, match="--var nope: the recipe has no such variable"):
+        load_recipe(_recipe(tmp_path), {"nope": "1"})
+
+
+def test_shipped_recipes_parse():
+    for path in sorted((REPO / "pipelines").glob("*.yaml")):
+        recipe = load_recipe(path)
+        assert recipe.stages and all(s.outputs for s in recipe.stages), path
+
+
+@pytest.mark.slow
+def test_demo_pipeline_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "maskgen.cli",
+        "pipeline",
+        str(REPO / "pipelines" / "demo.yaml"),
+        "--var",
+        f"out={out}",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((out / "demo" / "report.json").read_text())
+    assert report["n_images"] == 212 and report["n_errors"] == 0
+    assert 0.6 < report["miou"] <= 1 and 0 <= report["mae"] < 0.15  # DRFI on the synthetic scenes
+    assert (out / "demo" / "report.html").stat().st_size > 1000
+    log = [json.loads(line) for line in (out / "demo-harl" / "log.jsonl").read_text().splitlines()]
+    train = [r for r in log if r["kind"] == "train"]
+    assert train[-1]["step"] == 120 and train[-1]["loss"] < train[0]["loss"]
+    knn = json.loads((out / "demo-harl" / "knn.json").read_text())
+    linear = json.loads((out / "demo-harl" / "linear.json").read_text())
+    assert knn["val"] == linear["val"] == 200 and knn["train"] == 212
+    assert 0 <= knn["accuracy"]["k=20"]["top1"] <= 100 and 0 <= linear["accuracy"]["top1"] <= 100
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "ran 0 of 6 stages" in again.stderr

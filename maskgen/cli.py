@@ -19,7 +19,7 @@ from maskgen.sources.sample import DEFAULT_SAMPLE_SIZE
 SOURCE_OPTIONS = {
     "sample": {"sample_size", "no_photos"},
     "folder": {"root", "gt", "class_folders"},
-    "imagenet": {"root", "gt", "split", "val_labels"},
+    "imagenet": {"root", "gt", "split", "val_labels", "classes"},
     "coco": {"root", "annotations", "categories"},
 }
 SOURCE_ONLY_OPTIONS = {
@@ -30,6 +30,7 @@ SOURCE_ONLY_OPTIONS = {
     "class_folders",
     "split",
     "val_labels",
+    "classes",
     "annotations",
     "categories",
 }
@@ -85,6 +86,11 @@ def source_options(f):
             type=str,
             help="Labels for a flat ImageNet val/ (LOC_val_solution.csv, devkit file).",
         ),
+        click.option(
+            "--classes",
+            type=str,
+            help="File of wnids: build only these classes (imagenet; e.g. ImageNet-100).",
+        ),
         click.option("--class-folders", is_flag=True, help="First sub-folder is the class label (folder)."),
         click.option(
             "--sample-size",
@@ -118,7 +124,7 @@ def source_config(source: str, opts: dict[str, Any], seed: int) -> dict[str, Any
         return {"root": opts["root"], "gt": opts.get("gt"), "class_folders": bool(opts.get("class_folders"))}
     if source == "imagenet":
         return {"root": opts["root"], "split": opts.get("split") or "train", "gt": opts.get("gt"),
-                "val_labels": opts.get("val_labels")}  # fmt: skip
+                "val_labels": opts.get("val_labels"), "classes": opts.get("classes")}  # fmt: skip
     cats = [c.strip() for c in (opts.get("categories") or "").split(",") if c.strip()]
     return {"root": opts["root"], "annotations": opts.get("annotations"), "categories": cats}
 

@@ -11,8 +11,8 @@ A recipe::
 
 A stage is complete when its record (``<record>``, default ``${out}/pipelines/<name>.json``)
 says it finished with exactly this command and every output exists; complete stages are
-skipped. Commands are split with ``shlex`` and run without a shell; ``maskgen`` and
-``sslmask`` run under this Python (so a recipe works from a venv without activating it).
+skipped. Commands are split with ``shlex`` and run without a shell; ``maskgen``,
+``sslmask`` and ``torchrun`` run under this Python (so a recipe works from a venv without activating it).
 The record, written atomically after every stage, says what ran, when, for how long and
 with which exit status.
 """
@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-ENTRY_POINTS = {"maskgen": "maskgen.cli", "sslmask": "sslmask.cli"}
+ENTRY_POINTS = {"maskgen": "maskgen.cli", "sslmask": "sslmask.cli", "torchrun": "torch.distributed.run"}
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 

@@ -108,6 +108,17 @@ def test_imagenet_train_labels_follow_sorted_wnids(tmp_path):
     assert items[0].path == "train/n01000000/n01000000_0.JPEG" and src.read(items[0])[:2] == b"\xff\xd8"
 
 
+def test_imagenet_class_subset(tmp_path):
+    wnids = make_imagenet(tmp_path)
+    (tmp_path / "subset.txt").write_text(f"# one class\n{wnids[1]}\n")
+    src = make_source("imagenet", {"root": str(tmp_path), "classes": str(tmp_path / "subset.txt")})
+    assert src.class_names == [wnids[1]] and src.config()["classes"] == [wnids[1]]
+    assert [(it.key, it.label) for it in src.list_items()] == [("n02000000_0", 0), ("n02000000_1", 0)]
+    (tmp_path / "bad.txt").write_text("n09999999")
+    with pytest.raises(SourceError, match="bad.txt: unknown class 'n09999999'"):
+        make_source("imagenet", {"root": str(tmp_path), "classes": str(tmp_path / "bad.txt")})
+
+
 def test_imagenet_flat_val_with_kaggle_csv_and_two_column_file(tmp_path):
     make_imagenet(tmp_path)
     for i in (1, 2):

@@ -44,6 +44,7 @@ class ImageNetSource(Source):
         split: str = "train",
         gt: str | None = None,
         val_labels: str | None = None,
+        classes: str | None = None,
     ):
         if split not in ("train", "val"):
             raise SourceError(f"--split must be 'train' or 'val', got {split!r}")
@@ -55,6 +56,23 @@ class ImageNetSource(Source):
         if self._val_labels and not self._val_labels.is_file():
             raise SourceError(f"--val-labels {self._val_labels}: no such file")
         self._wnids = self._find_wnids()
+        self._subset = self._read_classes(classes) if classes else None
+        if self._subset:
+            self._wnids = self._subset
+
+    def _read_classes(self, path: str) -> list[str]:
+        """A class subset (ImageNet-100 and the like): wnids separated by whitespace."""
+        file = Path(path)
+        if not file.is_file():
+            raise SourceError(f"--classes {path}: no such file")
+        lines = [line.split("#", 1)[0] for line in file.read_text().splitlines()]
+        wnids = sorted({w for line in lines for w in line.split()})
+        unknown = [w for w in wnids if w not in set(self._wnids)]
+        if not wnids or unknown:
+            raise SourceError(
+                f"--classes {path}: {'no wnids' if not wnids else f'unknown class {unknown[0]!r}'}"
+            )
+        return wnids
 
     def config(self) -> dict[str, Any]:
         return {
@@ -62,6 +80,7 @@ class ImageNetSource(Source):
             "split": self.split,
             "gt": str(self._gt.resolve()) if self._gt else None,
             "val_labels": str(self._val_labels.resolve()) if self._val_labels else None,
+            **({"classes": self._subset} if self._subset else {}),
         }
 
     @property
@@ -147,6 +166,8 @@ class ImageNetSource(Source):
         for p in paths:
             stem = os.path.splitext(os.path.basename(p))[0]
             wnid = p.split("/", 1)[0] if "/" in p else val_map.get(stem)
+            if self._subset and wnid not in index:
+                continue  # outside the chosen classes
             if wnid not in index:
                 raise SourceError(f"{self._split_dir / p}: unknown class {wnid!r}")
             key = new_key(stem)

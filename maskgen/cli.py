@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
@@ -264,6 +265,47 @@ def pipeline_cmd(recipe: str, variables: tuple[str, ...], force: tuple[str, ...]
     verb = "would run" if dry_run else "ran"
     click.echo(f"pipeline {loaded.name}: {verb} {len(ran)} of {len(loaded.stages)} stages; record {loaded.record}",
                err=True)  # fmt: skip
+
+
+@cli.command(
+    "publish", epilog="Example: maskgen publish out/in1k --repo me/in1k-drfi-masks --masks-only --dry-run"
+)
+@click.argument("out", type=str)
+@click.option("--repo", required=True, help="Hub dataset repo, ORG/NAME.")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--masks-only", is_flag=True, help="Publish masks and metadata without image bytes.")
+@click.option("--revision", help="Branch to commit to (created if missing).")
+@click.option("--license", "license_id", help="Card licence id (default: from the source; ImageNet: other).")
+@click.option("--dry-run", is_flag=True, help="Stage and validate the exact folder; upload nothing.")
+@click.option("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or huggingface.co).")
+@click.option("--files-per-commit", type=int, default=50, help="Files per commit (resume granularity).")
+def publish_cmd(
+    out, repo, private, masks_only, revision, license_id, dry_run, endpoint, files_per_commit
+) -> None:
+    """Publish a finished build to the Hugging Face Hub with a generated dataset card."""
+    import json
+
+    from maskgen.publish.stage import stage
+    from maskgen.publish.upload import upload
+    from maskgen.publish.validate import validate_card, validate_shards
+
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo):
+        raise click.UsageError(f"--repo {repo!r}: expected ORG/NAME")
+    staged = stage(out, repo, masks_only, license_id)
+    click.echo(
+        f"maskgen: staged {len(staged.files)} files ({staged.n_shards} shards) in {staged.folder}", err=True
+    )
+    if dry_run:
+        meta = validate_card(staged.folder / "README.md")
+        manifest = json.loads((staged.folder / "maskgen.json").read_text())
+        loaded = validate_shards(staged.folder, manifest, masks_only)
+        click.echo(json.dumps({"staged": str(staged.folder), "files": staged.files, "card": meta, "loader": loaded},
+                              indent=2))  # fmt: skip
+        return
+    result = upload(
+        staged, repo, private, revision, endpoint, files_per_commit, echo=lambda m: click.echo(m, err=True)
+    )
+    click.echo(f"maskgen: published {result.files} files in {result.commits} commits: {result.url}", err=True)
 
 
 def main(argv: list[str] | None = None) -> int:

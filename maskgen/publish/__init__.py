@@ -1,0 +1,1 @@
+"""Publishing a finished build: stage (shards + card), validate (dry run), upload to the Hub."""

@@ -1,0 +1,199 @@
+"""A local stand-in for the Hugging Face Hub endpoints ``maskgen publish`` uses, on 127.0.0.1.
+
+Implements: whoami-v2, repo creation, branch creation, repo info, preupload (upload modes
+and the oids of files already committed), the LFS batch API (no upload action for objects it
+already stores), basic LFS PUT uploads, and NDJSON commits. ``fail_put_after`` makes the
+n+1-th LFS upload fail with HTTP 403 (not retried by the client), to interrupt a publish.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import yaml
+
+TOKEN = "hf_standin_secret_token_123"
+
+
+def git_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+class HubState:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.repos: dict[str, dict[str, Any]] = {}
+        self.lfs: dict[str, bytes] = {}
+        self.puts: dict[str, int] = {}
+        self.commits: list[dict[str, Any]] = []
+        self.fail_put_after: int | None = None
+        self.headers_seen: list[str] = []
+        self.validated: list[dict[str, Any]] = []
+
+
+class Handler(BaseHTTPRequestHandler):
+    state: HubState
+    base: str
+
+    def log_message(self, *args: Any) -> None:  # keep test output clean
+        pass
+
+    def _send(self, status: int, body: Any = None) -> None:
+        data = json.dumps(body if body is not None else {}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self) -> bytes:
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _authorized(self) -> bool:
+        self.state.headers_seen.append(self.headers.get("Authorization", ""))
+        return self.headers.get("Authorization") == f"Bearer {TOKEN}"
+
+    def do_GET(self) -> None:  # noqa: N802
+        if not self._authorized():
+            return self._send(401, {"error": "Invalid credentials in Authorization header"})
+        if self.path == "/api/whoami-v2":
+            return self._send(
+                200, {"type": "user", "name": "tester", "auth": {"accessToken": {"role": "write"}}}
+            )
+        m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/revision/([^?]+)(\?.*)?", self.path)
+        if m and m.group(1) in self.state.repos:
+            repo = self.state.repos[m.group(1)]
+            files = repo["branches"].get(m.group(2), {})
+            return self._send(200, {"id": m.group(1), "sha": repo["head"], "private": repo["private"],
+                                    "siblings": [{"rfilename": f} for f in sorted(files)]})  # fmt: skip
+        return self._send(404, {"error": "Repository not found"})
+
+    def do_PUT(self) -> None:  # noqa: N802
+        m = re.fullmatch(r"/lfs-upload/([0-9a-f]{64})", self.path)
+        if not m:
+            return self._send(404)
+        data = self._body()
+        with self.state.lock:
+            done = sum(self.state.puts.values())
+            if self.state.fail_put_after is not None and done >= self.state.fail_put_after:
+                return self._send(403, {"error": "upload refused (test interruption)"})
+            if hashlib.sha256(data).hexdigest() != m.group(1):
+                return self._send(400, {"error": "sha256 mismatch"})
+            self.state.lfs[m.group(1)] = data
+            self.state.puts[m.group(1)] = self.state.puts.get(m.group(1), 0) + 1
+        return self._send(200)
+
+    def do_POST(self) -> None:  # noqa: N802
+        path = self.path.split("?")[0]
+        if not self._authorized():
+            return self._send(401, {"error": "Invalid credentials in Authorization header"})
+        body = self._body()
+        st = self.state
+        if path == "/api/validate-yaml":
+            content = json.loads(body)["content"]
+            try:
+                meta = yaml.safe_load(content.split("---\n")[1]) if content.startswith("---\n") else None
+            except yaml.YAMLError as exc:
+                return self._send(400, {"error": f"invalid YAML: {exc}"})
+            if not isinstance(meta, dict) or "license" not in meta:
+                return self._send(400, {"error": "metadata must be a mapping with a license"})
+            st.validated.append(meta)
+            return self._send(200, {"warnings": []})
+        if path == "/api/repos/create":
+            req = json.loads(body)
+            repo_id = (
+                f"{req['organization']}/{req['name']}" if req.get("organization") else f"tester/{req['name']}"
+            )
+            if req.get("type") != "dataset":
+                return self._send(400, {"error": "expected a dataset repo"})
+            with st.lock:
+                if repo_id in st.repos:
+                    return self._send(
+                        409,
+                        {
+                            "error": "You already created this dataset repo",
+                            "url": f"{self.base}/datasets/{repo_id}",
+                        },
+                    )
+                st.repos[repo_id] = {
+                    "private": req.get("visibility") == "private" or bool(req.get("private")),
+                    "branches": {"main": {}},
+                    "head": "0" * 40,
+                }
+            return self._send(200, {"url": f"{self.base}/datasets/{repo_id}", "name": repo_id})
+        m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/branch/([^/]+)", path)
+        if m:
+            repo = st.repos.get(m.group(1))
+            if repo is None:
+                return self._send(404, {"error": "Repository not found"})
+            if m.group(2) in repo["branches"]:
+                return self._send(409, {"error": "Reference already exists"})
+            repo["branches"][m.group(2)] = dict(repo["branches"]["main"])
+            return self._send(200)
+        m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/preupload/([^/]+)", path)
+        if m:
+            repo = st.repos.get(m.group(1))
+            if repo is None:
+                return self._send(404, {"error": "Repository not found"})
+            files = repo["branches"].setdefault(m.group(2), {})
+            out = []
+            for f in json.loads(body)["files"]:
+                lfs = f["path"].endswith(".tar") or f["size"] > 10_000_000
+                have = files.get(f["path"])
+                out.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
+                            "oid": have["oid"] if have else None})  # fmt: skip
+            return self._send(200, {"files": out, "commitOid": repo["head"]})
+        m = re.fullmatch(r"/datasets/([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)
+        if m:
+            objects = []
+            for obj in json.loads(body)["objects"]:
+                entry = {"oid": obj["oid"], "size": obj["size"]}
+                if obj["oid"] not in st.lfs:
+                    entry["actions"] = {"upload": {"href": f"{self.base}/lfs-upload/{obj['oid']}"}}
+                objects.append(entry)
+            return self._send(200, {"transfer": "basic", "objects": objects})
+        m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/commit/([^/]+)", path)
+        if m:
+            repo = st.repos.get(m.group(1))
+            if repo is None:
+                return self._send(404, {"error": "Repository not found"})
+            files = repo["branches"].setdefault(m.group(2), {})
+            lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+            added = []
+            for line in lines:
+                if line["key"] == "file":
+                    data = base64.b64decode(line["value"]["content"])
+                    files[line["value"]["path"]] = {"oid": git_sha1(data), "size": len(data), "data": data}
+                    added.append(line["value"]["path"])
+                elif line["key"] == "lfsFile":
+                    oid = line["value"]["oid"]
+                    if oid not in st.lfs:
+                        return self._send(422, {"error": f"LFS object {oid} missing"})
+                    files[line["value"]["path"]] = {
+                        "oid": oid,
+                        "size": line["value"]["size"],
+                        "data": st.lfs[oid],
+                    }
+                    added.append(line["value"]["path"])
+            head = hashlib.sha1(json.dumps(sorted(added)).encode() + repo["head"].encode()).hexdigest()
+            repo["head"] = head
+            st.commits.append({"repo": m.group(1), "revision": m.group(2), "files": added})
+            return self._send(200, {"commitUrl": f"{self.base}/datasets/{m.group(1)}/commit/{head}",
+                                    "commitOid": head, "success": True})  # fmt: skip
+        return self._send(404, {"error": f"no such endpoint {path}"})
+
+
+def start() -> tuple[ThreadingHTTPServer, HubState, str]:
+    state = HubState()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    handler = type("BoundHandler", (Handler,), {"state": state, "base": base})
+    server.RequestHandlerClass = handler
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, state, base

@@ -1,0 +1,148 @@
+"""maskgen publish: card, dry-run validation, and uploads against a local Hub stand-in."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from hub_standin import TOKEN, start
+
+from maskgen.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def build(tmp_path):
+    out = tmp_path / "b"
+    assert main(["build", "--source", "sample", "--sample-size", "9", "--no-photos", "--method", "center",
+                 "--out", str(out), "--shard-size", "3", "--executor", "local", "--no-progress"]) == 0  # fmt: skip
+    return out
+
+
+@pytest.fixture()
+def hub():
+    server, state, base = start()
+    yield state, base
+    server.shutdown()
+
+
+def publish(out: Path, *args: str, token: str | None = TOKEN, endpoint: str | None = None, home: Path):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env.update(HF_HOME=str(home), HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=str(REPO))
+    if token is not None:
+        env["HF_TOKEN"] = token
+    if endpoint:
+        env["HF_ENDPOINT"] = endpoint
+    cmd = [sys.executable, "-m", "maskgen.cli", "publish", str(out), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_dry_run_stages_and_validates(build, tmp_path):
+    res = publish(build, "--repo", "me/masks", "--dry-run", home=tmp_path / "hf")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["files"][:3] == [f"data/train/maskgen-00000{i}.tar" for i in range(3)]
+    assert report["card"]["license"] == "other" and report["card"]["size_categories"] == ["n<1K"]
+    assert report["card"]["configs"][0]["data_files"][0]["path"] == "data/train/*.tar"
+    assert report["loader"]["rows"] == 9 and {"jpg", "mask.png", "json"} <= set(report["loader"]["columns"])
+    card = (build / "publish" / "README.md").read_text()
+    assert card.startswith("---\n") and "## Mask quality" in card and "| 9 |" in card
+    assert str(build.resolve()) not in (build / "publish" / "maskgen.json").read_text()
+
+
+def test_masks_only_drops_image_bytes(build, tmp_path):
+    res = publish(build, "--repo", "me/masks", "--masks-only", "--dry-run", home=tmp_path / "hf")
+    assert res.returncode == 0, res.stderr
+    assert "jpg" not in json.loads(res.stdout)["loader"]["columns"]
+    with tarfile.open(build / "publish" / "data" / "train" / "maskgen-000000.tar") as tar:
+        names = tar.getnames()
+    assert names and not any(n.endswith(".jpg") for n in names) and any(n.endswith(".json") for n in names)
+    assert "masks-only" in (build / "publish" / "README.md").read_text()
+
+
+def test_publish_creates_the_repo_and_uploads_every_file(build, hub, tmp_path):
+    state, base = hub
+    res = publish(
+        build,
+        "--repo",
+        "org/masks",
+        "--private",
+        "--files-per-commit",
+        "2",
+        endpoint=base,
+        home=tmp_path / "hf",
+    )
+    assert res.returncode == 0, res.stderr
+    repo = state.repos["org/masks"]
+    assert repo["private"] is True
+    staged = build / "publish"
+    files = repo["branches"]["main"]
+    assert set(files) == {"data/train/maskgen-000000.tar", "data/train/maskgen-000001.tar",
+                          "data/train/maskgen-000002.tar", "report.json", "maskgen.json", "README.md"}  # fmt: skip
+    for path, entry in files.items():
+        assert entry["data"] == (staged / path).read_bytes(), path
+    assert len(state.commits) == 3 and all(n == 1 for n in state.puts.values())
+    assert (
+        state.validated and state.validated[0]["tags"][0] == "webdataset"
+    )  # the card passed YAML validation
+    assert TOKEN not in res.stdout + res.stderr
+
+    again = publish(build, "--repo", "org/masks", endpoint=base, home=tmp_path / "hf")
+    assert again.returncode == 0, again.stderr
+    assert all(n == 1 for n in state.puts.values())  # nothing re-sent
+
+
+def test_interrupted_upload_resumes_without_resending(build, hub, tmp_path):
+    state, base = hub
+    state.fail_put_after = 2  # the third shard's upload is refused
+    res = publish(
+        build, "--repo", "org/masks", "--files-per-commit", "3", endpoint=base, home=tmp_path / "hf"
+    )
+    assert res.returncode == 1
+    err = res.stderr.strip().splitlines()
+    assert err[-1].startswith("maskgen: error: uploading to org/masks failed (HTTP 403)"), res.stderr
+    assert len(state.puts) == 2 and not state.commits  # two objects arrived, nothing committed yet
+    state.fail_put_after = None
+    res = publish(
+        build, "--repo", "org/masks", "--files-per-commit", "3", endpoint=base, home=tmp_path / "hf"
+    )
+    assert res.returncode == 0, res.stderr
+    assert len(state.puts) == 3 and all(n == 1 for n in state.puts.values())
+    assert len(state.repos["org/masks"]["branches"]["main"]) == 6
+    assert TOKEN not in res.stdout + res.stderr
+
+
+def test_revision_branch(build, hub, tmp_path):
+    state, base = hub
+    res = publish(build, "--repo", "org/masks", "--revision", "v1", endpoint=base, home=tmp_path / "hf")
+    assert res.returncode == 0, res.stderr
+    assert (
+        len(state.repos["org/masks"]["branches"]["v1"]) == 6
+        and not state.repos["org/masks"]["branches"]["main"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("token", "message"), [(None, "no Hugging Face token"), ("hf_wrong", "token was refused")]
+)
+def test_missing_or_invalid_token_is_one_line(build, hub, tmp_path, token, message):
+    state, base = hub
+    res = publish(build, "--repo", "org/masks", token=token, endpoint=base, home=tmp_path / "hf")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and message in lines[-1] and "Traceback" not in res.stderr
+    assert not state.repos
+    if token:
+        assert token not in res.stderr + res.stdout
+
+
+def test_unfinished_build_and_bad_repo_are_errors(tmp_path, capsys):
+    assert main(["publish", str(tmp_path), "--repo", "org/x", "--dry-run"]) == 1
+    assert "not a finished maskgen build" in capsys.readouterr().err
+    assert main(["publish", str(tmp_path), "--repo", "no-slash", "--dry-run"]) == 2
+    assert "expected ORG/NAME" in capsys.readouterr().err

@@ -71,7 +71,10 @@ def train(shards, method, run, config_file, overrides, resume, seed, determinist
     click.echo(f"sslmask: trained {method} -> {ckpt}", err=True)
 
 
-def _features(checkpoint: str, arch: str | None, spec: tuple[str, ...], size: int, batch: int, workers: int):
+def _features(
+    checkpoint: str, arch: str | None, train_spec, val_spec, image_size: int, batch_size: int, workers: int
+):
+    """``(train_feats, train_labels, val_feats, val_labels)`` from one frozen backbone."""
     import torch
 
     from sslmask.checkpoint import load_backbone
@@ -80,11 +83,19 @@ def _features(checkpoint: str, arch: str | None, spec: tuple[str, ...], size: in
 
     torch.manual_seed(0)  # the random-init baseline is reproducible
     backbone = load_backbone(checkpoint, arch)
-    records = index_any(list(spec))
-    if not records.labelled:
-        raise ShardError(f"{spec[0]}: some samples have no class label; evaluation needs labels")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return extract_features(backbone.to(device), records, size, batch, workers, device)
+    backbone = backbone.to(device)
+    out = []
+    for spec in (train_spec, val_spec):
+        records = index_any(list(spec))
+        if not records.labelled:
+            raise ShardError(f"{spec[0]}: some samples have no class label; evaluation needs labels")
+        out.extend(extract_features(backbone, records, image_size, batch_size, workers, device))
+    return tuple(out)
+
+
+def _report(kind: str, checkpoint: str, ytr, yva, out_file: str | None, **fields) -> None:
+    _emit({"eval": kind, "checkpoint": checkpoint, "train": len(ytr), "val": len(yva), **fields}, out_file)
 
 
 def _eval_options(fn):
@@ -136,20 +147,9 @@ def knn(
     """Weighted k-NN accuracy (DINO protocol: cosine, exp(sim/T) votes)."""
     from sslmask.eval.knn import knn_eval
 
-    ftr, ytr = _features(checkpoint, arch, train_spec, image_size, batch_size, workers)
-    fva, yva = _features(checkpoint, arch, val_spec, image_size, batch_size, workers)
+    ftr, ytr, fva, yva = _features(checkpoint, arch, train_spec, val_spec, image_size, batch_size, workers)
     result = knn_eval(ftr, ytr, fva, yva, tuple(ks), temperature)
-    _emit(
-        {
-            "eval": "knn",
-            "checkpoint": checkpoint,
-            "train": len(ytr),
-            "val": len(yva),
-            "temperature": temperature,
-            "accuracy": result,
-        },
-        out_file,
-    )
+    _report("knn", checkpoint, ytr, yva, out_file, temperature=temperature, accuracy=result)
 
 
 @eval_group.command()
@@ -162,20 +162,9 @@ def linear(
     """Linear probe on frozen, centre-crop features (top-1/top-5 at the last epoch)."""
     from sslmask.eval.linear import linear_probe
 
-    ftr, ytr = _features(checkpoint, arch, train_spec, image_size, batch_size, workers)
-    fva, yva = _features(checkpoint, arch, val_spec, image_size, batch_size, workers)
+    ftr, ytr, fva, yva = _features(checkpoint, arch, train_spec, val_spec, image_size, batch_size, workers)
     result = linear_probe(ftr, ytr, fva, yva, epochs=epochs, lr=lr)
-    _emit(
-        {
-            "eval": "linear",
-            "checkpoint": checkpoint,
-            "train": len(ytr),
-            "val": len(yva),
-            "epochs": epochs,
-            "accuracy": result,
-        },
-        out_file,
-    )
+    _report("linear", checkpoint, ytr, yva, out_file, epochs=epochs, accuracy=result)
 
 
 @cli.command()

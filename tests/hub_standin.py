@@ -89,6 +89,40 @@ class Handler(BaseHTTPRequestHandler):
             self.state.puts[m.group(1)] = self.state.puts.get(m.group(1), 0) + 1
         return self._send(200)
 
+    def _upload_modes(self, files: dict[str, Any], body: bytes) -> list[dict[str, Any]]:
+        out = []
+        for f in json.loads(body)["files"]:
+            lfs = f["path"].endswith(".tar") or f["size"] > 10_000_000
+            have = files.get(f["path"])
+            out.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
+                        "oid": have["oid"] if have else None})  # fmt: skip
+        return out
+
+    def _commit(
+        self, repo_id: str, repo: dict[str, Any], revision: str, files: dict[str, Any], body: bytes
+    ) -> None:
+        added = []
+        for line in (json.loads(raw) for raw in body.splitlines() if raw.strip()):
+            value = line["value"]
+            if line["key"] == "file":
+                data = base64.b64decode(value["content"])
+                files[value["path"]] = {"oid": git_sha1(data), "size": len(data), "data": data}
+            elif line["key"] == "lfsFile":
+                if value["oid"] not in self.state.lfs:
+                    return self._send(422, {"error": f"LFS object {value['oid']} missing"})
+                files[value["path"]] = {
+                    "oid": value["oid"],
+                    "size": value["size"],
+                    "data": self.state.lfs[value["oid"]],
+                }
+            else:
+                continue
+            added.append(value["path"])
+        repo["head"] = hashlib.sha1(json.dumps(sorted(added)).encode() + repo["head"].encode()).hexdigest()
+        self.state.commits.append({"repo": repo_id, "revision": revision, "files": added})
+        return self._send(200, {"commitUrl": f"{self.base}/datasets/{repo_id}/commit/{repo['head']}",
+                                "commitOid": repo["head"], "success": True})  # fmt: skip
+
     def do_POST(self) -> None:  # noqa: N802
         path = self.path.split("?")[0]
         if not self._authorized():
@@ -127,28 +161,6 @@ class Handler(BaseHTTPRequestHandler):
                     "head": "0" * 40,
                 }
             return self._send(200, {"url": f"{self.base}/datasets/{repo_id}", "name": repo_id})
-        m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/branch/([^/]+)", path)
-        if m:
-            repo = st.repos.get(m.group(1))
-            if repo is None:
-                return self._send(404, {"error": "Repository not found"})
-            if m.group(2) in repo["branches"]:
-                return self._send(409, {"error": "Reference already exists"})
-            repo["branches"][m.group(2)] = dict(repo["branches"]["main"])
-            return self._send(200)
-        m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/preupload/([^/]+)", path)
-        if m:
-            repo = st.repos.get(m.group(1))
-            if repo is None:
-                return self._send(404, {"error": "Repository not found"})
-            files = repo["branches"].setdefault(m.group(2), {})
-            out = []
-            for f in json.loads(body)["files"]:
-                lfs = f["path"].endswith(".tar") or f["size"] > 10_000_000
-                have = files.get(f["path"])
-                out.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
-                            "oid": have["oid"] if have else None})  # fmt: skip
-            return self._send(200, {"files": out, "commitOid": repo["head"]})
         m = re.fullmatch(r"/datasets/([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)
         if m:
             objects = []
@@ -158,34 +170,21 @@ class Handler(BaseHTTPRequestHandler):
                     entry["actions"] = {"upload": {"href": f"{self.base}/lfs-upload/{obj['oid']}"}}
                 objects.append(entry)
             return self._send(200, {"transfer": "basic", "objects": objects})
-        m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/commit/([^/]+)", path)
+        m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/(branch|preupload|commit)/([^/]+)", path)
         if m:
             repo = st.repos.get(m.group(1))
             if repo is None:
                 return self._send(404, {"error": "Repository not found"})
-            files = repo["branches"].setdefault(m.group(2), {})
-            lines = [json.loads(line) for line in body.splitlines() if line.strip()]
-            added = []
-            for line in lines:
-                if line["key"] == "file":
-                    data = base64.b64decode(line["value"]["content"])
-                    files[line["value"]["path"]] = {"oid": git_sha1(data), "size": len(data), "data": data}
-                    added.append(line["value"]["path"])
-                elif line["key"] == "lfsFile":
-                    oid = line["value"]["oid"]
-                    if oid not in st.lfs:
-                        return self._send(422, {"error": f"LFS object {oid} missing"})
-                    files[line["value"]["path"]] = {
-                        "oid": oid,
-                        "size": line["value"]["size"],
-                        "data": st.lfs[oid],
-                    }
-                    added.append(line["value"]["path"])
-            head = hashlib.sha1(json.dumps(sorted(added)).encode() + repo["head"].encode()).hexdigest()
-            repo["head"] = head
-            st.commits.append({"repo": m.group(1), "revision": m.group(2), "files": added})
-            return self._send(200, {"commitUrl": f"{self.base}/datasets/{m.group(1)}/commit/{head}",
-                                    "commitOid": head, "success": True})  # fmt: skip
+            action, revision = m.group(2), m.group(3)
+            if action == "branch":
+                if revision in repo["branches"]:
+                    return self._send(409, {"error": "Reference already exists"})
+                repo["branches"][revision] = dict(repo["branches"]["main"])
+                return self._send(200)
+            files = repo["branches"].setdefault(revision, {})
+            if action == "preupload":
+                return self._send(200, {"files": self._upload_modes(files, body), "commitOid": repo["head"]})
+            return self._commit(m.group(1), repo, revision, files, body)
         return self._send(404, {"error": f"no such endpoint {path}"})
 
 

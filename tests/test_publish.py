@@ -146,3 +146,21 @@ def test_unfinished_build_and_bad_repo_are_errors(tmp_path, capsys):
     assert "not a finished maskgen build" in capsys.readouterr().err
     assert main(["publish", str(tmp_path), "--repo", "no-slash", "--dry-run"]) == 2
     assert "expected ORG/NAME" in capsys.readouterr().err
+
+
+def test_card_metadata_rules():
+    from maskgen.publish.card import card_metadata, size_category
+
+    manifest = {"source": "imagenet", "method": "drfi", "n_samples": 1_281_167}
+    gated = card_metadata(manifest, "me/in1k", masks_only=False, license_id=None)
+    assert gated["license"] == "other" and gated["license_name"] == "imagenet-terms-of-access"
+    assert "non-commercial" in gated["extra_gated_prompt"] and gated["size_categories"] == ["1M<n<10M"]
+    masks = card_metadata(manifest, "me/in1k", masks_only=True, license_id=None)
+    assert "extra_gated_prompt" not in masks and masks["source_datasets"] == ["imagenet-1k"]
+    assert card_metadata(manifest, "me/x", masks_only=True, license_id="cc-by-4.0")["license"] == "cc-by-4.0"
+    assert [size_category(n) for n in (999, 1000, 99_999, 100_000)] == [
+        "n<1K",
+        "1K<n<10K",
+        "10K<n<100K",
+        "100K<n<1M",
+    ]

@@ -9,6 +9,7 @@ checkpoint needs only the step to restore them; the data position is the step to
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -75,6 +76,7 @@ def _set_determinism(cfg: dict[str, Any], info: D.DistInfo) -> None:
     random.seed(seed + info.rank)
     torch.manual_seed(seed + info.rank)
     if cfg["train"]["deterministic"]:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     elif info.device.type == "cuda":

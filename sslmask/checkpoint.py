@@ -1,6 +1,7 @@
 """Checkpoints: atomic writes, safe loads (``weights_only=True``), backbone extraction.
 
-A run directory holds ``checkpoint.pt``: ``{"method": state_dict, "optimizer": ...,
+Backbones load from sslmask runs and exports, torchvision, MoCo v2/v3, DINO, BYOL/solo-learn
+and safetensors files (see ``backbone_state``). A run directory holds ``checkpoint.pt``: ``{"method": state_dict, "optimizer": ...,
 "scaler": ..., "step": int, "config": dict, "rng": {...}}``. ``sslmask export`` writes the
 online backbone alone, with torchvision's parameter names.
 """
@@ -41,6 +42,17 @@ def save_atomic(obj: Any, path: str | Path) -> None:
 
 
 def load_file(path: str | Path) -> Any:
+    """A checkpoint's contents: safetensors, or torch.save output with ``weights_only=True``."""
+    if str(path).endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file as load_safetensors
+
+        try:
+            return load_safetensors(str(path), device="cpu")
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"{path}: no such checkpoint") from exc
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path}: not a loadable safetensors file ({exc})") from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
@@ -53,20 +65,51 @@ def run_checkpoint_path(run: str | Path) -> Path:
     return Path(run) / CHECKPOINT
 
 
-def backbone_state(obj: Any) -> dict[str, torch.Tensor]:
-    """The backbone's tensors, torchvision-named, from a run checkpoint or a bare state_dict."""
-    if isinstance(obj, dict) and "method" in obj and isinstance(obj["method"], dict):
-        sd = obj["method"]
-        return {k[len(BACKBONE_PREFIX) :]: v for k, v in sd.items() if k.startswith(BACKBONE_PREFIX)}
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+# Where the ResNet trunk sits in the checkpoints of common self-supervised codebases, in the
+# order they are tried: MoCo v2 (encoder_q), MoCo v3 (base_encoder), DINO / BYOL / solo-learn /
+# sslmask (backbone), DDP-wrapped torchvision, plain torchvision.
+TRUNK_PREFIXES = (
+    "module.encoder_q.",
+    "encoder_q.",
+    "module.base_encoder.",
+    "base_encoder.",
+    "module.backbone.",
+    BACKBONE_PREFIX,
+    "module.",
+    "",
+)
+HEAD_PREFIXES = ("fc.", "head.")  # classifier / projection heads that live inside the trunk's namespace
+
+
+def backbone_state(obj: Any, branch: str = "teacher") -> dict[str, torch.Tensor]:
+    """The ResNet trunk's tensors, torchvision-named, from the checkpoint formats in use.
+
+    Accepts an sslmask run checkpoint (the online backbone), DINO's ``{"teacher", "student"}``
+    (``branch`` picks one; DINO evaluates the teacher), ``{"state_dict": ...}`` /
+    ``{"model": ...}`` wrappers (MoCo, solo-learn, torchvision references), and flat state
+    dicts, with the prefixes in ``TRUNK_PREFIXES``. Projection heads and ``fc`` are dropped.
+    """
+    if isinstance(obj, dict) and isinstance(obj.get("method"), dict):
+        obj = obj["method"]
+    if isinstance(obj, dict) and isinstance(obj.get(branch), dict):
+        obj = obj[branch]
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError("not a state_dict of tensors")
+    prefix = next((p for p in TRUNK_PREFIXES if f"{p}conv1.weight" in obj), None)
+    if prefix is None:
+        raise CheckpointError(
+            f"no ResNet trunk found (no conv1.weight under {', '.join(repr(p) for p in TRUNK_PREFIXES[:-1])})"
+        )
     out = {}
     for k, v in obj.items():
-        k = k.removeprefix("module.").removeprefix(BACKBONE_PREFIX)
-        if not k.startswith("fc."):
-            out[k] = v
+        if k.startswith(prefix):
+            name = k[len(prefix) :]
+            if not name.startswith(HEAD_PREFIXES):
+                out[name] = v
     return out
 
 
@@ -92,7 +135,10 @@ def load_backbone(spec: str, arch: str | None = None, out_stride: int | None = N
         return build_backbone(arch, out_stride or 32)
     path = Path(spec)
     obj = load_file(run_checkpoint_path(path) if path.is_dir() else path)
-    state = backbone_state(obj)
+    try:
+        state = backbone_state(obj)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{spec}: {exc}") from None
     if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
         model_cfg = obj["config"]["model"]
         arch = arch or model_cfg["arch"]

@@ -8,7 +8,8 @@ from sslmask.checkpoint import CheckpointError, backbone_state, load_file, run_c
 
 
 def export_backbone(run: str | Path, out: str | Path) -> dict[str, int]:
-    """Write the backbone tensors of ``run`` (a run folder or its checkpoint file) to ``out``.
+    """Write the backbone tensors of ``run`` (a run folder or its checkpoint file) to ``out``
+    (``torch.save``, or safetensors when ``out`` ends in ``.safetensors``).
 
     ``torchvision.models.resnet50().load_state_dict(torch.load(out), strict=False)`` then
     reports only ``fc.weight`` and ``fc.bias`` missing (the classifier is not trained here).
@@ -20,7 +21,14 @@ def export_backbone(run: str | Path, out: str | Path) -> dict[str, int]:
     state = {k: v.contiguous() for k, v in backbone_state(ckpt).items()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_atomic(state, out)
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        tmp = out.with_name(f".{out.name}.tmp")
+        save_file(state, str(tmp))
+        tmp.replace(out)
+    else:
+        save_atomic(state, out)
     return {
         "tensors": len(state),
         "parameters": sum(v.numel() for v in state.values()),

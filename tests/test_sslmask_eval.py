@@ -115,3 +115,76 @@ def test_output_stride_16_doubles_the_grid():
     assert build_backbone("resnet_tiny", 16)(x).shape == (1, 128, 4, 4)
     with pytest.raises(ValueError, match="unknown backbone"):
         build_backbone("vit_b16")
+
+
+def _formats(sd: dict[str, torch.Tensor]) -> dict[str, object]:
+    """The same trunk as the checkpoint layouts of the codebases users bring."""
+    mlp = {"fc.0.weight": torch.zeros(8, 512), "fc.2.weight": torch.zeros(4, 8)}
+    return {
+        "torchvision": {**sd, "fc.weight": torch.zeros(10, 512), "fc.bias": torch.zeros(10)},
+        "mocov2": {
+            "state_dict": {
+                **{f"module.encoder_q.{k}": v for k, v in sd.items()},
+                **{f"module.encoder_q.{k}": v for k, v in mlp.items()},
+                **{f"module.encoder_k.{k}": v + 1 for k, v in sd.items()},
+                "module.queue": torch.zeros(4, 16),
+            }
+        },  # fmt: skip
+        "mocov3": {
+            "state_dict": {
+                **{f"module.base_encoder.{k}": v for k, v in sd.items()},
+                **{f"module.momentum_encoder.{k}": v + 1 for k, v in sd.items()},
+                "module.predictor.0.weight": torch.zeros(4, 4),
+            }
+        },  # fmt: skip
+        "dino": {
+            "teacher": {
+                **{f"backbone.{k}": v for k, v in sd.items()},
+                "head.mlp.0.weight": torch.zeros(2, 2),
+            },
+            "student": {f"module.backbone.{k}": v + 1 for k, v in sd.items()},
+            "epoch": 100,
+        },  # fmt: skip
+        "solo-learn": {
+            "state_dict": {
+                **{f"backbone.{k}": v for k, v in sd.items()},
+                **{f"momentum_backbone.{k}": v + 1 for k, v in sd.items()},
+                "projector.0.weight": torch.zeros(4, 4),
+            }
+        },  # fmt: skip
+    }
+
+
+@pytest.mark.parametrize(
+    "fmt", ["torchvision", "mocov2", "mocov3", "dino", "solo-learn", "safetensors", "export"]
+)
+def test_common_checkpoint_formats_load_the_same_weights(tmp_path, fmt):
+    torch.manual_seed(0)
+    reference = build_backbone("resnet18").eval()
+    sd = reference.state_dict()
+    path = tmp_path / f"{fmt}.pt"
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        path = tmp_path / "backbone.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    elif fmt == "export":
+        run, method = _fake_run(tmp_path)
+        path = tmp_path / "exported.safetensors"
+        export_backbone(run, path)
+        reference = method.backbone.eval()
+        sd = reference.state_dict()
+    else:
+        torch.save(_formats(sd)[fmt], path)
+    loaded = load_backbone(str(path)).eval()
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+
+def test_a_checkpoint_without_a_resnet_trunk_is_a_clear_error(tmp_path):
+    torch.save({"state_dict": {"encoder.layer.0.weight": torch.zeros(2)}}, tmp_path / "vit.pt")
+    with pytest.raises(CheckpointError, match="vit.pt: no ResNet trunk found"):
+        load_backbone(str(tmp_path / "vit.pt"))
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="bad.safetensors: not a loadable safetensors file"):
+        load_backbone(str(tmp_path / "bad.safetensors"))

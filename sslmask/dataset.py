@@ -16,6 +16,7 @@ ASCII integers, metadata is JSON.
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -125,6 +126,76 @@ def index_any(spec: Sequence[str], require_masks: bool = False) -> Records:
                 raise ShardError(f"{path}: an image folder has no masks; this method needs maskgen shards")
             return index_folder(path)
     return index_shards(spec, require_masks)
+
+
+def _signature(files: Sequence[str]) -> list[list]:
+    """What the index depends on: each file's path, size and modification time."""
+    out = []
+    for f in files:
+        st = os.stat(f)
+        out.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def save_index(records: Records, path: Path) -> None:
+    """Write the index as plain arrays (no pickle), atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(
+            f,
+            signature=np.asarray([json.dumps(_signature(records.files))]),
+            files=np.asarray(records.files),
+            image=records.image,
+            mask=records.mask if records.mask is not None else np.zeros((0, 3), np.int64),
+            labels=records.labels,
+            names=np.asarray(records.names),
+        )
+    os.replace(tmp, path)
+
+
+def load_index(path: Path) -> Records | None:
+    """The cached index at ``path`` if it still describes the same files, else None."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            files = [str(f) for f in z["files"]]
+            if json.loads(str(z["signature"][0])) != _signature(files):
+                return None
+            mask = z["mask"] if len(z["mask"]) else None
+            return Records(files, z["image"], mask, z["labels"], [str(n) for n in z["names"]])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def index_cached(spec: Sequence[str], require_masks: bool, cache: Path) -> Records:
+    """:func:`index_any`, reusing ``cache`` when it was made from the same, unchanged files.
+
+    Reading every tar header (and every label) of ImageNet takes minutes; a resumed run, and
+    every process of a distributed one, reads the cache instead.
+    """
+    records = load_index(cache) if cache.exists() else None
+    if records is not None:
+        wanted = index_sources(spec)
+        if wanted is not None and [str(Path(f).resolve()) for f in wanted] == [
+            str(Path(f).resolve()) for f in records.files
+        ]:
+            if require_masks and records.mask is None:
+                raise ShardError(
+                    f"{records.files[0]}: these shards have no mask.png; this method needs masks"
+                )
+            return records
+    records = index_any(spec, require_masks)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    save_index(records, cache)
+    return records
+
+
+def index_sources(spec: Sequence[str]) -> list[str] | None:
+    """The shard files ``spec`` names (None for an image folder, which has no cheap listing)."""
+    if len(spec) == 1 and Path(spec[0]).is_dir():
+        path = Path(spec[0])
+        if not (path / "shards").is_dir() and not any(path.glob("*.tar")):
+            return None
+    return resolve_shards(spec)
 
 
 class FileReader:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from sslmask import distributed as D
 from sslmask.checkpoint import CheckpointError, load_file, run_checkpoint_path, save_atomic
 from sslmask.config import ConfigError, diff
-from sslmask.dataset import EpochBatchSampler, Records, ViewsDataset, index_any, steps_per_epoch
+from sslmask.dataset import EpochBatchSampler, Records, ViewsDataset, index_cached, steps_per_epoch
 from sslmask.eval.features import extract_features
 from sslmask.eval.knn import knn_eval
 from sslmask.methods import METHODS, build_method
@@ -33,6 +33,7 @@ from sslmask.transforms import byol_views, normalize
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "log.jsonl"
 TB_DIR = "tb"
+INDEX_CACHE = "shard-index.npz"
 
 
 class TrainingError(Exception):
@@ -95,7 +96,8 @@ def _prepare_run_dir(run: Path, cfg: dict[str, Any], resume: bool, info: D.DistI
         if info.main:
             _truncate_log(run / LOG_FILE, int(ckpt["step"]))
         return ckpt
-    if not resume and (ckpt_path.exists() or saved_cfg.exists()):
+    # only rank 0 judges the folder: the others would race with the config it writes
+    if not resume and info.main and (ckpt_path.exists() or saved_cfg.exists()):
         raise TrainingError(f"{run}: already holds a run; use --resume auto or another --out")
     if info.main:
         run.mkdir(parents=True, exist_ok=True)
@@ -165,7 +167,12 @@ def train(shards: list[str], cfg: dict[str, Any], run: str | Path, resume: bool 
         raise ConfigError(f"train.amp must be bf16, fp16 or none, got {t_cfg['amp']!r}")
     if t_cfg["sync_bn"] and info.world_size > 1 and info.device.type != "cuda":
         raise ConfigError("train.sync_bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel)")
-    records = index_any(shards, require_masks=METHODS[cfg["method"]].needs_masks)
+    needs_masks = METHODS[cfg["method"]].needs_masks
+    if info.main:
+        records = index_cached(shards, needs_masks, run / INDEX_CACHE)
+    D.barrier(info)
+    if not info.main:
+        records = index_cached(shards, needs_masks, run / INDEX_CACHE)  # reads rank 0's cache
     spe = steps_per_epoch(
         len(records), data_cfg["batch_size"], info.world_size, data_cfg["samples_per_epoch"]
     )

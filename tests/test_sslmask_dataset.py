@@ -117,3 +117,30 @@ def test_views_depend_only_on_seed_epoch_and_index(sample_build):
         assert torch.equal(a[k], b[k])
     assert not torch.equal(a["view0"], ds[(3, 5)]["view0"])
     assert a["label"] == records.labels[5] and a["mask0"].shape == (1, 48, 48)
+
+
+def test_index_cache_is_reused_until_a_shard_changes(sample_build, tmp_path, monkeypatch):
+    import os
+
+    import sslmask.dataset as dataset
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for p in sorted((sample_build / "shards").glob("*.tar")):
+        (shards / p.name).write_bytes(p.read_bytes())
+    spec, cache = [str(shards / "*.tar")], tmp_path / "run" / "shard-index.npz"
+    first = dataset.index_cached(spec, True, cache)
+    assert cache.exists()
+
+    def boom(path):
+        raise AssertionError("the cache should have been used")
+
+    monkeypatch.setattr(dataset, "index_tar", boom)
+    again = dataset.index_cached(spec, True, cache)
+    assert again.files == first.files and again.names == first.names
+    assert np.array_equal(again.image, first.image) and np.array_equal(again.labels, first.labels)
+    # a rewritten shard invalidates the cache
+    target = shards / "maskgen-000001.tar"
+    os.utime(target, ns=(0, target.stat().st_mtime_ns + 10**9))
+    with pytest.raises(AssertionError, match="cache should have been used"):
+        dataset.index_cached(spec, True, cache)

@@ -15,6 +15,8 @@ from maskgen.pipeline import BuildError, BuildOptions, run_build
 from maskgen.recipe import RecipeError
 from maskgen.sources import SOURCES, SourceError
 from maskgen.sources.sample import DEFAULT_SAMPLE_SIZE
+from sslmask.data import ShardError
+from sslmask.errors import CheckpointError
 
 # Which source uses which option; anything else given with that source is an error.
 SOURCE_OPTIONS = {
@@ -139,6 +141,7 @@ def cli() -> None:
 @cli.command(epilog="Example: maskgen build --source sample --method center --out out/sample")
 @source_options
 @click.option("--method", type=click.Choice(sorted(METHODS)), required=True, help="Mask method.")
+@click.option("--head", type=str, help="Saliency head file for --method deep (from `maskgen deep fit`).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Method parameter, repeatable (drfi: scorer=forest|heuristic|forest+heuristic, model=FILE, "
                    "levels=harl|multi|drfi15, refine=1, "
@@ -173,7 +176,7 @@ def build(**kw: Any) -> None:
         source=kw["source"],
         source_config=source_config(kw["source"], kw, kw["seed"]),
         method=kw["method"],
-        method_params=parse_params(kw["params"]),
+        method_params={**parse_params(kw["params"]), **({"head": kw["head"]} if kw["head"] else {})},
         out=kw["out"],
         threshold=kw["threshold"],
         fallback=kw["fallback"],
@@ -243,6 +246,57 @@ def drfi_fit(**kw: Any) -> None:
     click.echo(f"maskgen: wrote {kw['out']}: {forest.roots.size} trees, {forest.left.size} nodes, "
                f"{info['n_train_regions']} training regions from {info['images']} images ({labels} labels)",
                err=True)  # fmt: skip
+
+
+@cli.group()
+def deep() -> None:
+    """Deep saliency head: train it on the masks of an earlier build."""
+
+
+@deep.command(
+    "fit",
+    epilog="Example: maskgen deep fit --shards out/in1k-drfi --backbone runs/harl --out head.safetensors",
+)
+@click.option(
+    "--shards",
+    "shards",
+    required=True,
+    multiple=True,
+    help="A build (or shards) whose masks are the teacher.",
+)
+@click.option(
+    "--backbone", required=True, help="sslmask run, checkpoint/state_dict file, or 'random' (with --arch)."
+)
+@click.option(
+    "--arch", help="Backbone architecture when the checkpoint does not say (resnet18, resnet50, ...)."
+)
+@click.option(
+    "--out-stride", type=click.Choice(["32", "16"]), default="32", help="16 dilates the last stage."
+)
+@click.option("--out", required=True, type=str, help="Head file to write (.safetensors).")
+@click.option("--epochs", type=int, default=10)
+@click.option("--batch-size", type=int, default=32)
+@click.option("--short-side", type=int, default=224, help="Training crop size and inference short side.")
+@click.option("--lr", type=float, default=1e-3)
+@click.option(
+    "--finetune", type=click.Choice(["none", "layer4"]), default="none", help="Also train the last stage."
+)
+@click.option("--workers", type=int, default=2, help="DataLoader workers.")
+@click.option("--seed", type=int, default=0)
+def deep_fit(**kw: Any) -> None:
+    """Train the 1x1-conv saliency head (frozen backbone by default) with class-balanced BCE."""
+    from maskgen.methods.deep.fit import fit_head
+
+    try:
+        result = fit_head(list(kw["shards"]), kw["backbone"], kw["out"], arch=kw["arch"],
+                          out_stride=int(kw["out_stride"]), epochs=kw["epochs"], batch_size=kw["batch_size"],
+                          short_side=kw["short_side"], lr=kw["lr"], finetune=kw["finetune"], workers=kw["workers"],
+                          seed=kw["seed"], echo=lambda m: click.echo(m, err=True))  # fmt: skip
+    except ValueError as exc:
+        raise BuildError(str(exc)) from None
+    click.echo(
+        f"maskgen: wrote {kw['out']} (val mIoU vs teacher {result['val_miou_vs_teacher']:.3f})", err=True
+    )
 
 
 @cli.command("pipeline", epilog="Example: maskgen pipeline pipelines/demo.yaml --var out=/tmp/out")
@@ -324,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         where = ctx.command_path if ctx is not None else prog
         click.echo(f"{where}: error: {exc.format_message()}", err=True)
         return exc.exit_code
-    except (BuildError, SourceError, ModelError, RecipeError) as exc:
+    except (BuildError, SourceError, ModelError, RecipeError, ShardError, CheckpointError) as exc:
         click.echo(f"{prog}: error: {exc}", err=True)
         return 1
     except KeyboardInterrupt:

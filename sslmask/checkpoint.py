@@ -17,13 +17,12 @@ from typing import Any
 import torch
 
 from sslmask.backbones import ARCHS, ResNetTrunk, build_backbone
+from sslmask.errors import CheckpointError
+
+__all__ = ["CheckpointError", "backbone_state", "infer_arch", "load_backbone", "load_file", "save_atomic"]
 
 CHECKPOINT = "checkpoint.pt"
 BACKBONE_PREFIX = "backbone."
-
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing, unreadable or does not fit the backbone."""
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:

@@ -6,11 +6,13 @@ from typing import Any
 
 from maskgen.methods.base import Resources, SaliencyMethod
 from maskgen.methods.center import CenterPrior
+from maskgen.methods.deep import DeepSaliency
 from maskgen.methods.drfi import DRFI
 
 METHODS: dict[str, type[SaliencyMethod]] = {
     CenterPrior.name: CenterPrior,
     DRFI.name: DRFI,
+    DeepSaliency.name: DeepSaliency,
 }
 
 

@@ -1,0 +1,110 @@
+"""The saliency network (HARL §3.2 C.2): a ResNet trunk, a 1x1 convolution without bias
+predicting foregroundness on the last feature map, sigmoid, bilinear upsampling.
+
+A head file is self-contained safetensors: the trunk's and the head's tensors plus metadata
+(architecture, output stride, preprocessing, what it was trained on), so ``--method deep
+--head FILE`` needs nothing else, and loading it executes no code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from sslmask.backbones import ResNetTrunk, build_backbone
+from sslmask.transforms import normalize
+
+HEAD_FORMAT = "maskgen-deep-head/1"
+
+
+class HeadFileError(Exception):
+    """A head file that is missing, malformed or does not fit its recorded backbone."""
+
+
+class SaliencyNet(nn.Module):
+    def __init__(self, backbone: ResNetTrunk):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Conv2d(backbone.num_features, 1, kernel_size=1, bias=False)
+        nn.init.normal_(self.head.weight, std=0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised N x 3 x H x W -> foreground logits on the feature grid, N x 1 x h x w."""
+        return self.head(self.backbone(x))
+
+
+def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
+    """Keep the aspect ratio; the shorter side becomes ``short_side`` (bilinear)."""
+    h, w = image.shape[:2]
+    scale = short_side / min(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+
+
+@torch.no_grad()
+def predict_maps(
+    net: SaliencyNet, images: list[np.ndarray], short_side: int, device: str = "cpu"
+) -> list[np.ndarray]:
+    """Soft maps in [0, 1] at each image's own size (images of one call may differ in size)."""
+    net.eval()
+    out = []
+    for image in images:
+        small = resize_short_side(image, short_side)
+        x = normalize(torch.from_numpy(small).permute(2, 0, 1)[None].to(device))
+        logits = net(x)
+        prob = torch.sigmoid(
+            F.interpolate(logits, size=image.shape[:2], mode="bilinear", align_corners=False)
+        )
+        out.append(prob[0, 0].float().cpu().numpy())
+    return out
+
+
+def save_head(net: SaliencyNet, path: str | Path, meta: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"backbone.{k}": v.contiguous() for k, v in net.backbone.state_dict().items()}
+    tensors["head.weight"] = net.head.weight.detach().contiguous()
+    metadata = {"format": HEAD_FORMAT, **{k: json.dumps(v) for k, v in meta.items()}}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def load_head(path: str | Path) -> tuple[SaliencyNet, dict[str, Any]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no items())
+    except FileNotFoundError:
+        raise HeadFileError(f"{path}: no such head file") from None
+    except (SafetensorError, OSError) as exc:
+        raise HeadFileError(f"{path}: not a safetensors head file ({exc})") from None
+    if raw.get("format") != HEAD_FORMAT:
+        raise HeadFileError(f"{path}: not a maskgen deep head (format {raw.get('format')!r})")
+    try:
+        meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
+        net = SaliencyNet(build_backbone(meta["arch"], meta["out_stride"]))
+    except (KeyError, ValueError) as exc:
+        raise HeadFileError(f"{path}: bad head metadata ({exc})") from None
+    trunk = {k[len("backbone.") :]: v for k, v in tensors.items() if k.startswith("backbone.")}
+    result = net.backbone.load_state_dict(trunk, strict=False)
+    if result.missing_keys or result.unexpected_keys or "head.weight" not in tensors:
+        raise HeadFileError(
+            f"{path}: tensors do not fit {meta['arch']} (missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]})"
+        )
+    if tensors["head.weight"].shape != net.head.weight.shape:
+        raise HeadFileError(f"{path}: head.weight has shape {tuple(tensors['head.weight'].shape)}")
+    with torch.no_grad():
+        net.head.weight.copy_(tensors["head.weight"])
+    return net.eval(), meta

@@ -1,0 +1,109 @@
+"""--method deep: the head's prediction, the head file, fit -> save -> build."""
+
+from __future__ import annotations
+
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from maskgen.cli import main
+from maskgen.methods.deep.fit import balanced_bce
+from maskgen.methods.deep.model import HeadFileError, SaliencyNet, load_head, predict_maps, save_head
+from sslmask.backbones import build_backbone
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    net = SaliencyNet(build_backbone("resnet_tiny", 16))
+    with torch.no_grad():
+        net.head.weight.normal_(0, 0.1)
+    return net.eval()
+
+
+def test_prediction_matches_a_manual_forward():
+    net = _net()
+    image = np.random.default_rng(0).integers(0, 256, (50, 80, 3), dtype=np.uint8)
+    got = predict_maps(net, [image], short_side=40)[0]
+    # by hand: resize the short side to 40 (80x50 -> 64x40), normalise, trunk, 1x1 conv as a
+    # weighted channel sum, sigmoid, bilinear back to 50x80
+    small = np.asarray(Image.fromarray(image).resize((64, 40), Image.BILINEAR)).astype(np.float32) / 255
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    x = torch.from_numpy(((small - mean) / std).astype(np.float32)).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        feats = net.backbone(x)[0]
+        logits = (feats * net.head.weight[0, :, 0, 0][:, None, None]).sum(0)
+        prob = torch.sigmoid(
+            F.interpolate(logits[None, None], size=(50, 80), mode="bilinear", align_corners=False)
+        )
+    assert got.shape == (50, 80) and got.dtype == np.float32
+    np.testing.assert_allclose(got, prob[0, 0].numpy(), atol=1e-5)
+
+
+def test_head_file_round_trip_and_errors(tmp_path):
+    net = _net()
+    save_head(net, tmp_path / "h.safetensors", {"arch": "resnet_tiny", "out_stride": 16, "short_side": 48})
+    loaded, meta = load_head(tmp_path / "h.safetensors")
+    assert meta == {"arch": "resnet_tiny", "out_stride": 16, "short_side": 48}
+    x = torch.randn(1, 3, 48, 48)
+    torch.testing.assert_close(loaded(x), net(x))
+    (tmp_path / "bad.safetensors").write_bytes(b"junk")
+    with pytest.raises(HeadFileError, match="bad.safetensors: not a safetensors head file"):
+        load_head(tmp_path / "bad.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(HeadFileError, match="not a maskgen deep head"):
+        load_head(tmp_path / "other.safetensors")
+
+
+def test_balanced_bce_weights_each_class_by_the_others_share():
+    logits = torch.tensor([[0.3, -1.0, 2.0, 0.5]])
+    target = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    # positives weigh 3/4, negatives 1/4 (the positive share): a slow sum over pixels
+    w = [0.75, 0.25, 0.25, 0.25]
+    terms = [-(t * np.log(1 / (1 + np.exp(-z))) + (1 - t) * np.log(1 - 1 / (1 + np.exp(-z))))
+             for z, t in zip(logits[0].tolist(), target[0].tolist(), strict=True)]  # fmt: skip
+    expected = sum(wi * ti for wi, ti in zip(w, terms, strict=True)) / sum(w)
+    assert float(balanced_bce(logits, target)) == pytest.approx(expected, rel=1e-5)
+
+
+def _members(path):
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def test_fit_save_build_round_trip_is_deterministic(sample_build, tmp_path, capsys):
+    head = tmp_path / "head.safetensors"
+    assert main(["deep", "fit", "--shards", str(sample_build), "--backbone", "random", "--arch", "resnet_tiny",
+                 "--out", str(head), "--epochs", "2", "--short-side", "48", "--batch-size", "8",
+                 "--workers", "0"]) == 0  # fmt: skip
+    assert "val mIoU vs teacher" in capsys.readouterr().err
+    _, meta = load_head(head)
+    assert meta["epoch"] == 2 and meta["short_side"] == 48 and meta["samples"] == 38
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert main(["build", "--source", "sample", "--sample-size", "6", "--no-photos", "--method", "deep",
+                     "--head", str(head), "--out", str(out), "--executor", "local", "--no-progress"]) == 0  # fmt: skip
+        outs.append(out / "shards" / "maskgen-000000.tar")
+    a, b = _members(outs[0]), _members(outs[1])
+    assert a == b  # byte-identical samples on CPU
+    assert {n.split(".", 1)[1] for n in a} == {"jpg", "mask.png", "cls", "json"}
+    import json
+
+    meta0 = json.loads(a["scenes__000000.json"])
+    assert meta0["method"] == "deep" and meta0["method_params"]["arch"] == "resnet_tiny"
+
+
+def test_deep_without_a_usable_head_is_a_one_line_error(tmp_path, capsys):
+    assert main(["build", "--method", "deep", "--out", str(tmp_path / "o"), "--executor", "local"]) != 0
+    assert "needs --head FILE" in capsys.readouterr().err
+    (tmp_path / "h.safetensors").write_bytes(b"junk")
+    assert main(["build", "--method", "deep", "--head", str(tmp_path / "h.safetensors"), "--out",
+                 str(tmp_path / "o2"), "--executor", "local"]) != 0  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a safetensors head file" in err[0]

@@ -45,7 +45,7 @@ def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
     h, w = image.shape[:2]
     scale = short_side / min(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    return np.array(Image.fromarray(image).resize(size, Image.BILINEAR))  # writable, for torch.from_numpy
 
 
 @torch.no_grad()

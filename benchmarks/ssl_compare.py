@@ -16,22 +16,15 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import torch
-
-from sslmask.checkpoint import load_backbone
 from sslmask.config import load_config
-from sslmask.dataset import index_any
 from sslmask.engine import train
-from sslmask.eval.features import extract_features
+from sslmask.eval.features import labelled_features
 from sslmask.eval.knn import knn_eval
 from sslmask.eval.linear import linear_probe
 
 
 def evaluate(checkpoint: str, arch: str, train_spec, val_spec, size: int, seed: int) -> dict[str, float]:
-    torch.manual_seed(seed)
-    backbone = load_backbone(checkpoint, arch)
-    ftr, ytr = extract_features(backbone, index_any(train_spec), size, workers=2)
-    fva, yva = extract_features(backbone, index_any(val_spec), size, workers=2)
+    ftr, ytr, fva, yva = labelled_features(checkpoint, arch, train_spec, val_spec, size, seed=seed)
     knn = knn_eval(ftr, ytr, fva, yva, ks=(20,))["k=20"]["top1"]
     lin = linear_probe(ftr, ytr, fva, yva)["top1"]
     return {"knn20": knn, "linear": lin}

@@ -25,13 +25,26 @@ CHECKPOINT = "checkpoint.pt"
 BACKBONE_PREFIX = "backbone."
 
 
-def save_atomic(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+def save_atomic(
+    obj: Any, path: str | Path, metadata: dict[str, str] | None = None, safetensors: bool | None = None
+) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    Safetensors (``safetensors=True``, or by default for ``.safetensors`` paths) takes a dict
+    of tensors and optional string ``metadata``; otherwise ``torch.save`` writes ``obj``.
+    """
     path = Path(path)
+    if safetensors is None:
+        safetensors = path.suffix == ".safetensors"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            if safetensors:
+                from safetensors.torch import save
+
+                f.write(save(obj, metadata=metadata))
+            else:
+                torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

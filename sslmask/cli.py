@@ -74,24 +74,9 @@ def train(shards, method, run, config_file, overrides, resume, seed, determinist
 def _features(
     checkpoint: str, arch: str | None, train_spec, val_spec, image_size: int, batch_size: int, workers: int
 ):
-    """``(train_feats, train_labels, val_feats, val_labels)`` from one frozen backbone."""
-    import torch
+    from sslmask.eval.features import labelled_features
 
-    from sslmask.checkpoint import load_backbone
-    from sslmask.dataset import index_any
-    from sslmask.eval.features import extract_features
-
-    torch.manual_seed(0)  # the random-init baseline is reproducible
-    backbone = load_backbone(checkpoint, arch)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    backbone = backbone.to(device)
-    out = []
-    for spec in (train_spec, val_spec):
-        records = index_any(list(spec))
-        if not records.labelled:
-            raise ShardError(f"{spec[0]}: some samples have no class label; evaluation needs labels")
-        out.extend(extract_features(backbone, records, image_size, batch_size, workers, device))
-    return tuple(out)
+    return labelled_features(checkpoint, arch, train_spec, val_spec, image_size, batch_size, workers)
 
 
 def _report(kind: str, checkpoint: str, ytr, yva, out_file: str | None, **fields) -> None:

@@ -117,15 +117,23 @@ def index_folder(root: str | Path) -> Records:
     return Records(files, image.astype(np.int64), None, np.asarray(labels), [Path(f).name for f in files])
 
 
-def index_any(spec: Sequence[str], require_masks: bool = False) -> Records:
-    """Shards, or (one path to a folder of class folders without maskgen shards) an image folder."""
+def _image_folder(spec: Sequence[str]) -> Path | None:
+    """The folder when ``spec`` is one folder of class folders (no maskgen build, no tars)."""
     if len(spec) == 1 and Path(spec[0]).is_dir():
         path = Path(spec[0])
         if not (path / "shards").is_dir() and not any(path.glob("*.tar")):
-            if require_masks:
-                raise ShardError(f"{path}: an image folder has no masks; this method needs maskgen shards")
-            return index_folder(path)
-    return index_shards(spec, require_masks)
+            return path
+    return None
+
+
+def index_any(spec: Sequence[str], require_masks: bool = False) -> Records:
+    """Shards, or (one path to a folder of class folders without maskgen shards) an image folder."""
+    folder = _image_folder(spec)
+    if folder is None:
+        return index_shards(spec, require_masks)
+    if require_masks:
+        raise ShardError(f"{folder}: an image folder has no masks; this method needs maskgen shards")
+    return index_folder(folder)
 
 
 def _signature(files: Sequence[str]) -> list[list]:
@@ -174,7 +182,7 @@ def index_cached(spec: Sequence[str], require_masks: bool, cache: Path) -> Recor
     """
     records = load_index(cache) if cache.exists() else None
     if records is not None:
-        wanted = index_sources(spec)
+        wanted = None if _image_folder(spec) else resolve_shards(spec)
         if wanted is not None and [str(Path(f).resolve()) for f in wanted] == [
             str(Path(f).resolve()) for f in records.files
         ]:
@@ -187,15 +195,6 @@ def index_cached(spec: Sequence[str], require_masks: bool, cache: Path) -> Recor
     cache.parent.mkdir(parents=True, exist_ok=True)
     save_index(records, cache)
     return records
-
-
-def index_sources(spec: Sequence[str]) -> list[str] | None:
-    """The shard files ``spec`` names (None for an image folder, which has no cheap listing)."""
-    if len(spec) == 1 and Path(spec[0]).is_dir():
-        path = Path(spec[0])
-        if not (path / "shards").is_dir() and not any(path.glob("*.tar")):
-            return None
-    return resolve_shards(spec)
 
 
 class FileReader:
@@ -241,6 +240,7 @@ class ViewsDataset(Dataset):
     def __init__(self, records: Records, views: Sequence[ViewSpec], seed: int):
         self.records = records
         self.views = list(views)
+        self.recrops = any(v.min_fg > 0 for v in self.views)  # only then is the summed-area table used
         self.seed = int(seed)
         self.reader = FileReader(records.files)
 
@@ -258,7 +258,7 @@ class ViewsDataset(Dataset):
             if mask.size != image.size:
                 raise ShardError(f"{name}: mask size {mask.size} differs from image size {image.size}")
             mask = mask.point(lambda v: 255 if v > 127 else 0)
-            integral = mask_integral(np.asarray(mask) > 0)
+            integral = mask_integral(np.asarray(mask) > 0) if self.recrops else None
         else:  # image-only set: no mask to resample, every view is all foreground
             mask, integral = None, None
         g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
@@ -294,10 +294,8 @@ class EvalDataset(Dataset):
 
 def epoch_order(n: int, length: int, seed: int, epoch: int) -> np.ndarray:
     """``length`` sample indices for one epoch: whole shuffled passes over ``n``, then a part."""
-    parts, rep = [], 0
-    while sum(len(p) for p in parts) < length:
-        parts.append(np.random.default_rng([seed, epoch, rep]).permutation(n))
-        rep += 1
+    passes = max(1, -(-length // n))
+    parts = [np.random.default_rng([seed, epoch, rep]).permutation(n) for rep in range(passes)]
     return np.concatenate(parts)[:length]
 
 
@@ -321,8 +319,7 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     ):
         self.n, self.batch_size, self.epoch, self.seed = n, batch_size, epoch, seed
         self.world_size, self.rank, self.start = world_size, rank, start
-        self.samples_per_epoch = samples_per_epoch or n
-        self.steps = self.samples_per_epoch // (batch_size * world_size)
+        self.steps = steps_per_epoch(n, batch_size, world_size, samples_per_epoch)
 
     def __len__(self) -> int:
         return max(0, self.steps - self.start)

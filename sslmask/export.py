@@ -21,14 +21,7 @@ def export_backbone(run: str | Path, out: str | Path) -> dict[str, int]:
     state = {k: v.contiguous() for k, v in backbone_state(ckpt).items()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        tmp = out.with_name(f".{out.name}.tmp")
-        save_file(state, str(tmp))
-        tmp.replace(out)
-    else:
-        save_atomic(state, out)
+    save_atomic(state, out)
     return {
         "tensors": len(state),
         "parameters": sum(v.numel() for v in state.values()),

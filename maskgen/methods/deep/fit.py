@@ -10,7 +10,6 @@ held-out tenth of the build. The head file is rewritten after every epoch.
 
 from __future__ import annotations
 
-import io
 import math
 import sys
 from collections.abc import Callable
@@ -20,12 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from maskgen.methods.deep.model import SaliencyNet, predict_maps, save_head
+from maskgen.metrics import iou
+from maskgen.shard_format import decode_mask_png
 from sslmask.checkpoint import infer_arch, load_backbone
-from sslmask.dataset import FileReader, ViewsDataset, decode_rgb, index_shards
+from sslmask.dataset import ViewsDataset, decode_rgb, index_shards
 from sslmask.transforms import ViewSpec, normalize
 
 FINETUNE = ("none", "layer4")
@@ -41,15 +41,12 @@ def balanced_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def _val_miou(
     net: SaliencyNet, dataset: ViewsDataset, indices: list[int], short_side: int, device: str
 ) -> float:
-    reader, rec = FileReader(dataset.records.files), dataset.records
+    reader, rec = dataset.reader, dataset.records
     ious = []
     for i in indices:
         image = np.asarray(decode_rgb(reader.read(*rec.image[i]), rec.names[i]))
-        with Image.open(io.BytesIO(reader.read(*rec.mask[i]))) as im:
-            mask = np.asarray(im.convert("L")) > 127
-        pred = predict_maps(net, [image], short_side, device)[0] > 0.5
-        union = (pred | mask).sum()
-        ious.append(1.0 if union == 0 else float((pred & mask).sum() / union))
+        mask = decode_mask_png(reader.read(*rec.mask[i]))
+        ious.append(iou(predict_maps(net, [image], short_side, device)[0] > 0.5, mask))
     return float(np.mean(ious)) if ious else float("nan")
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 from torch import nn
 
 from sslmask.backbones import ResNetTrunk, build_backbone
+from sslmask.checkpoint import save_atomic
 from sslmask.transforms import normalize
 
 HEAD_FORMAT = "maskgen-deep-head/1"
@@ -67,15 +68,10 @@ def predict_maps(
 
 
 def save_head(net: SaliencyNet, path: str | Path, meta: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
     tensors = {f"backbone.{k}": v.contiguous() for k, v in net.backbone.state_dict().items()}
     tensors["head.weight"] = net.head.weight.detach().contiguous()
     metadata = {"format": HEAD_FORMAT, **{k: json.dumps(v) for k, v in meta.items()}}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    save_atomic(tensors, path, metadata, safetensors=True)  # whatever the file is called
 
 
 def load_head(path: str | Path) -> tuple[SaliencyNet, dict[str, Any]]:

@@ -12,8 +12,8 @@ from skimage.draw import polygon as draw_polygon
 
 from maskgen.sources import SourceError, make_source
 from maskgen.sources.coco import union_mask
-from maskgen.sources.sample import CLASS_NAMES, PHOTOS
-from maskgen.sources.synthetic import SHAPES, render_scene, scene_label
+from maskgen.sources.sample import PHOTOS
+from maskgen.sources.synthetic import APPEARANCES, SHAPES, render_scene, scene_classes
 
 
 def put(path, data: bytes):
@@ -24,33 +24,41 @@ def put(path, data: bytes):
 # ----------------------------------------------------------------------------- sample
 
 
-def test_sample_is_deterministic_and_labelled():
-    src = make_source("sample", {"sample_size": 5, "seed": 3})
+@pytest.mark.parametrize("labels, names", [("appearance", APPEARANCES), ("shape", SHAPES)])
+def test_sample_is_deterministic_and_labelled(labels, names):
+    src = make_source("sample", {"sample_size": 5, "seed": 3, "labels": labels})
     items = src.list_items()
     assert [it.path for it in items] == sorted(it.path for it in items)
     assert len(items) == len(PHOTOS) + 5
     synth = [it for it in items if it.path.startswith("scenes/")]
     for it in synth:
-        rgb, mask, label = render_scene(3, it.gt)
-        assert it.label == label == scene_label(3, it.gt)
+        rgb, mask, classes = render_scene(3, it.gt)
+        assert it.label == getattr(classes, labels)
         np.testing.assert_array_equal(src.ground_truth(it), mask)
         assert src.read(it) == src.read(it)
     photo = items[-1]
-    assert photo.label == CLASS_NAMES.index("photo") and src.ground_truth(photo) is None
+    assert photo.label == len(names) and src.ground_truth(photo) is None
     assert src.read(photo)[:4] in (b"\x89PNG", b"\xff\xd8\xff\xe0", b"\xff\xd8\xff\xe1")
-    assert src.class_names == [*SHAPES, "photo"]
+    assert src.class_names == [*names, "photo"]
+
+
+def test_sample_rejects_an_unknown_labelling():
+    with pytest.raises(SourceError, match="--sample-labels"):
+        make_source("sample", {"sample_size": 5, "labels": "colour"})
 
 
 def test_synthetic_scenes_have_sane_masks_and_cover_every_class():
-    labels = set()
+    seen = set()
     border_touching = 0
     for i in range(60):
-        rgb, mask, label = render_scene(0, i)
+        rgb, mask, classes = render_scene(0, i)
         assert rgb.dtype == np.uint8 and rgb.shape[:2] == mask.shape
         assert 0.03 <= mask.mean() <= 0.6
-        labels.add(label)
+        assert scene_classes(0, i) == classes  # the cheap listing draws what the render draws
+        seen.add(classes)
         border_touching += bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
-    assert labels == set(range(len(SHAPES)))
+    assert {c.shape for c in seen} == set(range(len(SHAPES)))
+    assert {c.appearance for c in seen} == set(range(len(APPEARANCES)))
     assert 4 <= border_touching <= 30  # about a fifth are cut by the border
     assert not np.array_equal(render_scene(0, 1)[0], render_scene(1, 1)[0])
 

@@ -1,9 +1,13 @@
 """The embedded sample source: works offline on a fresh install.
 
-Two parts: ``sample_size`` synthetic scenes with exact masks and shape-class labels
+Two parts: ``sample_size`` synthetic scenes with exact masks and class labels
 (``maskgen.sources.synthetic``, paths ``scenes/NNNNNN.jpg``), then the natural photos
 scikit-image ships (``skimage/NAME``, original bytes, no ground truth). The photos get the
 label of an extra class ``photo`` so every sample of the set carries the same fields.
+
+A scene's label is its object's surface appearance (5 kinds, the default) or its silhouette
+(6 shapes). Appearance is what a small network learns in a CPU demo while the textured
+background distracts it; shape needs far more compute (README, "Training").
 Scenes sort first so that the Hugging Face loader, which infers the json schema from the
 first five samples, sees a numeric ``iou`` there.
 """
@@ -19,7 +23,7 @@ from PIL import Image
 
 from maskgen.shard_format import JPEG_QUALITY
 from maskgen.sources.base import ItemRef, Source, SourceError, read_file
-from maskgen.sources.synthetic import SHAPES, render_scene, scene_label, skimage_data_dir
+from maskgen.sources.synthetic import APPEARANCES, SHAPES, render_scene, scene_classes, skimage_data_dir
 
 PHOTOS = (
     "astronaut.png",
@@ -35,36 +39,56 @@ PHOTOS = (
     "retina.jpg",
     "rocket.jpg",
 )
-CLASS_NAMES = [*SHAPES, "photo"]
+LABELINGS = {"appearance": APPEARANCES, "shape": SHAPES}
+DEFAULT_LABELS = "appearance"
 DEFAULT_SAMPLE_SIZE = 200
+
+
+def class_names(labels: str = DEFAULT_LABELS) -> list[str]:
+    """The class names of a labelling: its scene classes, then ``photo``."""
+    return [*LABELINGS[labels], "photo"]
 
 
 class SampleSource(Source):
     name = "sample"
 
-    def __init__(self, sample_size: int = DEFAULT_SAMPLE_SIZE, seed: int = 0, photos: bool = True):
+    def __init__(
+        self,
+        sample_size: int = DEFAULT_SAMPLE_SIZE,
+        seed: int = 0,
+        photos: bool = True,
+        labels: str = DEFAULT_LABELS,
+    ):
         if sample_size < 0:
             raise SourceError(f"--sample-size must be >= 0, got {sample_size}")
+        if labels not in LABELINGS:
+            raise SourceError(f"--sample-labels must be one of {sorted(LABELINGS)}, got {labels!r}")
         self.sample_size = int(sample_size)
         self.seed = int(seed)
         self.photos = bool(photos)
+        self.labels = labels
 
     def config(self) -> dict[str, Any]:
-        return {"sample_size": self.sample_size, "seed": self.seed, "photos": self.photos}
+        return {
+            "sample_size": self.sample_size,
+            "seed": self.seed,
+            "photos": self.photos,
+            "labels": self.labels,
+        }
 
     @property
     def class_names(self) -> list[str]:
-        return CLASS_NAMES
+        return class_names(self.labels)
 
     def list_items(self) -> list[ItemRef]:
         items = []
         for i in range(self.sample_size):
-            label = scene_label(self.seed, i)
+            label = getattr(scene_classes(self.seed, i), self.labels)
             items.append(ItemRef(f"scenes__{i:06d}", f"scenes/{i:06d}.jpg", label, gt=i))
         if self.photos:
             for fn in PHOTOS:
                 stem = fn.rsplit(".", 1)[0]
-                items.append(ItemRef(f"skimage__{stem}", f"skimage/{fn}", CLASS_NAMES.index("photo")))
+                items.append(ItemRef(f"skimage__{stem}", f"skimage/{fn}", len(LABELINGS[self.labels])))
         if not items:
             raise SourceError("--source sample: nothing to generate (--sample-size 0 and no photos)")
         return items
@@ -84,5 +108,5 @@ class SampleSource(Source):
 
 
 @functools.lru_cache(maxsize=8)
-def _scene(seed: int, index: int) -> tuple[np.ndarray, np.ndarray, int]:
+def _scene(seed: int, index: int) -> tuple[np.ndarray, np.ndarray, Any]:
     return render_scene(seed, index)

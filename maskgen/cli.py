@@ -14,13 +14,13 @@ from maskgen.methods.drfi.scoring import ModelError
 from maskgen.pipeline import BuildError, BuildOptions, run_build
 from maskgen.recipe import RecipeError
 from maskgen.sources import SOURCES, SourceError
-from maskgen.sources.sample import DEFAULT_SAMPLE_SIZE
+from maskgen.sources.sample import DEFAULT_LABELS, DEFAULT_SAMPLE_SIZE, LABELINGS
 from sslmask.data import ShardError
 from sslmask.errors import CheckpointError
 
 # Which source uses which option; anything else given with that source is an error.
 SOURCE_OPTIONS = {
-    "sample": {"sample_size", "no_photos"},
+    "sample": {"sample_size", "no_photos", "sample_labels"},
     "folder": {"root", "gt", "class_folders"},
     "imagenet": {"root", "gt", "split", "val_labels", "classes"},
     "coco": {"root", "annotations", "categories"},
@@ -28,6 +28,7 @@ SOURCE_OPTIONS = {
 SOURCE_ONLY_OPTIONS = {
     "sample_size",
     "no_photos",
+    "sample_labels",
     "root",
     "gt",
     "class_folders",
@@ -105,6 +106,11 @@ def source_options(f):
             is_flag=True,
             help="Sample source: scenes only, without the 12 scikit-image photos (e.g. a held-out set).",
         ),
+        click.option(
+            "--sample-labels",
+            type=click.Choice(sorted(LABELINGS)),
+            help=f"Sample source: label scenes by the object's appearance or its shape. [default: {DEFAULT_LABELS}]",
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -122,7 +128,8 @@ def source_config(source: str, opts: dict[str, Any], seed: int) -> dict[str, Any
         raise click.UsageError(f"--source {source} needs --root PATH")
     if source == "sample":
         size = opts.get("sample_size") or DEFAULT_SAMPLE_SIZE
-        return {"sample_size": size, "seed": seed, "photos": not opts.get("no_photos")}
+        labels = opts.get("sample_labels") or DEFAULT_LABELS
+        return {"sample_size": size, "seed": seed, "photos": not opts.get("no_photos"), "labels": labels}
     if source == "folder":
         return {"root": opts["root"], "gt": opts.get("gt"), "class_folders": bool(opts.get("class_folders"))}
     if source == "imagenet":
@@ -281,22 +288,21 @@ def deep() -> None:
 @click.option(
     "--finetune", type=click.Choice(["none", "layer4"]), default="none", help="Also train the last stage."
 )
+@click.option("--gt", type=str, help="Ground-truth masks for validation (default: the build's own source's).")
 @click.option("--workers", type=int, default=2, help="DataLoader workers.")
 @click.option("--seed", type=int, default=0)
 def deep_fit(**kw: Any) -> None:
     """Train the 1x1-conv saliency head (frozen backbone by default) with class-balanced BCE."""
-    from maskgen.methods.deep.fit import fit_head
+    from maskgen.methods.deep.fit import describe, fit_head
 
     try:
         result = fit_head(list(kw["shards"]), kw["backbone"], kw["out"], arch=kw["arch"],
                           out_stride=int(kw["out_stride"]), epochs=kw["epochs"], batch_size=kw["batch_size"],
-                          short_side=kw["short_side"], lr=kw["lr"], finetune=kw["finetune"], workers=kw["workers"],
+                          short_side=kw["short_side"], lr=kw["lr"], finetune=kw["finetune"], gt=kw["gt"], workers=kw["workers"],
                           seed=kw["seed"], echo=lambda m: click.echo(m, err=True))  # fmt: skip
     except ValueError as exc:
         raise BuildError(str(exc)) from None
-    click.echo(
-        f"maskgen: wrote {kw['out']} (val mIoU vs teacher {result['val_miou_vs_teacher']:.3f})", err=True
-    )
+    click.echo(f"maskgen: wrote {kw['out']} ({describe(result)})", err=True)
 
 
 @cli.command("pipeline", epilog="Example: maskgen pipeline pipelines/demo.yaml --var out=/tmp/out")
@@ -365,6 +371,9 @@ def publish_cmd(
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and turn every expected failure into one line."""
     prog = "maskgen"
+    from maskgen import pipeline
+
+    pipeline.INVOCATION[:] = sys.argv[1:] if argv is None else list(argv)
     try:
         cli.main(args=argv, prog_name=prog, standalone_mode=False)
         return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tarfile
 
 import numpy as np
@@ -14,6 +15,7 @@ from maskgen.cli import main
 from maskgen.methods.deep.fit import balanced_bce
 from maskgen.methods.deep.model import HeadFileError, SaliencyNet, load_head, predict_maps, save_head
 from sslmask.backbones import build_backbone
+from sslmask.dataset import index_shards
 
 
 def _net(seed=0):
@@ -84,6 +86,20 @@ def test_fit_save_build_round_trip_is_deterministic(sample_build, tmp_path, caps
     assert "val mIoU vs teacher" in capsys.readouterr().err
     _, meta = load_head(head)
     assert meta["epoch"] == 2 and meta["short_side"] == 48 and meta["samples"] == 38
+    # the sample source has ground truth: the teacher's validation mIoU against it is the mean
+    # of the IoUs the build recorded for the same held-out samples (the first tenth of fit's
+    # seeded permutation) that have ground truth
+    records = index_shards([str(sample_build)], require_masks=True)
+    val = np.random.default_rng(0).permutation(len(records))[:4]
+    recorded = {}
+    for tar in sorted((sample_build / "shards").glob("*.tar")):
+        for name, data in _members(tar).items():
+            if name.endswith(".json"):
+                recorded[name[: -len(".json")]] = json.loads(data)["iou"]
+    with_gt = [recorded[records.names[i]] for i in val if recorded[records.names[i]] is not None]
+    assert meta["val_with_gt"] == len(with_gt) > 0  # the photos have none
+    assert meta["teacher_miou_vs_gt"] == pytest.approx(np.mean(with_gt))
+    assert 0.0 <= meta["val_miou_vs_gt"] <= 1.0
     outs = []
     for name in ("a", "b"):
         out = tmp_path / name
@@ -93,8 +109,6 @@ def test_fit_save_build_round_trip_is_deterministic(sample_build, tmp_path, caps
     a, b = _members(outs[0]), _members(outs[1])
     assert a == b  # byte-identical samples on CPU
     assert {n.split(".", 1)[1] for n in a} == {"jpg", "mask.png", "cls", "json"}
-    import json
-
     meta0 = json.loads(a["scenes__000000.json"])
     assert meta0["method"] == "deep" and meta0["method_params"]["arch"] == "resnet_tiny"
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -196,6 +197,16 @@ def _git_commit() -> str | None:
         return None
 
 
+def command_line() -> str:
+    """The command as the user would retype it: ``maskgen ARGS`` whatever launched the process
+    (the console script, ``python -m maskgen.cli`` from a recipe, or ``main(argv)``)."""
+    return shlex.join(["maskgen", *INVOCATION]) if INVOCATION else shlex.join(sys.argv)
+
+
+# set by maskgen.cli.main to the arguments it was given
+INVOCATION: list[str] = []
+
+
 def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -239,7 +250,7 @@ def _manifest(plan: Plan, opts: BuildOptions, old: dict[str, Any] | None) -> dic
         "complete": False,
         "versions": package_versions(),
         "git_commit": _git_commit(),
-        "command": " ".join(sys.argv),
+        "command": command_line(),
         "runs": list((old or {}).get("runs", [])),
     }
 
@@ -316,7 +327,7 @@ def run_build(opts: BuildOptions, stream: TextIO | None = None) -> dict[str, Any
         "images": n_processed,
         "workers": opts.workers,
         "executor": opts.executor if not opts.ray_address else f"ray:{opts.ray_address}",
-        "command": " ".join(sys.argv),
+        "command": command_line(),
     })  # fmt: skip
     if failures:
         write_json(out / MANIFEST, manifest)

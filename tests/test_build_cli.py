@@ -28,6 +28,7 @@ def test_contract_files_and_fields(sample_build):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and manifest["n_shards"] == 3 and manifest["n_samples"] == 42
     assert manifest["versions"]["maskgen"] and manifest["method"] == "center"
+    assert manifest["command"].startswith("maskgen build --source sample --sample-size 30 ")
     index = json.loads((out / "index.json").read_text())
     assert index["__kind__"] == "wids-shard-index-v1"
     assert sum(s["nsamples"] for s in index["shardlist"]) == 42

@@ -45,6 +45,35 @@ def test_prediction_matches_a_manual_forward():
     np.testing.assert_allclose(got, prob[0, 0].numpy(), atol=1e-5)
 
 
+def test_batched_prediction_equals_one_image_at_a_time_and_bf16_stays_close():
+    net = _net()
+    rng = np.random.default_rng(1)
+    # three images that resize to one shape (a batch of 3) and two of other shapes
+    sizes = [(50, 80), (50, 80), (100, 160), (64, 64), (70, 40)]
+    images = [rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for hw in sizes]
+    batched = predict_maps(net, images, short_side=40, max_batch=2)
+    for image, got in zip(images, batched, strict=True):
+        alone = predict_maps(net, [image], short_side=40)[0]
+        assert got.shape == image.shape[:2]
+        np.testing.assert_allclose(got, alone, atol=1e-5)
+    half = predict_maps(net, images, short_side=40, precision="bf16")
+    for a, b in zip(batched, half, strict=True):
+        assert np.abs(a - b).max() < 0.05  # bfloat16 keeps 8 bits of mantissa
+    with pytest.raises(ValueError, match="precision"):
+        predict_maps(net, images, short_side=40, precision="fp8")
+
+
+def test_deep_method_on_cpu_asks_for_no_gpu_and_records_its_precision(tmp_path):
+    from maskgen.methods import make_method
+
+    save_head(_net(), tmp_path / "h.safetensors", {"arch": "resnet_tiny", "out_stride": 16, "short_side": 48})
+    method = make_method("deep", {"head": str(tmp_path / "h.safetensors")})
+    assert method.resources.num_gpus == 0.0 and method.precision == "fp32"
+    assert method.params["precision"] == "auto" and method.params["short_side"] == 48
+    with pytest.raises(ValueError, match="gpu_share"):
+        make_method("deep", {"head": str(tmp_path / "h.safetensors"), "gpu_share": 0})
+
+
 def test_head_file_round_trip_and_errors(tmp_path):
     net = _net()
     save_head(net, tmp_path / "h.safetensors", {"arch": "resnet_tiny", "out_stride": 16, "short_side": 48})

@@ -1,7 +1,10 @@
 """``--method deep --head FILE``: soft maps from a trained saliency head (``maskgen deep fit``).
 
-This runs the network in each build worker, one image at a time at a fixed short side, on
-the GPU when the worker has one. (The batched GPU actor pool of issue 4 is not built yet.)
+Each build worker loads the network once (the method is cached per worker process) and runs
+it batched at a fixed short side. With a GPU, every shard task asks Ray for ``gpu_share`` of
+one (default 0.25), so four worker processes share a GPU and one's decoding and PNG/tar
+writing overlaps the others' forward passes; the network runs in bfloat16 autocast with
+channels_last there (``precision=auto``). On CPU it runs in float32, one thread per worker.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from maskgen.methods.base import SaliencyMethod
+from maskgen.methods.base import Resources, SaliencyMethod
+
+GPU_BATCH, CPU_BATCH = 64, 8
 
 
 def _sha256(path: Path) -> str:
@@ -26,14 +31,24 @@ def _sha256(path: Path) -> str:
 
 class DeepSaliency(SaliencyMethod):
     name = "deep"
-    batch_size = 8
 
-    def __init__(self, head: str | None = None, short_side: int | None = None):
+    def __init__(
+        self,
+        head: str | None = None,
+        short_side: int | None = None,
+        precision: str = "auto",
+        gpu_share: float = 0.25,
+    ):
         if not head:
             raise ValueError("--method deep needs --head FILE (made by `maskgen deep fit`)")
         import torch  # here, not at module level: the other methods' workers never import torch
 
-        from maskgen.methods.deep.model import HeadFileError, load_head
+        from maskgen.methods.deep.model import PRECISIONS, HeadFileError, load_head, prepare_for_device
+
+        if precision not in ("auto", *PRECISIONS):
+            raise ValueError(f"--param precision must be auto, fp32 or bf16, got {precision!r}")
+        if not 0.0 < float(gpu_share) <= 1.0:
+            raise ValueError(f"--param gpu_share must be in (0, 1], got {gpu_share}")
 
         self.head_path = Path(head)
         try:
@@ -42,7 +57,14 @@ class DeepSaliency(SaliencyMethod):
             raise ValueError(str(exc)) from None
         self.short_side = int(short_side or self.meta["short_side"])
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.net.to(self.device)
+        self.net = prepare_for_device(self.net, self.device)
+        self.precision_arg = precision
+        self.precision = precision if precision != "auto" else ("bf16" if self.device == "cuda" else "fp32")
+        self.gpu_share = float(gpu_share)
+        # per instance: the plan (made where the build starts) asks Ray for a GPU share only
+        # when that machine has a GPU
+        self.resources = Resources(num_cpus=1.0, num_gpus=self.gpu_share if self.device == "cuda" else 0.0)
+        self.batch_size = GPU_BATCH if self.device == "cuda" else CPU_BATCH
         self.sha256 = _sha256(self.head_path)
 
     @classmethod
@@ -60,6 +82,7 @@ class DeepSaliency(SaliencyMethod):
             "arch": self.meta["arch"],
             "out_stride": self.meta["out_stride"],
             "short_side": self.short_side,
+            "precision": self.precision_arg,  # as asked: auto is bf16 on a GPU, fp32 on CPU
         }
 
     def predict(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -69,4 +92,4 @@ class DeepSaliency(SaliencyMethod):
 
         if self.device == "cpu":
             torch.set_num_threads(1)  # one thread per build worker, like the other CPU methods
-        return predict_maps(self.net, list(images), self.short_side, self.device)
+        return predict_maps(self.net, list(images), self.short_side, self.device, self.precision)

@@ -289,6 +289,12 @@ def deep() -> None:
     "--finetune", type=click.Choice(["none", "layer4"]), default="none", help="Also train the last stage."
 )
 @click.option("--gt", type=str, help="Ground-truth masks for validation (default: the build's own source's).")
+@click.option(
+    "--rounds",
+    type=int,
+    default=0,
+    help="Self-training rounds: re-label the training images with the student, train again.",
+)
 @click.option("--workers", type=int, default=2, help="DataLoader workers.")
 @click.option("--seed", type=int, default=0)
 def deep_fit(**kw: Any) -> None:
@@ -298,8 +304,8 @@ def deep_fit(**kw: Any) -> None:
     try:
         result = fit_head(list(kw["shards"]), kw["backbone"], kw["out"], arch=kw["arch"],
                           out_stride=int(kw["out_stride"]), epochs=kw["epochs"], batch_size=kw["batch_size"],
-                          short_side=kw["short_side"], lr=kw["lr"], finetune=kw["finetune"], gt=kw["gt"], workers=kw["workers"],
-                          seed=kw["seed"], echo=lambda m: click.echo(m, err=True))  # fmt: skip
+                          short_side=kw["short_side"], lr=kw["lr"], finetune=kw["finetune"], gt=kw["gt"],
+                          rounds=kw["rounds"], workers=kw["workers"], seed=kw["seed"], echo=lambda m: click.echo(m, err=True))  # fmt: skip
     except ValueError as exc:
         raise BuildError(str(exc)) from None
     click.echo(f"maskgen: wrote {kw['out']} ({describe(result)})", err=True)

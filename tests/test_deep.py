@@ -142,6 +142,36 @@ def test_fit_save_build_round_trip_is_deterministic(sample_build, tmp_path, caps
     assert meta0["method"] == "deep" and meta0["method_params"]["arch"] == "resnet_tiny"
 
 
+def test_relabel_writes_the_students_post_processed_masks(sample_build, tmp_path):
+    from maskgen.methods.deep.fit import relabel
+    from maskgen.postprocess import PostprocessConfig, binarize
+    from maskgen.shard_format import decode_mask_png
+    from sslmask.dataset import ViewsDataset, decode_rgb
+    from sslmask.transforms import ViewSpec
+
+    records = index_shards([str(sample_build)], require_masks=True)
+    dataset = ViewsDataset(records, [ViewSpec(size=32)], seed=0)
+    net = _net()
+    new = relabel(net, dataset, [1, 4], short_side=40, device="cpu", path=tmp_path / "m.png")
+    assert new.files[-1] == str(tmp_path / "m.png") and len(new.files) == len(records.files) + 1
+    np.testing.assert_array_equal(new.mask[0], records.mask[0])  # not relabelled: unchanged
+    reader = ViewsDataset(new, [ViewSpec(size=32)], seed=0).reader
+    for i in (1, 4):
+        image = np.asarray(decode_rgb(reader.read(*new.image[i]), "x"))
+        expected = binarize(predict_maps(net, [image], 40)[0], PostprocessConfig()).mask > 0
+        np.testing.assert_array_equal(decode_mask_png(reader.read(*new.mask[i])) > 0, expected)
+
+
+def test_self_training_round_is_recorded_in_the_head(sample_build, tmp_path, capsys):
+    head = tmp_path / "head.safetensors"
+    assert main(["deep", "fit", "--shards", str(sample_build), "--backbone", "random", "--arch", "resnet_tiny",
+                 "--out", str(head), "--epochs", "1", "--rounds", "1", "--short-side", "32",
+                 "--batch-size", "16", "--workers", "0"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "round 0/1 epoch 1/1" in err and "round 1/1 epoch 1/1" in err
+    assert load_head(head)[1]["round"] == 1
+
+
 def test_deep_without_a_usable_head_is_a_one_line_error(tmp_path, capsys):
     assert main(["build", "--method", "deep", "--out", str(tmp_path / "o"), "--executor", "local"]) != 0
     assert "needs --head FILE" in capsys.readouterr().err

@@ -7,8 +7,11 @@ resized crops with flips and colour jitter. The backbone is frozen by default (H
 ``finetune`` also trains its last stage. Validation is on a held-out tenth of the build:
 mIoU against the teacher's masks, and, where ground truth exists (``--gt DIR``, or the
 build's own source, as in ``maskgen eval``), the student's and the teacher's mIoU against it,
-which says whether the student has overtaken its teacher. The head file is rewritten after
-every epoch.
+which says whether the student has overtaken its teacher. ``rounds`` adds self-training:
+the student re-labels the training images (post-processed exactly like a build's masks) and
+trains on its own masks for another ``epochs``, with a fresh cosine schedule; validation stays
+against the original teacher and the ground truth. The head file is rewritten after every
+epoch.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +32,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from maskgen.groundtruth import GroundTruthLookup
+from maskgen.imaging import encode_mask_png
 from maskgen.methods.deep.model import SaliencyNet, predict_maps, save_head
 from maskgen.metrics import iou
+from maskgen.postprocess import PostprocessConfig, binarize
 from maskgen.shard_format import FIELD_META, MANIFEST, decode_mask_png, decode_meta, index_tar
 from maskgen.sources import SourceError
 from sslmask.checkpoint import infer_arch, load_backbone
@@ -112,6 +118,26 @@ def validate(net: SaliencyNet, val: list[_ValSample], short_side: int, device: s
     return out
 
 
+def relabel(
+    net: SaliencyNet, dataset: ViewsDataset, indices: list[int], short_side: int, device: str, path: Path
+) -> Records:
+    """The student's masks for ``indices``, post-processed as in a build, as PNGs in one file at
+    ``path``; returns the dataset's records with those samples' masks pointing there."""
+    rec, reader = dataset.records, dataset.reader
+    assert rec.mask is not None
+    mask = rec.mask.copy()
+    fid = len(rec.files)
+    with open(path, "wb") as f:
+        for start in range(0, len(indices), 16):
+            chunk = indices[start : start + 16]
+            images = [np.asarray(decode_rgb(reader.read(*rec.image[i]), rec.names[i])) for i in chunk]
+            for i, sal in zip(chunk, predict_maps(net, images, short_side, device), strict=True):
+                png = encode_mask_png(binarize(sal, PostprocessConfig()).mask)
+                mask[i] = (fid, f.tell(), len(png))
+                f.write(png)
+    return Records([*rec.files, str(path)], rec.image, mask, rec.labels, rec.names)
+
+
 def fit_head(
     shards: list[str],
     backbone: str,
@@ -125,12 +151,15 @@ def fit_head(
     finetune: str = "none",
     val_fraction: float = 0.1,
     gt: str | None = None,
+    rounds: int = 0,
     workers: int = 2,
     seed: int = 0,
     echo: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
 ) -> dict[str, Any]:
     if finetune not in FINETUNE:
         raise ValueError(f"--finetune must be one of {', '.join(FINETUNE)}, got {finetune!r}")
+    if rounds < 0:
+        raise ValueError(f"--rounds must be >= 0, got {rounds}")
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     records = index_shards(shards, require_masks=True)
@@ -163,38 +192,45 @@ def fit_head(
         "finetune": finetune,
     }
     val = _load_val(dataset, val_idx, _ground_truth_lookup(shards, gt))
-    step = 0
     result: dict[str, Any] = {}
-    for epoch in range(epochs):
-        net.train()
-        net.backbone.eval()  # frozen BN statistics, also when layer4 is fine-tuned
-        perm = np.random.default_rng([seed, epoch]).permutation(train_idx)
-        batches = [
-            [(epoch, int(i)) for i in perm[s : s + batch_size]] for s in range(0, len(perm), batch_size)
-        ]
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers)
-        losses = []
-        for batch in loader:
-            for group in opt.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            x = normalize(batch["view0"].to(device))
-            target = (batch["mask0"].to(device).float() / 255 > 0.5).float()
-            logits = F.interpolate(net(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
-            loss = balanced_bce(logits, target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            step += 1
-        result = {
-            "epoch": epoch + 1,
-            "loss": float(np.mean(losses)),
-            **validate(net, val, short_side, device),
-        }
-        save_head(net, out, {**meta, **result})
-        echo(
-            f"maskgen deep fit: epoch {epoch + 1}/{epochs} loss {result['loss']:.4f} {describe(result)} -> {out}"
-        )
+    with tempfile.TemporaryDirectory(prefix="maskgen-deep-fit-") as tmp:
+        for rnd in range(rounds + 1):
+            if rnd > 0:  # self-training: the student's own masks become the targets
+                relabelled = relabel(
+                    net, dataset, train_idx, short_side, device, Path(tmp) / f"round{rnd}.png"
+                )
+                dataset = ViewsDataset(relabelled, [view], seed)
+            step = 0
+            for epoch in range(epochs):
+                net.train()
+                net.backbone.eval()  # frozen BN statistics, also when layer4 is fine-tuned
+                perm = np.random.default_rng([seed, rnd, epoch]).permutation(train_idx)
+                batches = [
+                    [(epoch, int(i)) for i in perm[s : s + batch_size]]
+                    for s in range(0, len(perm), batch_size)
+                ]
+                losses = []
+                for batch in DataLoader(dataset, batch_sampler=batches, num_workers=workers):
+                    for group in opt.param_groups:
+                        group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                    x = normalize(batch["view0"].to(device))
+                    target = (batch["mask0"].to(device).float() / 255 > 0.5).float()
+                    logits = F.interpolate(net(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+                    loss = balanced_bce(logits, target)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    losses.append(loss.item())
+                    step += 1
+                result = {
+                    "round": rnd,
+                    "epoch": epoch + 1,
+                    "loss": float(np.mean(losses)),
+                    **validate(net, val, short_side, device),
+                }
+                save_head(net, out, {**meta, **result})
+                echo(f"maskgen deep fit: round {rnd}/{rounds} epoch {epoch + 1}/{epochs} "
+                     f"loss {result['loss']:.4f} {describe(result)} -> {out}")  # fmt: skip
     return result
 
 

@@ -288,6 +288,12 @@ def deep() -> None:
 @click.option(
     "--finetune", type=click.Choice(["none", "layer4"]), default="none", help="Also train the last stage."
 )
+@click.option(
+    "--decoder",
+    type=click.Choice(["linear", "aspp"]),
+    default="linear",
+    help="linear: HARL's 1x1 conv; aspp: a small DeepLabv3-style ASPP decoder.",
+)
 @click.option("--gt", type=str, help="Ground-truth masks for validation (default: the build's own source's).")
 @click.option(
     "--rounds",
@@ -305,7 +311,7 @@ def deep_fit(**kw: Any) -> None:
         result = fit_head(list(kw["shards"]), kw["backbone"], kw["out"], arch=kw["arch"],
                           out_stride=int(kw["out_stride"]), epochs=kw["epochs"], batch_size=kw["batch_size"],
                           short_side=kw["short_side"], lr=kw["lr"], finetune=kw["finetune"], gt=kw["gt"],
-                          rounds=kw["rounds"], workers=kw["workers"], seed=kw["seed"], echo=lambda m: click.echo(m, err=True))  # fmt: skip
+                          decoder=kw["decoder"], rounds=kw["rounds"], workers=kw["workers"], seed=kw["seed"], echo=lambda m: click.echo(m, err=True))  # fmt: skip
     except ValueError as exc:
         raise BuildError(str(exc)) from None
     click.echo(f"maskgen: wrote {kw['out']} ({describe(result)})", err=True)

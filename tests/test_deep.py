@@ -78,7 +78,7 @@ def test_head_file_round_trip_and_errors(tmp_path):
     net = _net()
     save_head(net, tmp_path / "h.safetensors", {"arch": "resnet_tiny", "out_stride": 16, "short_side": 48})
     loaded, meta = load_head(tmp_path / "h.safetensors")
-    assert meta == {"arch": "resnet_tiny", "out_stride": 16, "short_side": 48}
+    assert meta == {"arch": "resnet_tiny", "out_stride": 16, "short_side": 48, "decoder": "linear"}
     x = torch.randn(1, 3, 48, 48)
     torch.testing.assert_close(loaded(x), net(x))
     (tmp_path / "bad.safetensors").write_bytes(b"junk")
@@ -89,6 +89,39 @@ def test_head_file_round_trip_and_errors(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(HeadFileError, match="not a maskgen deep head"):
         load_head(tmp_path / "other.safetensors")
+
+
+@pytest.mark.parametrize("out_stride", [16, 32])
+def test_aspp_head_round_trips_and_its_rates_follow_the_stride(tmp_path, out_stride):
+    torch.manual_seed(0)
+    net = SaliencyNet(build_backbone("resnet_tiny", out_stride), decoder="aspp").eval()
+    rates = [b[0].dilation[0] for b in net.head.branches]
+    assert rates == ([1, 6, 12, 18] if out_stride == 16 else [1, 3, 6, 9])
+    x = torch.randn(2, 3, 64, 96)
+    assert net(x).shape == (2, 1, 64 // out_stride, 96 // out_stride)
+    path = tmp_path / "aspp.safetensors"
+    save_head(net, path, {"arch": "resnet_tiny", "out_stride": out_stride, "short_side": 64})
+    loaded, meta = load_head(path)
+    assert meta["decoder"] == "aspp"
+    torch.testing.assert_close(loaded(x), net(x))
+
+
+def test_a_head_file_whose_tensors_do_not_fit_its_metadata_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_head(_net(), tmp_path / "h.safetensors", {"arch": "resnet_tiny", "out_stride": 16, "short_side": 48})
+    tensors = load_file(str(tmp_path / "h.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "h.safetensors"), "pt") as f:
+        meta = f.metadata()
+    save_file(tensors, str(tmp_path / "as_aspp.safetensors"), {**meta, "decoder": '"aspp"'})
+    with pytest.raises(HeadFileError, match="do not fit resnet_tiny with the aspp decoder"):
+        load_head(tmp_path / "as_aspp.safetensors")
+    tensors["head.weight"] = torch.zeros(1, 3, 1, 1)
+    save_file(tensors, str(tmp_path / "bad_shape.safetensors"), meta)
+    with pytest.raises(HeadFileError, match="bad_shape.safetensors: tensors do not fit"):
+        load_head(tmp_path / "bad_shape.safetensors")
 
 
 def test_balanced_bce_weights_each_class_by_the_others_share():
@@ -165,11 +198,11 @@ def test_relabel_writes_the_students_post_processed_masks(sample_build, tmp_path
 def test_self_training_round_is_recorded_in_the_head(sample_build, tmp_path, capsys):
     head = tmp_path / "head.safetensors"
     assert main(["deep", "fit", "--shards", str(sample_build), "--backbone", "random", "--arch", "resnet_tiny",
-                 "--out", str(head), "--epochs", "1", "--rounds", "1", "--short-side", "32",
+                 "--out", str(head), "--epochs", "1", "--rounds", "1", "--short-side", "32", "--decoder", "aspp",
                  "--batch-size", "16", "--workers", "0"]) == 0  # fmt: skip
     err = capsys.readouterr().err
     assert "round 0/1 epoch 1/1" in err and "round 1/1 epoch 1/1" in err
-    assert load_head(head)[1]["round"] == 1
+    assert load_head(head)[1]["round"] == 1 and load_head(head)[1]["decoder"] == "aspp"
 
 
 def test_deep_without_a_usable_head_is_a_one_line_error(tmp_path, capsys):

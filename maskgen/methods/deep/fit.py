@@ -149,6 +149,7 @@ def fit_head(
     short_side: int = 224,
     lr: float = 1e-3,
     finetune: str = "none",
+    decoder: str = "linear",
     val_fraction: float = 0.1,
     gt: str | None = None,
     rounds: int = 0,
@@ -164,7 +165,7 @@ def fit_head(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     records = index_shards(shards, require_masks=True)
     trunk = load_backbone(backbone, arch, out_stride)
-    net = SaliencyNet(trunk).to(device)
+    net = SaliencyNet(trunk, decoder).to(device)
     for p in net.backbone.parameters():
         p.requires_grad_(False)
     if finetune == "layer4":

@@ -1,5 +1,6 @@
 """The saliency network (HARL §3.2 C.2): a ResNet trunk, a 1x1 convolution without bias
-predicting foregroundness on the last feature map, sigmoid, bilinear upsampling.
+predicting foregroundness on the last feature map, sigmoid, bilinear upsampling. Option: a
+small ASPP decoder (DeepLabv3's atrous spatial pyramid pooling) in place of the 1x1 conv.
 
 A head file is self-contained safetensors: the trunk's and the head's tensors plus metadata
 (architecture, output stride, preprocessing, what it was trained on), so ``--method deep
@@ -29,12 +30,54 @@ class HeadFileError(Exception):
     """A head file that is missing, malformed or does not fit its recorded backbone."""
 
 
-class SaliencyNet(nn.Module):
-    def __init__(self, backbone: ResNetTrunk):
+DECODERS = ("linear", "aspp")
+
+
+class ASPPHead(nn.Module):
+    """DeepLabv3's ASPP, small: a 1x1 branch, three 3x3 atrous branches and an image-pooling
+    branch, concatenated, projected, then a 1x1 conv to one foreground logit.
+
+    Rates are DeepLabv3's (6, 12, 18) at output stride 16, halved at stride 32, so each branch
+    sees the same image area whatever the stride.
+    """
+
+    def __init__(self, in_channels: int, out_stride: int, channels: int = 128):
         super().__init__()
+        rates = (6, 12, 18) if out_stride == 16 else (3, 6, 9)
+
+        def conv_bn(k: int, dilation: int = 1) -> nn.Sequential:
+            pad = dilation * (k // 2)
+            return nn.Sequential(
+                nn.Conv2d(in_channels, channels, k, padding=pad, dilation=dilation, bias=False),
+                nn.BatchNorm2d(channels),
+                nn.ReLU(inplace=True),
+            )
+
+        self.branches = nn.ModuleList([conv_bn(1), *(conv_bn(3, r) for r in rates)])
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn(1))
+        self.project = nn.Sequential(
+            nn.Conv2d(channels * 5, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)
+        )
+        self.classifier = nn.Conv2d(channels, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.pool(x).expand(-1, -1, *x.shape[-2:])
+        y = torch.cat([*(b(x) for b in self.branches), pooled], dim=1)
+        return self.classifier(self.project(y))
+
+
+class SaliencyNet(nn.Module):
+    def __init__(self, backbone: ResNetTrunk, decoder: str = "linear"):
+        super().__init__()
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         self.backbone = backbone
-        self.head = nn.Conv2d(backbone.num_features, 1, kernel_size=1, bias=False)
-        nn.init.normal_(self.head.weight, std=0.01)
+        self.decoder = decoder
+        if decoder == "aspp":
+            self.head: nn.Module = ASPPHead(backbone.num_features, backbone.out_stride)
+        else:
+            self.head = nn.Conv2d(backbone.num_features, 1, kernel_size=1, bias=False)
+            nn.init.normal_(self.head.weight, std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised N x 3 x H x W -> foreground logits on the feature grid, N x 1 x h x w."""
@@ -100,9 +143,11 @@ def prepare_for_device(net: SaliencyNet, device: str) -> SaliencyNet:
 
 
 def save_head(net: SaliencyNet, path: str | Path, meta: dict[str, Any]) -> None:
-    tensors = {f"backbone.{k}": v.contiguous() for k, v in net.backbone.state_dict().items()}
-    tensors["head.weight"] = net.head.weight.detach().contiguous()
-    metadata = {"format": HEAD_FORMAT, **{k: json.dumps(v) for k, v in meta.items()}}
+    tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    metadata = {
+        "format": HEAD_FORMAT,
+        **{k: json.dumps(v) for k, v in {**meta, "decoder": net.decoder}.items()},
+    }
     save_atomic(tensors, path, metadata, safetensors=True)  # whatever the file is called
 
 
@@ -121,18 +166,19 @@ def load_head(path: str | Path) -> tuple[SaliencyNet, dict[str, Any]]:
         raise HeadFileError(f"{path}: not a maskgen deep head (format {raw.get('format')!r})")
     try:
         meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
-        net = SaliencyNet(build_backbone(meta["arch"], meta["out_stride"]))
+        meta.setdefault("decoder", "linear")
+        net = SaliencyNet(build_backbone(meta["arch"], meta["out_stride"]), meta["decoder"])
     except (KeyError, ValueError) as exc:
         raise HeadFileError(f"{path}: bad head metadata ({exc})") from None
-    trunk = {k[len("backbone.") :]: v for k, v in tensors.items() if k.startswith("backbone.")}
-    result = net.backbone.load_state_dict(trunk, strict=False)
-    if result.missing_keys or result.unexpected_keys or "head.weight" not in tensors:
+    try:
+        result = net.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape
         raise HeadFileError(
-            f"{path}: tensors do not fit {meta['arch']} (missing {result.missing_keys[:3]}, "
-            f"unexpected {result.unexpected_keys[:3]})"
+            f"{path}: tensors do not fit {meta['arch']} ({str(exc).splitlines()[-1].strip()})"
+        ) from None
+    if result.missing_keys or result.unexpected_keys:
+        raise HeadFileError(
+            f"{path}: tensors do not fit {meta['arch']} with the {meta['decoder']} decoder "
+            f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})"
         )
-    if tensors["head.weight"].shape != net.head.weight.shape:
-        raise HeadFileError(f"{path}: head.weight has shape {tuple(tensors['head.weight'].shape)}")
-    with torch.no_grad():
-        net.head.weight.copy_(tensors["head.weight"])
     return net.eval(), meta

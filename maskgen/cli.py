@@ -286,7 +286,10 @@ def deep() -> None:
 @click.option("--short-side", type=int, default=224, help="Training crop size and inference short side.")
 @click.option("--lr", type=float, default=1e-3)
 @click.option(
-    "--finetune", type=click.Choice(["none", "layer4"]), default="none", help="Also train the last stage."
+    "--finetune",
+    type=click.Choice(["none", "layer4", "layer3", "all"]),
+    default="none",
+    help="Backbone stages that train too: layer4, layer3 (+layer4), or all (with BatchNorm statistics).",
 )
 @click.option(
     "--decoder",

@@ -124,6 +124,18 @@ def test_a_head_file_whose_tensors_do_not_fit_its_metadata_is_refused(tmp_path):
         load_head(tmp_path / "bad_shape.safetensors")
 
 
+def test_finetune_choices_train_the_named_stages_and_the_head():
+    from maskgen.methods.deep.fit import trainable_parameters
+
+    net = _net()
+    names = {id(p): n for n, p in net.named_parameters()}
+    for finetune, stages in [("none", set()), ("layer4", {"layer4"}), ("layer3", {"layer3", "layer4"}),
+                             ("all", {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"})]:  # fmt: skip
+        trained = {names[id(p)] for p in trainable_parameters(net, finetune)}
+        assert "head.weight" in trained
+        assert {n.split(".")[1] for n in trained if n.startswith("backbone.")} == stages
+
+
 def test_balanced_bce_weights_each_class_by_the_others_share():
     logits = torch.tensor([[0.3, -1.0, 2.0, 0.5]])
     target = torch.tensor([[1.0, 0.0, 0.0, 0.0]])

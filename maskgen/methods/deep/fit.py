@@ -4,7 +4,7 @@ The student learns from its teacher's masks (DRFI or any other method): class-ba
 binary cross-entropy (MaskContrast's BalancedCrossEntropyLoss: each class weighted by the
 other's share of the batch) between the upsampled logits and the crop's mask, on random
 resized crops with flips and colour jitter. The backbone is frozen by default (HARL C.2);
-``finetune`` also trains its last stage. Validation is on a held-out tenth of the build:
+``finetune`` also trains its last stage(s), or all of it. Validation is on a held-out tenth of the build:
 mIoU against the teacher's masks, and, where ground truth exists (``--gt DIR``, or the
 build's own source, as in ``maskgen eval``), the student's and the teacher's mIoU against it,
 which says whether the student has overtaken its teacher. ``rounds`` adds self-training:
@@ -42,7 +42,8 @@ from sslmask.checkpoint import infer_arch, load_backbone
 from sslmask.dataset import Records, ViewsDataset, decode_rgb, index_shards
 from sslmask.transforms import ViewSpec, normalize
 
-FINETUNE = ("none", "layer4")
+# which backbone stages train besides the head; "all" also updates BatchNorm statistics
+FINETUNE = {"none": (), "layer4": ("layer4",), "layer3": ("layer3", "layer4"), "all": ("",)}
 
 
 def balanced_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -118,6 +119,13 @@ def validate(net: SaliencyNet, val: list[_ValSample], short_side: int, device: s
     return out
 
 
+def trainable_parameters(net: SaliencyNet, finetune: str) -> list[torch.nn.Parameter]:
+    """Freeze the backbone but the stages ``finetune`` names; the head always trains."""
+    for name, p in net.backbone.named_parameters():
+        p.requires_grad_(any(name.startswith(stage) for stage in FINETUNE[finetune]))
+    return [p for p in net.parameters() if p.requires_grad]
+
+
 def relabel(
     net: SaliencyNet, dataset: ViewsDataset, indices: list[int], short_side: int, device: str, path: Path
 ) -> Records:
@@ -166,12 +174,7 @@ def fit_head(
     records = index_shards(shards, require_masks=True)
     trunk = load_backbone(backbone, arch, out_stride)
     net = SaliencyNet(trunk, decoder).to(device)
-    for p in net.backbone.parameters():
-        p.requires_grad_(False)
-    if finetune == "layer4":
-        for p in net.backbone.layer4.parameters():
-            p.requires_grad_(True)
-    params = [p for p in net.parameters() if p.requires_grad]
+    params = trainable_parameters(net, finetune)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
 
     order = np.random.default_rng(seed).permutation(len(records))
@@ -204,7 +207,8 @@ def fit_head(
             step = 0
             for epoch in range(epochs):
                 net.train()
-                net.backbone.eval()  # frozen BN statistics, also when layer4 is fine-tuned
+                if finetune != "all":
+                    net.backbone.eval()  # frozen BN statistics, also when the last stages train
                 perm = np.random.default_rng([seed, rnd, epoch]).permutation(train_idx)
                 batches = [
                     [(epoch, int(i)) for i in perm[s : s + batch_size]]

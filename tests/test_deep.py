@@ -124,6 +124,15 @@ def test_a_head_file_whose_tensors_do_not_fit_its_metadata_is_refused(tmp_path):
         load_head(tmp_path / "bad_shape.safetensors")
 
 
+def test_epoch_batches_never_end_with_a_single_sample():
+    from maskgen.methods.deep.fit import epoch_batches
+
+    assert [len(b) for b in epoch_batches(list(range(33)), 16, 0)] == [16, 17]
+    assert [len(b) for b in epoch_batches(list(range(34)), 16, 0)] == [16, 16, 2]
+    assert epoch_batches([5], 16, 3) == [[(3, 5)]]
+    assert sorted(i for b in epoch_batches(list(range(33)), 16, 1) for _, i in b) == list(range(33))
+
+
 def test_finetune_choices_train_the_named_stages_and_the_head():
     from maskgen.methods.deep.fit import trainable_parameters
 

@@ -119,6 +119,15 @@ def validate(net: SaliencyNet, val: list[_ValSample], short_side: int, device: s
     return out
 
 
+def epoch_batches(order: list[int], batch_size: int, epoch: int) -> list[list[tuple[int, int]]]:
+    """``order`` cut into batches of ``(epoch, index)``; a last batch of one sample joins the one
+    before it, since BatchNorm (ASPP's pooled branch, a fine-tuned backbone) cannot train on it."""
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2].extend(batches.pop())
+    return [[(epoch, int(i)) for i in b] for b in batches]
+
+
 def trainable_parameters(net: SaliencyNet, finetune: str) -> list[torch.nn.Parameter]:
     """Freeze the backbone but the stages ``finetune`` names; the head always trains."""
     for name, p in net.backbone.named_parameters():
@@ -210,10 +219,7 @@ def fit_head(
                 if finetune != "all":
                     net.backbone.eval()  # frozen BN statistics, also when the last stages train
                 perm = np.random.default_rng([seed, rnd, epoch]).permutation(train_idx)
-                batches = [
-                    [(epoch, int(i)) for i in perm[s : s + batch_size]]
-                    for s in range(0, len(perm), batch_size)
-                ]
+                batches = epoch_batches(perm.tolist(), batch_size, epoch)
                 losses = []
                 for batch in DataLoader(dataset, batch_sampler=batches, num_workers=workers):
                     for group in opt.param_groups:

@@ -40,7 +40,7 @@ def test_samples_decode_aligned(sample_build):
 def test_inspect_cli(sample_build, capsys):
     assert main(["inspect", str(sample_build)]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["samples"] == 42 and summary["classes"] == 7 and summary["images"]
+    assert summary["samples"] == 42 and summary["classes"] == 6 and summary["images"]
     assert summary == summarize(resolve_shards([str(sample_build)]))
     assert main(["inspect", "/nonexistent/x.tar"]) == 1
     err = capsys.readouterr().err.strip().splitlines()

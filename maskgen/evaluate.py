@@ -13,10 +13,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
-from maskgen.groundtruth import GroundTruthLookup
+from maskgen.groundtruth import GroundTruthLookup, fit_to_shape
 from maskgen.metrics import MetricSums
 from maskgen.pipeline import BuildError
 from maskgen.report import aggregate, throughput, write_build_outputs
@@ -69,9 +68,7 @@ def evaluate_build(out: str | os.PathLike, gt_dir: str | None = None) -> dict[st
             has_sal = FIELD_SALIENCY in fields
             used_saliency = has_sal if used_saliency is None else used_saliency and has_sal
             soft = decode_gray_png(fields[FIELD_SALIENCY]) if has_sal else mask.astype(np.uint8) * 255
-            if gt.shape != mask.shape:
-                gt = cv2.resize(gt.astype(np.uint8), mask.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
-            push_extremes(shard_best, shard_worst, sums.add(mask, soft, gt), key)
+            push_extremes(shard_best, shard_worst, sums.add(mask, soft, fit_to_shape(gt, mask.shape)), key)
         kept = shard_best + [(-v, k) for v, k in shard_worst]
         agg.shard_of_key.update((k, i) for _, k in kept)
         best.extend(shard_best)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import cv2
 import numpy as np
 
 from maskgen.imaging import load_binary_mask
@@ -47,6 +48,13 @@ class GroundTruthLookup:
             self._by_path = {it.path: it for it in self.source.list_items()}
         item = self._by_path.get(path)
         return self.source.ground_truth(item) if item is not None else None
+
+
+def fit_to_shape(gt: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Ground truth at ``shape`` (H, W): nearest-neighbour resize when it was stored at another size."""
+    if gt.shape == tuple(shape):
+        return gt
+    return cv2.resize(gt.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST) > 0
 
 
 def safe_lookup(manifest: dict[str, Any]) -> GroundTruthLookup:

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from maskgen.atomic import atomic_open, write_json
+from maskgen.groundtruth import fit_to_shape
 from maskgen.imaging import (
     DEFAULT_MAX_PIXELS,
     DecodedImage,
@@ -186,9 +187,8 @@ def process_shard(spec: BuildSpec, shard_index: int, items: list[ItemRef]) -> di
                 with timer("metrics"):
                     gt = _ground_truth(source, item, record_warning)
                     if gt is not None:
-                        if gt.shape != (h, w):
-                            gt = cv2.resize(gt.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
-                            gt_resized += 1
+                        gt_resized += gt.shape != (h, w)
+                        gt = fit_to_shape(gt, (h, w))
                         sample_iou = sums.add(fg, sal_u8, gt)
                         push_extremes(best, worst, sample_iou, item.key)
 

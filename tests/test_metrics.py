@@ -121,3 +121,14 @@ def test_reproduces_pysodmetrics_reference_fixtures():
     assert res["e_measure"] == pytest.approx(latest["meanEm"], abs=1e-9)
     assert res["max_e_measure"] == pytest.approx(latest["maxEm"], abs=1e-9)
     assert res["weighted_f"] == pytest.approx(latest["wFmeasure"], abs=1e-9)
+
+
+def test_ground_truth_is_fitted_to_the_image_by_nearest_neighbour():
+    from maskgen.groundtruth import fit_to_shape
+
+    gt = np.random.default_rng(0).random((4, 6)) > 0.5
+    assert fit_to_shape(gt, (4, 6)) is gt
+    up = fit_to_shape(gt, (8, 12))
+    slow = np.array([[gt[y * 4 // 8, x * 6 // 12] for x in range(12)] for y in range(8)])
+    assert up.dtype == bool
+    np.testing.assert_array_equal(up, slow)

@@ -25,19 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from maskgen.groundtruth import GroundTruthLookup
+from maskgen.groundtruth import GroundTruthLookup, fit_to_shape, safe_lookup
 from maskgen.imaging import encode_mask_png
 from maskgen.methods.deep.model import SaliencyNet, predict_maps, save_head
 from maskgen.metrics import iou
 from maskgen.postprocess import PostprocessConfig, binarize
 from maskgen.shard_format import FIELD_META, MANIFEST, decode_mask_png, decode_meta, index_tar
-from maskgen.sources import SourceError
 from sslmask.checkpoint import infer_arch, load_backbone
 from sslmask.dataset import Records, ViewsDataset, decode_rgb, index_shards
 from sslmask.transforms import ViewSpec, normalize
@@ -60,62 +58,64 @@ class _ValSample:
     gt: np.ndarray | None  # bool ground truth at the image's size, when known
 
 
-def _sample_paths(records: Records, indices: list[int]) -> dict[int, str]:
-    """The source ``path`` of each sample (from its json), re-reading only the tars involved."""
+def _sample_paths(dataset: ViewsDataset, indices: list[int]) -> dict[int, str]:
+    """The source ``path`` of each sample (from its json); only the tars involved are re-indexed
+    (the records keep image and mask offsets, not the json's)."""
+    rec = dataset.records
     wanted: dict[int, dict[str, int]] = {}
     for i in indices:
-        wanted.setdefault(int(records.image[i][0]), {})[records.names[i]] = i
+        wanted.setdefault(int(rec.image[i][0]), {})[rec.names[i]] = i
     out = {}
     for fid, keys in wanted.items():
-        url = records.files[fid]
-        with open(url, "rb") as f:
-            for key, fields in index_tar(url):
-                if key in keys and FIELD_META in fields:
-                    f.seek(fields[FIELD_META][0])
-                    out[keys[key]] = decode_meta(f.read(fields[FIELD_META][1])).get("path", "")
+        for key, fields in index_tar(rec.files[fid]):
+            if key in keys and FIELD_META in fields:
+                out[keys[key]] = decode_meta(dataset.reader.read(fid, *fields[FIELD_META])).get("path", "")
     return out
 
 
 def _ground_truth_lookup(shards: list[str], gt_dir: str | None) -> GroundTruthLookup | None:
-    """``--gt DIR``, else the source of the build ``shards[0]`` names; None when neither is there."""
+    """``--gt DIR``, else the source of the build ``shards[0]`` names (as ``maskgen eval`` and
+    the report find it); None when there is no build manifest to say."""
     if gt_dir:
         return GroundTruthLookup(gt_dir=gt_dir)
     manifest = Path(shards[0]) / MANIFEST
-    if not manifest.is_file():
-        return None
-    try:
-        return GroundTruthLookup.from_manifest(json.loads(manifest.read_text()))
-    except (SourceError, ValueError, KeyError, TypeError, OSError):
-        return None  # the source moved or is unreadable: validate against the teacher only
+    return safe_lookup(json.loads(manifest.read_text())) if manifest.is_file() else None
 
 
 def _load_val(
     dataset: ViewsDataset, indices: list[int], lookup: GroundTruthLookup | None
 ) -> list[_ValSample]:
     reader, rec = dataset.reader, dataset.records
-    paths = _sample_paths(rec, indices) if lookup is not None else {}
+    paths = _sample_paths(dataset, indices) if lookup is not None else {}
     out = []
     for i in indices:
         image = np.asarray(decode_rgb(reader.read(*rec.image[i]), rec.names[i]))
         teacher = decode_mask_png(reader.read(*rec.mask[i])) > 0
         gt = lookup(paths[i]) if lookup is not None and paths.get(i) else None
-        if gt is not None and gt.shape != teacher.shape:
-            gt = cv2.resize(gt.astype(np.uint8), teacher.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
-        out.append(_ValSample(image, teacher, gt))
+        out.append(_ValSample(image, teacher, None if gt is None else fit_to_shape(gt, teacher.shape)))
     return out
 
 
+def teacher_scores(val: list[_ValSample]) -> dict[str, float]:
+    """The teacher's mIoU vs ground truth on the validation images that have it (fixed for a fit)."""
+    with_gt = [v for v in val if v.gt is not None]
+    if not with_gt:
+        return {}
+    return {
+        "teacher_miou_vs_gt": float(np.mean([iou(v.teacher, v.gt) for v in with_gt])),
+        "val_with_gt": len(with_gt),
+    }
+
+
 def validate(net: SaliencyNet, val: list[_ValSample], short_side: int, device: str) -> dict[str, float]:
-    """Student mIoU vs the teacher's masks; student and teacher mIoU vs ground truth where known."""
+    """Student mIoU vs the teacher's masks, and vs ground truth where known."""
     if not val:
         return {}
     pred = [m > 0.5 for m in predict_maps(net, [v.image for v in val], short_side, device)]
     out = {"val_miou_vs_teacher": float(np.mean([iou(p, v.teacher) for p, v in zip(pred, val, strict=True)]))}
-    with_gt = [(p, v) for p, v in zip(pred, val, strict=True) if v.gt is not None]
+    with_gt = [(p, v.gt) for p, v in zip(pred, val, strict=True) if v.gt is not None]
     if with_gt:
-        out["val_miou_vs_gt"] = float(np.mean([iou(p, v.gt) for p, v in with_gt]))
-        out["teacher_miou_vs_gt"] = float(np.mean([iou(v.teacher, v.gt) for _, v in with_gt]))
-        out["val_with_gt"] = len(with_gt)
+        out["val_miou_vs_gt"] = float(np.mean([iou(p, gt) for p, gt in with_gt]))
     return out
 
 
@@ -205,6 +205,7 @@ def fit_head(
         "finetune": finetune,
     }
     val = _load_val(dataset, val_idx, _ground_truth_lookup(shards, gt))
+    meta.update(teacher_scores(val))
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="maskgen-deep-fit-") as tmp:
         for rnd in range(rounds + 1):
@@ -234,12 +235,13 @@ def fit_head(
                     losses.append(loss.item())
                     step += 1
                 result = {
+                    **meta,
                     "round": rnd,
                     "epoch": epoch + 1,
                     "loss": float(np.mean(losses)),
                     **validate(net, val, short_side, device),
                 }
-                save_head(net, out, {**meta, **result})
+                save_head(net, out, result)
                 echo(f"maskgen deep fit: round {rnd}/{rounds} epoch {epoch + 1}/{epochs} "
                      f"loss {result['loss']:.4f} {describe(result)} -> {out}")  # fmt: skip
     return result

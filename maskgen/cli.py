@@ -152,7 +152,8 @@ def cli() -> None:
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Method parameter, repeatable (drfi: scorer=forest|heuristic|forest+heuristic, model=FILE, "
                    "levels=harl|multi|drfi15, refine=1, "
-                   "sigma=, k=, min_size=).")  # fmt: skip
+                   "sigma=, k=, min_size=; deep: refine=1, precision=auto|fp32|bf16, "
+                   "gpu_share=, short_side=).")  # fmt: skip
 @click.option(
     "--threshold", default="0.5", callback=lambda c, p, v: _threshold(v), help="Number in [0,1] or 'otsu'."
 )

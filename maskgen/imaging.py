@@ -37,14 +37,25 @@ class ImageDecodeError(Exception):
 
 @dataclass
 class DecodedImage:
-    rgb: np.ndarray  # H x W x 3 uint8, upright
+    rgb: np.ndarray | None  # H x W x 3 uint8, upright; None when the pixels were left to the method
     grayscale: bool  # the source had a single channel
     format: str  # PIL format name, e.g. "JPEG", "PNG"
     reencode_reason: str | None  # None when the original bytes can be stored as they are
+    shape: tuple[int, int] = (0, 0)  # upright height and width
+
+    @property
+    def is_plain_jpeg(self) -> bool:
+        """A JPEG any decoder shows as upright RGB or grey: a method may decode the bytes itself."""
+        return self.format == "JPEG" and self.reencode_reason is None
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
-    """Decode image bytes to upright 8-bit RGB, raising ImageDecodeError with a reason."""
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, pixels: bool = True) -> DecodedImage:
+    """Decode image bytes to upright 8-bit RGB, raising ImageDecodeError with a reason.
+
+    ``pixels=False`` reads only the header of a plain JPEG (RGB or grey, no EXIF rotation) and
+    returns ``rgb=None``, for a method that decodes the bytes itself (on a GPU); every other
+    file is decoded as usual. A corrupt JPEG body is then found by that method's decoder.
+    """
     if not data:
         raise ImageDecodeError("empty_file")
     try:
@@ -62,6 +73,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
             orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
         except Exception:
             orientation = 1
+        if not pixels and fmt == "JPEG" and im.mode in ("RGB", "L") and orientation in (1, None):
+            return DecodedImage(None, im.mode == "L", fmt, None, (h, w))
         try:
             im.load()
         except Exception as exc:
@@ -79,7 +92,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
         reason = f"mode:{mode}"
     elif orientation not in (1, None):
         reason = f"exif_orientation:{orientation}"
-    return DecodedImage(rgb=rgb, grayscale=grayscale, format=fmt, reencode_reason=reason)
+    return DecodedImage(rgb=rgb, grayscale=grayscale, format=fmt, reencode_reason=reason, shape=rgb.shape[:2])
 
 
 def _to_rgb8(im: Image.Image) -> np.ndarray:

@@ -147,6 +147,8 @@ def process_shard(spec: BuildSpec, shard_index: int, items: list[ItemRef]) -> di
             {"key": item.key, "path": item.path, "stage": stage, "reason": reason, "detail": detail}
         )
 
+    # a method that decodes JPEGs itself gets plain JPEGs undecoded, unless every image is re-encoded
+    pixels = not (method.decodes_jpeg and spec.image_format != "jpg")
     with atomic_open(tar_path, "wb") as f:
         writer = DeterministicTarWriter(f)
         for start in range(0, len(items), method.batch_size):
@@ -160,7 +162,7 @@ def process_shard(spec: BuildSpec, shard_index: int, items: list[ItemRef]) -> di
                     continue
                 try:
                     with timer("decode"):
-                        image = decode_image(data, spec.max_pixels)
+                        image = decode_image(data, spec.max_pixels, pixels)
                 except ImageDecodeError as exc:
                     record_error(item, "decode", exc.reason, exc.detail)
                     continue
@@ -173,7 +175,7 @@ def process_shard(spec: BuildSpec, shard_index: int, items: list[ItemRef]) -> di
                 if sal is None:
                     continue
                 item, rgb = dec.item, dec.image.rgb
-                h, w = rgb.shape[:2]
+                h, w = dec.image.shape
                 with timer("postprocess"):
                     result = binarize(sal, spec.postprocess)
                     sal_u8 = result.saliency_u8
@@ -199,6 +201,7 @@ def process_shard(spec: BuildSpec, shard_index: int, items: list[ItemRef]) -> di
                         if spec.image_format == "keep" and dec.image.reencode_reason is None:
                             fields[FIELD_IMAGE] = dec.data
                         else:
+                            assert rgb is not None  # decoded: re-encoding needs the pixels
                             fields[FIELD_IMAGE] = encode_jpeg(rgb, dec.image.grayscale)
                             is_reencoded = True
                             reencoded += 1
@@ -270,25 +273,34 @@ def _ray_node_id() -> str | None:
 
 def _predict(method: SaliencyMethod, batch: list[_Decoded], record_error) -> list[np.ndarray | None]:
     """Batched prediction; on failure retry one image at a time so one bad input costs one image."""
-    images = [d.image.rgb for d in batch]
+
+    def run(decoded: list[_Decoded]) -> list[np.ndarray]:
+        if method.decodes_jpeg:
+            maps = method.predict_encoded([d.data if d.image.rgb is None else d.image.rgb for d in decoded])
+        else:
+            maps = method.predict([d.image.rgb for d in decoded])
+        return [_check_map(m, d.image.shape) for m, d in zip(maps, decoded, strict=True)]
+
     try:
-        maps = method.predict(images)
-        return [_check_map(m, im) for m, im in zip(maps, images, strict=True)]
+        return list(run(batch))
     except Exception:
         pass
     out: list[np.ndarray | None] = []
     for d in batch:
         try:
-            out.append(_check_map(method.predict([d.image.rgb])[0], d.image.rgb))
+            out.append(run([d])[0])
+        except ImageDecodeError as exc:  # a method that decodes JPEGs itself refused this one
+            record_error(d.item, "decode", exc.reason, exc.detail)
+            out.append(None)
         except Exception as exc:
             record_error(d.item, "method", type(exc).__name__, str(exc)[:200])
             out.append(None)
     return out
 
 
-def _check_map(sal: np.ndarray, image: np.ndarray) -> np.ndarray:
-    if sal.shape != image.shape[:2]:
-        raise ValueError(f"saliency map shape {sal.shape} != image shape {image.shape[:2]}")
+def _check_map(sal: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    if sal.shape != tuple(shape):
+        raise ValueError(f"saliency map shape {sal.shape} != image shape {tuple(shape)}")
     sal = np.asarray(sal, np.float32)
     if not (np.isfinite(sal).all() and sal.min() >= 0.0 and sal.max() <= 1.0):
         sal = np.clip(np.nan_to_num(sal, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)

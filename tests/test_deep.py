@@ -74,6 +74,85 @@ def test_deep_method_on_cpu_asks_for_no_gpu_and_records_its_precision(tmp_path):
         make_method("deep", {"head": str(tmp_path / "h.safetensors"), "gpu_share": 0})
 
 
+def test_deep_refine_is_drfis_region_refinement_of_the_networks_map(tmp_path):
+    from maskgen.methods import make_method
+    from maskgen.methods.drfi.refine import refine_on_image
+    from maskgen.sources.synthetic import render_scene
+
+    head = str(tmp_path / "h.safetensors")
+    save_head(_net(), head, {"arch": "resnet_tiny", "out_stride": 16, "short_side": 48})
+    plain, refined = make_method("deep", {"head": head}), make_method("deep", {"head": head, "refine": "1"})
+    images = [render_scene(0, i)[0] for i in range(2)]
+    for image, raw, got in zip(images, plain.predict(images), refined.predict(images), strict=True):
+        np.testing.assert_allclose(got, refine_on_image(raw, image), atol=1e-6)
+    assert "refine" not in plain.params  # earlier builds keep their parameters (and resume)
+    assert refined.params["refine"] is True and refined.params["backend"] in ("opencv", "skimage")
+    with pytest.raises(ValueError, match="backend"):
+        make_method("deep", {"head": head, "refine": "1", "backend": "gpu"})
+
+
+def test_device_decoding_matches_the_workers_decoding_up_to_rounding():
+    from conftest import gradient_rgb, jpeg_bytes
+
+    from maskgen.imaging import decode_image
+    from maskgen.methods.deep.model import JpegDecodeError, predict_maps_encoded
+
+    net = _net()
+    rng = np.random.default_rng(2)
+    jpegs = [jpeg_bytes(gradient_rgb(*hw, seed=i)) for i, hw in enumerate([(90, 120), (90, 120), (70, 50)])]
+    array = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)  # a file the worker decoded (a PNG, say)
+    inputs = [jpegs[0], array, jpegs[1], jpegs[2]]
+    got = predict_maps_encoded(net, inputs, short_side=40)
+    expected = predict_maps(net, [decode_image(j).rgb for j in jpegs[:1]] + [array]
+                            + [decode_image(j).rgb for j in jpegs[1:]], short_side=40)  # fmt: skip
+    for g, e in zip(got, expected, strict=True):
+        assert g.shape == e.shape
+        assert np.abs(g - e).max() < 0.05 and np.abs(g - e).mean() < 0.01  # resize/IDCT rounding
+    np.testing.assert_allclose(got[1], expected[1], atol=0.02)  # no decoder involved: only the resize
+    with pytest.raises(JpegDecodeError, match="truncated"):
+        predict_maps_encoded(net, [jpegs[0][:-300]], short_side=40)
+
+
+def test_build_with_device_decoding_keeps_jpegs_and_records_bad_ones(tmp_path):
+    from test_bad_inputs import BAD, GOOD
+
+    from maskgen.shard_format import decode_mask_png
+
+    root = tmp_path / "images"
+    root.mkdir()
+    for name, (data, _) in {**GOOD, **BAD}.items():
+        (root / name).write_bytes(data)
+    head = str(tmp_path / "h.safetensors")
+    save_head(_net(), head, {"arch": "resnet_tiny", "out_stride": 16, "short_side": 48})
+    samples = {}
+    for decode in ("pil", "device"):
+        out = tmp_path / decode
+        assert main(["build", "--source", "folder", "--root", str(root), "--method", "deep", "--head", head,
+                     "--param", f"decode={decode}", "--save-saliency", "--out", str(out), "--executor", "local",
+                     "--no-progress"]) == 0  # fmt: skip
+        errors = {e["path"]: e for e in map(json.loads, (out / "errors.jsonl").read_text().splitlines())}
+        assert {p: (e["stage"], e["reason"]) for p, e in errors.items()} == {
+            name: ("decode", reason) for name, (_, reason) in BAD.items()
+        }
+        samples[decode] = {}
+        for tar in sorted((out / "shards").glob("*.tar")):
+            members = _members(tar)
+            for name, data in members.items():
+                if name.endswith(".json"):
+                    key = name[: -len(".json")]
+                    samples[decode][json.loads(data)["path"]] = {
+                        k.split(".", 1)[1]: v for k, v in members.items() if k.split(".", 1)[0] == key
+                    }
+    assert set(samples["device"]) == set(samples["pil"]) == set(GOOD)
+    for name, (data, shape) in GOOD.items():
+        dev, pil = samples["device"][name], samples["pil"][name]
+        if name in ("good_rgb.jpg", "gray.jpg"):  # plain JPEGs: kept byte for byte, decoded by the method
+            assert dev["jpg"] == pil["jpg"] == data
+        assert json.loads(dev["json"])["method_params"]["decode"] == "device"
+        sal_dev, sal_pil = (decode_mask_png(x["sal.png"]).astype(int) for x in (dev, pil))
+        assert sal_dev.shape == shape and np.abs(sal_dev - sal_pil).mean() < 3  # of 255
+
+
 def test_head_file_round_trip_and_errors(tmp_path):
     net = _net()
     save_head(net, tmp_path / "h.safetensors", {"arch": "resnet_tiny", "out_stride": 16, "short_side": 48})

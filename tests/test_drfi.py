@@ -369,6 +369,52 @@ def test_refinement_evens_out_similar_neighbours_only():
     assert ((got >= 0) & (got <= 1)).all()
 
 
+def test_refine_on_image_pools_over_drfis_levels_then_refines_like_drfi():
+    from maskgen.methods.drfi.features import pixel_features, region_features
+    from maskgen.methods.drfi.refine import refine_map, refine_on_image
+    from maskgen.methods.drfi.segment import MULTI_LEVELS
+
+    rgb, _, _ = render_scene(3, 1)
+    sal = np.random.default_rng(0).random(rgb.shape[:2]).astype(np.float32)
+    pix = pixel_features(rgb)
+    pooled = np.zeros(sal.shape)
+    for level in MULTI_LEVELS:  # slow region means: one mask per region
+        labels = segment(rgb, *level)
+        for r in range(labels.max() + 1):
+            pooled[labels == r] += sal[labels == r].mean() / len(MULTI_LEVELS)
+    finest = segment(rgb, *MULTI_LEVELS[0])  # (0.8, 100, 150): the most regions
+    _, stats = region_features(pix, finest)  # the DRFI path: the descriptor's region stats
+    expected = refine_map(pooled.astype(np.float32), finest, pix, stats)
+    np.testing.assert_allclose(refine_on_image(sal, rgb), expected, atol=1e-5)
+
+
+def test_refine_on_image_puts_a_coarse_map_back_on_the_object():
+    import cv2
+
+    from maskgen.methods.drfi.refine import refine_on_image
+
+    # an ellipse on a background of another colour, mild noise; the map is the mask seen through
+    # a 16-pixel grid and upsampled bilinearly, as a stride-16 network's map is
+    h, w = 240, 320
+    fg = np.zeros((h, w), np.uint8)
+    cv2.ellipse(fg, (150, 130), (70, 45), 20, 0, 360, 1, -1)
+    fg = fg.astype(bool)
+    rng = np.random.default_rng(0)
+    rgb = np.where(fg[..., None], [200, 60, 40], [70, 120, 160]) + rng.normal(0, 6, (h, w, 3))
+    rgb = np.clip(rgb, 0, 255).astype(np.uint8)
+    grid = cv2.resize(fg.astype(np.float32), (w // 16, h // 16), interpolation=cv2.INTER_AREA)
+    coarse = cv2.resize(grid, (w, h), interpolation=cv2.INTER_LINEAR)
+    refined = refine_on_image(coarse, rgb)
+
+    def iou(a):
+        return (a & fg).sum() / (a | fg).sum()
+
+    assert iou(refined > 0.5) > iou(coarse > 0.5) + 0.02
+    assert iou(refined > 0.5) > 0.97
+    flat = np.full((40, 60, 3), 128, np.uint8)  # one region: nothing to refine on
+    np.testing.assert_allclose(refine_on_image(np.full((40, 60), 0.3, np.float32), flat), 0.3, atol=1e-6)
+
+
 def test_refined_ensemble_runs_and_records_its_params():
     m = DRFI(scorer="forest+heuristic", levels="multi", refine=1)
     rgb, _, _ = render_scene(2, 0)

@@ -27,6 +27,9 @@ class SaliencyMethod(ABC):
     name: ClassVar[str]
     resources: ClassVar[Resources] = Resources()
     batch_size: ClassVar[int] = 16
+    # True for a method that decodes plain JPEG bytes itself (e.g. on a GPU): the worker then
+    # reads only those files' headers and calls ``predict_encoded``
+    decodes_jpeg: bool = False
 
     @classmethod
     def canonical_args(cls, args: dict[str, Any]) -> dict[str, Any]:
@@ -42,3 +45,8 @@ class SaliencyMethod(ABC):
     @abstractmethod
     def predict(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Soft saliency (float32, H x W, values in [0, 1]) for each H x W x 3 uint8 image."""
+
+    def predict_encoded(self, inputs: Sequence[bytes | np.ndarray]) -> list[np.ndarray]:
+        """As ``predict``, for a batch that mixes plain JPEG bytes (for a method with
+        ``decodes_jpeg``) and images the worker decoded (every other file)."""
+        raise NotImplementedError(f"{self.name} decodes no JPEG bytes itself")

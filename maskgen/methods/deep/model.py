@@ -84,12 +84,16 @@ class SaliencyNet(nn.Module):
         return self.head(self.backbone(x))
 
 
+def short_side_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """(height, width) with the shorter side at ``short_side``, aspect ratio kept."""
+    scale = short_side / min(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
     """Keep the aspect ratio; the shorter side becomes ``short_side`` (bilinear)."""
-    h, w = image.shape[:2]
-    scale = short_side / min(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.array(Image.fromarray(image).resize(size, Image.BILINEAR))  # writable, for torch.from_numpy
+    h, w = short_side_size(*image.shape[:2], short_side)
+    return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))  # writable, for torch.from_numpy
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -110,27 +114,93 @@ def predict_maps(
     each map equals the image's own forward pass); ``precision="bf16"`` runs the network under
     bfloat16 autocast. On CUDA the input is channels_last, matching :func:`prepare_for_device`.
     """
+    small = [torch.from_numpy(resize_short_side(image, short_side)).permute(2, 0, 1) for image in images]
+    return _forward_grouped(net, small, [im.shape[:2] for im in images], device, precision, max_batch)
+
+
+@torch.no_grad()
+def predict_maps_encoded(
+    net: SaliencyNet,
+    inputs: list[bytes | np.ndarray],
+    short_side: int,
+    device: str = "cpu",
+    precision: str = "fp32",
+    max_batch: int = 64,
+) -> list[np.ndarray]:
+    """As :func:`predict_maps`, for JPEG bytes decoded on ``device`` (nvJPEG on CUDA, in one
+    batched call) mixed with already-decoded images. The resize runs there too (bilinear with
+    antialiasing, like PIL's), so pixels go to the GPU compressed and only maps come back;
+    maps agree with :func:`predict_maps` up to the decoders' and resizers' rounding.
+    """
+    images = decode_on_device(inputs, device)
+    small = []
+    for image in images:
+        size = short_side_size(*image.shape[-2:], short_side)
+        resized = F.interpolate(
+            image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True
+        )
+        small.append(resized[0].round_().clamp_(0, 255).to(torch.uint8))
+    return _forward_grouped(net, small, [tuple(im.shape[-2:]) for im in images], device, precision, max_batch)
+
+
+class JpegDecodeError(ValueError):
+    """A JPEG the device decoder refused (truncated or corrupt)."""
+
+
+def decode_on_device(inputs: list[bytes | np.ndarray], device: str) -> list[torch.Tensor]:
+    """3 x H x W uint8 tensors on ``device``: JPEG bytes through ``torchvision.io.decode_jpeg``
+    (all at once), H x W x 3 arrays copied over."""
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    out: list[torch.Tensor | None] = [None] * len(inputs)
+    jpegs = [i for i, x in enumerate(inputs) if isinstance(x, bytes | bytearray)]
+    if jpegs:
+        data = [torch.from_numpy(np.frombuffer(inputs[i], np.uint8).copy()) for i in jpegs]
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs for torchcodec
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+            except RuntimeError as exc:
+                raise JpegDecodeError(str(exc).splitlines()[0].split(", ")[-1]) from None
+        for i, image in zip(jpegs, decoded, strict=True):
+            out[i] = image
+    for i, x in enumerate(inputs):
+        if out[i] is None:
+            out[i] = torch.from_numpy(np.require(x, np.uint8, ["C", "W"])).permute(2, 0, 1).to(device)
+    return out  # type: ignore[return-value]
+
+
+def _forward_grouped(
+    net: SaliencyNet,
+    small: list[torch.Tensor],
+    sizes: list[tuple[int, int]],
+    device: str,
+    precision: str,
+    max_batch: int,
+) -> list[np.ndarray]:
+    """Run resized 3 x h x w uint8 images, batched by shape; maps back at ``sizes``."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     net.eval()
-    small = [resize_short_side(image, short_side) for image in images]
     by_shape: dict[tuple[int, int], list[int]] = {}
     for i, s in enumerate(small):
-        by_shape.setdefault(s.shape[:2], []).append(i)
+        by_shape.setdefault(tuple(s.shape[-2:]), []).append(i)
     cuda = str(device).startswith("cuda")
     layout = torch.channels_last if cuda else torch.contiguous_format
-    out: list[np.ndarray] = [np.empty(0, np.float32)] * len(images)
+    out: list[np.ndarray] = [np.empty(0, np.float32)] * len(small)
     for group in by_shape.values():
         for start in range(0, len(group), max_batch):
             chunk = group[start : start + max_batch]
-            batch = torch.from_numpy(np.stack([small[i] for i in chunk])).to(device, non_blocking=True)
-            x = normalize(batch.permute(0, 3, 1, 2)).contiguous(memory_format=layout)
+            batch = torch.stack([small[i] for i in chunk]).to(device, non_blocking=True)
+            x = normalize(batch).contiguous(memory_format=layout)
             with torch.autocast("cuda" if cuda else "cpu", torch.bfloat16, enabled=precision == "bf16"):
                 logits = net(x)
             logits = logits.float()
             for j, i in enumerate(chunk):
                 up = F.interpolate(
-                    logits[j : j + 1], size=images[i].shape[:2], mode="bilinear", align_corners=False
+                    logits[j : j + 1], size=tuple(sizes[i]), mode="bilinear", align_corners=False
                 )
                 out[i] = torch.sigmoid(up)[0, 0].cpu().numpy()
     return out

@@ -113,6 +113,17 @@ class PixelFeatures:
     border: np.ndarray  # N bool: the pseudo-background
 
 
+def blurred_rgb(rgb: np.ndarray) -> np.ndarray:
+    """DRFI's pre-smoothing (5 x 5 Gaussian), as float32 in [0, 1]."""
+    return cv2.GaussianBlur(rgb, (5, 5), 0).astype(np.float32) / 255.0
+
+
+def normalised_lab(rgb_f: np.ndarray) -> np.ndarray:
+    """CIE Lab of float RGB in [0, 1], scaled to about [0, 1]: L / 100, a / 220 + 0.5, b / 220 + 0.5."""
+    lab = cv2.cvtColor(rgb_f, cv2.COLOR_RGB2Lab)
+    return np.stack([lab[..., 0] / 100.0, lab[..., 1] / 220.0 + 0.5, lab[..., 2] / 220.0 + 0.5], axis=2)
+
+
 def pixel_features(rgb: np.ndarray, texture_scale: float = 0.5) -> PixelFeatures:
     """Blur (5 x 5 Gaussian, as DRFI), colour spaces, LM responses, textons, LBP, histogram bins.
 
@@ -122,9 +133,8 @@ def pixel_features(rgb: np.ndarray, texture_scale: float = 0.5) -> PixelFeatures
     """
     h, w = rgb.shape[:2]
     blur = cv2.GaussianBlur(rgb, (5, 5), 0)
-    rgb_f = blur.astype(np.float32) / 255.0
-    lab = cv2.cvtColor(rgb_f, cv2.COLOR_RGB2Lab)
-    lab = np.stack([lab[..., 0] / 100.0, lab[..., 1] / 220.0 + 0.5, lab[..., 2] / 220.0 + 0.5], axis=2)
+    rgb_f = blur.astype(np.float32) / 255.0  # = blurred_rgb(rgb); blur itself is needed below
+    lab = normalised_lab(rgb_f)
     hsv = cv2.cvtColor(rgb_f, cv2.COLOR_RGB2HSV)
     hsv[..., 0] /= 360.0
     gray = cv2.cvtColor(blur, cv2.COLOR_RGB2GRAY)
@@ -212,7 +222,8 @@ def _outline_counts(lab2d: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def _adjacency(lab2d: np.ndarray, n: int) -> sparse.csr_matrix:
+def adjacency(lab2d: np.ndarray, n: int) -> sparse.csr_matrix:
+    """R x R, 1 where two of the ``n`` regions of ``lab2d`` touch (4-neighbourhood)."""
     a = np.concatenate([lab2d[:, :-1].ravel(), lab2d[:-1, :].ravel()])
     b = np.concatenate([lab2d[:, 1:].ravel(), lab2d[1:, :].ravel()])
     keep = a != b
@@ -295,7 +306,7 @@ def region_features(pix: PixelFeatures, labels: np.ndarray) -> tuple[np.ndarray,
     # --- properties
     lab2d = lab.reshape(h, w)
     inner, edge = _outline_counts(lab2d, n)
-    adjacency = _adjacency(lab2d, n)
+    adjacency_matrix = adjacency(lab2d, n)
     props = np.empty((n, 35))
     props[:, 0], props[:, 1] = cx, cy
     props[:, 2], props[:, 3], props[:, 4], props[:, 5] = px[:, 0], py[:, 0], px[:, 1], py[:, 1]
@@ -304,13 +315,13 @@ def region_features(pix: PixelFeatures, labels: np.ndarray) -> tuple[np.ndarray,
     props[:, 8:32] = var[:, :24]
     props[:, 32] = var[:, 24]
     props[:, 33] = area / npx
-    props[:, 34] = np.asarray(adjacency @ area).ravel() / npx
+    props[:, 34] = np.asarray(adjacency_matrix @ area).ravel() / npx
 
     outline = inner + edge
     stats = RegionStats(
         area=area,
         centroid=np.stack([cx, cy], axis=1),
         border_contact=np.divide(edge, outline, out=np.zeros(n), where=outline > 0),
-        adjacency=adjacency,
+        adjacency=adjacency_matrix,
     )
     return np.concatenate([contrast, background, props], axis=1).astype(np.float32), stats

@@ -106,11 +106,21 @@ class PixelFeatures:
 
     height: int
     width: int
-    channels: np.ndarray  # N x 24 float32: R G B, L a b, H S V (all in [0, 1]), 15 |LM| in [0, 1]
-    lbp_value: np.ndarray  # N float32: LBP code / 255 (for its variance)
+    # N x 25 float32: R G B, L a b, H S V (all in [0, 1]), 15 |LM| in [0, 1], LBP code / 255
+    values: np.ndarray
     bins: tuple[np.ndarray, ...]  # 5 x N int: rgb, lab, hsv (0..511), texton (0..14), lbp (0..255)
     n_bins: tuple[int, ...]
     border: np.ndarray  # N bool: the pseudo-background
+
+    @property
+    def channels(self) -> np.ndarray:
+        """The 24 colour and texture channels (N x 24 view), whose means and contrasts DRFI uses."""
+        return self.values[:, :24]
+
+    @property
+    def lbp_value(self) -> np.ndarray:
+        """LBP code / 255 (N view), which DRFI uses only through its variance."""
+        return self.values[:, 24]
 
 
 def blurred_rgb(rgb: np.ndarray) -> np.ndarray:
@@ -121,7 +131,10 @@ def blurred_rgb(rgb: np.ndarray) -> np.ndarray:
 def normalised_lab(rgb_f: np.ndarray) -> np.ndarray:
     """CIE Lab of float RGB in [0, 1], scaled to about [0, 1]: L / 100, a / 220 + 0.5, b / 220 + 0.5."""
     lab = cv2.cvtColor(rgb_f, cv2.COLOR_RGB2Lab)
-    return np.stack([lab[..., 0] / 100.0, lab[..., 1] / 220.0 + 0.5, lab[..., 2] / 220.0 + 0.5], axis=2)
+    np.divide(lab[..., 0], 100.0, out=lab[..., 0])
+    np.divide(lab[..., 1:], 220.0, out=lab[..., 1:])
+    lab[..., 1:] += 0.5
+    return lab
 
 
 def pixel_features(rgb: np.ndarray, texture_scale: float = 0.5) -> PixelFeatures:
@@ -132,11 +145,16 @@ def pixel_features(rgb: np.ndarray, texture_scale: float = 0.5) -> PixelFeatures
     barely change.
     """
     h, w = rgb.shape[:2]
+    values = np.empty((h, w, 25), np.float32)  # filled in place: no per-image concatenations
     blur = cv2.GaussianBlur(rgb, (5, 5), 0)
-    rgb_f = blur.astype(np.float32) / 255.0  # = blurred_rgb(rgb); blur itself is needed below
+    rgb_f = values[..., 0:3]
+    np.divide(blur, np.float32(255.0), out=rgb_f)  # = blurred_rgb(rgb); blur itself is needed below
+    rgb_f = np.ascontiguousarray(rgb_f)
     lab = normalised_lab(rgb_f)
+    values[..., 3:6] = lab
     hsv = cv2.cvtColor(rgb_f, cv2.COLOR_RGB2HSV)
     hsv[..., 0] /= 360.0
+    values[..., 6:9] = hsv
     gray = cv2.cvtColor(blur, cv2.COLOR_RGB2GRAY)
 
     small = gray.astype(np.float32) / 255.0
@@ -150,14 +168,14 @@ def pixel_features(rgb: np.ndarray, texture_scale: float = 0.5) -> PixelFeatures
         small_resp[..., i] = (r - lo) / (hi - lo) if hi > lo else 0.0
     texton = small_resp.argmax(axis=2).astype(np.uint8)  # index of the strongest filter
     if small.shape != (h, w):
-        resp = np.stack([cv2.resize(small_resp[..., i], (w, h), interpolation=cv2.INTER_LINEAR)
-                         for i in range(N_FILTERS)], axis=2)  # fmt: skip
+        for i in range(N_FILTERS):
+            values[..., 9 + i] = cv2.resize(small_resp[..., i], (w, h), interpolation=cv2.INTER_LINEAR)
         texton = cv2.resize(texton, (w, h), interpolation=cv2.INTER_NEAREST)
     else:
-        resp = small_resp
+        values[..., 9:24] = small_resp
     lbp = lbp_codes(gray)
+    np.divide(lbp, np.float32(255.0), out=values[..., 24])
 
-    channels = np.concatenate([rgb_f, lab, hsv, resp], axis=2).reshape(h * w, 24)
     b = int(np.floor(15 * max(h, w) / 400))
     border = np.zeros((h, w), bool)
     if b > 0:
@@ -165,8 +183,7 @@ def pixel_features(rgb: np.ndarray, texture_scale: float = 0.5) -> PixelFeatures
     return PixelFeatures(
         height=h,
         width=w,
-        channels=np.ascontiguousarray(channels),
-        lbp_value=lbp.reshape(-1).astype(np.float32) / 255.0,
+        values=values.reshape(h * w, 25),
         bins=(
             _quantize3(rgb_f).reshape(-1),
             _quantize3(np.clip(lab, 0, 1)).reshape(-1),
@@ -259,11 +276,13 @@ def region_features(pix: PixelFeatures, labels: np.ndarray) -> tuple[np.ndarray,
         raise ValueError("labels must be consecutive 0..R-1 with every label present")
     member = sparse.csr_matrix((np.ones(npx, np.float32), (lab, np.arange(npx))), shape=(n, npx))
 
-    feats = np.concatenate([pix.channels, pix.lbp_value[:, None]], axis=1)  # N x 25
-    sums = np.asarray(member @ feats, np.float64)
-    sq = np.asarray(member @ (feats.astype(np.float64) ** 2), np.float64)
-    mean = sums / area[:, None]
-    var = np.maximum(sq / area[:, None] - mean**2, 0.0)
+    feats = pix.values  # N x 25
+    mean = np.asarray(member @ feats, np.float64) / area[:, None]
+    # variances from deviations about the region means: exact enough in float32, unlike
+    # E[x^2] - E[x]^2, which needs float64 for its cancellation (and was the slowest step)
+    dev = feats - mean.astype(np.float32)[lab]
+    np.square(dev, out=dev)
+    var = np.asarray(member @ dev, np.float64) / area[:, None]
 
     ys, xs = np.divmod(np.arange(npx), w)
     cx, cy = np.bincount(lab, xs, n) / area / w, np.bincount(lab, ys, n) / area / h

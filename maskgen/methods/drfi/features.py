@@ -131,10 +131,7 @@ def blurred_rgb(rgb: np.ndarray) -> np.ndarray:
 def normalised_lab(rgb_f: np.ndarray) -> np.ndarray:
     """CIE Lab of float RGB in [0, 1], scaled to about [0, 1]: L / 100, a / 220 + 0.5, b / 220 + 0.5."""
     lab = cv2.cvtColor(rgb_f, cv2.COLOR_RGB2Lab)
-    np.divide(lab[..., 0], 100.0, out=lab[..., 0])
-    np.divide(lab[..., 1:], 220.0, out=lab[..., 1:])
-    lab[..., 1:] += 0.5
-    return lab
+    return np.stack([lab[..., 0] / 100.0, lab[..., 1] / 220.0 + 0.5, lab[..., 2] / 220.0 + 0.5], axis=2)
 
 
 def pixel_features(rgb: np.ndarray, texture_scale: float = 0.5) -> PixelFeatures:
@@ -145,16 +142,11 @@ def pixel_features(rgb: np.ndarray, texture_scale: float = 0.5) -> PixelFeatures
     barely change.
     """
     h, w = rgb.shape[:2]
-    values = np.empty((h, w, 25), np.float32)  # filled in place: no per-image concatenations
     blur = cv2.GaussianBlur(rgb, (5, 5), 0)
-    rgb_f = values[..., 0:3]
-    np.divide(blur, np.float32(255.0), out=rgb_f)  # = blurred_rgb(rgb); blur itself is needed below
-    rgb_f = np.ascontiguousarray(rgb_f)
+    rgb_f = blur.astype(np.float32) / 255.0  # = blurred_rgb(rgb); blur itself is needed below
     lab = normalised_lab(rgb_f)
-    values[..., 3:6] = lab
     hsv = cv2.cvtColor(rgb_f, cv2.COLOR_RGB2HSV)
     hsv[..., 0] /= 360.0
-    values[..., 6:9] = hsv
     gray = cv2.cvtColor(blur, cv2.COLOR_RGB2GRAY)
 
     small = gray.astype(np.float32) / 255.0
@@ -168,13 +160,14 @@ def pixel_features(rgb: np.ndarray, texture_scale: float = 0.5) -> PixelFeatures
         small_resp[..., i] = (r - lo) / (hi - lo) if hi > lo else 0.0
     texton = small_resp.argmax(axis=2).astype(np.uint8)  # index of the strongest filter
     if small.shape != (h, w):
-        for i in range(N_FILTERS):
-            values[..., 9 + i] = cv2.resize(small_resp[..., i], (w, h), interpolation=cv2.INTER_LINEAR)
+        resp = np.stack([cv2.resize(small_resp[..., i], (w, h), interpolation=cv2.INTER_LINEAR)
+                         for i in range(N_FILTERS)], axis=2)  # fmt: skip
         texton = cv2.resize(texton, (w, h), interpolation=cv2.INTER_NEAREST)
     else:
-        values[..., 9:24] = small_resp
+        resp = small_resp
     lbp = lbp_codes(gray)
-    np.divide(lbp, np.float32(255.0), out=values[..., 24])
+    lbp_f = (lbp.astype(np.float32) / 255.0)[..., None]
+    values = np.concatenate([rgb_f, lab, hsv, resp, lbp_f], axis=2)  # N x 25, one copy per image
 
     b = int(np.floor(15 * max(h, w) / 400))
     border = np.zeros((h, w), bool)

@@ -41,12 +41,7 @@ class DecodedImage:
     grayscale: bool  # the source had a single channel
     format: str  # PIL format name, e.g. "JPEG", "PNG"
     reencode_reason: str | None  # None when the original bytes can be stored as they are
-    shape: tuple[int, int] = (0, 0)  # upright height and width
-
-    @property
-    def is_plain_jpeg(self) -> bool:
-        """A JPEG any decoder shows as upright RGB or grey: a method may decode the bytes itself."""
-        return self.format == "JPEG" and self.reencode_reason is None
+    shape: tuple[int, int]  # upright height and width
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, pixels: bool = True) -> DecodedImage:
@@ -73,25 +68,24 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, pixels: bool
             orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
         except Exception:
             orientation = 1
-        if not pixels and fmt == "JPEG" and im.mode in ("RGB", "L") and orientation in (1, None):
-            return DecodedImage(None, im.mode == "L", fmt, None, (h, w))
+        mode = im.mode
+        grayscale = mode in ("L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "1")
+        reason = None
+        if fmt != "JPEG":
+            reason = f"format:{fmt}"
+        elif mode not in ("RGB", "L"):
+            reason = f"mode:{mode}"
+        elif orientation not in (1, None):
+            reason = f"exif_orientation:{orientation}"
+        if not pixels and reason is None:  # a plain JPEG: its bytes are all the method needs
+            return DecodedImage(None, grayscale, fmt, None, (h, w))
         try:
             im.load()
         except Exception as exc:
             raise ImageDecodeError("truncated_or_corrupt", str(exc)) from None
-        mode = im.mode
         if orientation not in (1, None):
             im = ImageOps.exif_transpose(im)
-        grayscale = mode in ("L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "1")
         rgb = _to_rgb8(im)
-
-    reason = None
-    if fmt != "JPEG":
-        reason = f"format:{fmt}"
-    elif mode not in ("RGB", "L"):
-        reason = f"mode:{mode}"
-    elif orientation not in (1, None):
-        reason = f"exif_orientation:{orientation}"
     return DecodedImage(rgb=rgb, grayscale=grayscale, format=fmt, reencode_reason=reason, shape=rgb.shape[:2])
 
 

@@ -274,7 +274,7 @@ def _ray_node_id() -> str | None:
 def _predict(method: SaliencyMethod, batch: list[_Decoded], record_error) -> list[np.ndarray | None]:
     """Batched prediction; on failure retry one image at a time so one bad input costs one image."""
 
-    def run(decoded: list[_Decoded]) -> list[np.ndarray]:
+    def run(decoded: list[_Decoded]) -> list[np.ndarray | None]:
         if method.decodes_jpeg:
             maps = method.predict_encoded([d.data if d.image.rgb is None else d.image.rgb for d in decoded])
         else:
@@ -282,7 +282,7 @@ def _predict(method: SaliencyMethod, batch: list[_Decoded], record_error) -> lis
         return [_check_map(m, d.image.shape) for m, d in zip(maps, decoded, strict=True)]
 
     try:
-        return list(run(batch))
+        return run(batch)
     except Exception:
         pass
     out: list[np.ndarray | None] = []

@@ -89,19 +89,15 @@ class DeepSaliency(SaliencyMethod):
         if decode == "device" and self.refine:
             raise ValueError("deep: refine=1 needs the decoded image on the CPU; use decode=pil or auto")
         self.decode_arg = decode
-        self.decode = (
-            decode if decode != "auto" else ("device" if self.device == "cuda" and not self.refine else "pil")
+        # auto: on a GPU, unless refine needs the pixels on the CPU anyway
+        self.decodes_jpeg = decode == "device" or (
+            decode == "auto" and self.device == "cuda" and not self.refine
         )
-        self.decodes_jpeg = self.decode == "device"
         self.backend = None
         if self.refine:
-            from maskgen.methods.drfi.segment import default_backend, opencv_available
+            from maskgen.methods.drfi.segment import resolve_backend
 
-            self.backend = backend or default_backend()
-            if self.backend not in ("opencv", "skimage"):
-                raise ValueError(f"deep: backend must be 'opencv' or 'skimage', got {self.backend!r}")
-            if self.backend == "opencv" and not opencv_available():
-                raise ValueError("deep: backend=opencv needs the opencv-contrib build (see docs/drfi.md)")
+            self.backend = resolve_backend(backend, "deep")
 
     @classmethod
     def canonical_args(cls, args: dict[str, Any]) -> dict[str, Any]:

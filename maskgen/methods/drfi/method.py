@@ -12,7 +12,7 @@ from maskgen.methods.base import Resources, SaliencyMethod
 from maskgen.methods.drfi.features import pixel_features, region_features
 from maskgen.methods.drfi.refine import refine_map
 from maskgen.methods.drfi.scoring import ForestScorer, HeuristicScorer, _minmax
-from maskgen.methods.drfi.segment import LEVEL_SETS, default_backend, opencv_available, segment
+from maskgen.methods.drfi.segment import LEVEL_SETS, resolve_backend, segment
 
 DEFAULT_MODEL = Path(__file__).parent / "default_forest.npz"
 ENHANCE = 1.25  # DRFI's per-level contrast enhancement exp(1.25 s)
@@ -77,11 +77,7 @@ class DRFI(SaliencyMethod):
         self.scorer_name = scorer
         self.scorers = make_scorers(scorer, model)
         self.refine = bool(refine)
-        self.backend = backend or default_backend()
-        if self.backend == "opencv" and not opencv_available():
-            raise ValueError("drfi: backend=opencv needs the opencv-contrib build (see docs/drfi.md)")
-        if self.backend not in ("opencv", "skimage"):
-            raise ValueError(f"drfi: backend must be 'opencv' or 'skimage', got {self.backend!r}")
+        self.backend = resolve_backend(backend, "drfi")
 
     @classmethod
     def canonical_args(cls, args: dict[str, Any]) -> dict[str, Any]:

@@ -53,6 +53,17 @@ def default_backend() -> str:
     return "opencv" if opencv_available() else "skimage"
 
 
+def resolve_backend(backend: str | None, who: str) -> str:
+    """The segmentation backend to use (``None``: the fastest installed); a clear error for
+    an unknown one or for opencv without the contrib build. ``who`` names the method."""
+    backend = backend or default_backend()
+    if backend not in ("opencv", "skimage"):
+        raise ValueError(f"{who}: backend must be 'opencv' or 'skimage', got {backend!r}")
+    if backend == "opencv" and not opencv_available():
+        raise ValueError(f"{who}: backend=opencv needs the opencv-contrib build (see docs/drfi.md)")
+    return backend
+
+
 @functools.lru_cache(maxsize=32)
 def _segmenter(sigma: float, k: float, min_size: int):
     return cv2.ximgproc.segmentation.createGraphSegmentation(sigma=sigma, k=k, min_size=min_size)

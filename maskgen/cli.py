@@ -234,6 +234,9 @@ def drfi() -> None:
 @click.option(
     "--rounds", type=int, default=1, help="Self-training rounds after the first fit (pseudo labels)."
 )
+@click.option("--round-labels", type=click.Choice(["boundary", "masks"]), default="boundary",
+              help="How self-training rounds re-label: the boundary rule on the forest's scores, or the "
+                   "method's own refined masks (scorer=forest+heuristic refine=1) with DRFI's purity rule.")  # fmt: skip
 @click.option("--limit", type=int, help="Use only the first N images.")
 @click.option("--trees", type=int, default=200, help="Trees in the forest.")
 @click.option("--seed", type=int, default=0)
@@ -246,7 +249,7 @@ def drfi_fit(**kw: Any) -> None:
     source = make_source(kw["source"], source_config(kw["source"], kw, kw["seed"]))
     try:
         forest = fit_drfi(source, kw["source"], labels=labels, levels=kw["levels"], rounds=kw["rounds"],
-                          limit=kw["limit"], seed=kw["seed"], n_estimators=kw["trees"])  # fmt: skip
+                          round_labels=kw["round_labels"], limit=kw["limit"], seed=kw["seed"], n_estimators=kw["trees"])  # fmt: skip
     except ValueError as exc:
         raise BuildError(str(exc)) from None
     forest.save(kw["out"])

@@ -3,6 +3,7 @@ format; labelling rules; and the method against the centre baseline."""
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import subprocess
@@ -386,22 +387,94 @@ def test_refinement_evens_out_similar_neighbours_only():
     assert ((got >= 0) & (got <= 1)).all()
 
 
-def test_refine_on_image_pools_over_drfis_levels_then_refines_like_drfi():
+def _slow_region_mean(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each region's mean of a pixel map, one boolean mask per region."""
+    return np.array([values[labels == r].mean() for r in range(labels.max() + 1)])
+
+
+def test_refine_levels_matches_a_pixel_level_reference():
     from maskgen.methods.drfi.features import pixel_features, region_features
-    from maskgen.methods.drfi.refine import refine_map, refine_on_image
+    from maskgen.methods.drfi.refine import LevelGraph, refine_regions
+    from maskgen.methods.drfi.segment import MULTI_LEVELS
+
+    rgb, _, _ = render_scene(4, 2)
+    pix = pixel_features(rgb)
+    labels = [segment(rgb, *level) for level in MULTI_LEVELS]
+    stats = [region_features(pix, lab)[1] for lab in labels]
+    rng = np.random.default_rng(1)
+    values = [rng.random(st.area.size) for st in stats]
+    lab_img = pix.channels[:, 3:6].reshape(*rgb.shape[:2], 3)
+    lab_means = [np.stack([_slow_region_mean(lab_img[..., c], lab) for c in range(3)], 1) for lab in labels]
+    # reference: refine each level, paint, average the pixel maps, pool on the finest, refine
+    painted = [
+        refine_regions(v, m, st.adjacency)[lab]
+        for v, m, st, lab in zip(values, lab_means, stats, labels, strict=True)
+    ]
+    finest = int(np.argmax([st.area.size for st in stats]))
+    pooled = _slow_region_mean(np.mean(painted, axis=0), labels[finest])
+    prior = (pooled - pooled.min()) / (pooled.max() - pooled.min())
+    expected = refine_regions(prior, lab_means[finest], stats[finest].adjacency)
+
+    graph = LevelGraph.build(pix, labels, stats)
+    assert graph.finest == finest
+    np.testing.assert_allclose(graph.refine(values), expected, atol=1e-6)
+    # a finest-level vector read on every level: each region's pixel share
+    fg = (expected >= 0.5).astype(float)
+    fg_pixels = fg[labels[finest]]
+    for share, lab in zip(graph.share_on_levels(fg), labels, strict=True):
+        np.testing.assert_allclose(share, _slow_region_mean(fg_pixels, lab), atol=1e-9)
+
+
+def test_drfi_refine_paints_the_refined_levels_on_the_finest_regions():
+    from maskgen.methods.drfi.features import pixel_features, region_features
+    from maskgen.methods.drfi.method import level_values
+    from maskgen.methods.drfi.refine import LevelGraph
+    from maskgen.methods.drfi.segment import MULTI_LEVELS
+
+    rgb, _, _ = render_scene(5, 3)
+    method = DRFI(scorer="forest+heuristic", levels="multi", refine=1)
+    pix = pixel_features(rgb)
+    labels = [segment(rgb, *level) for level in MULTI_LEVELS]
+    described = [region_features(pix, lab) for lab in labels]
+    scores = [[sc.score(f, st) for sc in method.scorers] for f, st in described]
+    graph = LevelGraph.build(pix, labels, [st for _, st in described])
+    expected = graph.refine([level_values(s) for s in scores])[labels[graph.finest]]
+    np.testing.assert_allclose(method.saliency(rgb), expected, atol=1e-6)
+
+
+def test_mask_round_labels_are_purity_labels_of_the_methods_own_mask():
+    from maskgen.imaging import decode_image
+    from maskgen.methods.drfi.fit import extract_levels, mask_labels
+    from maskgen.methods.drfi.segment import MULTI_LEVELS
+    from maskgen.sources import make_source
+
+    source = make_source("sample", {"sample_size": 2, "seed": 3})
+    items = source.list_items()[:2]  # the two synthetic scenes
+    images, skipped = extract_levels(source, items, "multi", False, io.StringIO(), need_graph=True)
+    assert skipped == 0 and len(images) == 2
+    method = DRFI(scorer="forest+heuristic", levels="multi", refine=1)
+    for item, image in zip(items, images, strict=True):
+        rgb = decode_image(source.read(item)).rgb
+        mask = method.saliency(rgb) >= 0.5  # the method's own map, thresholded
+        got = mask_labels(image, method.scorers)
+        for level, y in zip(MULTI_LEVELS, got, strict=True):
+            labels = segment(rgb, *level)
+            np.testing.assert_array_equal(y, purity_labels(labels, mask, labels.max() + 1))
+        assert any((y == 1).any() for y in got) and any((y == 0).any() for y in got)
+
+
+def test_refine_on_image_takes_region_means_then_refines_like_drfi():
+    from maskgen.methods.drfi.features import pixel_features, region_features
+    from maskgen.methods.drfi.refine import LevelGraph, refine_on_image
     from maskgen.methods.drfi.segment import MULTI_LEVELS
 
     rgb, _, _ = render_scene(3, 1)
     sal = np.random.default_rng(0).random(rgb.shape[:2]).astype(np.float32)
     pix = pixel_features(rgb)
-    pooled = np.zeros(sal.shape)
-    for level in MULTI_LEVELS:  # slow region means: one mask per region
-        labels = segment(rgb, *level)
-        for r in range(labels.max() + 1):
-            pooled[labels == r] += sal[labels == r].mean() / len(MULTI_LEVELS)
-    finest = segment(rgb, *MULTI_LEVELS[0])  # (0.8, 100, 150): the most regions
-    _, stats = region_features(pix, finest)  # the DRFI path: the descriptor's region stats
-    expected = refine_map(pooled.astype(np.float32), finest, pix, stats)
+    labels = [segment(rgb, *level) for level in MULTI_LEVELS]
+    stats = [region_features(pix, lab)[1] for lab in labels]  # the DRFI path: the descriptor's stats
+    graph = LevelGraph.build(pix, labels, stats)
+    expected = graph.refine([_slow_region_mean(sal, lab) for lab in labels])[labels[graph.finest]]
     np.testing.assert_allclose(refine_on_image(sal, rgb), expected, atol=1e-5)
 
 

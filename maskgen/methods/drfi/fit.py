@@ -3,8 +3,17 @@
 Labels per region come either from ground truth (DRFI's purity rule: >= 75 % of the
 region's pixels foreground -> 1, >= 75 % background -> 0, else unused) or, without ground
 truth, from the boundary prior (``pseudo_labels``: regions mostly on the image edge -> 0,
-the best-scored inner regions -> 1). Self-training rounds re-label with the fitted forest
-and fit again. Classes are balanced before fitting, as in DRFI.
+the best-scored inner regions -> 1). Self-training rounds re-label and fit again, in one of
+two ways (``round_labels``):
+
+- ``boundary``: the boundary-prior rule again, on the fitted forest's region scores;
+- ``masks``: the masks the method itself would make with the fitted forest (``scorer=
+  forest+heuristic levels=<levels> refine=1``, thresholded at 0.5), turned into region labels
+  by DRFI's purity rule, exactly as ground-truth masks are. The labels then follow object
+  outlines instead of the border/centre rule. On ECSSD 0001-0100 a round of it lifted max
+  F-beta from 0.774 to 0.785 (README).
+
+Classes are balanced before fitting, as in DRFI.
 """
 
 from __future__ import annotations
@@ -18,7 +27,10 @@ import numpy as np
 
 from maskgen.imaging import ImageDecodeError, decode_image
 from maskgen.methods.drfi.features import RegionStats, pixel_features, region_features
+from maskgen.methods.drfi.method import level_values
+from maskgen.methods.drfi.refine import LevelGraph
 from maskgen.methods.drfi.scoring import (
+    PURITY,
     Forest,
     ForestScorer,
     HeuristicScorer,
@@ -32,6 +44,9 @@ from maskgen.sources import Source
 FOREST_DEFAULTS = {"n_estimators": 200, "max_features": 15, "min_samples_leaf": 5}
 
 
+ROUND_LABELS = ("boundary", "masks")
+
+
 @dataclass
 class _Level:
     feats: np.ndarray
@@ -39,9 +54,15 @@ class _Level:
     gt_labels: np.ndarray | None
 
 
+@dataclass
+class _Image:
+    levels: list[_Level]
+    graph: LevelGraph | None  # for labels from the method's own masks
+
+
 def extract_levels(
-    source: Source, items, levels: str, need_gt: bool, log: TextIO
-) -> tuple[list[_Level], int]:
+    source: Source, items, levels: str, need_gt: bool, log: TextIO, need_graph: bool = False
+) -> tuple[list[_Image], int]:
     """Region descriptors of every level of every usable image (bad images are skipped)."""
     out, skipped = [], 0
     t0 = time.time()
@@ -56,11 +77,16 @@ def extract_levels(
             skipped += 1
             continue
         pix = pixel_features(rgb)
+        image, segmentations = _Image([], None), []
         for sigma, k, min_size in LEVEL_SETS[levels]:
             labels = segment(rgb, sigma, k, min_size)
             feats, stats = region_features(pix, labels)
             gl = purity_labels(labels, gt, feats.shape[0]) if gt is not None else None
-            out.append(_Level(feats, stats, gl))
+            image.levels.append(_Level(feats, stats, gl))
+            segmentations.append(labels)
+        if need_graph:
+            image.graph = LevelGraph.build(pix, segmentations, [lv.stats for lv in image.levels])
+        out.append(image)
         if n % 50 == 0:
             print(f"drfi fit: described {n}/{len(items)} images ({time.time() - t0:.0f} s)", file=log)
     return out, skipped
@@ -89,6 +115,20 @@ def fit_forest(x: np.ndarray, y: np.ndarray, seed: int, info: dict[str, Any], **
     return Forest.from_sklearn(model, info={**info, "forest": kw, "n_train_regions": int(x.shape[0])})
 
 
+def mask_labels(image: _Image, scorers: list) -> list[np.ndarray]:
+    """Region labels of every level from the method's own refined mask (DRFI's purity rule)."""
+    assert image.graph is not None
+    values = [level_values([sc.score(lv.feats, lv.stats) for sc in scorers]) for lv in image.levels]
+    fg = (image.graph.refine(values) >= 0.5).astype(np.float64)
+    out = []
+    for share in image.graph.share_on_levels(fg):
+        y = np.full(share.shape, -1, np.int8)
+        y[share >= PURITY] = 1
+        y[share <= 1.0 - PURITY] = 0
+        out.append(y)
+    return out
+
+
 def fit_drfi(
     source: Source,
     source_name: str,
@@ -96,6 +136,7 @@ def fit_drfi(
     labels: str = "pseudo",
     levels: str = "harl",
     rounds: int = 0,
+    round_labels: str = "boundary",
     limit: int | None = None,
     seed: int = 0,
     log: TextIO | None = None,
@@ -105,10 +146,16 @@ def fit_drfi(
     log = log or sys.stderr
     if labels not in ("pseudo", "gt"):
         raise ValueError(f"drfi fit: labels must be 'pseudo' or 'gt', got {labels!r}")
+    if round_labels not in ROUND_LABELS:
+        raise ValueError(
+            f"drfi fit: round labels must be one of {', '.join(ROUND_LABELS)}, got {round_labels!r}"
+        )
+    by_masks = labels == "pseudo" and rounds > 0 and round_labels == "masks"
     items = source.list_items()[:limit] if limit else source.list_items()
-    data, skipped = extract_levels(source, items, levels, labels == "gt", log)
-    if not data:
+    images, skipped = extract_levels(source, items, levels, labels == "gt", log, need_graph=by_masks)
+    if not images:
         raise ValueError("drfi fit: no usable images" + (" with ground truth" if labels == "gt" else ""))
+    data = [lv for im in images for lv in im.levels]
     rng = np.random.default_rng(seed)
     x_all = np.concatenate([d.feats for d in data])
     info = {
@@ -118,6 +165,7 @@ def fit_drfi(
         "labels": labels,
         "levels": levels,
         "rounds": rounds,
+        **({"round_labels": round_labels} if rounds > 0 and labels == "pseudo" else {}),
         "seed": seed,
         "segmentation_backend": default_backend(),
     }
@@ -129,7 +177,11 @@ def fit_drfi(
     scorer: HeuristicScorer | ForestScorer = HeuristicScorer()
     forest = None
     for r in range(rounds + 1):
-        y_all = np.concatenate([pseudo_labels(scorer.score(d.feats, d.stats), d.stats) for d in data])
+        if r > 0 and by_masks:
+            scorers = [scorer, HeuristicScorer()]
+            y_all = np.concatenate([y for im in images for y in mask_labels(im, scorers)])
+        else:
+            y_all = np.concatenate([pseudo_labels(scorer.score(d.feats, d.stats), d.stats) for d in data])
         x, y = _balanced(x_all, y_all, rng)
         forest = fit_forest(x, y, seed + r, {**info, "round": r}, **forest_kw)
         print(f"drfi fit: round {r}: {x.shape[0]} balanced regions", file=log)

@@ -10,7 +10,7 @@ import numpy as np
 
 from maskgen.methods.base import Resources, SaliencyMethod
 from maskgen.methods.drfi.features import pixel_features, region_features
-from maskgen.methods.drfi.refine import refine_map
+from maskgen.methods.drfi.refine import LevelGraph
 from maskgen.methods.drfi.scoring import ForestScorer, HeuristicScorer, _minmax
 from maskgen.methods.drfi.segment import LEVEL_SETS, resolve_backend, segment
 
@@ -22,6 +22,13 @@ def level_map(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """DRFI's per-level map: min-max, exp(1.25 s), min-max again, painted onto the regions."""
     s = _minmax(np.exp(ENHANCE * _minmax(np.asarray(scores, np.float64))))
     return s[labels].astype(np.float32)
+
+
+def level_values(scores: list[np.ndarray]) -> np.ndarray:
+    """One level's region values for refinement: each scorer's enhanced scores, averaged, min-max."""
+    return _minmax(
+        np.mean([_minmax(np.exp(ENHANCE * _minmax(np.asarray(s, np.float64)))) for s in scores], 0)
+    )
 
 
 def fuse(maps: list[np.ndarray]) -> np.ndarray:
@@ -101,18 +108,18 @@ class DRFI(SaliencyMethod):
 
     def saliency(self, rgb: np.ndarray) -> np.ndarray:
         pix = pixel_features(rgb)
-        maps = []
-        finest = None
+        labels, scores, stats = [], [], []
         for sigma, k, min_size in self.levels:
-            labels = segment(rgb, sigma, k, min_size, self.backend)
-            feats, stats = region_features(pix, labels)
-            if finest is None or stats.area.size > finest[1].area.size:
-                finest = (labels, stats)
-            maps.extend(level_map(sc.score(feats, stats), labels) for sc in self.scorers)
-        fused = fuse(maps)
-        if self.refine and finest is not None and finest[1].area.size > 1:
-            fused = refine_map(fused, finest[0], pix, finest[1])
-        return fused
+            lab = segment(rgb, sigma, k, min_size, self.backend)
+            feats, st = region_features(pix, lab)
+            labels.append(lab)
+            stats.append(st)
+            scores.append([sc.score(feats, st) for sc in self.scorers])
+        if self.refine and max(st.area.size for st in stats) > 1:
+            graph = LevelGraph.build(pix, labels, stats)
+            refined = graph.refine([level_values(s) for s in scores])
+            return refined[labels[graph.finest]].astype(np.float32)
+        return fuse([level_map(s, lab) for ss, lab in zip(scores, labels, strict=True) for s in ss])
 
     def predict(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         return [self.saliency(im) for im in images]

@@ -337,6 +337,26 @@ def test_fit_then_build_with_the_model(tmp_path):
     assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1 and str(bad) in res.stderr
 
 
+def test_masks_round_fits_on_the_methods_own_mask_labels(monkeypatch):
+    from maskgen.methods.drfi import fit
+    from maskgen.sources import make_source
+
+    source = make_source("sample", {"sample_size": 3, "seed": 5})
+    seen = []
+    real = fit.mask_labels
+    monkeypatch.setattr(
+        fit, "mask_labels", lambda image, scorers: seen.append(real(image, scorers)) or seen[-1]
+    )
+    forest = fit.fit_drfi(source, "sample", levels="multi", rounds=1, round_labels="masks", limit=3,
+                          n_estimators=4, log=io.StringIO())  # fmt: skip
+    assert len(seen) == 3  # round 1 re-labelled every image from its refined mask
+    y = np.concatenate([lv for image in seen for lv in image])
+    assert forest.info["round_labels"] == "masks"
+    assert forest.info["n_train_regions"] == 2 * min((y == 1).sum(), (y == 0).sum())  # balanced
+    with pytest.raises(ValueError, match="round labels"):
+        fit.fit_drfi(source, "sample", rounds=1, round_labels="border", limit=1, log=io.StringIO())
+
+
 def test_drfi_builds_are_deterministic_and_params_recorded(tmp_path):
     from maskgen.cli import main
 

@@ -443,6 +443,11 @@ def test_refine_levels_matches_a_pixel_level_reference():
     fg_pixels = fg[labels[finest]]
     for share, lab in zip(graph.share_on_levels(fg), labels, strict=True):
         np.testing.assert_allclose(share, _slow_region_mean(fg_pixels, lab), atol=1e-9)
+    # one level: refined once on its own regions, nothing to fuse
+    one = LevelGraph.build(pix, labels[:1], stats[:1])
+    np.testing.assert_allclose(
+        one.refine(values[:1]), refine_regions(values[0], lab_means[0], stats[0].adjacency), atol=1e-6
+    )
 
 
 def test_drfi_refine_paints_the_refined_levels_on_the_finest_regions():

@@ -88,9 +88,11 @@ def refine_levels(
 ) -> np.ndarray:
     """DRFI's ``refine=1``: refine each level's region values (in [0, 1]) on its own regions,
     average the refined levels over the finest level's regions (``overlaps[i]`` is the
-    finest x level-i pixel-overlap matrix), min-max, refine on the finest level. Returns one
-    value per finest region."""
+    finest x level-i pixel-overlap matrix), min-max, refine on the finest level (with a single
+    level, its refined values as they are). Returns one value per finest region."""
     refined = [refine_regions(v, m, a) for v, m, a in zip(level_values, lab_means, adjacencies, strict=True)]
+    if len(refined) == 1:  # one level: nothing to fuse, it is already refined on the finest regions
+        return refined[0]
     fin_area = np.asarray(overlaps[finest].sum(axis=1)).ravel()
     pooled = sum(o @ r for o, r in zip(overlaps, refined, strict=True)) / (len(refined) * fin_area)
     lo, hi = float(pooled.min()), float(pooled.max())

@@ -239,6 +239,8 @@ def drfi() -> None:
                    "method's own refined masks (scorer=forest+heuristic refine=1) with DRFI's purity rule.")  # fmt: skip
 @click.option("--limit", type=int, help="Use only the first N images.")
 @click.option("--trees", type=int, default=200, help="Trees in the forest.")
+@click.option("--jobs", type=int, default=1,
+              help="Threads that build the trees (-1: all cores); the forest is the same for any count.")  # fmt: skip
 @click.option("--seed", type=int, default=0)
 def drfi_fit(**kw: Any) -> None:
     """Fit DRFI's random-forest region regressor and save it (plain arrays, no pickle)."""
@@ -249,7 +251,8 @@ def drfi_fit(**kw: Any) -> None:
     source = make_source(kw["source"], source_config(kw["source"], kw, kw["seed"]))
     try:
         forest = fit_drfi(source, kw["source"], labels=labels, levels=kw["levels"], rounds=kw["rounds"],
-                          round_labels=kw["round_labels"], limit=kw["limit"], seed=kw["seed"], n_estimators=kw["trees"])  # fmt: skip
+                          round_labels=kw["round_labels"], limit=kw["limit"], seed=kw["seed"],
+                          jobs=kw["jobs"], n_estimators=kw["trees"])  # fmt: skip
     except ValueError as exc:
         raise BuildError(str(exc)) from None
     forest.save(kw["out"])

@@ -357,6 +357,19 @@ def test_masks_round_fits_on_the_methods_own_mask_labels(monkeypatch):
         fit.fit_drfi(source, "sample", rounds=1, round_labels="border", limit=1, log=io.StringIO())
 
 
+def test_forest_is_the_same_for_any_number_of_fitting_threads():
+    from maskgen.methods.drfi.fit import fit_forest
+
+    rng = np.random.default_rng(0)
+    x = rng.random((300, 93))
+    y = (x[:, 3] + 0.3 * rng.random(300) > 0.6).astype(float)
+    one = fit_forest(x, y, 7, {}, jobs=1, n_estimators=6)
+    two = fit_forest(x, y, 7, {}, jobs=2, n_estimators=6)
+    for name in ("feature", "threshold", "left", "right", "value", "roots"):
+        np.testing.assert_array_equal(getattr(one, name), getattr(two, name))
+    assert one.info == two.info  # the thread count is not part of the model
+
+
 def test_drfi_builds_are_deterministic_and_params_recorded(tmp_path):
     from maskgen.cli import main
 

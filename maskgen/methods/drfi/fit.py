@@ -106,12 +106,15 @@ def _balanced(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[n
     return x[idx], y[idx].astype(np.float64)
 
 
-def fit_forest(x: np.ndarray, y: np.ndarray, seed: int, info: dict[str, Any], **forest_kw: Any) -> Forest:
+def fit_forest(
+    x: np.ndarray, y: np.ndarray, seed: int, info: dict[str, Any], jobs: int = 1, **forest_kw: Any
+) -> Forest:
+    """A scikit-learn forest, packed; ``jobs`` threads build the trees (same trees for any count)."""
     from sklearn.ensemble import RandomForestRegressor
 
     kw = {**FOREST_DEFAULTS, **forest_kw}
     kw["max_features"] = min(kw["max_features"], x.shape[1])
-    model = RandomForestRegressor(random_state=seed, n_jobs=1, **kw)
+    model = RandomForestRegressor(random_state=seed, n_jobs=jobs, **kw)
     model.fit(x, y)
     return Forest.from_sklearn(model, info={**info, "forest": kw, "n_train_regions": int(x.shape[0])})
 
@@ -141,6 +144,7 @@ def fit_drfi(
     limit: int | None = None,
     seed: int = 0,
     log: TextIO | None = None,
+    jobs: int = 1,
     **forest_kw: Any,
 ) -> Forest:
     """Fit a forest on ``source``; ``labels`` is 'pseudo' or 'gt'."""
@@ -173,7 +177,7 @@ def fit_drfi(
     if labels == "gt":
         y_all = np.concatenate([d.gt_labels for d in data])
         x, y = _balanced(x_all, y_all, rng)
-        return fit_forest(x, y, seed, info, **forest_kw)
+        return fit_forest(x, y, seed, info, jobs, **forest_kw)
 
     scorer: HeuristicScorer | ForestScorer = HeuristicScorer()
     forest = None
@@ -184,7 +188,7 @@ def fit_drfi(
         else:
             y_all = np.concatenate([pseudo_labels(scorer.score(d.feats, d.stats), d.stats) for d in data])
         x, y = _balanced(x_all, y_all, rng)
-        forest = fit_forest(x, y, seed + r, {**info, "round": r}, **forest_kw)
+        forest = fit_forest(x, y, seed + r, {**info, "round": r}, jobs, **forest_kw)
         print(f"drfi fit: round {r}: {x.shape[0]} balanced regions", file=log)
         scorer = ForestScorer(forest, "round", "")
     assert forest is not None

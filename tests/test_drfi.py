@@ -425,7 +425,7 @@ def _slow_region_mean(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.array([values[labels == r].mean() for r in range(labels.max() + 1)])
 
 
-def test_refine_levels_matches_a_pixel_level_reference():
+def test_level_graph_refine_matches_a_pixel_level_reference():
     from maskgen.methods.drfi.features import pixel_features, region_features
     from maskgen.methods.drfi.refine import LevelGraph, refine_regions
     from maskgen.methods.drfi.segment import MULTI_LEVELS

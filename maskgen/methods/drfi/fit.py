@@ -31,12 +31,12 @@ from maskgen.methods.drfi.features import RegionStats, pixel_features, region_fe
 from maskgen.methods.drfi.method import level_values
 from maskgen.methods.drfi.refine import LevelGraph
 from maskgen.methods.drfi.scoring import (
-    PURITY,
     Forest,
     ForestScorer,
     HeuristicScorer,
     pseudo_labels,
     purity_labels,
+    purity_rule,
 )
 from maskgen.methods.drfi.segment import LEVEL_SETS, default_backend, segment
 from maskgen.sources import Source
@@ -124,13 +124,7 @@ def mask_labels(image: _Image, scorers: list) -> list[np.ndarray]:
     assert image.graph is not None
     values = [level_values([sc.score(lv.feats, lv.stats) for sc in scorers]) for lv in image.levels]
     fg = (image.graph.refine(values) >= 0.5).astype(np.float64)
-    out = []
-    for share in image.graph.share_on_levels(fg):
-        y = np.full(share.shape, -1, np.int8)
-        y[share >= PURITY] = 1
-        y[share <= 1.0 - PURITY] = 0
-        out.append(y)
-    return out
+    return [purity_rule(share) for share in image.graph.share_on_levels(fg)]
 
 
 def fit_drfi(

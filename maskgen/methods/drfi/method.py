@@ -18,17 +18,19 @@ DEFAULT_MODEL = Path(__file__).parent / "default_forest.npz"
 ENHANCE = 1.25  # DRFI's per-level contrast enhancement exp(1.25 s)
 
 
+def enhanced(scores: np.ndarray) -> np.ndarray:
+    """DRFI's per-level contrast enhancement of region scores: min-max, exp(1.25 s), min-max."""
+    return _minmax(np.exp(ENHANCE * _minmax(np.asarray(scores, np.float64))))
+
+
 def level_map(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """DRFI's per-level map: min-max, exp(1.25 s), min-max again, painted onto the regions."""
-    s = _minmax(np.exp(ENHANCE * _minmax(np.asarray(scores, np.float64))))
-    return s[labels].astype(np.float32)
+    """DRFI's per-level map: the enhanced scores painted onto the regions."""
+    return enhanced(scores)[labels].astype(np.float32)
 
 
 def level_values(scores: list[np.ndarray]) -> np.ndarray:
     """One level's region values for refinement: each scorer's enhanced scores, averaged, min-max."""
-    return _minmax(
-        np.mean([_minmax(np.exp(ENHANCE * _minmax(np.asarray(s, np.float64)))) for s in scores], 0)
-    )
+    return _minmax(np.mean([enhanced(s) for s in scores], axis=0))
 
 
 def fuse(maps: list[np.ndarray]) -> np.ndarray:

@@ -13,7 +13,7 @@ and clear foreground towards 1 (f = 0.5 stays 0.5 without neighbours, so the 0.5
 keeps its meaning) and evens out values across similar neighbouring regions. It is one
 sparse linear solve of size R.
 
-DRFI's ``refine=1`` (``refine_levels``) refines each segmentation level's fused scores on that
+DRFI's ``refine=1`` (``LevelGraph.refine``) refines each segmentation level's fused scores on that
 level's own regions, averages the refined levels over the finest level's regions, and
 refines that once more on the finest level. Refining every level before fusing, rather than
 only the fused map, keeps a coarse level's object-sized regions from being split again by the
@@ -39,6 +39,7 @@ from scipy import sparse
 from scipy.sparse.linalg import spsolve
 
 from maskgen.methods.drfi.features import PixelFeatures, RegionStats, adjacency, blurred_rgb, normalised_lab
+from maskgen.methods.drfi.scoring import _minmax
 from maskgen.methods.drfi.segment import MULTI_LEVELS, segment
 
 SIGMA_COLOR = 0.03  # on DRFI's normalised Lab (L / 100, a / 220 + 0.5, b / 220 + 0.5)
@@ -79,32 +80,13 @@ def overlap_counts(finest: np.ndarray, labels: np.ndarray, n_finest: int, n: int
     return sparse.coo_matrix((ones, (a, b)), shape=(n_finest, n)).tocsr()
 
 
-def refine_levels(
-    level_values: list[np.ndarray],
-    lab_means: list[np.ndarray],
-    adjacencies: list[sparse.spmatrix],
-    overlaps: list[sparse.spmatrix],
-    finest: int,
-) -> np.ndarray:
-    """DRFI's ``refine=1``: refine each level's region values (in [0, 1]) on its own regions,
-    average the refined levels over the finest level's regions (``overlaps[i]`` is the
-    finest x level-i pixel-overlap matrix), min-max, refine on the finest level (with a single
-    level, its refined values as they are). Returns one value per finest region."""
-    refined = [refine_regions(v, m, a) for v, m, a in zip(level_values, lab_means, adjacencies, strict=True)]
-    if len(refined) == 1:  # one level: nothing to fuse, it is already refined on the finest regions
-        return refined[0]
-    fin_area = np.asarray(overlaps[finest].sum(axis=1)).ravel()
-    pooled = sum(o @ r for o, r in zip(overlaps, refined, strict=True)) / (len(refined) * fin_area)
-    lo, hi = float(pooled.min()), float(pooled.max())
-    prior = (pooled - lo) / (hi - lo) if hi > lo else np.zeros_like(pooled)
-    return refine_regions(prior, lab_means[finest], adjacencies[finest])
-
-
 @dataclass
 class LevelGraph:
-    """What ``refine_levels`` needs of one image's levels: each level's regions' Lab means and
-    adjacency, their pixel overlaps with the finest level, and which level is the finest."""
+    """One image's segmentation levels as the refinement needs them: each level's regions'
+    areas, Lab means and adjacency, their pixel overlaps with the finest level, and which level
+    is the finest."""
 
+    areas: list[np.ndarray]
     lab_means: list[np.ndarray]
     adjacencies: list[sparse.spmatrix]
     overlaps: list[sparse.csr_matrix]
@@ -134,6 +116,7 @@ class LevelGraph:
         finest = max(range(len(areas)), key=lambda i: areas[i].size)
         n_fin = areas[finest].size
         return cls(
+            areas=areas,
             lab_means=[region_means(lab_pixels, lab, area) for lab, area in zip(labels, areas, strict=True)],
             adjacencies=adjacencies,
             overlaps=[overlap_counts(labels[finest], lab, n_fin, area.size) for lab, area in zip(labels, areas, strict=True)],
@@ -141,16 +124,20 @@ class LevelGraph:
         )  # fmt: skip
 
     def refine(self, level_values: list[np.ndarray]) -> np.ndarray:
-        """``refine_levels`` on this image; one value per finest region."""
-        return refine_levels(level_values, self.lab_means, self.adjacencies, self.overlaps, self.finest)
+        """DRFI's ``refine=1``: refine each level's region values (in [0, 1]) on its own regions,
+        average the refined levels over the finest level's regions, min-max, refine on the
+        finest level (a single level: its refined values as they are). One value per finest
+        region."""
+        refined = [refine_regions(v, m, a) for v, m, a in zip(level_values, self.lab_means, self.adjacencies, strict=True)]  # fmt: skip
+        if len(refined) == 1:  # one level: nothing to fuse, it is already refined on the finest regions
+            return refined[0]
+        pooled = sum(o @ r for o, r in zip(self.overlaps, refined, strict=True))
+        prior = _minmax(pooled / (len(refined) * self.areas[self.finest]))
+        return refine_regions(prior, self.lab_means[self.finest], self.adjacencies[self.finest])
 
     def share_on_levels(self, finest_values: np.ndarray) -> list[np.ndarray]:
         """Each level's regions' pixel-weighted mean of a finest-level region vector."""
-        out = []
-        for o in self.overlaps:
-            area = np.asarray(o.sum(axis=0)).ravel()
-            out.append((o.T @ finest_values) / np.maximum(area, 1))
-        return out
+        return [(o.T @ finest_values) / area for o, area in zip(self.overlaps, self.areas, strict=True)]
 
 
 def refine_on_image(
@@ -161,13 +148,14 @@ def refine_on_image(
 ) -> np.ndarray:
     """Put a soft map of ``rgb`` (same height and width) on the image's regions as DRFI's
     ``refine=1`` does with its scores: each of ``levels`` takes the map's mean over each of
-    its regions, then ``refine_levels``. A map of an image that is one region is returned as
+    its regions, then ``LevelGraph.refine``. A map of an image that is one region is returned as
     it is."""
     segmentations = [segment(rgb, *level, backend) for level in levels]
     if max(int(labels.max()) for labels in segmentations) < 1:
         return np.asarray(saliency, np.float32)
     graph = LevelGraph.from_image(rgb, segmentations)
     flat = np.asarray(saliency, np.float64).reshape(-1, 1)
-    values = [region_means(flat, lab, np.asarray(o.sum(axis=0)).ravel())[:, 0]
-              for lab, o in zip(segmentations, graph.overlaps, strict=True)]  # fmt: skip
+    values = [
+        region_means(flat, lab, area)[:, 0] for lab, area in zip(segmentations, graph.areas, strict=True)
+    ]
     return graph.refine(values)[segmentations[graph.finest]].astype(np.float32)

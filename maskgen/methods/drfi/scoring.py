@@ -215,8 +215,12 @@ def purity_labels(labels: np.ndarray, gt: np.ndarray, n_regions: int) -> np.ndar
     lab = labels.reshape(-1)
     area = np.bincount(lab, minlength=n_regions)
     fg = np.bincount(lab, weights=gt.reshape(-1).astype(np.float64), minlength=n_regions)
-    frac = fg / np.maximum(area, 1)
-    y = np.full(n_regions, -1, np.int8)
-    y[frac >= PURITY] = 1
-    y[frac <= 1.0 - PURITY] = 0
+    return purity_rule(fg / np.maximum(area, 1))
+
+
+def purity_rule(fg_share: np.ndarray) -> np.ndarray:
+    """DRFI's labels from each region's foreground share: >= 75 % -> 1, <= 25 % -> 0, else -1."""
+    y = np.full(fg_share.shape, -1, np.int8)
+    y[fg_share >= PURITY] = 1
+    y[fg_share <= 1.0 - PURITY] = 0
     return y

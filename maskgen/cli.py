@@ -311,6 +311,12 @@ def deep() -> None:
     default=0,
     help="Self-training rounds: re-label the training images with the student, train again.",
 )
+@click.option(
+    "--iou-weight",
+    type=float,
+    default=0.0,
+    help="Add this times a soft-IoU loss (BASNet's) to the class-balanced BCE; 0: BCE alone (HARL's).",
+)
 @click.option("--workers", type=int, default=2, help="DataLoader workers.")
 @click.option("--seed", type=int, default=0)
 def deep_fit(**kw: Any) -> None:
@@ -321,7 +327,7 @@ def deep_fit(**kw: Any) -> None:
         result = fit_head(list(kw["shards"]), kw["backbone"], kw["out"], arch=kw["arch"],
                           out_stride=int(kw["out_stride"]), epochs=kw["epochs"], batch_size=kw["batch_size"],
                           short_side=kw["short_side"], lr=kw["lr"], finetune=kw["finetune"], gt=kw["gt"],
-                          decoder=kw["decoder"], rounds=kw["rounds"], workers=kw["workers"], seed=kw["seed"], echo=lambda m: click.echo(m, err=True))  # fmt: skip
+                          decoder=kw["decoder"], rounds=kw["rounds"], iou_weight=kw["iou_weight"], workers=kw["workers"], seed=kw["seed"], echo=lambda m: click.echo(m, err=True))  # fmt: skip
     except ValueError as exc:
         raise BuildError(str(exc)) from None
     click.echo(f"maskgen: wrote {kw['out']} ({describe(result)})", err=True)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from maskgen.cli import main
-from maskgen.methods.deep.fit import balanced_bce
+from maskgen.methods.deep.fit import balanced_bce, saliency_loss, soft_iou_loss
 from maskgen.methods.deep.model import HeadFileError, SaliencyNet, load_head, predict_maps, save_head
 from sslmask.backbones import build_backbone
 from sslmask.dataset import index_shards
@@ -235,6 +235,29 @@ def test_balanced_bce_weights_each_class_by_the_others_share():
     assert float(balanced_bce(logits, target)) == pytest.approx(expected, rel=1e-5)
 
 
+def test_soft_iou_loss_is_one_minus_each_images_soft_iou_averaged():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 1, 5, 7, generator=g) * 3
+    target = (torch.rand(3, 1, 5, 7, generator=g) > 0.6).float()
+    expected = []
+    for z, t in zip(logits.tolist(), target.tolist(), strict=True):  # one image at a time, pixel by pixel
+        inter = union = 1.0  # the +1 smoothing
+        for zr, tr in zip(z[0], t[0], strict=True):
+            for zi, ti in zip(zr, tr, strict=True):
+                p = 1 / (1 + np.exp(-zi))
+                inter += p * ti
+                union += p + ti - p * ti
+        expected.append(1 - inter / union)
+    assert float(soft_iou_loss(logits, target)) == pytest.approx(np.mean(expected), rel=1e-5)
+    # a confident right map costs nothing, a confident wrong one nearly everything
+    assert float(soft_iou_loss((target * 2 - 1) * 50, target)) == pytest.approx(0.0, abs=1e-6)
+    assert float(soft_iou_loss((1 - target * 2) * 50, target)) > 0.9
+    # the fit's loss: HARL's balanced BCE alone by default, plus the weighted IoU term on request
+    assert float(saliency_loss(logits, target)) == float(balanced_bce(logits, target))
+    both = float(balanced_bce(logits, target)) + 0.5 * float(soft_iou_loss(logits, target))
+    assert float(saliency_loss(logits, target, iou_weight=0.5)) == pytest.approx(both, rel=1e-6)
+
+
 def _members(path):
     with tarfile.open(path) as tar:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
@@ -299,10 +322,14 @@ def test_self_training_round_is_recorded_in_the_head(sample_build, tmp_path, cap
     head = tmp_path / "head.safetensors"
     assert main(["deep", "fit", "--shards", str(sample_build), "--backbone", "random", "--arch", "resnet_tiny",
                  "--out", str(head), "--epochs", "1", "--rounds", "1", "--short-side", "32", "--decoder", "aspp",
-                 "--batch-size", "16", "--workers", "0"]) == 0  # fmt: skip
+                 "--iou-weight", "0.5", "--batch-size", "16", "--workers", "0"]) == 0  # fmt: skip
     err = capsys.readouterr().err
     assert "round 0/1 epoch 1/1" in err and "round 1/1 epoch 1/1" in err
-    assert load_head(head)[1]["round"] == 1 and load_head(head)[1]["decoder"] == "aspp"
+    meta = load_head(head)[1]
+    assert meta["round"] == 1 and meta["decoder"] == "aspp" and meta["iou_weight"] == 0.5
+    assert main(["deep", "fit", "--shards", str(sample_build), "--backbone", "random", "--arch", "resnet_tiny",
+                 "--out", str(tmp_path / "h2.safetensors"), "--iou-weight", "-1"]) != 0  # fmt: skip
+    assert "--iou-weight must be >= 0" in capsys.readouterr().err
 
 
 def test_deep_without_a_usable_head_is_a_one_line_error(tmp_path, capsys):

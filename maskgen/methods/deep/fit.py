@@ -3,8 +3,9 @@
 The student learns from its teacher's masks (DRFI or any other method): class-balanced
 binary cross-entropy (MaskContrast's BalancedCrossEntropyLoss: each class weighted by the
 other's share of the batch) between the upsampled logits and the crop's mask, on random
-resized crops with flips and colour jitter. The backbone is frozen by default (HARL C.2);
-``finetune`` also trains its last stage(s), or all of it. Validation is on a held-out tenth of the build:
+resized crops with flips and colour jitter; ``iou_weight`` adds BASNet's soft-IoU term. The
+backbone is frozen by default (HARL C.2); ``finetune`` also trains its last stage(s), or all
+of it. Validation is on a held-out tenth of the build:
 mIoU against the teacher's masks, and, where ground truth exists (``--gt DIR``, or the
 build's own source, as in ``maskgen eval``), the student's and the teacher's mIoU against it,
 which says whether the student has overtaken its teacher. ``rounds`` adds self-training:
@@ -49,6 +50,27 @@ def balanced_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     pos = target.mean().clamp(1e-6, 1 - 1e-6)
     weight = torch.where(target > 0.5, 1 - pos, pos)
     return F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum") / weight.sum()
+
+
+def soft_iou_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - soft IoU of each image's sigmoid map with its mask, averaged over the batch.
+
+    The IoU term of BASNet's hybrid loss (Qin et al., CVPR 2019): it scores each image as a
+    whole, so it pushes the map towards the mask's extent, which per-pixel BCE (balanced or
+    not) leaves to the threshold."""
+    prob = torch.sigmoid(logits).flatten(1)
+    target = target.flatten(1)
+    inter = (prob * target).sum(1)
+    union = (prob + target - prob * target).sum(1)
+    return (1 - (inter + 1) / (union + 1)).mean()
+
+
+def saliency_loss(logits: torch.Tensor, target: torch.Tensor, iou_weight: float = 0.0) -> torch.Tensor:
+    """The head's training loss: class-balanced BCE (HARL's), plus ``iou_weight`` x soft IoU."""
+    loss = balanced_bce(logits, target)
+    if iou_weight:
+        loss = loss + iou_weight * soft_iou_loss(logits, target)
+    return loss
 
 
 @dataclass
@@ -170,6 +192,7 @@ def fit_head(
     val_fraction: float = 0.1,
     gt: str | None = None,
     rounds: int = 0,
+    iou_weight: float = 0.0,
     workers: int = 2,
     seed: int = 0,
     echo: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
@@ -178,6 +201,8 @@ def fit_head(
         raise ValueError(f"--finetune must be one of {', '.join(FINETUNE)}, got {finetune!r}")
     if rounds < 0:
         raise ValueError(f"--rounds must be >= 0, got {rounds}")
+    if iou_weight < 0:
+        raise ValueError(f"--iou-weight must be >= 0, got {iou_weight}")
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     records = index_shards(shards, require_masks=True)
@@ -203,6 +228,7 @@ def fit_head(
         "trained_on": [str(Path(s)) for s in shards],
         "samples": len(train_idx),
         "finetune": finetune,
+        **({"iou_weight": iou_weight} if iou_weight else {}),
     }
     val = _load_val(dataset, val_idx, _ground_truth_lookup(shards, gt))
     meta.update(teacher_scores(val))
@@ -228,7 +254,7 @@ def fit_head(
                     x = normalize(batch["view0"].to(device))
                     target = (batch["mask0"].to(device).float() / 255 > 0.5).float()
                     logits = F.interpolate(net(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
-                    loss = balanced_bce(logits, target)
+                    loss = saliency_loss(logits, target, iou_weight)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

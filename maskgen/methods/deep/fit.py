@@ -5,10 +5,10 @@ binary cross-entropy (MaskContrast's BalancedCrossEntropyLoss: each class weight
 other's share of the batch) between the upsampled logits and the crop's mask, on random
 resized crops with flips and colour jitter; ``iou_weight`` adds BASNet's soft-IoU term. The
 backbone is frozen by default (HARL C.2); ``finetune`` also trains its last stage(s), or all
-of it. Validation is on a held-out tenth of the build:
-mIoU against the teacher's masks, and, where ground truth exists (``--gt DIR``, or the
-build's own source, as in ``maskgen eval``), the student's and the teacher's mIoU against it,
-which says whether the student has overtaken its teacher. ``rounds`` adds self-training:
+of it. Validation is on a held-out tenth of the build: mIoU against the teacher's masks,
+and, where ground truth exists (``--gt DIR``, or the build's own source, as in ``maskgen
+eval``), the student's and the teacher's mIoU against it, which says whether the student has
+overtaken its teacher. ``rounds`` adds self-training:
 the student re-labels the training images (post-processed exactly like a build's masks) and
 trains on its own masks for another ``epochs``, with a fresh cosine schedule; validation stays
 against the original teacher and the ground truth. The head file is rewritten after every

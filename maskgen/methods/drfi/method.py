@@ -11,7 +11,7 @@ import numpy as np
 from maskgen.methods.base import Resources, SaliencyMethod
 from maskgen.methods.drfi.features import pixel_features, region_features
 from maskgen.methods.drfi.refine import LevelGraph
-from maskgen.methods.drfi.scoring import ForestScorer, HeuristicScorer, _minmax
+from maskgen.methods.drfi.scoring import ForestScorer, HeuristicScorer, minmax
 from maskgen.methods.drfi.segment import LEVEL_SETS, resolve_backend, segment
 
 DEFAULT_MODEL = Path(__file__).parent / "default_forest.npz"
@@ -20,7 +20,7 @@ ENHANCE = 1.25  # DRFI's per-level contrast enhancement exp(1.25 s)
 
 def enhanced(scores: np.ndarray) -> np.ndarray:
     """DRFI's per-level contrast enhancement of region scores: min-max, exp(1.25 s), min-max."""
-    return _minmax(np.exp(ENHANCE * _minmax(np.asarray(scores, np.float64))))
+    return minmax(np.exp(ENHANCE * minmax(np.asarray(scores, np.float64))))
 
 
 def level_map(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -30,12 +30,12 @@ def level_map(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def level_values(scores: list[np.ndarray]) -> np.ndarray:
     """One level's region values for refinement: each scorer's enhanced scores, averaged, min-max."""
-    return _minmax(np.mean([enhanced(s) for s in scores], axis=0))
+    return minmax(np.mean([enhanced(s) for s in scores], axis=0))
 
 
 def fuse(maps: list[np.ndarray]) -> np.ndarray:
     """Uniform fusion over levels (DRFI: "the uniform weight performs well"), then min-max."""
-    return _minmax(np.mean(maps, axis=0)).astype(np.float32)
+    return minmax(np.mean(maps, axis=0)).astype(np.float32)
 
 
 SCORERS = ("forest", "heuristic", "forest+heuristic")

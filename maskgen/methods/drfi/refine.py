@@ -39,7 +39,7 @@ from scipy import sparse
 from scipy.sparse.linalg import spsolve
 
 from maskgen.methods.drfi.features import PixelFeatures, RegionStats, adjacency, blurred_rgb, normalised_lab
-from maskgen.methods.drfi.scoring import _minmax
+from maskgen.methods.drfi.scoring import minmax
 from maskgen.methods.drfi.segment import MULTI_LEVELS, segment
 
 SIGMA_COLOR = 0.03  # on DRFI's normalised Lab (L / 100, a / 220 + 0.5, b / 220 + 0.5)
@@ -128,11 +128,14 @@ class LevelGraph:
         average the refined levels over the finest level's regions, min-max, refine on the
         finest level (a single level: its refined values as they are). One value per finest
         region."""
-        refined = [refine_regions(v, m, a) for v, m, a in zip(level_values, self.lab_means, self.adjacencies, strict=True)]  # fmt: skip
+        refined = [
+            refine_regions(v, m, a)
+            for v, m, a in zip(level_values, self.lab_means, self.adjacencies, strict=True)
+        ]
         if len(refined) == 1:  # one level: nothing to fuse, it is already refined on the finest regions
             return refined[0]
         pooled = sum(o @ r for o, r in zip(self.overlaps, refined, strict=True))
-        prior = _minmax(pooled / (len(refined) * self.areas[self.finest]))
+        prior = minmax(pooled / (len(refined) * self.areas[self.finest]))
         return refine_regions(prior, self.lab_means[self.finest], self.adjacencies[self.finest])
 
     def share_on_levels(self, finest_values: np.ndarray) -> list[np.ndarray]:

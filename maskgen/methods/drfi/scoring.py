@@ -40,7 +40,8 @@ def _zscore(x: np.ndarray) -> np.ndarray:
     return np.divide(x - x.mean(axis=0), sd, out=np.zeros_like(x), where=sd > 1e-12)
 
 
-def _minmax(x: np.ndarray) -> np.ndarray:
+def minmax(x: np.ndarray) -> np.ndarray:
+    """Scale to [0, 1]; a constant vector becomes zeros (no foreground evidence)."""
     lo, hi = float(x.min()), float(x.max())
     return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
 
@@ -53,7 +54,7 @@ class HeuristicScorer:
 
     def score(self, feats: np.ndarray, stats: RegionStats) -> np.ndarray:
         z = _zscore(feats.astype(np.float64))
-        s = _minmax(z[:, BACKGROUND].mean(axis=1) + 0.5 * z[:, CONTRAST].mean(axis=1))
+        s = minmax(z[:, BACKGROUND].mean(axis=1) + 0.5 * z[:, CONTRAST].mean(axis=1))
         d2 = ((stats.centroid - 0.5) ** 2).sum(axis=1)
         return s * np.exp(-d2 / (2 * CENTER_SIGMA**2)) * (1.0 - stats.border_contact)
 

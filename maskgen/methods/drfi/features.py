@@ -213,6 +213,17 @@ class RegionStats:
     centroid: np.ndarray  # R x 2 (x, y), normalised by width and height
     border_contact: np.ndarray  # R: share of the region's outline that lies on the image edge
     adjacency: sparse.csr_matrix  # R x R, 1 where two regions touch (4-neighbourhood)
+    lab: np.ndarray  # R x 3: mean CIE Lab (L 0-100, a and b about -110..110)
+    edge_pixels: np.ndarray  # R: pixels on the image edge
+    sides: np.ndarray  # R x 4 bool: touches the top, bottom, left, right edge
+
+    def cues(self) -> np.ndarray:
+        """R x 6 background cues (boundary connectivity, manifold ranking; ``cues.CUE_NAMES``)."""
+        from maskgen.methods.drfi.cues import background_cues
+
+        return background_cues(
+            self.lab, self.centroid, self.area, self.edge_pixels, self.sides, self.adjacency
+        )
 
 
 def _outline_counts(lab2d: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -330,10 +341,17 @@ def region_features(pix: PixelFeatures, labels: np.ndarray) -> tuple[np.ndarray,
     props[:, 34] = np.asarray(adjacency_matrix @ area).ravel() / npx
 
     outline = inner + edge
+    sides = np.zeros((n, 4), bool)
+    for s, line in enumerate((lab2d[0], lab2d[-1], lab2d[:, 0], lab2d[:, -1])):
+        sides[line, s] = True
+    lab_mean = mean[:, 3:6] * (100.0, 220.0, 220.0) - (0.0, 110.0, 110.0)  # undo normalised_lab
     stats = RegionStats(
         area=area,
         centroid=np.stack([cx, cy], axis=1),
         border_contact=np.divide(edge, outline, out=np.zeros(n), where=outline > 0),
         adjacency=adjacency_matrix,
+        lab=lab_mean,
+        edge_pixels=edge.astype(np.float64),
+        sides=sides,
     )
     return np.concatenate([contrast, background, props], axis=1).astype(np.float32), stats

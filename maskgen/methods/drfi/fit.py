@@ -27,10 +27,11 @@ from typing import Any, TextIO
 import numpy as np
 
 from maskgen.imaging import ImageDecodeError, decode_image
-from maskgen.methods.drfi.features import RegionStats, pixel_features, region_features
-from maskgen.methods.drfi.method import level_values
+from maskgen.methods.drfi.features import RegionStats, pixel_features
+from maskgen.methods.drfi.method import describe_level, level_values
 from maskgen.methods.drfi.refine import LevelGraph
 from maskgen.methods.drfi.scoring import (
+    FEATURE_SETS,
     Forest,
     ForestScorer,
     HeuristicScorer,
@@ -62,8 +63,9 @@ class _Image:
 
 
 def extract_levels(
-    source: Source, items, levels: str, need_gt: bool, log: TextIO, need_graph: bool = False
-) -> tuple[list[_Image], int]:
+    source: Source, items, levels: str, need_gt: bool, log: TextIO, need_graph: bool = False,
+    cues: bool = False,
+) -> tuple[list[_Image], int]:  # fmt: skip
     """Region descriptors of every level of every usable image (bad images are skipped)."""
     out, skipped = [], 0
     t0 = time.time()
@@ -81,7 +83,7 @@ def extract_levels(
         image, segmentations = _Image([], None), []
         for sigma, k, min_size in LEVEL_SETS[levels]:
             labels = segment(rgb, sigma, k, min_size)
-            feats, stats = region_features(pix, labels)
+            feats, stats = describe_level(pix, labels, cues)
             gl = purity_labels(labels, gt, feats.shape[0]) if gt is not None else None
             image.levels.append(_Level(feats, stats, gl))
             segmentations.append(labels)
@@ -133,6 +135,7 @@ def fit_drfi(
     *,
     labels: str = "pseudo",
     levels: str = "harl",
+    features: str = "drfi+cues",
     rounds: int = 0,
     round_labels: str = "boundary",
     limit: int | None = None,
@@ -141,8 +144,11 @@ def fit_drfi(
     jobs: int = 1,
     **forest_kw: Any,
 ) -> Forest:
-    """Fit a forest on ``source``; ``labels`` is 'pseudo' or 'gt'."""
+    """Fit a forest on ``source``; ``labels`` is 'pseudo' or 'gt'; ``features`` 'drfi' (DRFI's
+    93-d descriptor) or 'drfi+cues' (plus the 6 background cues of ``cues``)."""
     log = log or sys.stderr
+    if features not in FEATURE_SETS:
+        raise ValueError(f"drfi fit: features must be one of {', '.join(FEATURE_SETS)}, got {features!r}")
     if labels not in ("pseudo", "gt"):
         raise ValueError(f"drfi fit: labels must be 'pseudo' or 'gt', got {labels!r}")
     if round_labels not in ROUND_LABELS:
@@ -151,7 +157,9 @@ def fit_drfi(
         )
     by_masks = labels == "pseudo" and rounds > 0 and round_labels == "masks"
     items = source.list_items()[:limit] if limit else source.list_items()
-    images, skipped = extract_levels(source, items, levels, labels == "gt", log, need_graph=by_masks)
+    images, skipped = extract_levels(
+        source, items, levels, labels == "gt", log, need_graph=by_masks, cues=features == "drfi+cues"
+    )
     if not images:
         raise ValueError("drfi fit: no usable images" + (" with ground truth" if labels == "gt" else ""))
     data = [lv for im in images for lv in im.levels]
@@ -163,6 +171,7 @@ def fit_drfi(
         "images": len(items) - skipped,
         "labels": labels,
         "levels": levels,
+        "features": features,
         "rounds": rounds,
         **({"round_labels": round_labels} if rounds > 0 and labels == "pseudo" else {}),
         "seed": seed,

@@ -22,7 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from maskgen.methods.drfi.cues import CUE_NAMES
 from maskgen.methods.drfi.features import BACKGROUND, CONTRAST, N_FEATURES, RegionStats
+
+N_CUES = len(CUE_NAMES)
+FEATURE_SETS = {"drfi": N_FEATURES, "drfi+cues": N_FEATURES + N_CUES}  # name -> descriptor width
 
 MODEL_FORMAT = "maskgen-drfi-forest-v1"
 CENTER_SIGMA = 0.25
@@ -48,6 +52,7 @@ def minmax(x: np.ndarray) -> np.ndarray:
 
 class HeuristicScorer:
     name = "heuristic"
+    needs_cues = False
 
     def params(self) -> dict[str, Any]:
         return {"scorer": self.name}
@@ -70,6 +75,7 @@ class Forest:
     value: np.ndarray  # float64, the leaf prediction
     roots: np.ndarray  # int32, first node of each tree
     info: dict[str, Any] = field(default_factory=dict)  # how it was trained
+    n_features: int = N_FEATURES  # 93 (DRFI's descriptor) or 99 (plus the background cues)
 
     @classmethod
     def from_sklearn(cls, model, info: dict[str, Any] | None = None) -> Forest:
@@ -88,10 +94,11 @@ class Forest:
             roots.append(offset)
             offset += n
         cat = [np.concatenate(p) for p in zip(*parts, strict=True)]
-        return cls(*cat, roots=np.asarray(roots, np.int32), info=dict(info or {}))
+        return cls(*cat, roots=np.asarray(roots, np.int32), info=dict(info or {}),
+                   n_features=int(model.n_features_in_))  # fmt: skip
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Mean of the trees' predictions for each row of ``x`` (n x 93)."""
+        """Mean of the trees' predictions for each row of ``x`` (n x ``n_features`` or wider)."""
         x = np.asarray(x, np.float32).astype(np.float64)
         rows = np.arange(x.shape[0])[None, :]
         node = np.broadcast_to(self.roots[:, None], (self.roots.size, x.shape[0])).copy()
@@ -110,7 +117,7 @@ class Forest:
             np.savez_compressed(
                 f,
                 format=np.array(MODEL_FORMAT),
-                n_features=np.array(N_FEATURES),
+                n_features=np.array(self.n_features),
                 feature=self.feature,
                 threshold=self.threshold,
                 left=self.left,
@@ -136,10 +143,10 @@ class Forest:
             raise ModelError(f"{path}: not a maskgen DRFI model (missing {', '.join(missing)})")
         if str(data["format"]) != MODEL_FORMAT:
             raise ModelError(f"{path}: model format {str(data['format'])!r}, expected {MODEL_FORMAT!r}")
-        if int(data["n_features"]) != N_FEATURES:
-            raise ModelError(
-                f"{path}: model expects {int(data['n_features'])} features, DRFI has {N_FEATURES}"
-            )
+        n_features = int(data["n_features"])
+        if n_features not in FEATURE_SETS.values():
+            widths = " or ".join(str(v) for v in FEATURE_SETS.values())
+            raise ModelError(f"{path}: model expects {n_features} features, DRFI has {widths}")
         n = data["feature"].shape[0]
         arrays = [data[k] for k in ("feature", "threshold", "left", "right", "value")]
         if n == 0 or any(a.ndim != 1 or a.shape[0] != n for a in arrays):
@@ -152,7 +159,7 @@ class Forest:
             and (data["left"][inner] < n).all()
             and (data["right"][inner] < n).all()
             and (data["feature"][inner] >= 0).all()
-            and (data["feature"][inner] < N_FEATURES).all()
+            and (data["feature"][inner] < n_features).all()
         )
         roots = data["roots"]
         if not kids_ok or roots.ndim != 1 or roots.size == 0 or (roots < 0).any() or (roots >= n).any():
@@ -171,6 +178,7 @@ class Forest:
             value=data["value"].astype(np.float64),
             roots=roots.astype(np.int32),
             info=info,
+            n_features=n_features,
         )
 
 
@@ -185,6 +193,7 @@ class ForestScorer:
         self.forest = forest
         self.source = source
         self.sha256 = sha256
+        self.needs_cues = forest.n_features > N_FEATURES
 
     @classmethod
     def from_file(cls, path: str | Path, label: str | None = None) -> ForestScorer:
@@ -195,6 +204,23 @@ class ForestScorer:
 
     def score(self, feats: np.ndarray, stats: RegionStats) -> np.ndarray:
         return self.forest.predict(feats)
+
+
+class CueScorer:
+    """One of the background cues as a scorer of its own: ``rbd`` (boundary connectivity and
+    RBD's optimisation) or ``mr`` (manifold ranking); see ``cues``."""
+
+    needs_cues = True
+
+    def __init__(self, name: str):
+        self.name = name
+        self.column = N_FEATURES + CUE_NAMES.index(name)
+
+    def params(self) -> dict[str, Any]:
+        return {"scorer": self.name}
+
+    def score(self, feats: np.ndarray, stats: RegionStats) -> np.ndarray:
+        return feats[:, self.column].astype(np.float64)
 
 
 # ------------------------------------------------------------------------- region labels

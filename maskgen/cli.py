@@ -52,13 +52,13 @@ def _threshold(value: str) -> float | str:
     return t
 
 
-def parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
+def parse_params(pairs: tuple[str, ...], hint: str = "--param") -> dict[str, Any]:
     """``("k=300", "scorer=heuristic")`` -> ``{"k": 300, "scorer": "heuristic"}`` (numbers parsed)."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, eq, value = pair.partition("=")
         if not eq or not key:
-            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--param")
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint=hint)
         for cast in (int, float):
             try:
                 out[key] = cast(value)
@@ -148,10 +148,11 @@ def cli() -> None:
 @cli.command(epilog="Example: maskgen build --source sample --method center --out out/sample")
 @source_options
 @click.option("--method", type=click.Choice(sorted(METHODS)), required=True, help="Mask method.")
-@click.option("--head", type=str, help="Saliency head file for --method deep (from `maskgen deep fit`).")
+@click.option("--head", type=str,
+              help="Saliency head file for --method deep (from `maskgen deep fit`; default: the shipped one).")  # fmt: skip
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
-              help="Method parameter, repeatable (drfi: scorer=forest|heuristic|forest+heuristic, model=FILE, "
-                   "levels=harl|multi|drfi15, refine=1, "
+              help="Method parameter, repeatable (drfi: scorer=forest|heuristic|rbd|mr or several joined "
+                   "by '+', model=default|unsupervised|FILE, levels=harl|multi|drfi15, refine=0|1, "
                    "sigma=, k=, min_size=; deep: refine=1, precision=auto|fp32|bf16, "
                    "gpu_share=, short_side=).")  # fmt: skip
 @click.option(
@@ -237,8 +238,15 @@ def drfi() -> None:
 @click.option("--round-labels", type=click.Choice(["boundary", "masks"]), default="boundary",
               help="How self-training rounds re-label: the boundary rule on the forest's scores, or the "
                    "method's own refined masks (scorer=forest+heuristic refine=1) with DRFI's purity rule.")  # fmt: skip
+@click.option("--features", type=click.Choice(["drfi", "drfi+cues"]), default="drfi+cues",
+              help="Region descriptor: DRFI's 93 dimensions, or those plus 6 background cues "
+                   "(boundary connectivity, manifold ranking).")  # fmt: skip
+@click.option("--info", "info", multiple=True, metavar="KEY=VALUE",
+              help="Provenance stored in the model's metadata (e.g. data=..., licence=...).")  # fmt: skip
 @click.option("--limit", type=int, help="Use only the first N images.")
 @click.option("--trees", type=int, default=200, help="Trees in the forest.")
+@click.option("--min-leaf", type=click.IntRange(min=1), default=5,
+              help="Fewest training regions in a leaf: larger makes a smaller, faster forest.")  # fmt: skip
 @click.option("--jobs", type=int, default=1,
               help="Threads that build the trees (-1: all cores); the forest is the same for any count.")  # fmt: skip
 @click.option("--seed", type=int, default=0)
@@ -249,12 +257,15 @@ def drfi_fit(**kw: Any) -> None:
 
     labels = kw["labels"] if kw["labels"] != "auto" else ("gt" if kw["gt"] else "pseudo")
     source = make_source(kw["source"], source_config(kw["source"], kw, kw["seed"]))
+    provenance = parse_params(kw["info"], "--info")
     try:
         forest = fit_drfi(source, kw["source"], labels=labels, levels=kw["levels"], rounds=kw["rounds"],
-                          round_labels=kw["round_labels"], limit=kw["limit"], seed=kw["seed"],
-                          jobs=kw["jobs"], n_estimators=kw["trees"])  # fmt: skip
+                          features=kw["features"], round_labels=kw["round_labels"], limit=kw["limit"],
+                          seed=kw["seed"], jobs=kw["jobs"], n_estimators=kw["trees"],
+                          min_samples_leaf=kw["min_leaf"])  # fmt: skip
     except ValueError as exc:
         raise BuildError(str(exc)) from None
+    forest.info.update(provenance)
     forest.save(kw["out"])
     info = forest.info
     click.echo(f"maskgen: wrote {kw['out']}: {forest.roots.size} trees, {forest.left.size} nodes, "
@@ -317,17 +328,20 @@ def deep() -> None:
     default=0.0,
     help="Add this times a soft-IoU loss (BASNet's) to the class-balanced BCE; 0: BCE alone (HARL's).",
 )
+@click.option("--info", "info", multiple=True, metavar="KEY=VALUE",
+              help="Provenance stored in the head's metadata (e.g. teacher=..., data=...).")  # fmt: skip
 @click.option("--workers", type=int, default=2, help="DataLoader workers.")
 @click.option("--seed", type=int, default=0)
 def deep_fit(**kw: Any) -> None:
     """Train the 1x1-conv saliency head (frozen backbone by default) with class-balanced BCE."""
     from maskgen.methods.deep.fit import describe, fit_head
 
+    provenance = parse_params(kw["info"], "--info")
     try:
         result = fit_head(list(kw["shards"]), kw["backbone"], kw["out"], arch=kw["arch"],
                           out_stride=int(kw["out_stride"]), epochs=kw["epochs"], batch_size=kw["batch_size"],
                           short_side=kw["short_side"], lr=kw["lr"], finetune=kw["finetune"], gt=kw["gt"],
-                          decoder=kw["decoder"], rounds=kw["rounds"], iou_weight=kw["iou_weight"], workers=kw["workers"], seed=kw["seed"], echo=lambda m: click.echo(m, err=True))  # fmt: skip
+                          decoder=kw["decoder"], rounds=kw["rounds"], iou_weight=kw["iou_weight"], info=provenance, workers=kw["workers"], seed=kw["seed"], echo=lambda m: click.echo(m, err=True))  # fmt: skip
     except ValueError as exc:
         raise BuildError(str(exc)) from None
     click.echo(f"maskgen: wrote {kw['out']} ({describe(result)})", err=True)

@@ -317,10 +317,14 @@ def test_drfi_beats_the_center_baseline_on_synthetic_scenes():
 def test_fit_then_build_with_the_model(tmp_path):
     model = tmp_path / "m.npz"
     res = subprocess.run(maskgen_cmd("drfi", "fit", "--source", "sample", "--sample-size", "12", "--trees", "8",
-                                     "--out", str(model)), capture_output=True, text=True, timeout=300)  # fmt: skip
+                                     "--info", "licence=test only", "--min-leaf", "3", "--out", str(model)),
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stderr
-    info = Forest.load(model).info
+    forest = Forest.load(model)
+    info = forest.info
     assert info["labels"] == "pseudo" and info["rounds"] == 1 and info["images"] == 24
+    assert info["features"] == "drfi+cues" and forest.n_features == 99 and info["licence"] == "test only"
+    assert info["forest"]["min_samples_leaf"] == 3 and info["forest"]["n_estimators"] == 8
     out = tmp_path / "out"
     res = subprocess.run(maskgen_cmd("build", "--method", "drfi", "--param", f"model={model}", "--sample-size", "4",
                                      "--limit", "4", "--out", str(out), "--executor", "local", "--no-progress",
@@ -355,6 +359,23 @@ def test_masks_round_fits_on_the_methods_own_mask_labels(monkeypatch):
     assert forest.info["n_train_regions"] == 2 * min((y == 1).sum(), (y == 0).sum())  # balanced
     with pytest.raises(ValueError, match="round labels"):
         fit.fit_drfi(source, "sample", rounds=1, round_labels="border", limit=1, log=io.StringIO())
+
+
+def test_shipped_models_say_what_they_were_fitted_on():
+    from maskgen.methods.drfi.method import SHIPPED_MODELS
+
+    default = Forest.load(SHIPPED_MODELS["default"])
+    assert (
+        default.info["labels"] == "gt"
+        and default.info["features"] == "drfi+cues"
+        and default.n_features == 99
+    )
+    assert "ECSSD" in default.info["data"] and "PASCAL-S" in default.info["data"] and default.info["licence"]
+    unsupervised = Forest.load(SHIPPED_MODELS["unsupervised"])
+    assert unsupervised.info["labels"] == "pseudo" and unsupervised.info["source"] == "sample"
+    assert unsupervised.n_features == 93
+    assert DRFI(model="unsupervised").params["model"] == "unsupervised"
+    assert DRFI().params["model"] == "default" and DRFI().params["refine"] is True
 
 
 def test_forest_is_the_same_for_any_number_of_fitting_threads():
@@ -464,16 +485,16 @@ def test_level_graph_refine_matches_a_pixel_level_reference():
 
 
 def test_drfi_refine_paints_the_refined_levels_on_the_finest_regions():
-    from maskgen.methods.drfi.features import pixel_features, region_features
-    from maskgen.methods.drfi.method import level_values
+    from maskgen.methods.drfi.features import pixel_features
+    from maskgen.methods.drfi.method import describe_level, level_values
     from maskgen.methods.drfi.refine import LevelGraph
     from maskgen.methods.drfi.segment import MULTI_LEVELS
 
     rgb, _, _ = render_scene(5, 3)
-    method = DRFI(scorer="forest+heuristic", levels="multi", refine=1)
+    method = DRFI(scorer="forest+heuristic+rbd", levels="multi", refine=1)
     pix = pixel_features(rgb)
     labels = [segment(rgb, *level) for level in MULTI_LEVELS]
-    described = [region_features(pix, lab) for lab in labels]
+    described = [describe_level(pix, lab, cues=True) for lab in labels]
     scores = [[sc.score(f, st) for sc in method.scorers] for f, st in described]
     graph = LevelGraph.build(pix, labels, [st for _, st in described])
     expected = graph.refine([level_values(s) for s in scores])[labels[graph.finest]]
@@ -490,7 +511,9 @@ def test_mask_round_labels_are_purity_labels_of_the_methods_own_mask():
     items = source.list_items()[:2]  # the two synthetic scenes
     images, skipped = extract_levels(source, items, "multi", False, io.StringIO(), need_graph=True)
     assert skipped == 0 and len(images) == 2
-    method = DRFI(scorer="forest+heuristic", levels="multi", refine=1)
+    method = DRFI(
+        scorer="forest+heuristic", model="unsupervised", levels="multi", refine=1
+    )  # the 93-d forest
     for item, image in zip(items, images, strict=True):
         rgb = decode_image(source.read(item)).rgb
         mask = method.saliency(rgb) >= 0.5  # the method's own map, thresholded

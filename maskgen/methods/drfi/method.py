@@ -9,12 +9,18 @@ from typing import Any
 import numpy as np
 
 from maskgen.methods.base import Resources, SaliencyMethod
-from maskgen.methods.drfi.features import pixel_features, region_features
+from maskgen.methods.drfi.features import PixelFeatures, RegionStats, pixel_features, region_features
 from maskgen.methods.drfi.refine import LevelGraph
-from maskgen.methods.drfi.scoring import ForestScorer, HeuristicScorer, minmax
+from maskgen.methods.drfi.scoring import CueScorer, ForestScorer, HeuristicScorer, minmax
 from maskgen.methods.drfi.segment import LEVEL_SETS, resolve_backend, segment
 
-DEFAULT_MODEL = Path(__file__).parent / "default_forest.npz"
+# Shipped forests, by the name ``--param model=`` takes: ``default`` was fitted with ground truth
+# (docs/drfi.md says on what), ``unsupervised`` without any human label (pseudo labels on the
+# package's own synthetic scenes)
+SHIPPED_MODELS = {
+    "default": Path(__file__).parent / "default_forest.npz",
+    "unsupervised": Path(__file__).parent / "unsupervised_forest.npz",
+}
 ENHANCE = 1.25  # DRFI's per-level contrast enhancement exp(1.25 s)
 
 
@@ -38,24 +44,40 @@ def fuse(maps: list[np.ndarray]) -> np.ndarray:
     return minmax(np.mean(maps, axis=0)).astype(np.float32)
 
 
-SCORERS = ("forest", "heuristic", "forest+heuristic")
+SCORERS = ("forest", "heuristic", "rbd", "mr")
 
 
 def make_scorers(scorer: str, model: str | None) -> list:
-    """``forest``, ``heuristic``, or ``forest+heuristic`` (both maps averaged per level)."""
-    if scorer not in SCORERS:
-        raise ValueError(f"drfi: scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
-    if scorer == "heuristic" and model:
+    """One scorer or several joined by ``+`` (their maps averaged per level): ``forest``,
+    ``heuristic``, ``rbd`` (boundary connectivity), ``mr`` (manifold ranking)."""
+    names = scorer.split("+") if isinstance(scorer, str) else []
+    if not names or any(n not in SCORERS for n in names) or len(set(names)) != len(names):
+        raise ValueError(
+            f"drfi: scorer must be one of {', '.join(SCORERS)} or several joined by '+', got {scorer!r}"
+        )
+    if "forest" not in names and model:
         raise ValueError("drfi: model= needs a forest scorer")
     out: list = []
-    if "forest" in scorer:
-        if model in (None, "", "default"):
-            out.append(ForestScorer.from_file(DEFAULT_MODEL, label="default"))
+    for name in names:
+        if name == "forest":
+            model = model or "default"
+            if model in SHIPPED_MODELS:
+                out.append(ForestScorer.from_file(SHIPPED_MODELS[model], label=model))
+            else:
+                out.append(ForestScorer.from_file(model))
+        elif name == "heuristic":
+            out.append(HeuristicScorer())
         else:
-            out.append(ForestScorer.from_file(model))
-    if "heuristic" in scorer:
-        out.append(HeuristicScorer())
+            out.append(CueScorer(name))
     return out
+
+
+def describe_level(pix: PixelFeatures, labels: np.ndarray, cues: bool) -> tuple[np.ndarray, RegionStats]:
+    """One level's region descriptors: DRFI's 93, plus the 6 background cues when ``cues``."""
+    feats, stats = region_features(pix, labels)
+    if cues:
+        feats = np.concatenate([feats, stats.cues().astype(np.float32)], axis=1)
+    return feats, stats
 
 
 class DRFI(SaliencyMethod):
@@ -67,11 +89,11 @@ class DRFI(SaliencyMethod):
         self,
         scorer: str = "forest",
         model: str | None = None,
-        levels: str = "harl",
+        levels: str = "multi",
         sigma: float | None = None,
         k: float | None = None,
         min_size: int | None = None,
-        refine: bool | int = False,
+        refine: bool | int = True,
         backend: str | None = None,
     ):
         if levels not in LEVEL_SETS:
@@ -80,7 +102,9 @@ class DRFI(SaliencyMethod):
         self.levels = list(LEVEL_SETS[levels])
         if any(v is not None for v in (sigma, k, min_size)):
             if levels != "harl":
-                raise ValueError("drfi: sigma/k/min_size override the single HARL level only")
+                raise ValueError(
+                    "drfi: sigma/k/min_size override the single HARL level only (add levels=harl)"
+                )
             s0, k0, m0 = self.levels[0]
             self.levels = [(float(sigma or s0), float(k or k0), int(min_size or m0))]
         self.scorer_name = scorer
@@ -91,7 +115,7 @@ class DRFI(SaliencyMethod):
     @classmethod
     def canonical_args(cls, args: dict[str, Any]) -> dict[str, Any]:
         out = dict(args)
-        if out.get("model") not in (None, "", "default"):
+        if out.get("model") not in (None, "", *SHIPPED_MODELS):
             out["model"] = str(Path(out["model"]).expanduser().resolve())
         return out
 
@@ -111,9 +135,10 @@ class DRFI(SaliencyMethod):
     def saliency(self, rgb: np.ndarray) -> np.ndarray:
         pix = pixel_features(rgb)
         labels, scores, stats = [], [], []
+        cues = any(sc.needs_cues for sc in self.scorers)
         for sigma, k, min_size in self.levels:
             lab = segment(rgb, sigma, k, min_size, self.backend)
-            feats, st = region_features(pix, lab)
+            feats, st = describe_level(pix, lab, cues)
             labels.append(lab)
             stats.append(st)
             scores.append([sc.score(feats, st) for sc in self.scorers])

@@ -193,6 +193,7 @@ def fit_head(
     gt: str | None = None,
     rounds: int = 0,
     iou_weight: float = 0.0,
+    info: dict[str, Any] | None = None,
     workers: int = 2,
     seed: int = 0,
     echo: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
@@ -229,6 +230,7 @@ def fit_head(
         "samples": len(train_idx),
         "finetune": finetune,
         **({"iou_weight": iou_weight} if iou_weight else {}),
+        **(info or {}),
     }
     val = _load_val(dataset, val_idx, _ground_truth_lookup(shards, gt))
     meta.update(teacher_scores(val))

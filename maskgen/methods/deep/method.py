@@ -1,4 +1,7 @@
-"""``--method deep --head FILE``: soft maps from a trained saliency head (``maskgen deep fit``).
+"""``--method deep [--head FILE]``: soft maps from a trained saliency head (``maskgen deep fit``).
+
+Without ``--head`` the head shipped with the package is used (``default_head.safetensors``;
+docs/deep.md says how it was made and what it scores).
 
 Each build worker loads the network once (the method is cached per worker process) and runs
 it batched at a fixed short side. With a GPU, every shard task asks Ray for ``gpu_share`` of
@@ -32,6 +35,7 @@ import numpy as np
 from maskgen.methods.base import Resources, SaliencyMethod
 
 GPU_BATCH, CPU_BATCH = 64, 8
+DEFAULT_HEAD = Path(__file__).parent / "default_head.safetensors"
 DECODERS = ("auto", "pil", "device")
 
 
@@ -56,8 +60,6 @@ class DeepSaliency(SaliencyMethod):
         backend: str | None = None,
         decode: str = "auto",
     ):
-        if not head:
-            raise ValueError("--method deep needs --head FILE (made by `maskgen deep fit`)")
         import torch  # here, not at module level: the other methods' workers never import torch
 
         from maskgen.methods.deep.model import PRECISIONS, HeadFileError, load_head, prepare_for_device
@@ -67,7 +69,7 @@ class DeepSaliency(SaliencyMethod):
         if not 0.0 < float(gpu_share) <= 1.0:
             raise ValueError(f"--param gpu_share must be in (0, 1], got {gpu_share}")
 
-        self.head_path = Path(head)
+        self.head_path = Path(head) if head else DEFAULT_HEAD
         try:
             self.net, self.meta = load_head(self.head_path)
         except HeadFileError as exc:

@@ -28,7 +28,7 @@ with ~16-pixel superpixels the two agree in scale). Constants are the papers' (s
 Lab units, sigma_spa = 0.25, sigma_bndcon = 1, mu = 0.1; MR alpha = 0.99, theta = 10).
 
 ``background_cues`` returns six values per region that the forest can use as extra features
-(``CUE_NAMES``); ``rbd_scores`` and ``mr_scores`` are scorers of their own.
+(``features.CUE_NAMES``); ``scoring.CueScorer`` makes ``rbd`` and ``mr`` scorers of their own.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ from scipy import sparse
 from scipy.sparse.csgraph import dijkstra
 from scipy.sparse.linalg import spsolve
 
+from maskgen.methods.drfi.features import CUE_NAMES
+from maskgen.methods.drfi.scoring import minmax
+
 SIGMA_COLOR = 10.0  # RBD: geodesic and smoothness colour scale, CIE Lab units
 SIGMA_SPATIAL = 0.25  # RBD: spatial weight of the contrast, image-normalised coordinates
 SIGMA_BNDCON = 1.0  # RBD: w_bg = 1 - exp(-BndCon^2 / (2 sigma^2))
@@ -45,22 +48,11 @@ MU = 0.1  # RBD: smoothness floor between adjacent regions
 MR_ALPHA = 0.99  # MR: ranking's balance between smoothness and fitting the queries
 MR_THETA = 10.0  # MR: edge weight exp(-theta * colour distance scaled to [0, 1])
 
-CUE_NAMES = ("bnd_connectivity", "bg_probability", "bg_weighted_contrast", "rbd", "mr_background", "mr")
-
-
-def _minmax(x: np.ndarray) -> np.ndarray:
-    lo, hi = float(x.min()), float(x.max())
-    return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x, np.float64)
-
 
 def _pairs(adjacency: sparse.spmatrix) -> tuple[np.ndarray, np.ndarray]:
     """Each touching pair (i < j) once."""
     a = sparse.triu(adjacency, k=1).tocoo()
     return a.row.astype(np.int64), a.col.astype(np.int64)
-
-
-def _edge_regions(sides: np.ndarray) -> np.ndarray:
-    return sides.any(axis=1)
 
 
 def geodesic_distances(lab: np.ndarray, adjacency: sparse.spmatrix, on_edge: np.ndarray) -> np.ndarray:
@@ -115,7 +107,7 @@ def ranking_affinity(lab: np.ndarray, adjacency: sparse.spmatrix, on_edge: np.nd
     np.fill_diagonal(ring, False)
     i, j = np.nonzero(np.triu(ring))
     dist = np.linalg.norm(lab[i] - lab[j], axis=1)
-    w = np.exp(-MR_THETA * _minmax(dist)) if dist.size else dist
+    w = np.exp(-MR_THETA * minmax(dist)) if dist.size else dist
     weights = np.zeros((n, n))
     weights[i, j] = w
     weights[j, i] = w
@@ -130,9 +122,9 @@ def manifold_ranking(affinity: np.ndarray, sides: np.ndarray) -> tuple[np.ndarra
     background = np.ones(affinity.shape[0])
     for s in range(4):
         if sides[:, s].any():
-            background *= 1.0 - _minmax(affinity @ sides[:, s].astype(np.float64))
+            background *= 1.0 - minmax(affinity @ sides[:, s].astype(np.float64))
     queries = (background >= background.mean()).astype(np.float64)
-    return background, _minmax(affinity @ queries)
+    return background, minmax(affinity @ queries)
 
 
 def background_cues(
@@ -148,10 +140,10 @@ def background_cues(
     n = area.size
     if n < 2:
         return np.zeros((n, len(CUE_NAMES)))
-    on_edge = _edge_regions(sides)
+    on_edge = sides.any(axis=1)
     bndcon = boundary_connectivity(geodesic_distances(lab, adjacency, on_edge), area, edge_pixels)
     w_bg = 1.0 - np.exp(-(bndcon**2) / (2 * SIGMA_BNDCON**2))
-    w_ctr = _minmax(background_weighted_contrast(lab, centroid, area, w_bg))
+    w_ctr = minmax(background_weighted_contrast(lab, centroid, area, w_bg))
     rbd = optimise(w_ctr, w_bg, lab, adjacency)
     mr_bg, mr = manifold_ranking(ranking_affinity(lab, adjacency, on_edge), sides)
     return np.stack([bndcon, w_bg, w_ctr, rbd, mr_bg, mr], axis=1)

@@ -45,6 +45,8 @@ PROPERTY_NAMES = (
     + ["var_lbp", "area", "neighbour_area"]
 )
 FEATURE_NAMES = [f"contrast_{d}" for d in _DIST_NAMES] + [f"bg_{d}" for d in _DIST_NAMES] + PROPERTY_NAMES
+# the six background cues a forest fitted with --features drfi+cues reads after the 93 (cues.py)
+CUE_NAMES = ("bnd_connectivity", "bg_probability", "bg_weighted_contrast", "rbd", "mr_background", "mr")
 N_FEATURES = len(FEATURE_NAMES)
 assert N_FEATURES == 93
 CONTRAST = slice(0, 29)
@@ -218,8 +220,8 @@ class RegionStats:
     sides: np.ndarray  # R x 4 bool: touches the top, bottom, left, right edge
 
     def cues(self) -> np.ndarray:
-        """R x 6 background cues (boundary connectivity, manifold ranking; ``cues.CUE_NAMES``)."""
-        from maskgen.methods.drfi.cues import background_cues
+        """R x 6 background cues (boundary connectivity, manifold ranking; ``CUE_NAMES``)."""
+        from maskgen.methods.drfi.cues import background_cues  # cues builds on this module
 
         return background_cues(
             self.lab, self.centroid, self.area, self.edge_pixels, self.sides, self.adjacency

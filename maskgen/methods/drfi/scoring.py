@@ -22,8 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from maskgen.methods.drfi.cues import CUE_NAMES
-from maskgen.methods.drfi.features import BACKGROUND, CONTRAST, N_FEATURES, RegionStats
+from maskgen.methods.drfi.features import BACKGROUND, CONTRAST, CUE_NAMES, N_FEATURES, RegionStats
 
 N_CUES = len(CUE_NAMES)
 FEATURE_SETS = {"drfi": N_FEATURES, "drfi+cues": N_FEATURES + N_CUES}  # name -> descriptor width

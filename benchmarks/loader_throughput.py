@@ -17,7 +17,8 @@ import time
 
 from torch.utils.data import DataLoader
 
-from sslmask.dataset import EpochBatchSampler, ViewsDataset, index_shards
+from maskio.records import index_shards
+from sslmask.dataset import EpochBatchSampler, ViewsDataset
 from sslmask.transforms import byol_views
 
 

@@ -15,8 +15,8 @@ from maskgen.pipeline import BuildError, BuildOptions, run_build
 from maskgen.recipe import RecipeError
 from maskgen.sources import SOURCES, SourceError
 from maskgen.sources.sample import DEFAULT_LABELS, DEFAULT_SAMPLE_SIZE, LABELINGS
-from sslmask.data import ShardError
-from sslmask.errors import CheckpointError
+from maskio.errors import CheckpointError, KeyValueError, ShardError
+from maskio.keyvalue import parse_pairs
 
 # Which source uses which option; anything else given with that source is an error.
 SOURCE_OPTIONS = {
@@ -52,22 +52,13 @@ def _threshold(value: str) -> float | str:
     return t
 
 
-def parse_params(pairs: tuple[str, ...], hint: str = "--param") -> dict[str, Any]:
-    """``("k=300", "scorer=heuristic")`` -> ``{"k": 300, "scorer": "heuristic"}`` (numbers parsed)."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq or not key:
-            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint=hint)
-        for cast in (int, float):
-            try:
-                out[key] = cast(value)
-                break
-            except ValueError:
-                continue
-        else:
-            out[key] = value
-    return out
+def parse_params(pairs: tuple[str, ...], hint: str = "--param", typed: bool = True) -> dict[str, Any]:
+    """``("k=300", "scorer=heuristic")`` -> ``{"k": 300, "scorer": "heuristic"}`` (a usage error
+    on a pair without ``=``)."""
+    try:
+        return parse_pairs(pairs, hint, typed)
+    except KeyValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def source_options(f):
@@ -334,14 +325,14 @@ def deep() -> None:
 @click.option("--seed", type=int, default=0)
 def deep_fit(**kw: Any) -> None:
     """Train the 1x1-conv saliency head (frozen backbone by default) with class-balanced BCE."""
-    from maskgen.methods.deep.fit import describe, fit_head
+    from maskgen.methods.deep.fit import FitConfig, describe, fit_head
 
-    provenance = parse_params(kw["info"], "--info")
+    info = tuple(parse_params(kw.pop("info"), "--info").items())
+    cfg = FitConfig(
+        **{**kw, "shards": tuple(kw["shards"]), "out_stride": int(kw["out_stride"]), "info": info}
+    )
     try:
-        result = fit_head(list(kw["shards"]), kw["backbone"], kw["out"], arch=kw["arch"],
-                          out_stride=int(kw["out_stride"]), epochs=kw["epochs"], batch_size=kw["batch_size"],
-                          short_side=kw["short_side"], lr=kw["lr"], finetune=kw["finetune"], gt=kw["gt"],
-                          decoder=kw["decoder"], rounds=kw["rounds"], iou_weight=kw["iou_weight"], info=provenance, workers=kw["workers"], seed=kw["seed"], echo=lambda m: click.echo(m, err=True))  # fmt: skip
+        result = fit_head(cfg, echo=lambda m: click.echo(m, err=True))
     except ValueError as exc:
         raise BuildError(str(exc)) from None
     click.echo(f"maskgen: wrote {kw['out']} ({describe(result)})", err=True)
@@ -356,12 +347,7 @@ def pipeline_cmd(recipe: str, variables: tuple[str, ...], force: tuple[str, ...]
     """Run a YAML recipe of maskgen/sslmask stages, skipping the complete ones."""
     from maskgen.recipe import load_recipe, run_recipe
 
-    overrides = {}
-    for item in variables:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise click.UsageError(f"--var {item!r}: expected NAME=VALUE")
-        overrides[key] = value
+    overrides = parse_params(variables, "--var", typed=False)
     loaded = load_recipe(recipe, overrides)
     ran = run_recipe(loaded, force, dry_run, echo=lambda m: click.echo(m, err=True))
     verb = "would run" if dry_run else "ran"

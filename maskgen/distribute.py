@@ -67,7 +67,14 @@ def run_ray(
     if started_here:
         common: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
         if address is None:
-            ray.init(num_cpus=workers, include_dashboard=False, _node_ip_address="127.0.0.1", **common)
+            # "local": always a private instance, even when a `ray start` cluster runs here
+            ray.init(
+                address="local",
+                num_cpus=workers,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                **common,
+            )
         else:
             ray.init(address=address, **common)
     try:

@@ -19,7 +19,9 @@ from maskgen.groundtruth import GroundTruthLookup, fit_to_shape
 from maskgen.metrics import MetricSums
 from maskgen.pipeline import BuildError
 from maskgen.report import aggregate, throughput, write_build_outputs
-from maskgen.shard_format import (
+from maskgen.sources import SourceError
+from maskgen.worker import N_EXTREMES, push_extremes
+from maskio.shard_format import (
     FIELD_MASK,
     FIELD_META,
     FIELD_SALIENCY,
@@ -31,8 +33,6 @@ from maskgen.shard_format import (
     iter_tar_samples,
     shard_name,
 )
-from maskgen.sources import SourceError
-from maskgen.worker import N_EXTREMES, push_extremes
 
 
 def evaluate_build(out: str | os.PathLike, gt_dir: str | None = None) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-from maskgen.shard_format import JPEG_QUALITY
+from maskio.shard_format import JPEG_QUALITY
 
 # PIL's own default bomb limit (about 89.5 MP); checked from the header before decoding.
 DEFAULT_MAX_PIXELS = 89_478_485

@@ -23,14 +23,16 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from maskgen import __version__
-from maskgen.atomic import remove_stale_temps, write_json
 from maskgen.distribute import ShardJob, run_jobs
 from maskgen.groundtruth import GroundTruthLookup
 from maskgen.imaging import DEFAULT_MAX_PIXELS
-from maskgen.methods import METHODS, make_method
+from maskgen.methods import METHODS, SaliencyMethod, make_method
 from maskgen.postprocess import PostprocessConfig
-from maskgen.report import aggregate, throughput, write_build_outputs
-from maskgen.shard_format import (
+from maskgen.report import aggregate, describe_runtime, gpu_fallback_shards, throughput, write_build_outputs
+from maskgen.sources import ItemRef, Source, SourceError, make_source
+from maskgen.worker import BuildSpec
+from maskio.atomic import remove_stale_temps, write_json
+from maskio.shard_format import (
     ERRORS,
     INDEX,
     MANIFEST,
@@ -40,8 +42,6 @@ from maskgen.shard_format import (
     shard_name,
     stats_name,
 )
-from maskgen.sources import ItemRef, Source, SourceError, make_source
-from maskgen.worker import BuildSpec
 
 MANIFEST_FORMAT = "maskgen-build-v1"
 OUTPUT_NAMES = (MANIFEST, INDEX, REPORT_JSON, REPORT_HTML, ERRORS)
@@ -77,6 +77,7 @@ class BuildOptions:
 @dataclass
 class Plan:
     source: Source
+    method: SaliencyMethod  # configured: its resources, batch size and decoding are the plan's
     items: list[ItemRef]
     jobs: list[ShardJob]
     spec: BuildSpec
@@ -138,7 +139,7 @@ def make_plan(opts: BuildOptions) -> Plan:
         ShardJob(i, items[start : start + opts.shard_size])
         for i, start in enumerate(range(0, len(items), opts.shard_size))
     ]
-    return Plan(source, items, jobs, spec, fingerprint)
+    return Plan(source, method, items, jobs, spec, fingerprint)
 
 
 def completed_shards(out: Path, fingerprint: str, n_shards: int) -> set[int]:
@@ -235,6 +236,7 @@ def _manifest(plan: Plan, opts: BuildOptions, old: dict[str, Any] | None) -> dic
         "class_names": plan.source.class_names,
         "method": plan.spec.method,
         "method_params": plan.spec.method_params,
+        "task_resources": asdict(plan.method.resources),
         "postprocess": asdict(plan.spec.postprocess),
         "threshold": opts.threshold,
         "image_format": opts.image_format,
@@ -256,13 +258,13 @@ def _manifest(plan: Plan, opts: BuildOptions, old: dict[str, Any] | None) -> dic
 
 
 def describe_plan(plan: Plan, done: set[int], opts: BuildOptions, stream: TextIO) -> None:
-    method = METHODS[opts.method]
+    resources = plan.method.resources
     todo = len(plan.jobs) - len(done)
     print(
         f"source      {opts.source} ({plan.source.root or 'embedded'}): {len(plan.items)} images", file=stream
     )
     print(f"method      {opts.method} {json.dumps(plan.spec.method_params)} "
-          f"(per task: {method.resources.num_cpus:g} CPU, {method.resources.num_gpus:g} GPU)", file=stream)  # fmt: skip
+          f"(per task: {resources.num_cpus:g} CPU, {resources.num_gpus:g} GPU)", file=stream)  # fmt: skip
     print(
         f"shards      {len(plan.jobs)} of up to {opts.shard_size} images -> {opts.out}/{SHARDS_DIR}/",
         file=stream,
@@ -296,7 +298,7 @@ def run_build(opts: BuildOptions, stream: TextIO | None = None) -> dict[str, Any
     started = time.time()
     failures: list[str] = []
     n_processed = 0
-    method = METHODS[opts.method]
+    resources = plan.method.resources
     bar = _progress(sum(len(j.items) for j in todo), opts.progress, stream)
     if todo:
         outcomes = run_jobs(
@@ -305,7 +307,7 @@ def run_build(opts: BuildOptions, stream: TextIO | None = None) -> dict[str, Any
             opts.workers,
             opts.ray_address,
             opts.executor,
-            (method.resources.num_cpus, method.resources.num_gpus),
+            (resources.num_cpus, resources.num_gpus),
         )
         for outcome in outcomes:
             job_items = len(plan.jobs[outcome.index].items)
@@ -335,7 +337,7 @@ def run_build(opts: BuildOptions, stream: TextIO | None = None) -> dict[str, Any
             f"{len(failures)} shard(s) failed ({failures[0]}); completed shards are kept, re-run to resume"
         )
     agg = aggregate(out, len(plan.jobs))
-    manifest.update(n_samples=agg.n_samples, n_errors=agg.n_errors, complete=True)
+    manifest.update(n_samples=agg.n_samples, n_errors=agg.n_errors, ran_on=agg.ran_on(), complete=True)
     write_json(out / MANIFEST, manifest)
     report = write_build_outputs(
         out, manifest, agg, throughput(manifest), gt_of=GroundTruthLookup(plan.source, items=plan.items)
@@ -364,6 +366,12 @@ def _summary(report: dict[str, Any], agg, out: Path, stream: TextIO) -> None:
         print(f"maskgen: vs ground truth on {report['n_with_gt']} images: mIoU {_fmt(report['miou'])}, "
               f"MAE {_fmt(report['mae'])}, max F-beta {_fmt(report['max_fbeta'])}, "
               f"S {_fmt(report['s_measure'])}, E {_fmt(report['e_measure'])}", file=stream)  # fmt: skip
+    if report.get("ran_on"):
+        print(f"maskgen: ran on {describe_runtime(report)}", file=stream)
+    if gpu_fallback_shards(report):
+        print(f"maskgen: warning: each task asked Ray for {report['task_resources']['num_gpus']:g} GPU, "
+              f"but {gpu_fallback_shards(report)} shard(s) ran on the CPU (no CUDA in the worker)",
+              file=stream)  # fmt: skip
     ips = report.get("images_per_second")
     print(f"maskgen: report {out / REPORT_HTML}" + (f"; {ips:.1f} images/s" if ips else ""), file=stream)
 

@@ -20,7 +20,6 @@ with which exit status.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from maskio.atomic import write_json
 
 ENTRY_POINTS = {"maskgen": "maskgen.cli", "sslmask": "sslmask.cli", "torchrun": "torch.distributed.run"}
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -119,9 +120,7 @@ def _read_record(path: Path) -> dict[str, Any]:
 
 def _write_record(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, record)
 
 
 def is_complete(stage: Stage, record: dict[str, Any]) -> bool:

@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from maskgen.atomic import atomic_open, write_json
 from maskgen.groundtruth import GroundTruthLookup, safe_lookup
 from maskgen.metrics import MetricSums
-from maskgen.shard_format import (
+from maskgen.worker import N_EXTREMES
+from maskio.atomic import atomic_open, write_json
+from maskio.shard_format import (
     ERRORS,
     FIELD_IMAGE,
     FIELD_MASK,
@@ -36,7 +37,6 @@ from maskgen.shard_format import (
     shard_name,
     stats_name,
 )
-from maskgen.worker import N_EXTREMES
 
 N_GRID = 24
 THUMB = 160
@@ -60,7 +60,12 @@ class Aggregate:
     worst: list[tuple[float, str]] = field(default_factory=list)
     shard_of_key: dict[str, int] = field(default_factory=dict)
     seconds: Counter[str] = field(default_factory=Counter)
+    runtime: Counter[str] = field(default_factory=Counter)  # shards per (device, dtype) as JSON
     index: list[dict[str, Any]] = field(default_factory=list)
+
+    def ran_on(self) -> list[dict[str, Any]]:
+        """``[{"device": "cuda", "dtype": "bf16", "shards": 12}]``; empty for device-less methods."""
+        return [{**json.loads(k), "shards": n} for k, n in sorted(self.runtime.items())]
 
 
 def aggregate(out: Path, n_shards: int) -> Aggregate:
@@ -83,6 +88,8 @@ def aggregate(out: Path, n_shards: int) -> Aggregate:
         agg.best.extend((float(v), k) for v, k in st["best_iou"])
         agg.worst.extend((float(v), k) for v, k in st["worst_iou"])
         agg.seconds.update(st.get("seconds", {}))
+        if st.get("runtime"):
+            agg.runtime[json.dumps(st["runtime"], sort_keys=True)] += 1
         agg.index.append({
             "url": f"{SHARDS_DIR}/{shard_name(i)}",
             "nsamples": st["nsamples"],
@@ -136,7 +143,24 @@ def make_report(
         "best_iou": [{"key": k, "iou": v} for v, k in agg.best],
         "worst_iou": [{"key": k, "iou": v} for v, k in agg.worst],
         "worker_seconds_by_stage": {k: round(v, 3) for k, v in sorted(agg.seconds.items())},
+        "task_resources": manifest.get("task_resources"),
+        "ran_on": agg.ran_on(),
     }
+
+
+def gpu_fallback_shards(report: dict[str, Any]) -> int:
+    """Shards that ran on the CPU although the plan asked Ray for a GPU share for each."""
+    if not (report.get("task_resources") or {}).get("num_gpus"):
+        return 0
+    return sum(r["shards"] for r in report.get("ran_on", []) if r.get("device") == "cpu")
+
+
+def describe_runtime(report: dict[str, Any]) -> str:
+    """``cuda bf16 (12 shards)``, or "" for a method that has no device to choose."""
+    return ", ".join(
+        " ".join(str(v) for k, v in sorted(r.items()) if k != "shards") + f" ({r['shards']} shards)"
+        for r in report.get("ran_on", [])
+    )
 
 
 def write_build_outputs(
@@ -278,6 +302,12 @@ def render_html(
     )
     src = html.escape(f"{manifest['source']} {json.dumps(manifest.get('source_config', {}))}")
     meth = html.escape(f"{manifest['method']} {json.dumps(manifest['method_params'])}")
+    ran_on = ""
+    if report.get("ran_on"):
+        ran_on = f"<br>Ran on <code>{html.escape(describe_runtime(report))}</code>"
+        if gpu_fallback_shards(report):
+            ran_on += (f" <span class=warn>(a GPU share was asked for each task, but "
+                       f"{gpu_fallback_shards(report)} shard(s) ran on the CPU)</span>")  # fmt: skip
     comparison = ""
     if best:
         comparison = f"<h2>Best by IoU</h2><div class=grid>{best}</div><h2>Worst by IoU</h2><div class=grid>{worst}</div>"
@@ -295,7 +325,7 @@ table{{border-collapse:collapse}} th,td{{padding:3px 10px;border-bottom:1px soli
 figure img{{display:block;max-width:{THUMB}px}} .warn{{color:#b45309}} code{{background:#f3f3f3;padding:1px 4px}}
 </style></head><body>
 <h1>maskgen report</h1>
-<p>Source <code>{src}</code><br>Method <code>{meth}</code>, threshold <code>{html.escape(str(manifest.get("threshold")))}</code><br>
+<p>Source <code>{src}</code><br>Method <code>{meth}</code>, threshold <code>{html.escape(str(manifest.get("threshold")))}</code>{ran_on}<br>
 Built with maskgen {html.escape(manifest["versions"]["maskgen"])}, commit <code>{html.escape(str(manifest.get("git_commit")))}</code></p>
 <h2>Summary</h2><table>{table}</table>
 <h3>Mask status</h3><ul>{status}</ul>

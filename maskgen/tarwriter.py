@@ -1,8 +1,11 @@
-"""A WebDataset tar writer whose output depends on the samples alone.
+"""A WebDataset tar writer that writes each sample's files in the contract's order.
 
-Fixed mtime, owner and mode in every header (webdataset's own writer stamps the current
-time), so the same samples always give the same bytes: builds are reproducible and a
-retried or resumed shard is byte-identical to the first attempt.
+Why not ``webdataset.TarWriter``: it writes a sample's files sorted by extension (``cls``,
+``jpg``, ``json``, ``mask.png``), and the shard format puts the image first and the json last
+(``FIELD_ORDER``), so a streaming reader has the pixels before the metadata. Its ``mtime=``,
+``user=`` and ``mode=`` would give fixed headers too; here every header has a fixed mtime,
+owner and mode, so the same samples always give the same bytes: a retried or resumed shard is
+byte-identical to the first attempt.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import hashlib
 import tarfile
 from typing import IO
 
-from maskgen.shard_format import FIELD_ORDER, TAR_MTIME
+from maskio.shard_format import FIELD_ORDER, TAR_MTIME
 
 
 class DeterministicTarWriter:

@@ -14,14 +14,13 @@ import json
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from maskgen.atomic import atomic_open, write_json
 from maskgen.groundtruth import fit_to_shape
 from maskgen.imaging import (
     DEFAULT_MAX_PIXELS,
@@ -35,7 +34,10 @@ from maskgen.imaging import (
 from maskgen.methods import SaliencyMethod, make_method
 from maskgen.metrics import MetricSums
 from maskgen.postprocess import PostprocessConfig, binarize
-from maskgen.shard_format import (
+from maskgen.sources import ItemRef, Source, make_source
+from maskgen.tarwriter import DeterministicTarWriter, file_md5
+from maskio.atomic import atomic_open, write_json
+from maskio.shard_format import (
     FIELD_CLASS,
     FIELD_IMAGE,
     FIELD_MASK,
@@ -45,8 +47,6 @@ from maskgen.shard_format import (
     shard_name,
     stats_name,
 )
-from maskgen.sources import ItemRef, Source, make_source
-from maskgen.tarwriter import DeterministicTarWriter, file_md5
 
 FG_HIST_BINS = 20
 N_EXTREMES = 8  # best and worst IoUs kept per shard for the report
@@ -112,163 +112,194 @@ class _Decoded:
     image: DecodedImage
 
 
+@dataclass
+class ShardStats:
+    """What a shard's samples add up to, as they are written: its ``.stats.json``."""
+
+    errors: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[dict[str, str]] = field(default_factory=list)  # usable inputs with a side problem
+    status_counts: Counter[str] = field(default_factory=Counter)
+    reencoded: int = 0
+    gt_resized: int = 0
+    fg_sum: float = 0.0
+    fg_hist: np.ndarray = field(default_factory=lambda: np.zeros(FG_HIST_BINS, np.int64))
+    sums: MetricSums = field(default_factory=MetricSums)
+    best: list[tuple[float, str]] = field(default_factory=list)  # min-heap of the highest IoUs
+    worst: list[tuple[float, str]] = field(default_factory=list)  # min-heap of the lowest, negated
+    runtime: dict[str, Any] = field(default_factory=dict)  # what the method really ran on
+    timer: _Timer = field(default_factory=_Timer)
+
+    def error(self, item: ItemRef, stage: str, reason: str, detail: str = "") -> None:
+        self.errors.append(
+            {"key": item.key, "path": item.path, "stage": stage, "reason": reason, "detail": detail}
+        )
+
+    def warning(self, item: ItemRef, stage: str, reason: str, detail: str = "") -> None:
+        self.warnings.append(
+            {"key": item.key, "path": item.path, "stage": stage, "reason": reason, "detail": detail}
+        )
+
+    def add_mask(self, fg_fraction: float, status: str) -> None:
+        self.fg_sum += fg_fraction
+        self.fg_hist[min(int(fg_fraction * FG_HIST_BINS), FG_HIST_BINS - 1)] += 1
+        self.status_counts[status] += 1
+
+    def add_iou(self, value: float, key: str) -> None:
+        push_extremes(self.best, self.worst, value, key)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "n_errors": len(self.errors),
+            "errors": self.errors,
+            "errors_by_reason": dict(Counter(e["reason"] for e in self.errors)),
+            "warnings": self.warnings,
+            "status_counts": dict(self.status_counts),
+            "reencoded": self.reencoded,
+            "gt_resized": self.gt_resized,
+            "fg_fraction_sum": self.fg_sum,
+            "fg_fraction_hist": self.fg_hist.tolist(),
+            "metrics": self.sums.to_json(),
+            "best_iou": sorted(((v, k) for v, k in self.best), reverse=True),
+            "worst_iou": sorted((-v, k) for v, k in self.worst),
+            "seconds": {k: round(v, 4) for k, v in sorted(self.timer.seconds.items())},
+            "runtime": self.runtime,
+        }  # fmt: skip
+
+
 def process_shard(spec: BuildSpec, shard_index: int, items: list[ItemRef]) -> dict[str, Any]:
     """Build shard ``shard_index`` from ``items``; returns (and writes) its stats."""
     limit_threads()
     started = time.time()
-    timer = _Timer()
     source = _cached_source(spec.source, json.dumps(spec.source_config, sort_keys=True))
     method = _cached_method(spec.method, json.dumps(spec.method_args, sort_keys=True))
     if method.params != spec.method_params:  # e.g. a model file changed since the plan was made
         raise RuntimeError(f"method parameters changed since the build was planned: {method.params}")
-    has_labels = source.class_names is not None
-
-    shards_dir = Path(spec.out_dir) / SHARDS_DIR
-    tar_path = shards_dir / shard_name(shard_index)
-    errors: list[dict[str, str]] = []
-    status_counts: Counter[str] = Counter()
-    reencoded = 0
-    fg_sum = 0.0
-    fg_hist = np.zeros(FG_HIST_BINS, np.int64)
-    sums = MetricSums()
-    best: list[tuple[float, str]] = []  # min-heap of the highest IoUs
-    worst: list[tuple[float, str]] = []  # min-heap of the lowest IoUs (negated)
-    gt_resized = 0
-
-    warnings: list[dict[str, str]] = []  # usable inputs with a problem on the side (bad ground truth)
-
-    def record_error(item: ItemRef, stage: str, reason: str, detail: str = "") -> None:
-        errors.append(
-            {"key": item.key, "path": item.path, "stage": stage, "reason": reason, "detail": detail}
-        )
-
-    def record_warning(item: ItemRef, stage: str, reason: str, detail: str = "") -> None:
-        warnings.append(
-            {"key": item.key, "path": item.path, "stage": stage, "reason": reason, "detail": detail}
-        )
-
+    stats = ShardStats()
     # a method that decodes JPEGs itself gets plain JPEGs undecoded, unless every image is re-encoded
     pixels = not (method.decodes_jpeg and spec.image_format != "jpg")
+    shards_dir = Path(spec.out_dir) / SHARDS_DIR
+    tar_path = shards_dir / shard_name(shard_index)
     with atomic_open(tar_path, "wb") as f:
         writer = DeterministicTarWriter(f)
         for start in range(0, len(items), method.batch_size):
-            batch: list[_Decoded] = []
-            for item in items[start : start + method.batch_size]:
-                try:
-                    with timer("read"):
-                        data = source.read(item)
-                except OSError as exc:
-                    record_error(item, "read", "unreadable", exc.strerror or str(exc))
-                    continue
-                try:
-                    with timer("decode"):
-                        image = decode_image(data, spec.max_pixels, pixels)
-                except ImageDecodeError as exc:
-                    record_error(item, "decode", exc.reason, exc.detail)
-                    continue
-                batch.append(_Decoded(item, data, image))
+            batch = _read_batch(source, items[start : start + method.batch_size], spec, pixels, stats)
             if not batch:
                 continue
-            with timer("method"):
-                maps = _predict(method, batch, record_error)
+            with stats.timer("method"):
+                maps = _predict(method, batch, stats.error)
+            stats.runtime = method.runtime_params()
+            params = {**method.params, **stats.runtime}
             for dec, sal in zip(batch, maps, strict=True):
-                if sal is None:
-                    continue
-                item, rgb = dec.item, dec.image.rgb
-                h, w = dec.image.shape
-                with timer("postprocess"):
-                    result = binarize(sal, spec.postprocess)
-                    sal_u8 = result.saliency_u8
-                fg = result.mask > 0
-                fg_fraction = float(np.count_nonzero(fg)) / fg.size
-                fg_sum += fg_fraction
-                fg_hist[min(int(fg_fraction * FG_HIST_BINS), FG_HIST_BINS - 1)] += 1
-                status_counts[result.status] += 1
-
-                sample_iou = None
-                with timer("metrics"):
-                    gt = _ground_truth(source, item, record_warning)
-                    if gt is not None:
-                        gt_resized += gt.shape != (h, w)
-                        gt = fit_to_shape(gt, (h, w))
-                        sample_iou = sums.add(fg, sal_u8, gt)
-                        push_extremes(best, worst, sample_iou, item.key)
-
-                with timer("encode"):
-                    fields: dict[str, bytes] = {}
-                    is_reencoded = False
-                    if spec.image_format != "none":
-                        if spec.image_format == "keep" and dec.image.reencode_reason is None:
-                            fields[FIELD_IMAGE] = dec.data
-                        else:
-                            assert rgb is not None  # decoded: re-encoding needs the pixels
-                            fields[FIELD_IMAGE] = encode_jpeg(rgb, dec.image.grayscale)
-                            is_reencoded = True
-                            reencoded += 1
-                    fields[FIELD_MASK] = encode_mask_png(result.mask)
-                    if spec.save_saliency:
-                        fields[FIELD_SALIENCY] = encode_gray_png(sal_u8)
-                    if has_labels:
-                        fields[FIELD_CLASS] = str(item.label if item.label is not None else -1).encode()
-                    meta = {
-                        "key": item.key,
-                        "source": spec.source,
-                        "path": item.path,
-                        "width": w,
-                        "height": h,
-                        "label": item.label,
-                        "method": spec.method,
-                        "method_params": method.params,
-                        "threshold": result.threshold,
-                        "fg_fraction": fg_fraction,
-                        "iou": sample_iou,
-                        "status": result.status,
-                        "reencoded": is_reencoded,
-                    }
-                    fields[FIELD_META] = json.dumps(meta).encode("utf-8")
-                with timer("write"):
-                    writer.write_sample(item.key, fields)
+                if sal is not None:
+                    fields = _sample(spec, source, dec, sal, params, stats)
+                    with stats.timer("write"):
+                        writer.write_sample(dec.item.key, fields)
         writer.close()
         nsamples = writer.nsamples
 
-    stats = {
+    out = {
         "shard": shard_index,
         "tar": shard_name(shard_index),
         "fingerprint": spec.fingerprint,
         "n_items": len(items),
         "nsamples": nsamples,
-        "n_errors": len(errors),
-        "errors": errors,
-        "errors_by_reason": dict(Counter(e["reason"] for e in errors)),
-        "warnings": warnings,
-        "status_counts": dict(status_counts),
-        "reencoded": reencoded,
-        "gt_resized": gt_resized,
-        "fg_fraction_sum": fg_sum,
-        "fg_fraction_hist": fg_hist.tolist(),
-        "metrics": sums.to_json(),
-        "best_iou": sorted(((v, k) for v, k in best), reverse=True),
-        "worst_iou": sorted((-v, k) for v, k in worst),
-        "seconds": {k: round(v, 4) for k, v in sorted(timer.seconds.items())},
+        **stats.to_json(),
         "duration": round(time.time() - started, 4),
         "started": started,
         "filesize": tar_path.stat().st_size,
         "md5sum": file_md5(tar_path),
         "hostname": os.uname().nodename,
-        "ray_node_id": _ray_node_id(),
+        **_ray_placement(),
     }
-    write_json(shards_dir / stats_name(shard_index), stats)
-    return stats
+    write_json(shards_dir / stats_name(shard_index), out)
+    return out
 
 
-def _ray_node_id() -> str | None:
-    """The Ray node this shard ran on (None outside Ray): shows how work spread over a cluster."""
+def _read_batch(
+    source: Source, items: list[ItemRef], spec: BuildSpec, pixels: bool, stats: ShardStats
+) -> list[_Decoded]:
+    """Read and decode ``items``; an unreadable or undecodable one is recorded and left out."""
+    batch: list[_Decoded] = []
+    for item in items:
+        try:
+            with stats.timer("read"):
+                data = source.read(item)
+        except OSError as exc:
+            stats.error(item, "read", "unreadable", exc.strerror or str(exc))
+            continue
+        try:
+            with stats.timer("decode"):
+                image = decode_image(data, spec.max_pixels, pixels)
+        except ImageDecodeError as exc:
+            stats.error(item, "decode", exc.reason, exc.detail)
+            continue
+        batch.append(_Decoded(item, data, image))
+    return batch
+
+
+def _sample(
+    spec: BuildSpec, source: Source, dec: _Decoded, sal: np.ndarray, params: dict[str, Any], stats: ShardStats
+) -> dict[str, bytes]:
+    """One sample's files: post-process the map, score it against ground truth, encode."""
+    item = dec.item
+    h, w = dec.image.shape
+    with stats.timer("postprocess"):
+        result = binarize(sal, spec.postprocess)
+    fg = result.mask > 0
+    fg_fraction = float(np.count_nonzero(fg)) / fg.size
+    stats.add_mask(fg_fraction, result.status)
+    sample_iou = None
+    with stats.timer("metrics"):
+        gt = _ground_truth(source, item, stats.warning)
+        if gt is not None:
+            stats.gt_resized += gt.shape != (h, w)
+            sample_iou = stats.sums.add(fg, result.saliency_u8, fit_to_shape(gt, (h, w)))
+            stats.add_iou(sample_iou, item.key)
+    with stats.timer("encode"):
+        fields: dict[str, bytes] = {}
+        is_reencoded = False
+        if spec.image_format != "none":
+            if spec.image_format == "keep" and dec.image.reencode_reason is None:
+                fields[FIELD_IMAGE] = dec.data
+            else:
+                assert dec.image.rgb is not None  # decoded: re-encoding needs the pixels
+                fields[FIELD_IMAGE] = encode_jpeg(dec.image.rgb, dec.image.grayscale)
+                is_reencoded = True
+                stats.reencoded += 1
+        fields[FIELD_MASK] = encode_mask_png(result.mask)
+        if spec.save_saliency:
+            fields[FIELD_SALIENCY] = encode_gray_png(result.saliency_u8)
+        if source.class_names is not None:
+            fields[FIELD_CLASS] = str(item.label if item.label is not None else -1).encode()
+        meta = {
+            "key": item.key,
+            "source": spec.source,
+            "path": item.path,
+            "width": w,
+            "height": h,
+            "label": item.label,
+            "method": spec.method,
+            "method_params": params,
+            "threshold": result.threshold,
+            "fg_fraction": fg_fraction,
+            "iou": sample_iou,
+            "status": result.status,
+            "reencoded": is_reencoded,
+        }
+        fields[FIELD_META] = json.dumps(meta).encode("utf-8")
+    return fields
+
+
+def _ray_placement() -> dict[str, Any]:
+    """The Ray node this shard ran on and the resources Ray gave its task (None outside Ray):
+    shows how work spread over a cluster, and whether a GPU share was really granted."""
     import sys
 
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
-        return None
-    return ray.get_runtime_context().get_node_id()
+        return {"ray_node_id": None, "ray_resources": None}
+    context = ray.get_runtime_context()
+    return {"ray_node_id": context.get_node_id(), "ray_resources": context.get_assigned_resources()}
 
 
 def _predict(method: SaliencyMethod, batch: list[_Decoded], record_error) -> list[np.ndarray | None]:

@@ -14,6 +14,9 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 ARCHS: dict[str, tuple[type[nn.Module], list[int], tuple[int, int, int, int]]] = {
     "resnet_tiny": (BasicBlock, [1, 1, 1, 1], (16, 32, 64, 128)),
     "resnet18": (BasicBlock, [2, 2, 2, 2], (64, 128, 256, 512)),
@@ -58,3 +61,10 @@ def build_backbone(arch: str, out_stride: int = 32) -> ResNetTrunk:
         raise ValueError(f"unknown backbone {arch!r}; choose from {', '.join(ARCHS)}")
     block, layers, widths = ARCHS[arch]
     return ResNetTrunk(block, layers, widths, out_stride)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW -> float, ImageNet mean/std (on whatever device the batch is)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    return (images.float() - mean) / std

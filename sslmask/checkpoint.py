@@ -8,16 +8,15 @@ online backbone alone, with torchvision's parameter names.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from maskio.atomic import atomic_open
+from maskio.errors import CheckpointError
 from sslmask.backbones import ARCHS, ResNetTrunk, build_backbone
-from sslmask.errors import CheckpointError
 
 __all__ = ["CheckpointError", "backbone_state", "infer_arch", "load_backbone", "load_file", "save_atomic"]
 
@@ -28,7 +27,7 @@ BACKBONE_PREFIX = "backbone."
 def save_atomic(
     obj: Any, path: str | Path, metadata: dict[str, str] | None = None, safetensors: bool | None = None
 ) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``.
+    """Write ``obj`` with :func:`maskio.atomic.atomic_open` (a crash never leaves a partial file).
 
     Safetensors (``safetensors=True``, or by default for ``.safetensors`` paths) takes a dict
     of tensors and optional string ``metadata``; otherwise ``torch.save`` writes ``obj``.
@@ -36,21 +35,13 @@ def save_atomic(
     path = Path(path)
     if safetensors is None:
         safetensors = path.suffix == ".safetensors"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if safetensors:
-                from safetensors.torch import save
+    with atomic_open(path, "wb") as f:
+        if safetensors:
+            from safetensors.torch import save
 
-                f.write(save(obj, metadata=metadata))
-            else:
-                torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            f.write(save(obj, metadata=metadata))
+        else:
+            torch.save(obj, f)
 
 
 def load_file(path: str | Path) -> Any:

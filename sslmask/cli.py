@@ -8,9 +8,11 @@ from pathlib import Path
 
 import click
 
+from maskio.errors import ShardError
+from maskio.records import resolve_shards
 from sslmask.checkpoint import CheckpointError
 from sslmask.config import ConfigError, available_methods, load_config
-from sslmask.data import ShardError, dumps, resolve_shards, summarize
+from sslmask.data import dumps, summarize
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

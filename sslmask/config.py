@@ -11,6 +11,9 @@ from typing import Any
 
 import yaml
 
+from maskio.errors import KeyValueError
+from maskio.keyvalue import parse_value, split_pair
+
 
 class ConfigError(Exception):
     """A config that cannot be used (unknown method or key, wrong type, unreadable file)."""
@@ -65,14 +68,15 @@ def _merge(base: dict[str, Any], overlay: dict[str, Any], where: str, prefix: st
 
 
 def parse_set(item: str) -> dict[str, Any]:
-    """``"optim.lr=0.1"`` -> ``{"optim": {"lr": 0.1}}`` (values parsed as YAML scalars)."""
-    key, eq, raw = item.partition("=")
-    if not eq or not key.strip():
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-    value: Any = yaml.safe_load(raw) if raw.strip() else None
+    """``"optim.lr=0.1"`` -> ``{"optim": {"lr": 0.1}}`` (values typed by ``maskio.keyvalue``)."""
+    try:
+        key, raw = split_pair(item, "--set")
+    except KeyValueError as exc:
+        raise ConfigError(str(exc)) from None
+    value = parse_value(raw) if raw.strip() else None
     out: dict[str, Any] = {}
     node = out
-    parts = key.strip().split(".")
+    parts = key.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value

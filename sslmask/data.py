@@ -1,68 +1,29 @@
-"""Reading maskgen shards for training: shard resolution and decoded image+mask samples.
+"""Decoded image+mask samples in shard order, for ``sslmask inspect`` and evaluation.
 
-Uses only ``maskgen.shard_format`` from maskgen (the contract between the two packages).
 Shards are read with ``webdataset``; nothing in a shard is ever unpickled.
 """
 
 from __future__ import annotations
 
-import glob
 import io
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from maskgen.shard_format import (
+from maskio.errors import ShardError
+from maskio.shard_format import (
     FIELD_CLASS,
     FIELD_IMAGE,
     FIELD_MASK,
     FIELD_META,
-    SHARDS_DIR,
     decode_class,
     decode_mask_png,
     decode_meta,
-    shard_paths,
 )
-
-
-class ShardError(Exception):
-    """Shards that cannot be used (missing, empty, or without the fields a method needs)."""
-
-
-def resolve_shards(specs: Sequence[str]) -> list[str]:
-    """Expand build folders, shard folders, globs and brace patterns into tar paths.
-
-    ``OUT`` (a maskgen build) and ``OUT/shards`` give the complete shards of that build;
-    ``data/maskgen-{000000..000009}.tar`` and ``data/*.tar`` work as in webdataset.
-    """
-    import braceexpand
-
-    urls: list[str] = []
-    for spec in specs:
-        path = Path(spec)
-        if path.is_dir():
-            build_dir = path.parent if path.name == SHARDS_DIR else path
-            found = [str(p) for p in shard_paths(build_dir)]
-            if not found:
-                raise ShardError(f"{spec}: no complete maskgen shards in this folder")
-            urls.extend(found)
-            continue
-        expanded = []
-        for pattern in braceexpand.braceexpand(spec):
-            matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-            expanded.extend(matches)
-        missing = [u for u in expanded if not Path(u).is_file()]
-        if not expanded or missing:
-            raise ShardError(f"{spec}: no such shard{'' if not missing else ' ' + missing[0]}")
-        urls.extend(expanded)
-    if not urls:
-        raise ShardError("no shards given")
-    return urls
 
 
 @dataclass

@@ -19,16 +19,18 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from maskio.records import Records, index_cached
 from sslmask import distributed as D
+from sslmask.backbones import normalize
 from sslmask.checkpoint import CheckpointError, load_file, run_checkpoint_path, save_atomic
 from sslmask.config import ConfigError, diff
-from sslmask.dataset import EpochBatchSampler, Records, ViewsDataset, index_cached, steps_per_epoch
+from sslmask.dataset import EpochBatchSampler, ViewsDataset, steps_per_epoch
 from sslmask.eval.features import extract_features
 from sslmask.eval.knn import knn_eval
 from sslmask.methods import METHODS, build_method
 from sslmask.optim import OPTIMIZERS, build_optimizer
 from sslmask.schedules import cosine_ramp, warmup_cosine
-from sslmask.transforms import byol_views, normalize
+from sslmask.transforms import byol_views
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "log.jsonl"

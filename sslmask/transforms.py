@@ -9,7 +9,8 @@ Geometry (crop, flip) is applied to the image and the mask with the same box; co
 blur and solarisation touch the image only (HARL, METHODS.md Table A1). The mask is resized
 with PIL's BOX filter, so each output pixel holds the foreground *fraction* of the source
 area it covers (0..255), the soft map the area-mode feature-grid downsampling starts from.
-Images leave as uint8 tensors; normalisation happens on the training device.
+Images leave as uint8 tensors; normalisation (``sslmask.backbones.normalize``) happens on the
+training device.
 """
 
 from __future__ import annotations
@@ -21,9 +22,6 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -190,10 +188,3 @@ def eval_view(image: Image.Image, size: int, crop_fraction: float = 0.875) -> to
     left, top = (new_w - size) // 2, (new_h - size) // 2
     out = resized.crop((left, top, left + size, top + size))
     return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 NCHW -> float, ImageNet mean/std (on whatever device the batch is)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
-    return (images.float() - mean) / std

@@ -14,7 +14,7 @@ from conftest import exif_rotated_jpeg, gradient_rgb, jpeg_bytes, maskgen_cmd, p
 from PIL import Image
 
 from maskgen.postprocess import center_prior, quantize
-from maskgen.shard_format import shard_paths
+from maskio.shard_format import shard_paths
 
 GOOD = {
     "good_rgb.jpg": (jpeg_bytes(gradient_rgb(40, 60)), (40, 60)),

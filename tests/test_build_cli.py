@@ -12,7 +12,7 @@ import webdataset as wds
 from conftest import maskgen_cmd
 
 from maskgen.cli import main
-from maskgen.shard_format import META_KEYS, shard_paths
+from maskio.shard_format import META_KEYS, shard_paths
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -196,7 +196,7 @@ def test_huggingface_loader_with_explicit_features_when_first_samples_lack_groun
     from conftest import gradient_rgb, jpeg_bytes
     from PIL import Image
 
-    from maskgen.shard_format import hf_features
+    from maskio.shard_format import hf_features
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     root, gt = tmp_path / "img", tmp_path / "gt"

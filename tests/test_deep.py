@@ -14,8 +14,8 @@ from PIL import Image
 from maskgen.cli import main
 from maskgen.methods.deep.fit import balanced_bce, saliency_loss, soft_iou_loss
 from maskgen.methods.deep.model import HeadFileError, SaliencyNet, load_head, predict_maps, save_head
+from maskio.records import index_shards
 from sslmask.backbones import build_backbone
-from sslmask.dataset import index_shards
 
 
 def _net(seed=0):
@@ -68,10 +68,24 @@ def test_deep_method_on_cpu_asks_for_no_gpu_and_records_its_precision(tmp_path):
 
     save_head(_net(), tmp_path / "h.safetensors", {"arch": "resnet_tiny", "out_stride": 16, "short_side": 48})
     method = make_method("deep", {"head": str(tmp_path / "h.safetensors")})
-    assert method.resources.num_gpus == 0.0 and method.precision == "fp32"
+    assert method.resources.num_gpus == 0.0 and method.batch_size == 8 and not method.decodes_jpeg
     assert method.params["precision"] == "auto" and method.params["short_side"] == 48
+    assert method._net is None and method.runtime_params() == {}  # weights load in the worker, lazily
+    method.predict([np.zeros((40, 50, 3), np.uint8)])
+    assert method.runtime_params() == {"device": "cpu", "dtype": "fp32"}
     with pytest.raises(ValueError, match="gpu_share"):
         make_method("deep", {"head": str(tmp_path / "h.safetensors"), "gpu_share": 0})
+
+
+def test_deep_plan_on_a_gpu_host_asks_for_a_gpu_share_without_loading_weights(tmp_path, monkeypatch):
+    from maskgen.methods import make_method
+
+    save_head(_net(), tmp_path / "h.safetensors", {"arch": "resnet_tiny", "out_stride": 16, "short_side": 48})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    method = make_method("deep", {"head": str(tmp_path / "h.safetensors"), "gpu_share": 0.5})
+    assert method.resources.num_gpus == 0.5 and method.batch_size == 64 and method.decodes_jpeg
+    assert method._net is None  # planning read the head's metadata only
+    assert not make_method("deep", {"head": str(tmp_path / "h.safetensors"), "refine": 1}).decodes_jpeg
 
 
 def test_deep_refine_is_drfis_region_refinement_of_the_networks_map(tmp_path):
@@ -116,7 +130,7 @@ def test_device_decoding_matches_the_workers_decoding_up_to_rounding():
 def test_build_with_device_decoding_keeps_jpegs_and_records_bad_ones(tmp_path):
     from test_bad_inputs import BAD, GOOD
 
-    from maskgen.shard_format import decode_mask_png
+    from maskio.shard_format import decode_mask_png
 
     root = tmp_path / "images"
     root.mkdir()
@@ -299,23 +313,54 @@ def test_fit_save_build_round_trip_is_deterministic(sample_build, tmp_path, caps
 
 
 def test_relabel_writes_the_students_post_processed_masks(sample_build, tmp_path):
+    from maskgen.methods.deep.crops import TeacherCrops
     from maskgen.methods.deep.fit import relabel
     from maskgen.postprocess import PostprocessConfig, binarize
-    from maskgen.shard_format import decode_mask_png
-    from sslmask.dataset import ViewsDataset, decode_rgb
-    from sslmask.transforms import ViewSpec
 
     records = index_shards([str(sample_build)], require_masks=True)
-    dataset = ViewsDataset(records, [ViewSpec(size=32)], seed=0)
+    dataset = TeacherCrops(records, 32, seed=0)
     net = _net()
     new = relabel(net, dataset, [1, 4], short_side=40, device="cpu", path=tmp_path / "m.png")
     assert new.files[-1] == str(tmp_path / "m.png") and len(new.files) == len(records.files) + 1
     np.testing.assert_array_equal(new.mask[0], records.mask[0])  # not relabelled: unchanged
-    reader = ViewsDataset(new, [ViewSpec(size=32)], seed=0).reader
+    relabelled = TeacherCrops(new, 32, seed=0)
     for i in (1, 4):
-        image = np.asarray(decode_rgb(reader.read(*new.image[i]), "x"))
+        image = np.asarray(relabelled.image(i))
         expected = binarize(predict_maps(net, [image], 40)[0], PostprocessConfig()).mask > 0
-        np.testing.assert_array_equal(decode_mask_png(reader.read(*new.mask[i])) > 0, expected)
+        np.testing.assert_array_equal(relabelled.mask(i), expected)
+
+
+def test_teacher_crops_move_image_and_mask_together_and_repeat_per_seed(tmp_path):
+    """A crop of an image whose left half is white and masked: the mask follows the pixels
+    (up to colour jitter, which keeps white brighter than black), and the same (epoch, index)
+    gives the same crop in any process."""
+    from maskgen.methods.deep.crops import TeacherCrops
+    from maskio.records import Records
+
+    image = np.zeros((60, 80, 3), np.uint8)
+    image[:, :40] = 255
+    mask = np.zeros((60, 80), np.uint8)
+    mask[:, :40] = 255
+    files = []
+    for name, arr in (("i.png", image), ("m.png", mask)):
+        Image.fromarray(arr).save(tmp_path / name)
+        files.append(str(tmp_path / name))
+    whole = lambda fid: [fid, -1, 0]  # noqa: E731 -- a whole-file record
+    records = Records(
+        files, np.array([whole(0)] * 2), np.array([whole(1)] * 2), np.array([-1, -1]), ["a", "b"]
+    )
+    crops = TeacherCrops(records, 24, seed=3)
+    for epoch, index in [(0, 0), (0, 1), (1, 0), (2, 1)]:
+        img, m = crops[epoch, index]
+        assert img.shape == (3, 24, 24) and img.dtype == torch.uint8 and m.shape == (1, 24, 24)
+        assert set(m.unique().tolist()) <= {0.0, 1.0}
+        grey, fg = img.float().mean(0), m[0] > 0.5
+        if 0 < fg.sum() < fg.numel():  # both halves in the crop: the masked one is the bright one
+            assert grey[fg].mean() > grey[~fg].mean()
+            assert ((grey > (grey[fg].mean() + grey[~fg].mean()) / 2) == fg).float().mean() > 0.9
+        again = crops[epoch, index]
+        assert torch.equal(again[0], img) and torch.equal(again[1], m)
+    assert not torch.equal(crops[0, 0][0], crops[1, 0][0])  # another epoch, another crop
 
 
 def test_self_training_round_is_recorded_in_the_head(sample_build, tmp_path, capsys):

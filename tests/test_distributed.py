@@ -151,6 +151,51 @@ def test_node_killed_mid_build_tasks_retried_on_survivor(tmp_path, monkeypatch):
         cluster.shutdown()
 
 
+def test_deep_build_on_a_gpu_host_asks_ray_for_the_gpu_share(tmp_path, monkeypatch):
+    """The plan of a GPU host asks Ray for ``gpu_share`` per task (read back from inside each
+    task); these workers have no CUDA, so every sample records the CPU and the summary warns."""
+    import io
+    import logging
+
+    import ray
+    import torch
+    from test_deep import _net
+
+    from maskgen.methods.deep.model import save_head
+    from maskgen.pipeline import BuildOptions, run_build
+
+    for k, v in LOOPBACK.items():
+        monkeypatch.setenv(k, v)
+    head = tmp_path / "h.safetensors"
+    save_head(_net(), head, {"arch": "resnet_tiny", "out_stride": 16, "short_side": 48})
+    out = tmp_path / "out"
+    opts = BuildOptions(source="sample", source_config={"sample_size": 6, "photos": False}, method="deep",
+                        method_params={"head": str(head), "gpu_share": 0.5}, out=str(out), shard_size=3,
+                        workers=2, progress=False)  # fmt: skip
+    # Ray's view of this machine: one GPU (so a 0.5 request can be granted), 2 CPUs
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1",
+             logging_level=logging.WARNING, log_to_driver=False)  # fmt: skip
+    try:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the planning process "sees" one
+        stream = io.StringIO()
+        report = run_build(opts, stream)
+    finally:
+        ray.shutdown()
+    for stats in sorted((out / "shards").glob("*.stats.json")):
+        assert json.loads(stats.read_text())["ray_resources"] == {"CPU": 1.0, "GPU": 0.5}
+    assert report["task_resources"] == {"num_cpus": 1.0, "num_gpus": 0.5}
+    assert report["ran_on"] == [{"device": "cpu", "dtype": "fp32", "shards": 2}]
+    import tarfile
+
+    with tarfile.open(out / "shards" / "maskgen-000000.tar") as tar:
+        meta = json.loads(tar.extractfile(next(m for m in tar if m.name.endswith(".json"))).read())
+    assert meta["method_params"]["device"] == "cpu" and meta["method_params"]["dtype"] == "fp32"
+    warning = [line for line in stream.getvalue().splitlines() if "warning" in line]
+    assert warning == ["maskgen: warning: each task asked Ray for 0.5 GPU, but 2 shard(s) ran on the CPU "
+                       "(no CUDA in the worker)"]  # fmt: skip
+    assert "ran on the CPU" in (out / "report.html").read_text()
+
+
 def _session_pids(sid: int) -> list[int]:
     pids = []
     for d in os.listdir("/proc"):

@@ -9,7 +9,7 @@ import webdataset as wds
 from conftest import shared
 
 from maskgen.cli import main
-from maskgen.shard_format import shard_paths
+from maskio.shard_format import shard_paths
 
 
 def test_center_baseline_on_ecssd_matches_the_published_centre_prior(tmp_path):

@@ -7,7 +7,8 @@ import tarfile
 
 import pytest
 
-from maskgen.shard_format import (
+from maskgen.tarwriter import DeterministicTarWriter
+from maskio.shard_format import (
     ShardFormatError,
     iter_tar_samples,
     sanitize_key,
@@ -15,7 +16,6 @@ from maskgen.shard_format import (
     shard_name,
     stats_name,
 )
-from maskgen.tarwriter import DeterministicTarWriter
 
 
 def write(samples) -> bytes:

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from maskio.errors import ShardError
+from maskio.records import resolve_shards
 from sslmask.cli import main
-from sslmask.data import ShardError, iter_samples, resolve_shards, summarize
+from sslmask.data import iter_samples, summarize
 
 
 def test_resolve_build_folder_glob_and_braces(sample_build):
@@ -63,7 +65,7 @@ def test_sslmask_imports_only_the_shard_contract_from_maskgen():
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("maskgen"):
-                assert node.module == "maskgen.shard_format", f"{path.name} imports {node.module}"
+                assert node.module == "maskio.shard_format", f"{path.name} imports {node.module}"
             if isinstance(node, ast.Import):
                 for alias in node.names:
-                    assert not alias.name.startswith("maskgen") or alias.name == "maskgen.shard_format"
+                    assert not alias.name.startswith("maskgen") or alias.name == "maskio.shard_format"

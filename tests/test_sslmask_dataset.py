@@ -11,16 +11,10 @@ import torch
 from conftest import jpeg_bytes
 from PIL import Image
 
-from maskgen.shard_format import ShardFormatError, index_tar, iter_tar_samples
-from sslmask.data import ShardError
-from sslmask.dataset import (
-    EpochBatchSampler,
-    ViewsDataset,
-    epoch_order,
-    index_any,
-    index_folder,
-    index_shards,
-)
+from maskio.errors import ShardError, ShardFormatError
+from maskio.records import index_any, index_folder, index_shards
+from maskio.shard_format import index_tar, iter_tar_samples
+from sslmask.dataset import EpochBatchSampler, ViewsDataset, epoch_order
 from sslmask.transforms import byol_views
 
 
@@ -122,7 +116,7 @@ def test_views_depend_only_on_seed_epoch_and_index(sample_build):
 def test_index_cache_is_reused_until_a_shard_changes(sample_build, tmp_path, monkeypatch):
     import os
 
-    import sslmask.dataset as dataset
+    import maskio.records as dataset
 
     shards = tmp_path / "shards"
     shards.mkdir()

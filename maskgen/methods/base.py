@@ -25,10 +25,12 @@ class SaliencyMethod(ABC):
     """Base class; subclasses set ``name`` and implement ``predict``."""
 
     name: ClassVar[str]
-    resources: ClassVar[Resources] = Resources()
-    batch_size: ClassVar[int] = 16
-    # True for a method that decodes plain JPEG bytes itself (e.g. on a GPU): the worker then
-    # reads only those files' headers and calls ``predict_encoded``
+    # What one shard task needs, the images per ``predict`` call, and whether the method decodes
+    # plain JPEG bytes itself (e.g. on a GPU: the worker then reads only those files' headers
+    # and calls ``predict_encoded``). Class defaults; a method may set them per instance from
+    # its parameters, and the pipeline plans from the configured instance.
+    resources: Resources = Resources()
+    batch_size: int = 16
     decodes_jpeg: bool = False
 
     @classmethod
@@ -41,6 +43,11 @@ class SaliencyMethod(ABC):
     @abstractmethod
     def params(self) -> dict[str, Any]:
         """JSON-serialisable parameters; recorded in every sample as ``method_params``."""
+
+    def runtime_params(self) -> dict[str, Any]:
+        """What this worker process actually ran with (device, precision), once it has run;
+        merged into each sample's ``method_params``. Empty for methods that have no choice."""
+        return {}
 
     @abstractmethod
     def predict(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from maskgen.atomic import atomic_open, write_json
 from maskgen.pipeline import BuildError
 from maskgen.publish.card import render_card
-from maskgen.shard_format import (
+from maskgen.tarwriter import DeterministicTarWriter
+from maskio.atomic import atomic_open, write_json
+from maskio.shard_format import (
     FIELD_IMAGE,
     FIELD_ORDER,
     MANIFEST,
@@ -26,7 +27,6 @@ from maskgen.shard_format import (
     iter_tar_samples,
     shard_paths,
 )
-from maskgen.tarwriter import DeterministicTarWriter
 
 STAGING_DIR = "publish"
 DATA_DIR = "data/train"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from maskgen.pipeline import BuildError
-from maskgen.shard_format import FIELD_IMAGE, FIELD_MASK, FIELD_META, hf_features
+from maskio.shard_format import FIELD_IMAGE, FIELD_MASK, FIELD_META, hf_features
 
 REQUIRED_METADATA = ("license", "task_categories", "size_categories", "tags", "configs", "source_datasets")
 
@@ -32,8 +32,10 @@ def validate_shards(folder: Path, manifest: dict[str, Any], masks_only: bool) ->
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets
 
+    # a sample's method_params also say what its worker ran on (``deep``: device, dtype)
+    runtime = {k: v for k, v in (manifest.get("ran_on") or [{}])[0].items() if k != "shards"}
     features = hf_features(
-        manifest.get("method_params") or {},
+        {**(manifest.get("method_params") or {}), **runtime},
         image=not masks_only,
         saliency=bool(manifest.get("save_saliency")),
         labels=bool(manifest.get("class_names")),

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from maskgen.shard_format import sanitize_key
+from maskio.shard_format import sanitize_key
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm"}

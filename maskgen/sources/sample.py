@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from maskgen.shard_format import JPEG_QUALITY
 from maskgen.sources.base import ItemRef, Source, SourceError, read_file
 from maskgen.sources.synthetic import APPEARANCES, SHAPES, render_scene, scene_classes, skimage_data_dir
+from maskio.shard_format import JPEG_QUALITY
 
 PHOTOS = (
     "astronaut.png",

@@ -224,7 +224,7 @@ def _plan_scene(seed: int, index: int) -> _ScenePlan:
 
 
 def scene_classes(seed: int, index: int) -> SceneClasses:
-    """The classes of scene ``index`` without painting it (about 25x cheaper than rendering)."""
+    """The classes of scene ``index`` without painting it (far cheaper than rendering)."""
     plan = _plan_scene(seed, index)
     return SceneClasses(plan.shape, plan.appearance)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
-from sslmask.backbones import ResNetTrunk
-from sslmask.dataset import EvalDataset, Records
-from sslmask.transforms import normalize
+from maskio.records import Records
+from sslmask.backbones import ResNetTrunk, normalize
+from sslmask.dataset import EvalDataset
 
 
 @torch.no_grad()
@@ -49,9 +49,9 @@ def labelled_features(
     ``checkpoint`` is anything :func:`sslmask.checkpoint.load_backbone` takes; ``seed`` makes
     the ``random`` baseline reproducible. Both sets must be labelled.
     """
+    from maskio.errors import ShardError
+    from maskio.records import index_any
     from sslmask.checkpoint import load_backbone
-    from sslmask.data import ShardError
-    from sslmask.dataset import index_any
 
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -33,13 +33,14 @@ from torch.utils.data import DataLoader
 
 from maskgen.groundtruth import GroundTruthLookup, fit_to_shape, safe_lookup
 from maskgen.imaging import encode_mask_png
+from maskgen.methods.deep.crops import TeacherCrops
 from maskgen.methods.deep.model import SaliencyNet, predict_maps, save_head
 from maskgen.metrics import iou
 from maskgen.postprocess import PostprocessConfig, binarize
-from maskgen.shard_format import FIELD_META, MANIFEST, decode_mask_png, decode_meta, index_tar
+from maskio.records import Records, index_shards
+from maskio.shard_format import FIELD_META, MANIFEST, decode_meta, index_tar
+from sslmask.backbones import normalize
 from sslmask.checkpoint import infer_arch, load_backbone
-from sslmask.dataset import Records, ViewsDataset, decode_rgb, index_shards
-from sslmask.transforms import ViewSpec, normalize
 
 # which backbone stages train besides the head; "all" also updates BatchNorm statistics
 FINETUNE = {"none": (), "layer4": ("layer4",), "layer3": ("layer3", "layer4"), "all": ("",)}
@@ -80,7 +81,7 @@ class _ValSample:
     gt: np.ndarray | None  # bool ground truth at the image's size, when known
 
 
-def _sample_paths(dataset: ViewsDataset, indices: list[int]) -> dict[int, str]:
+def _sample_paths(dataset: TeacherCrops, indices: list[int]) -> dict[int, str]:
     """The source ``path`` of each sample (from its json); only the tars involved are re-indexed
     (the records keep image and mask offsets, not the json's)."""
     rec = dataset.records
@@ -105,14 +106,13 @@ def _ground_truth_lookup(shards: list[str], gt_dir: str | None) -> GroundTruthLo
 
 
 def _load_val(
-    dataset: ViewsDataset, indices: list[int], lookup: GroundTruthLookup | None
+    dataset: TeacherCrops, indices: list[int], lookup: GroundTruthLookup | None
 ) -> list[_ValSample]:
-    reader, rec = dataset.reader, dataset.records
     paths = _sample_paths(dataset, indices) if lookup is not None else {}
     out = []
     for i in indices:
-        image = np.asarray(decode_rgb(reader.read(*rec.image[i]), rec.names[i]))
-        teacher = decode_mask_png(reader.read(*rec.mask[i])) > 0
+        image = np.asarray(dataset.image(i))
+        teacher = dataset.mask(i)
         gt = lookup(paths[i]) if lookup is not None and paths.get(i) else None
         out.append(_ValSample(image, teacher, None if gt is None else fit_to_shape(gt, teacher.shape)))
     return out
@@ -158,18 +158,18 @@ def trainable_parameters(net: SaliencyNet, finetune: str) -> list[torch.nn.Param
 
 
 def relabel(
-    net: SaliencyNet, dataset: ViewsDataset, indices: list[int], short_side: int, device: str, path: Path
+    net: SaliencyNet, dataset: TeacherCrops, indices: list[int], short_side: int, device: str, path: Path
 ) -> Records:
     """The student's masks for ``indices``, post-processed as in a build, as PNGs in one file at
     ``path``; returns the dataset's records with those samples' masks pointing there."""
-    rec, reader = dataset.records, dataset.reader
+    rec = dataset.records
     assert rec.mask is not None
     mask = rec.mask.copy()
     fid = len(rec.files)
     with open(path, "wb") as f:
         for start in range(0, len(indices), 16):
             chunk = indices[start : start + 16]
-            images = [np.asarray(decode_rgb(reader.read(*rec.image[i]), rec.names[i])) for i in chunk]
+            images = [np.asarray(dataset.image(i)) for i in chunk]
             for i, sal in zip(chunk, predict_maps(net, images, short_side, device), strict=True):
                 png = encode_mask_png(binarize(sal, PostprocessConfig()).mask)
                 mask[i] = (fid, f.tell(), len(png))
@@ -177,101 +177,120 @@ def relabel(
     return Records([*rec.files, str(path)], rec.image, mask, rec.labels, rec.names)
 
 
-def fit_head(
-    shards: list[str],
-    backbone: str,
-    out: str | Path,
-    arch: str | None = None,
-    out_stride: int = 32,
-    epochs: int = 10,
-    batch_size: int = 32,
-    short_side: int = 224,
-    lr: float = 1e-3,
-    finetune: str = "none",
-    decoder: str = "linear",
-    val_fraction: float = 0.1,
-    gt: str | None = None,
-    rounds: int = 0,
-    iou_weight: float = 0.0,
-    info: dict[str, Any] | None = None,
-    workers: int = 2,
-    seed: int = 0,
-    echo: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
-) -> dict[str, Any]:
-    if finetune not in FINETUNE:
-        raise ValueError(f"--finetune must be one of {', '.join(FINETUNE)}, got {finetune!r}")
-    if rounds < 0:
-        raise ValueError(f"--rounds must be >= 0, got {rounds}")
-    if iou_weight < 0:
-        raise ValueError(f"--iou-weight must be >= 0, got {iou_weight}")
-    torch.manual_seed(seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    records = index_shards(shards, require_masks=True)
-    trunk = load_backbone(backbone, arch, out_stride)
-    net = SaliencyNet(trunk, decoder).to(device)
-    params = trainable_parameters(net, finetune)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+@dataclass(frozen=True)
+class FitConfig:
+    """What ``maskgen deep fit`` trains, on what, and how (the CLI's options, one for one)."""
 
-    order = np.random.default_rng(seed).permutation(len(records))
-    n_val = max(1, int(round(len(records) * val_fraction))) if len(records) > 1 else 0
-    val_idx, train_idx = order[:n_val].tolist(), order[n_val:].tolist()
+    shards: tuple[str, ...]
+    backbone: str  # a checkpoint, a torchvision/timm weight name, or "random"
+    out: str
+    arch: str | None = None
+    out_stride: int = 32
+    epochs: int = 10
+    batch_size: int = 32
+    short_side: int = 224
+    lr: float = 1e-3
+    finetune: str = "none"
+    decoder: str = "linear"
+    val_fraction: float = 0.1
+    gt: str | None = None
+    rounds: int = 0
+    iou_weight: float = 0.0
+    info: tuple[tuple[str, Any], ...] = ()  # provenance recorded in the head file
+    workers: int = 2
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.finetune not in FINETUNE:
+            raise ValueError(f"--finetune must be one of {', '.join(FINETUNE)}, got {self.finetune!r}")
+        if self.rounds < 0:
+            raise ValueError(f"--rounds must be >= 0, got {self.rounds}")
+        if self.iou_weight < 0:
+            raise ValueError(f"--iou-weight must be >= 0, got {self.iou_weight}")
+
+    def head_meta(self, arch: str, samples: int) -> dict[str, Any]:
+        """The metadata every epoch's head file starts from."""
+        return {
+            "arch": arch,
+            "out_stride": self.out_stride,
+            "short_side": self.short_side,
+            "backbone": Path(self.backbone).name if self.backbone != "random" else f"random:{self.arch}",
+            "trained_on": [str(Path(s)) for s in self.shards],
+            "samples": samples,
+            "finetune": self.finetune,
+            **({"iou_weight": self.iou_weight} if self.iou_weight else {}),
+            **dict(self.info),
+        }
+
+
+def split_val(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded held-out tenth (``fraction``) for validation, and the rest to train on."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(n * fraction))) if n > 1 else 0
+    return order[:n_val].tolist(), order[n_val:].tolist()
+
+
+def train_epoch(
+    net: SaliencyNet, opt: torch.optim.Optimizer, loader: DataLoader, cfg: FitConfig, step: int, total: int
+) -> tuple[float, int]:
+    """One epoch of cosine-scheduled steps from ``step``; returns the mean loss and the next step."""
+    device = next(net.parameters()).device
+    net.train()
+    if cfg.finetune != "all":
+        net.backbone.eval()  # frozen BN statistics, also when the last stages train
+    losses = []
+    for images, masks in loader:
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+        x = normalize(images.to(device))
+        logits = F.interpolate(net(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        loss = saliency_loss(logits, masks.to(device), cfg.iou_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+    return float(np.mean(losses)), step
+
+
+def fit_head(
+    cfg: FitConfig, echo: Callable[[str], None] = lambda m: print(m, file=sys.stderr)
+) -> dict[str, Any]:
+    """Train a head on the masks of ``cfg.shards``; the head file is rewritten every epoch."""
+    cfg.check()
+    torch.manual_seed(cfg.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    records = index_shards(cfg.shards, require_masks=True)
+    trunk = load_backbone(cfg.backbone, cfg.arch, cfg.out_stride)
+    net = SaliencyNet(trunk, cfg.decoder).to(device)
+    opt = torch.optim.AdamW(trainable_parameters(net, cfg.finetune), lr=cfg.lr, weight_decay=1e-4)
+    val_idx, train_idx = split_val(len(records), cfg.val_fraction, cfg.seed)
     if not train_idx:
-        raise ValueError(f"{shards[0]}: too few samples to train on ({len(records)})")
-    view = ViewSpec(size=short_side, scale=(0.3, 1.0), blur_p=0.0, solarize_p=0.0)
-    dataset = ViewsDataset(records, [view], seed)
-    steps_per_epoch = math.ceil(len(train_idx) / batch_size)
-    total = epochs * steps_per_epoch
-    meta: dict[str, Any] = {
-        "arch": arch or infer_arch(trunk.state_dict())[0],
-        "out_stride": out_stride,
-        "short_side": short_side,
-        "backbone": Path(backbone).name if backbone != "random" else f"random:{arch}",
-        "trained_on": [str(Path(s)) for s in shards],
-        "samples": len(train_idx),
-        "finetune": finetune,
-        **({"iou_weight": iou_weight} if iou_weight else {}),
-        **(info or {}),
-    }
-    val = _load_val(dataset, val_idx, _ground_truth_lookup(shards, gt))
+        raise ValueError(f"{cfg.shards[0]}: too few samples to train on ({len(records)})")
+    dataset = TeacherCrops(records, cfg.short_side, cfg.seed)
+    total = cfg.epochs * math.ceil(len(train_idx) / cfg.batch_size)
+    meta = cfg.head_meta(cfg.arch or infer_arch(trunk.state_dict())[0], len(train_idx))
+    val = _load_val(dataset, val_idx, _ground_truth_lookup(list(cfg.shards), cfg.gt))
     meta.update(teacher_scores(val))
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="maskgen-deep-fit-") as tmp:
-        for rnd in range(rounds + 1):
+        for rnd in range(cfg.rounds + 1):
             if rnd > 0:  # self-training: the student's own masks become the targets
-                relabelled = relabel(
-                    net, dataset, train_idx, short_side, device, Path(tmp) / f"round{rnd}.png"
+                path = Path(tmp) / f"round{rnd}.png"
+                dataset = TeacherCrops(
+                    relabel(net, dataset, train_idx, cfg.short_side, device, path), cfg.short_side, cfg.seed
                 )
-                dataset = ViewsDataset(relabelled, [view], seed)
             step = 0
-            for epoch in range(epochs):
-                net.train()
-                if finetune != "all":
-                    net.backbone.eval()  # frozen BN statistics, also when the last stages train
-                perm = np.random.default_rng([seed, rnd, epoch]).permutation(train_idx)
-                batches = epoch_batches(perm.tolist(), batch_size, epoch)
-                losses = []
-                for batch in DataLoader(dataset, batch_sampler=batches, num_workers=workers):
-                    for group in opt.param_groups:
-                        group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
-                    x = normalize(batch["view0"].to(device))
-                    target = (batch["mask0"].to(device).float() / 255 > 0.5).float()
-                    logits = F.interpolate(net(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
-                    loss = saliency_loss(logits, target, iou_weight)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    losses.append(loss.item())
-                    step += 1
-                result = {
-                    **meta,
-                    "round": rnd,
-                    "epoch": epoch + 1,
-                    "loss": float(np.mean(losses)),
-                    **validate(net, val, short_side, device),
-                }
-                save_head(net, out, result)
-                echo(f"maskgen deep fit: round {rnd}/{rounds} epoch {epoch + 1}/{epochs} "
-                     f"loss {result['loss']:.4f} {describe(result)} -> {out}")  # fmt: skip
+            for epoch in range(cfg.epochs):
+                perm = np.random.default_rng([cfg.seed, rnd, epoch]).permutation(train_idx)
+                batches = epoch_batches(perm.tolist(), cfg.batch_size, epoch)
+                loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.workers)
+                loss, step = train_epoch(net, opt, loader, cfg, step, total)
+                result = {**meta, "round": rnd, "epoch": epoch + 1, "loss": loss,
+                          **validate(net, val, cfg.short_side, device)}  # fmt: skip
+                save_head(net, cfg.out, result)
+                echo(f"maskgen deep fit: round {rnd}/{cfg.rounds} epoch {epoch + 1}/{cfg.epochs} "
+                     f"loss {loss:.4f} {describe(result)} -> {cfg.out}")  # fmt: skip
     return result
 
 

@@ -20,7 +20,7 @@ refuses is recorded as a decode error and skipped, like one PIL refuses.
 regions of DRFI's three segmentation levels, then DRFI's refinement on the finest
 (``maskgen.methods.drfi.refine.refine_on_image``). The network sees the image at 224 pixels
 and its map is upsampled from 16-pixel cells, so its boundaries are soft; the regions put them
-back on the image's edges. It costs about 0.15 s of CPU per 400 x 300 image, in the worker.
+back on the image's edges. It runs on the CPU, in the worker.
 """
 
 from __future__ import annotations
@@ -48,6 +48,14 @@ def _sha256(path: Path) -> str:
 
 
 class DeepSaliency(SaliencyMethod):
+    """Plans from the head file's metadata; each worker loads the weights on first use.
+
+    The planner (where ``maskgen build`` runs) reads only the head's metadata and decides the
+    Ray resources, batch size and decoding from whether *it* sees a GPU; the network is loaded
+    in the worker, on whatever device that worker really has, and :meth:`runtime_params` says
+    which (recorded in every sample, so a GPU build that fell back to the CPU shows).
+    """
+
     name = "deep"
 
     def __init__(
@@ -62,44 +70,68 @@ class DeepSaliency(SaliencyMethod):
     ):
         import torch  # here, not at module level: the other methods' workers never import torch
 
-        from maskgen.methods.deep.model import PRECISIONS, HeadFileError, load_head, prepare_for_device
+        from maskgen.methods.deep.model import PRECISIONS, HeadFileError, read_head_meta
 
         if precision not in ("auto", *PRECISIONS):
             raise ValueError(f"--param precision must be auto, fp32 or bf16, got {precision!r}")
         if not 0.0 < float(gpu_share) <= 1.0:
             raise ValueError(f"--param gpu_share must be in (0, 1], got {gpu_share}")
+        if decode not in DECODERS:
+            raise ValueError(f"--param decode must be one of {', '.join(DECODERS)}, got {decode!r}")
+        self.refine = bool(int(refine))
+        if decode == "device" and self.refine:
+            raise ValueError("deep: refine=1 needs the decoded image on the CPU; use decode=pil or auto")
 
         self.head_path = Path(head) if head else DEFAULT_HEAD
         try:
-            self.net, self.meta = load_head(self.head_path)
+            self.meta = read_head_meta(self.head_path)
         except HeadFileError as exc:
             raise ValueError(str(exc)) from None
-        self.short_side = int(short_side or self.meta["short_side"])
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.net = prepare_for_device(self.net, self.device)
-        self.precision_arg = precision
-        self.precision = precision if precision != "auto" else ("bf16" if self.device == "cuda" else "fp32")
-        self.gpu_share = float(gpu_share)
-        # per instance: the plan (made where the build starts) asks Ray for a GPU share only
-        # when that machine has a GPU
-        self.resources = Resources(num_cpus=1.0, num_gpus=self.gpu_share if self.device == "cuda" else 0.0)
-        self.batch_size = GPU_BATCH if self.device == "cuda" else CPU_BATCH
+        self.short_side = int(short_side or self.meta.get("short_side", 224))
+        if self.short_side < 16:
+            raise ValueError(f"--param short_side must be >= 16, got {self.short_side}")
         self.sha256 = _sha256(self.head_path)
-        self.refine = bool(int(refine))
-        if decode not in DECODERS:
-            raise ValueError(f"--param decode must be one of {', '.join(DECODERS)}, got {decode!r}")
-        if decode == "device" and self.refine:
-            raise ValueError("deep: refine=1 needs the decoded image on the CPU; use decode=pil or auto")
+        self.precision_arg = precision
+        self.gpu_share = float(gpu_share)
         self.decode_arg = decode
+        # the plan: what the machine that starts the build sees decides what Ray is asked for
+        planned = "cuda" if torch.cuda.is_available() else "cpu"
+        self.resources = Resources(num_cpus=1.0, num_gpus=self.gpu_share if planned == "cuda" else 0.0)
+        self.batch_size = GPU_BATCH if planned == "cuda" else CPU_BATCH
         # auto: on a GPU, unless refine needs the pixels on the CPU anyway
-        self.decodes_jpeg = decode == "device" or (
-            decode == "auto" and self.device == "cuda" and not self.refine
-        )
+        self.decodes_jpeg = decode == "device" or (decode == "auto" and planned == "cuda" and not self.refine)
         self.backend = None
         if self.refine:
             from maskgen.methods.drfi.segment import resolve_backend
 
             self.backend = resolve_backend(backend, "deep")
+        self._net = None
+        self.device: str | None = None  # set in the worker, by the first batch
+        self.precision: str | None = None
+
+    def _ready(self):
+        """The network on this process's device (loaded once per worker process)."""
+        if self._net is None:
+            import torch
+
+            from maskgen.methods.deep.model import HeadFileError, load_head, prepare_for_device
+
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            arg = self.precision_arg
+            self.precision = arg if arg != "auto" else ("bf16" if self.device == "cuda" else "fp32")
+            try:
+                net, _ = load_head(self.head_path)
+            except HeadFileError as exc:
+                raise ValueError(str(exc)) from None
+            self._net = prepare_for_device(net, self.device)
+        if self.device == "cpu":
+            import torch
+
+            torch.set_num_threads(1)  # one thread per build worker, like the other CPU methods
+        return self._net
+
+    def runtime_params(self) -> dict[str, Any]:
+        return {"device": self.device, "dtype": self.precision} if self.device else {}
 
     @classmethod
     def canonical_args(cls, args: dict[str, Any]) -> dict[str, Any]:
@@ -123,13 +155,10 @@ class DeepSaliency(SaliencyMethod):
         }
 
     def predict(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        import torch
-
         from maskgen.methods.deep.model import predict_maps
 
-        if self.device == "cpu":
-            torch.set_num_threads(1)  # one thread per build worker, like the other CPU methods
-        maps = predict_maps(self.net, list(images), self.short_side, self.device, self.precision)
+        net = self._ready()
+        maps = predict_maps(net, list(images), self.short_side, self.device, self.precision)
         if self.refine:
             from maskgen.methods.drfi.refine import refine_on_image
 
@@ -138,14 +167,11 @@ class DeepSaliency(SaliencyMethod):
 
     def predict_encoded(self, inputs: Sequence[bytes | np.ndarray]) -> list[np.ndarray]:
         """Plain JPEG bytes decoded on the device, mixed with images the worker decoded."""
-        import torch
-
         from maskgen.imaging import ImageDecodeError
         from maskgen.methods.deep.model import JpegDecodeError, predict_maps_encoded
 
-        if self.device == "cpu":
-            torch.set_num_threads(1)
+        net = self._ready()
         try:
-            return predict_maps_encoded(self.net, list(inputs), self.short_side, self.device, self.precision)
+            return predict_maps_encoded(net, list(inputs), self.short_side, self.device, self.precision)
         except JpegDecodeError as exc:
             raise ImageDecodeError("truncated_or_corrupt", str(exc)) from None

@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from sslmask.backbones import ResNetTrunk, build_backbone
-from sslmask.checkpoint import save_atomic
-from sslmask.transforms import normalize
+from maskio.atomic import atomic_open
+from sslmask.backbones import ResNetTrunk, build_backbone, normalize
 
 HEAD_FORMAT = "maskgen-deep-head/1"
 
@@ -218,16 +217,19 @@ def save_head(net: SaliencyNet, path: str | Path, meta: dict[str, Any]) -> None:
         "format": HEAD_FORMAT,
         **{k: json.dumps(v) for k, v in {**meta, "decoder": net.decoder}.items()},
     }
-    save_atomic(tensors, path, metadata, safetensors=True)  # whatever the file is called
+    from safetensors.torch import save
+
+    with atomic_open(path, "wb") as f:  # safetensors whatever the file is called
+        f.write(save(tensors, metadata=metadata))
 
 
-def load_head(path: str | Path) -> tuple[SaliencyNet, dict[str, Any]]:
+def _read_head(path: str | Path, tensors: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             raw = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no items())
+            state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118 (no items())
     except FileNotFoundError:
         raise HeadFileError(f"{path}: no such head file") from None
     except (SafetensorError, OSError) as exc:
@@ -236,9 +238,25 @@ def load_head(path: str | Path) -> tuple[SaliencyNet, dict[str, Any]]:
         raise HeadFileError(f"{path}: not a maskgen deep head (format {raw.get('format')!r})")
     try:
         meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
-        meta.setdefault("decoder", "linear")
+    except ValueError as exc:
+        raise HeadFileError(f"{path}: bad head metadata ({exc})") from None
+    meta.setdefault("decoder", "linear")
+    missing = [k for k in ("arch", "out_stride") if k not in meta]
+    if missing:
+        raise HeadFileError(f"{path}: bad head metadata (no {missing[0]!r})")
+    return meta, state
+
+
+def read_head_meta(path: str | Path) -> dict[str, Any]:
+    """A head file's metadata, without reading its tensors (what a build's planner needs)."""
+    return _read_head(path, tensors=False)[0]
+
+
+def load_head(path: str | Path) -> tuple[SaliencyNet, dict[str, Any]]:
+    meta, tensors = _read_head(path, tensors=True)
+    try:
         net = SaliencyNet(build_backbone(meta["arch"], meta["out_stride"]), meta["decoder"])
-    except (KeyError, ValueError) as exc:
+    except ValueError as exc:
         raise HeadFileError(f"{path}: bad head metadata ({exc})") from None
     try:
         result = net.load_state_dict(tensors, strict=False)

@@ -110,7 +110,7 @@ class Forest:
         return self.value[node].mean(axis=0)
 
     def save(self, path: str | Path) -> None:
-        from maskgen.atomic import atomic_open
+        from maskio.atomic import atomic_open
 
         with atomic_open(path, "wb") as f:
             np.savez_compressed(

@@ -1,7 +1,6 @@
 """The shard-format contract shared by ``maskgen`` (writer) and ``sslmask`` (reader).
 
-This is the only ``maskgen`` module ``sslmask`` imports: file names, sample fields and
-the decoders for them. See ``docs/shard-format.md`` for the prose version.
+File names, sample fields and the decoders for them. See ``docs/shard-format.md`` for the prose version.
 """
 
 from __future__ import annotations
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from maskio.errors import ShardFormatError
 
 SHARD_PREFIX = "maskgen-"
 SHARD_DIGITS = 6
@@ -112,10 +113,6 @@ def decode_meta(data: bytes) -> dict[str, Any]:
 
 def decode_class(data: bytes) -> int:
     return int(data.decode("ascii").strip())
-
-
-class ShardFormatError(Exception):
-    """A tar that does not follow the contract (or tries to escape its folder)."""
 
 
 def _split_member(name: str) -> tuple[str, str]:

@@ -1,4 +1,9 @@
-"""Crash-safe file writes: a partial file never carries its final name."""
+"""Crash-safe file writes: a partial file never carries its final name.
+
+The one way this project writes a file that someone may read while it is being written, or
+after a crash: shards, stats, manifests, reports, checkpoints, heads, indexes and recipe
+records all go through :func:`atomic_open`. Files get the process's umask, like any other.
+"""
 
 from __future__ import annotations
 
@@ -41,7 +46,8 @@ def atomic_open(final: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
         os.replace(tmp, final)
         fsync_dir(final.parent)
     except BaseException:
-        f.close()
+        with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+            f.close()
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise

@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,14 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/build_throughput.py
 	$(BIN)/python benchmarks/loader_throughput.py
 	$(BIN)/python benchmarks/train_step.py
+
+# What benchmarks/gpu_check.py needs on the GPU machine (Python 3.12, no network) besides what it
+# has: pure wheels plus pycocotools and scikit-learn (py_sod_metrics imports it) for CPython 3.12.
+# There: pip install --no-index --no-deps .gpu-wheels/*.whl && python benchmarks/gpu_check.py
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m pip download -q --only-binary=:all: --no-deps --python-version 3.12 \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+	  -d .gpu-wheels pysodmetrics webdataset braceexpand pycocotools threadpoolctl scikit-learn joblib
 
 clean:
 	rm -rf out .pytest_cache

@@ -60,7 +60,12 @@ def fingerprint(method: str, workdir: Path) -> dict[str, list[float]]:
 
     shard = write_shard(workdir / "pinned.tar")
     run = workdir / method
-    assert main(["train", str(shard), "--method", method, "--out", str(run), *STEPS_ARGS]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the float summation order, and so the last bits, depend on it
+    try:
+        assert main(["train", str(shard), "--method", method, "--out", str(run), *STEPS_ARGS]) == 0
+    finally:
+        torch.set_num_threads(threads)
     state = torch.load(run / "checkpoint.pt", weights_only=True)["method"]
     return {
         k: [*v.shape, float(v.double().sum()), float(v.double().pow(2).sum())]

@@ -27,7 +27,7 @@ def step_times(method_name: str, args) -> list[float]:
     torch.manual_seed(0)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     method = build_method(cfg).to(args.device, memory_format=fmt)
-    opt = build_optimizer("lars", method.online_modules(), 0.1, 1e-6)
+    opt = build_optimizer("lars", method.param_groups(1e-6), 0.1)
     g = torch.Generator().manual_seed(0)
     batch = {}
     for v in range(2):
@@ -47,8 +47,9 @@ def step_times(method_name: str, args) -> list[float]:
             loss = method(batch, i, 100)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        method.before_optimizer_step(i, 100)
         opt.step()
-        method.momentum_update(0.99)
+        method.after_optimizer_step(i, 100)
         if args.device == "cuda":
             torch.cuda.synchronize()
         if i >= 2:  # warm-up steps excluded

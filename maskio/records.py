@@ -82,6 +82,13 @@ class Records:
     def __len__(self) -> int:
         return len(self.image)
 
+    def subset(self, indices: Sequence[int] | np.ndarray) -> Records:
+        """The records at ``indices``, in that order (same files)."""
+        idx = np.asarray(indices, np.int64)
+        mask = self.mask[idx] if self.mask is not None else None
+        names = [self.names[i] for i in idx] if self.names else []
+        return Records(self.files, self.image[idx], mask, self.labels[idx], names)
+
     @property
     def labelled(self) -> bool:
         return bool(len(self.labels)) and bool((self.labels >= 0).all())

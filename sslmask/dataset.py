@@ -33,46 +33,57 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class ViewsDataset(Dataset):
-    """``(epoch, index)`` -> the views a method trains on, each with its mask.
+    """``(epoch, index)`` -> the views a method trains on, each with its mask and geometry.
 
-    Samples of an image-only set get an all-foreground mask (BYOL ignores it).
+    Per view ``v``: ``view{v}`` (uint8 image), ``mask{v}`` (uint8 soft mask; all foreground for
+    an image-only set), ``box{v}`` (the crop in the source image: top, left, height, width, and
+    the source's height and width) and ``flip{v}``. With ``masks=False`` (methods that ignore
+    them) no mask is decoded or resized and no ``mask{v}`` is returned; the views are the same.
     """
 
-    def __init__(self, records: Records, views: Sequence[ViewSpec], seed: int):
+    def __init__(self, records: Records, views: Sequence[ViewSpec], seed: int, masks: bool = True):
         self.records = records
         self.views = list(views)
-        self.recrops = any(v.min_fg > 0 for v in self.views)  # only then is the summed-area table used
+        self.masks = masks
+        self.recrops = masks and any(
+            v.min_fg > 0 for v in self.views
+        )  # only then is the summed-area table used
         self.seed = int(seed)
         self.reader = FileReader(records.files)
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def _mask(self, index: int, name: str, size: tuple[int, int]) -> Image.Image | None:
+        rec = self.records
+        if not self.masks or rec.mask is None:  # image-only set: every view is all foreground
+            return None
+        with Image.open(io.BytesIO(self.reader.read(*rec.mask[index]))) as im:
+            mask = im.convert("L")
+        if mask.size != size:
+            raise ShardError(f"{name}: mask size {mask.size} differs from image size {size}")
+        return mask.point(lambda v: 255 if v > 127 else 0)
+
     def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
         epoch, index = item
         rec = self.records
         name = f"{rec.files[rec.image[index, 0]]}:{rec.names[index]}"
         image = decode_rgb(self.reader.read(*rec.image[index]), name)
-        if rec.mask is not None:
-            with Image.open(io.BytesIO(self.reader.read(*rec.mask[index]))) as im:
-                mask = im.convert("L")
-            if mask.size != image.size:
-                raise ShardError(f"{name}: mask size {mask.size} differs from image size {image.size}")
-            mask = mask.point(lambda v: 255 if v > 127 else 0)
-            integral = mask_integral(np.asarray(mask) > 0) if self.recrops else None
-        else:  # image-only set: no mask to resample, every view is all foreground
-            mask, integral = None, None
+        mask = self._mask(index, name, image.size)
+        integral = mask_integral(np.asarray(mask) > 0) if mask is not None and self.recrops else None
         g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
         out: dict[str, torch.Tensor] = {
             "index": torch.tensor(index),
             "label": torch.tensor(rec.labels[index]),
         }
         for v, spec in enumerate(self.views):
-            img, m = make_view(g, spec, image, mask, integral)
-            out[f"view{v}"] = img
-            out[f"mask{v}"] = (
-                m if m is not None else torch.full((1, spec.size, spec.size), 255, dtype=torch.uint8)
-            )
+            view = make_view(g, spec, image, mask, integral)
+            out[f"view{v}"] = view.image
+            if self.masks:
+                full = torch.full((1, spec.size, spec.size), 255, dtype=torch.uint8)
+                out[f"mask{v}"] = view.mask if view.mask is not None else full
+            out[f"box{v}"] = torch.tensor([*view.box, image.height, image.width])
+            out[f"flip{v}"] = torch.tensor(view.flipped)
         return out
 
 

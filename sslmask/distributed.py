@@ -47,6 +47,34 @@ def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float
     return {k: float(v) / info.world_size for k, v in zip(keys, t.tolist(), strict=True)}
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def all_gather(t: torch.Tensor) -> torch.Tensor:
+    """``t`` of every process concatenated along dim 0, in rank order (no gradient; the same
+    shape on every rank). Alone, ``t`` itself: methods call it without knowing the world."""
+    if _world() == 1:
+        return t
+    out = [torch.empty_like(t) for _ in range(_world())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def all_gather_uneven(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """As :func:`all_gather` for tensors whose first dimension differs between ranks."""
+    if info.world_size == 1:
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = all_gather(n).tolist()
+    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    parts = all_gather(padded).split(max(sizes))
+    return torch.cat([p[:k] for p, k in zip(parts, sizes, strict=True)])
+
+
 def all_true(flag: bool, info: DistInfo) -> bool:
     """True only when ``flag`` holds on every process (so all ranks take the same branch)."""
     if info.world_size == 1:

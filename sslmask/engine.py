@@ -12,9 +12,11 @@ import json
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from torch.utils.data import DataLoader
@@ -27,10 +29,9 @@ from sslmask.config import ConfigError, diff
 from sslmask.dataset import EpochBatchSampler, ViewsDataset, steps_per_epoch
 from sslmask.eval.features import extract_features
 from sslmask.eval.knn import knn_eval
-from sslmask.methods import METHODS, build_method
+from sslmask.methods import METHODS, SSLMethod, build_method
 from sslmask.optim import OPTIMIZERS, build_optimizer
-from sslmask.schedules import cosine_ramp, warmup_cosine
-from sslmask.transforms import byol_views
+from sslmask.schedules import cosine, warmup_cosine
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "log.jsonl"
@@ -137,13 +138,28 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def knn_monitor(backbone: torch.nn.Module, records: Records, cfg: dict[str, Any], device) -> dict[str, float]:
-    """k-NN top-1 of held-out training samples against the rest (labels never train the model)."""
+def knn_monitor(
+    backbone: torch.nn.Module, records: Records, cfg: dict[str, Any], info: D.DistInfo
+) -> dict[str, float] | None:
+    """k-NN top-1 of held-out training samples against the rest (labels never train the model).
+
+    Every rank embeds its own slice of the samples; the features meet on every rank (the
+    result is returned on rank 0 only, which logs it).
+    """
     n = len(records)
+    mine = np.arange(info.rank, n, info.world_size)
+    feats, labels = extract_features(
+        backbone, records.subset(mine), cfg["data"]["image_size"], workers=0, device=info.device
+    )
+    feats = D.all_gather_uneven(feats.to(info.device), info).cpu()
+    labels = D.all_gather_uneven(labels.to(info.device), info).cpu()
+    order = np.concatenate([np.arange(r, n, info.world_size) for r in range(info.world_size)])
+    feats, labels = feats[np.argsort(order)], labels[np.argsort(order)]  # back to record order
+    if not info.main:
+        return None
     held = torch.randperm(n, generator=torch.Generator().manual_seed(0))[
         : max(1, int(n * cfg["monitor"]["knn_holdout"]))
     ]
-    feats, labels = extract_features(backbone, records, cfg["data"]["image_size"], workers=0, device=device)
     is_query = torch.zeros(n, dtype=torch.bool)
     is_query[held] = True
     k = cfg["monitor"]["knn_k"]
@@ -151,30 +167,233 @@ def knn_monitor(backbone: torch.nn.Module, records: Records, cfg: dict[str, Any]
     return {"knn_top1": res[f"k={k}"]["top1"]}
 
 
-def train(shards: list[str], cfg: dict[str, Any], run: str | Path, resume: bool = False) -> Path:
-    """Train ``cfg["method"]`` on ``shards`` into the folder ``run``; returns the checkpoint path."""
-    run = Path(run)
-    info = D.init_distributed()
+def check_config(cfg: dict[str, Any], info: D.DistInfo) -> None:
+    """Refuse what cannot run, before anything is read or written."""
+    t_cfg = cfg["train"]
     if cfg["method"] not in METHODS:
         raise ConfigError(f"unknown method {cfg['method']!r}; choose from {', '.join(METHODS)}")
-    _set_determinism(cfg, info)
-    data_cfg, t_cfg, o_cfg = cfg["data"], cfg["train"], cfg["optim"]
-    try:
-        method = build_method(cfg)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-    if o_cfg["name"] not in OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer {o_cfg['name']!r}; choose from {', '.join(OPTIMIZERS)}")
+    if cfg["optim"]["name"] not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {cfg['optim']['name']!r}; choose from {', '.join(OPTIMIZERS)}")
     if t_cfg["amp"] not in ("bf16", "fp16", "none"):
         raise ConfigError(f"train.amp must be bf16, fp16 or none, got {t_cfg['amp']!r}")
     if t_cfg["sync_bn"] and info.world_size > 1 and info.device.type != "cuda":
         raise ConfigError("train.sync_bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel)")
+
+
+def load_records(shards: list[str], cfg: dict[str, Any], run: Path, info: D.DistInfo) -> Records:
+    """Rank 0 indexes the shards (or reads its cache); the others then read that cache."""
     needs_masks = METHODS[cfg["method"]].needs_masks
     if info.main:
         records = index_cached(shards, needs_masks, run / INDEX_CACHE)
     D.barrier(info)
     if not info.main:
-        records = index_cached(shards, needs_masks, run / INDEX_CACHE)  # reads rank 0's cache
+        records = index_cached(shards, needs_masks, run / INDEX_CACHE)
+    return records
+
+
+@dataclass
+class Loop:
+    """What one training run carries from step to step."""
+
+    method: SSLMethod  # the unwrapped module: hooks, state_dict, EMA
+    forward: Any  # what runs the batch: the method, DDP-wrapped and/or compiled
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    cfg: dict[str, Any]
+    info: D.DistInfo
+    steps_per_epoch: int
+    total: int
+    warmup: int
+    base_lr: float
+    memory_format: torch.memory_format
+    amp_dtype: torch.dtype | None
+    step: int = 0
+    nan_skips: int = 0
+    last_saved: int = 0
+
+
+def build_loop(method: SSLMethod, cfg: dict[str, Any], info: D.DistInfo, spe: int) -> Loop:
+    """Device, optimiser (with the method's parameter groups), AMP and the DDP wrapper."""
+    data_cfg, t_cfg, o_cfg = cfg["data"], cfg["train"], cfg["optim"]
+    if t_cfg["sync_bn"] and info.world_size > 1:
+        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    memory_format = torch.channels_last if t_cfg["channels_last"] else torch.contiguous_format
+    method = method.to(info.device, memory_format=memory_format)
+    base_lr = o_cfg["lr"] * data_cfg["batch_size"] * info.world_size / 256
+    optimizer = build_optimizer(
+        o_cfg["name"], method.param_groups(o_cfg["weight_decay"]), base_lr, o_cfg["momentum"]
+    )
+    amp = t_cfg["amp"] if info.device.type == "cuda" else "none"
+    model: torch.nn.Module = method
+    if info.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            method, device_ids=[info.local_rank] if info.device.type == "cuda" else None
+        )
+    return Loop(
+        method=method,
+        forward=torch.compile(model) if t_cfg["compile"] else model,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler("cuda", enabled=amp == "fp16"),
+        cfg=cfg,
+        info=info,
+        steps_per_epoch=spe,
+        total=spe * t_cfg["epochs"],
+        warmup=spe * o_cfg["warmup_epochs"],
+        base_lr=base_lr,
+        memory_format=memory_format,
+        amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp),
+    )
+
+
+def restore(loop: Loop, ckpt: dict[str, Any], run: Path) -> None:
+    try:
+        loop.method.load_state_dict(ckpt["method"])
+        loop.optimizer.load_state_dict(ckpt["optimizer"])
+        loop.scaler.load_state_dict(ckpt["scaler"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{run_checkpoint_path(run)}: does not fit this run ({exc})") from exc
+    loop.step = loop.last_saved = int(ckpt["step"])
+    _restore_rng(ckpt["rng"])
+
+
+def apply_schedules(loop: Loop) -> dict[str, float]:
+    """Learning rate (warm-up, cosine) and weight decay (cosine to ``weight_decay_end``) of this step."""
+    o_cfg = loop.cfg["optim"]
+    final = o_cfg["final_lr"] * loop.cfg["data"]["batch_size"] * loop.info.world_size / 256
+    lr = warmup_cosine(loop.base_lr, loop.step, loop.total, loop.warmup, final)
+    out = {"lr": lr}
+    wd_end = o_cfg.get("weight_decay_end")
+    if wd_end is not None:
+        out["wd"] = cosine(o_cfg["weight_decay"], wd_end, loop.step, loop.total)
+    for group in loop.optimizer.param_groups:
+        group["lr"] = lr
+        if "wd" in out and group["weight_decay"] > 0:
+            group["weight_decay"] = out["wd"]
+    return out
+
+
+def device_inputs(loop: Loop, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Normalised views (and masks in [0, 1], crop boxes and flips) on the training device."""
+    dev = loop.info.device
+    inputs = {}
+    for key, value in batch.items():
+        if key.startswith("view"):
+            x = normalize(value.to(dev, non_blocking=True))
+            inputs[key] = x.contiguous(memory_format=loop.memory_format)
+        elif key.startswith("mask"):
+            inputs[key] = value.to(dev, non_blocking=True).float() / 255
+        elif key.startswith(("box", "flip")):
+            inputs[key] = value.to(dev, non_blocking=True)
+    return inputs
+
+
+def train_step(loop: Loop, batch: dict[str, torch.Tensor]) -> dict[str, float] | None:
+    """One optimiser step; None when the loss was not finite on some rank (the step is skipped)."""
+    logged = apply_schedules(loop)
+    inputs = device_inputs(loop, batch)
+    with torch.autocast(loop.info.device.type, dtype=loop.amp_dtype, enabled=loop.amp_dtype is not None):
+        out = loop.forward(inputs, loop.step, loop.total)
+    loss = out["loss"]
+    if not D.all_true(bool(torch.isfinite(loss)), loop.info):
+        loop.nan_skips += 1
+        loop.optimizer.zero_grad(set_to_none=True)
+        return None
+    loop.nan_skips = 0
+    loop.optimizer.zero_grad(set_to_none=True)
+    loop.scaler.scale(loss).backward()
+    clip = loop.cfg["optim"]["grad_clip"]
+    loop.method.before_optimizer_step(loop.step, loop.total)
+    if clip > 0:
+        loop.scaler.unscale_(loop.optimizer)
+        params = [p for group in loop.optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    loop.scaler.step(loop.optimizer)
+    loop.scaler.update()
+    logged.update(loop.method.after_optimizer_step(loop.step, loop.total))
+    loop.step += 1
+    return {**logged, **{k: float(v.detach()) for k, v in out.items()}}
+
+
+def _save(loop: Loop, run: Path) -> None:
+    loop.last_saved = loop.step
+    if loop.info.main:
+        state = {
+            "method": loop.method.state_dict(),
+            "optimizer": loop.optimizer.state_dict(),
+            "scaler": loop.scaler.state_dict(),
+            "step": loop.step,
+            "config": loop.cfg,
+            "rng": _rng_state(),
+        }
+        save_atomic(state, run_checkpoint_path(run))
+    D.barrier(loop.info)
+
+
+SCHEDULED = ("lr", "wd", "tau", "teacher_temp")  # logged as of the last step, not averaged
+
+
+class StepLog:
+    """Averages the logged terms over ``log_every`` steps (and over ranks) into one line."""
+
+    def __init__(self, log: RunLog, every: int, info: D.DistInfo, progress):
+        self.log, self.every, self.info, self.progress = log, every, info, progress
+        self.sums: dict[str, float] = {}
+        self.n = 0
+        self.t0, self.images = time.perf_counter(), 0
+
+    def add(self, values: dict[str, float], images: int, step: int, epoch: int, total: int) -> None:
+        schedules = {k: values[k] for k in SCHEDULED if k in values}
+        for k, v in values.items():
+            if k not in schedules:
+                self.sums[k] = self.sums.get(k, 0.0) + v
+        self.n += 1
+        self.images += images * self.info.world_size
+        if step % self.every == 0 or step == total:
+            means = D.all_reduce_mean({k: v / self.n for k, v in self.sums.items()}, self.info)
+            record = {"kind": "train", "step": step, "epoch": epoch, **schedules, **means}
+            record["images_per_s"] = self.images / max(time.perf_counter() - self.t0, 1e-9)
+            self.log.write(record)
+            if self.progress is not None:
+                self.progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+            self.sums, self.n, self.t0, self.images = {}, 0, time.perf_counter(), 0
+        if self.progress is not None:
+            self.progress.update(1)
+
+
+def run_epoch(loop: Loop, dataset: ViewsDataset, epoch: int, log: RunLog, steps: StepLog, run: Path) -> None:
+    """The rest of ``epoch`` from the loop's step: steps, NaN guard, logs, checkpoints."""
+    data_cfg, t_cfg, info = loop.cfg["data"], loop.cfg["train"], loop.info
+    sampler = EpochBatchSampler(len(dataset), data_cfg["batch_size"], epoch, t_cfg["seed"], info.world_size,
+                                info.rank, loop.steps_per_epoch * data_cfg["batch_size"] * info.world_size,
+                                start=loop.step - epoch * loop.steps_per_epoch)  # fmt: skip
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=data_cfg["workers"],
+                        pin_memory=info.device.type == "cuda", persistent_workers=False)  # fmt: skip
+    for batch in loader:
+        values = train_step(loop, batch)
+        if values is None:
+            log.write({"kind": "nan", "step": loop.step, "consecutive": loop.nan_skips})
+            if loop.nan_skips > t_cfg["max_nan_skips"]:
+                raise TrainingError(
+                    f"{run}: loss not finite for {loop.nan_skips} steps in a row at step {loop.step}"
+                )
+            continue
+        steps.add(values, len(batch["index"]), loop.step, epoch, loop.total)
+        if loop.step % t_cfg["ckpt_every"] == 0 or loop.step == loop.total:
+            _save(loop, run)
+
+
+def train(shards: list[str], cfg: dict[str, Any], run: str | Path, resume: bool = False) -> Path:
+    """Train ``cfg["method"]`` on ``shards`` into the folder ``run``; returns the checkpoint path."""
+    run = Path(run)
+    info = D.init_distributed()
+    check_config(cfg, info)
+    _set_determinism(cfg, info)
+    try:
+        method = build_method(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    records = load_records(shards, cfg, run, info)
+    data_cfg, t_cfg = cfg["data"], cfg["train"]
     spe = steps_per_epoch(
         len(records), data_cfg["batch_size"], info.world_size, data_cfg["samples_per_epoch"]
     )
@@ -184,160 +403,34 @@ def train(shards: list[str], cfg: dict[str, Any], run: str | Path, resume: bool 
             f"({data_cfg['batch_size']} x {info.world_size} processes)"
         )
     ckpt = _prepare_run_dir(run, cfg, resume, info)
-
-    if t_cfg["sync_bn"] and info.world_size > 1:
-        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    memory_format = torch.channels_last if t_cfg["channels_last"] else torch.contiguous_format
-    method = method.to(info.device, memory_format=memory_format)
-    global_batch = data_cfg["batch_size"] * info.world_size
-    base_lr = o_cfg["lr"] * global_batch / 256
-    optimizer = build_optimizer(
-        o_cfg["name"], method.online_modules(), base_lr, o_cfg["weight_decay"], o_cfg["momentum"]
-    )
-    for group in optimizer.param_groups:
-        group["base_lr"] = base_lr
-    amp = t_cfg["amp"] if info.device.type == "cuda" else "none"
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
-
-    step = 0
+    loop = build_loop(method, cfg, info, spe)
     if ckpt is not None:
-        try:
-            method.load_state_dict(ckpt["method"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
-        except (KeyError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"{run_checkpoint_path(run)}: does not fit this run ({exc})") from exc
-        step = int(ckpt["step"])
-        _restore_rng(ckpt["rng"])
-    total = spe * t_cfg["epochs"]
-    warmup = spe * o_cfg["warmup_epochs"]
-
-    model: torch.nn.Module = method
-    if info.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            method, device_ids=[info.local_rank] if info.device.type == "cuda" else None
-        )
-    forward = torch.compile(model) if t_cfg["compile"] else model
-    views = byol_views(data_cfg["image_size"], data_cfg["min_fg"], data_cfg["crop_min_scale"])
-    dataset = ViewsDataset(records, views, t_cfg["seed"])
+        restore(loop, ckpt, run)
+    views = METHODS[cfg["method"]].view_specs(cfg)
+    dataset = ViewsDataset(records, views, t_cfg["seed"], masks=METHODS[cfg["method"]].needs_masks)
     log = RunLog(run, info.main)
-    if info.main and step == 0:
-        log.write(
-            {
-                "kind": "start",
-                "step": 0,
-                "samples": len(records),
-                "steps_per_epoch": spe,
-                "total_steps": total,
-            }
-        )
-
-    last_saved = step
-
-    def save() -> None:
-        nonlocal last_saved
-        last_saved = step
-        if info.main:
-            state = {
-                "method": method.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "step": step,
-                "config": cfg,
-                "rng": _rng_state(),
-            }
-            save_atomic(state, run_checkpoint_path(run))
-        D.barrier(info)
-
+    if info.main and loop.step == 0:
+        log.write({"kind": "start", "step": 0, "samples": len(records), "steps_per_epoch": spe,
+                   "total_steps": loop.total, "views": len(views)})  # fmt: skip
     progress = None
     if info.main:
         from tqdm import tqdm
 
-        progress = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, desc=cfg["method"])
-    nan_skips = 0
-    window_t, window_n = time.perf_counter(), 0
-    sums: dict[str, float] = {}
-    method.train()
+        progress = tqdm(
+            total=loop.total, initial=loop.step, unit="step", dynamic_ncols=True, desc=cfg["method"]
+        )
+    steps = StepLog(log, t_cfg["log_every"], info, progress)
+    loop.method.train()
     try:
-        for epoch in range(step // spe, t_cfg["epochs"]):
-            sampler = EpochBatchSampler(
-                len(records),
-                data_cfg["batch_size"],
-                epoch,
-                t_cfg["seed"],
-                info.world_size,
-                info.rank,
-                spe * global_batch,
-                start=step - epoch * spe,
-            )
-            loader = DataLoader(
-                dataset,
-                batch_sampler=sampler,
-                num_workers=data_cfg["workers"],
-                pin_memory=info.device.type == "cuda",
-                persistent_workers=False,
-            )
-            for batch in loader:
-                lr = warmup_cosine(base_lr, step, total, warmup, o_cfg["final_lr"] * global_batch / 256)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                inputs = {}
-                for v in range(METHODS[cfg["method"]].num_views):
-                    x = batch[f"view{v}"].to(info.device, non_blocking=True)
-                    inputs[f"view{v}"] = normalize(x).contiguous(memory_format=memory_format)
-                    inputs[f"mask{v}"] = batch[f"mask{v}"].to(info.device, non_blocking=True).float() / 255
-                with torch.autocast(info.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    out = forward(inputs, step, total)
-                loss = out["loss"]
-                if not D.all_true(bool(torch.isfinite(loss)), info):
-                    nan_skips += 1
-                    if info.main:
-                        log.write({"kind": "nan", "step": step, "consecutive": nan_skips})
-                    if nan_skips > t_cfg["max_nan_skips"]:
-                        raise TrainingError(
-                            f"{run}: loss not finite for {nan_skips} steps in a row at step {step}"
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    continue
-                nan_skips = 0
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if o_cfg["grad_clip"] > 0:
-                    scaler.unscale_(optimizer)
-                    params = [p for m in method.online_modules() for p in m.parameters()]
-                    torch.nn.utils.clip_grad_norm_(params, o_cfg["grad_clip"])
-                scaler.step(optimizer)
-                scaler.update()
-                tau = cosine_ramp(cfg["ema"]["tau_base"], step, total)
-                method.momentum_update(tau)
-                step += 1
-                window_n += len(batch["index"]) * info.world_size
-                for k, v in out.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
-                sums["_n"] = sums.get("_n", 0.0) + 1
-                if step % t_cfg["log_every"] == 0 or step == total:
-                    n = sums.pop("_n")
-                    values = D.all_reduce_mean({k: v / n for k, v in sums.items()}, info)
-                    elapsed = time.perf_counter() - window_t
-                    record = {"kind": "train", "step": step, "epoch": epoch, "lr": lr, "tau": tau, **values}
-                    record["images_per_s"] = window_n / max(elapsed, 1e-9)
-                    log.write(record)
-                    if progress is not None:
-                        progress.set_postfix(
-                            loss=f"{values['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}"
-                        )
-                    sums, window_t, window_n = {}, time.perf_counter(), 0
-                if progress is not None:
-                    progress.update(1)
-                if step % t_cfg["ckpt_every"] == 0 or step == total:
-                    save()
+        for epoch in range(loop.step // spe, t_cfg["epochs"]):
+            run_epoch(loop, dataset, epoch, log, steps, run)
             every = cfg["monitor"]["knn_every"]
-            if every and (epoch + 1) % every == 0 and records.labelled and info.main:
-                result = knn_monitor(method.backbone, records, cfg, info.device)
-                log.write({"kind": "monitor", "step": step, "epoch": epoch, **result})
-        if last_saved != step:
-            save()
+            if every and (epoch + 1) % every == 0 and records.labelled:
+                result = knn_monitor(loop.method.backbone, records, cfg, info)
+                if result is not None:
+                    log.write({"kind": "monitor", "step": loop.step, "epoch": epoch, **result})
+        if loop.last_saved != loop.step:
+            _save(loop, run)
     finally:
         if progress is not None:
             progress.close()

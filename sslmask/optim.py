@@ -68,12 +68,11 @@ def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict
     ]
 
 
-def build_optimizer(
-    name: str, modules: Iterable[nn.Module], lr: float, weight_decay: float, momentum: float = 0.9
-) -> torch.optim.Optimizer:
-    groups = param_groups(modules, weight_decay)
+def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float = 0.9) -> torch.optim.Optimizer:
+    """``groups`` from :func:`param_groups` (or a method's own); each names its weight decay."""
+    groups = [dict(g) for g in groups]
     if name == "lars":
-        return LARS(groups, lr=lr, weight_decay=weight_decay, momentum=momentum)
+        return LARS(groups, lr=lr, momentum=momentum)
     for g in groups:
         g.pop("exclude")
     if name == "sgd":

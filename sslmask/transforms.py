@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -47,12 +48,42 @@ class ViewSpec:
 
 
 def byol_views(size: int, min_fg: float = 0.0, min_scale: float = 0.08) -> tuple[ViewSpec, ViewSpec]:
-    """The asymmetric pair T / T' of BYOL and HARL."""
+    """The asymmetric pair T / T' of BYOL and HARL (also MoCo v3's and DINO's two global crops)."""
     scale = (min_scale, 1.0)
     return (
         ViewSpec(size=size, scale=scale, blur_p=1.0, solarize_p=0.0, min_fg=min_fg),
         ViewSpec(size=size, scale=scale, blur_p=0.1, solarize_p=0.2, min_fg=min_fg),
     )
+
+
+def multi_crop_views(
+    size: int,
+    global_scale: tuple[float, float],
+    n_local: int,
+    local_size: int,
+    local_scale: tuple[float, float],
+) -> list[ViewSpec]:
+    """DINO's multi-crop: BYOL's two global views, then ``n_local`` small ones (blur p=0.5)."""
+    first, second = byol_views(size, min_scale=global_scale[0])
+    local = ViewSpec(size=local_size, scale=local_scale, blur_p=0.5, solarize_p=0.0)
+    return [first, second, *[local] * n_local]
+
+
+def moco_v2_views(size: int, min_scale: float = 0.2, weak_key: bool = False) -> list[ViewSpec]:
+    """MoCo v2's "aug+" query (crop, jitter 0.4/0.4/0.4/0.1 at p=0.8, grey, blur p=0.5, flip) and
+    its key: the same, or with ``weak_key`` a crop and flip only (SegAS's x^k)."""
+    strong = ViewSpec(size=size, scale=(min_scale, 1.0), saturation=0.4, blur_p=0.5, solarize_p=0.0)
+    weak = ViewSpec(size=size, scale=(min_scale, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
+    return [strong, weak if weak_key else strong]
+
+
+class View(NamedTuple):
+    """One augmented view and where it came from (SCFS and SegAS need the geometry)."""
+
+    image: torch.Tensor  # uint8 3 x S x S
+    mask: torch.Tensor | None  # uint8 1 x S x S soft mask, or None
+    box: tuple[int, int, int, int]  # the crop in the source image: top, left, height, width
+    flipped: bool
 
 
 def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
@@ -159,15 +190,16 @@ def make_view(
     image: Image.Image,
     mask: Image.Image | None,
     integral: np.ndarray | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One augmented view: ``(uint8 3xSxS image, uint8 1xSxS soft mask or None)``."""
+) -> View:
+    """One augmented view: image, soft mask (or None), crop box and flip."""
     width, height = image.size
     top, left, h, w = sample_crop_with_mask(g, spec, integral, height, width)
     box = (left, top, left + w, top + h)
     size = (spec.size, spec.size)
     out = image.resize(size, Image.BICUBIC, box=box)
     out_mask = mask.resize(size, Image.BOX, box=box) if mask is not None else None
-    if _coin(g, spec.flip_p):
+    flipped = _coin(g, spec.flip_p)
+    if flipped:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
         out_mask = out_mask.transpose(Image.FLIP_LEFT_RIGHT) if out_mask is not None else None
     img_t = torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
@@ -175,7 +207,7 @@ def make_view(
     mask_t = None
     if out_mask is not None:
         mask_t = torch.from_numpy(np.asarray(out_mask, dtype=np.uint8).copy())[None]
-    return img_t, mask_t
+    return View(img_t, mask_t, (top, left, h, w), flipped)
 
 
 def eval_view(image: Image.Image, size: int, crop_fraction: float = 0.875) -> torch.Tensor:

@@ -61,8 +61,8 @@ def test_lars_step_matches_manual_update():
 @pytest.mark.parametrize("name", ["lars", "sgd", "adamw"])
 def test_build_optimizer(name):
     model = nn.Linear(3, 2)
-    opt = build_optimizer(name, [model], lr=0.1, weight_decay=1e-4)
+    opt = build_optimizer(name, param_groups([model], 1e-4), lr=0.1)
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
     with pytest.raises(ValueError, match="unknown optimizer"):
-        build_optimizer("adam", [model], 0.1, 0.0)
+        build_optimizer("adam", param_groups([model], 0.0), 0.1)

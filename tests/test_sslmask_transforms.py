@@ -31,7 +31,7 @@ def _gen(seed):
 @pytest.mark.parametrize("seed", range(12))
 def test_crops_and_flips_keep_mask_on_the_object(seed):
     image, mask_img, mask = _scene()
-    view, view_mask = make_view(_gen(seed), NO_COLOUR, image, mask_img, mask_integral(mask))
+    view, view_mask = make_view(_gen(seed), NO_COLOUR, image, mask_img, mask_integral(mask))[:2]
     bright = view[0].numpy() > 125
     marked = view_mask[0].numpy() > 127
     # away from the object's outline (where both resamplings blend), they agree exactly
@@ -45,9 +45,9 @@ def test_flip_is_applied_to_both():
     image, mask_img, mask = _scene()
     spec = dataclasses.replace(NO_COLOUR, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3))
     flipped = dataclasses.replace(spec, flip_p=1.0)
-    a_img, a_mask = make_view(_gen(0), spec, image, mask_img)
-    b_img, b_mask = make_view(_gen(0), dataclasses.replace(spec, flip_p=0.0), image, mask_img)
-    c_img, c_mask = make_view(_gen(0), flipped, image, mask_img)
+    a_img, a_mask = make_view(_gen(0), spec, image, mask_img)[:2]
+    b_img, b_mask = make_view(_gen(0), dataclasses.replace(spec, flip_p=0.0), image, mask_img)[:2]
+    c_img, c_mask = make_view(_gen(0), flipped, image, mask_img)[:2]
     assert torch.equal(a_mask, b_mask) or torch.equal(a_mask, c_mask)
     assert torch.equal(c_mask, b_mask.flip(-1)) and torch.equal(c_img, b_img.flip(-1))
 
@@ -55,23 +55,23 @@ def test_flip_is_applied_to_both():
 def test_colour_touches_the_image_only_and_views_are_reproducible():
     image, mask_img, mask = _scene()
     strong = dataclasses.replace(NO_COLOUR, jitter_p=1.0, gray_p=0.5, blur_p=1.0, solarize_p=1.0)
-    plain_img, plain_mask = make_view(_gen(5), NO_COLOUR, image, mask_img)
-    img, m = make_view(_gen(5), strong, image, mask_img)
+    plain_img, plain_mask = make_view(_gen(5), NO_COLOUR, image, mask_img)[:2]
+    img, m = make_view(_gen(5), strong, image, mask_img)[:2]
     assert torch.equal(m, plain_mask) and not torch.equal(img, plain_img)
-    again_img, again_mask = make_view(_gen(5), strong, image, mask_img)
+    again_img, again_mask = make_view(_gen(5), strong, image, mask_img)[:2]
     assert torch.equal(img, again_img) and torch.equal(m, again_mask)
-    other, _ = make_view(_gen(6), strong, image, mask_img)
+    other, _ = make_view(_gen(6), strong, image, mask_img)[:2]
     assert not torch.equal(img, other)
 
 
 def test_solarize_and_gray():
     image, mask_img, _ = _scene()
     spec = dataclasses.replace(NO_COLOUR, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3), flip_p=0.0)
-    plain, _ = make_view(_gen(0), spec, image, mask_img)
-    sol, _ = make_view(_gen(0), dataclasses.replace(spec, solarize_p=1.0), image, mask_img)
+    plain, _ = make_view(_gen(0), spec, image, mask_img)[:2]
+    sol, _ = make_view(_gen(0), dataclasses.replace(spec, solarize_p=1.0), image, mask_img)[:2]
     expected = torch.where(plain >= 128, 255 - plain, plain)
     assert torch.equal(sol, expected)
-    gray, _ = make_view(_gen(0), dataclasses.replace(spec, gray_p=1.0), image, mask_img)
+    gray, _ = make_view(_gen(0), dataclasses.replace(spec, gray_p=1.0), image, mask_img)[:2]
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
 
 

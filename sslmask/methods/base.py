@@ -1,9 +1,15 @@
-"""The method interface: a method owns its heads, losses and momentum encoders.
+"""The method interface: a method owns its views, heads, losses and momentum encoders.
 
-``forward(batch, step, total_steps)`` takes the normalised views (``view0``, ``view1`` ...)
-and soft masks in [0, 1] (``mask0`` ...) on the device and returns a dict of named terms;
-``"loss"`` is what the engine back-propagates, the other entries are logged. Schedules that
-belong to the method (HARL's alpha and lambda) are computed from ``step / total_steps``.
+``forward(batch, step, total_steps)`` takes the normalised views (``view0``, ``view1`` ...),
+their soft masks in [0, 1] (``mask0`` ..., for methods with ``needs_masks``), crop boxes and
+flips (``box0``, ``flip0`` ...) on the device and returns a dict of named terms; ``"loss"`` is
+what the engine back-propagates, the other entries are logged. Everything that changes during
+training (EMA rate, teacher temperature, HARL's alpha and lambda) is a function of
+``step / total_steps``, so a checkpoint needs only the step to restore it.
+
+Hooks, in the order the engine calls them each step: ``forward``, backward,
+``before_optimizer_step`` (e.g. DINO's frozen last layer), the optimiser step,
+``after_optimizer_step`` (the EMA update; what it returns is logged).
 """
 
 from __future__ import annotations
@@ -14,24 +20,39 @@ import torch
 from torch import nn
 
 from sslmask.backbones import ResNetTrunk
+from sslmask.optim import param_groups
+from sslmask.transforms import ViewSpec, byol_views
 
 
 class SSLMethod(nn.Module):
     name: ClassVar[str] = ""
     needs_masks: ClassVar[bool] = False
-    num_views: ClassVar[int] = 2
 
     def __init__(self, backbone: ResNetTrunk, cfg: dict[str, Any]):
         super().__init__()
         self.backbone = backbone
         self.cfg = cfg
 
+    @classmethod
+    def view_specs(cls, cfg: dict[str, Any]) -> list[ViewSpec]:
+        """The views each sample gives (default: BYOL's asymmetric pair)."""
+        data = cfg["data"]
+        return list(byol_views(data["image_size"], data["min_fg"], data["crop_min_scale"]))
+
     def online_modules(self) -> list[nn.Module]:
         """The modules the optimiser updates."""
         raise NotImplementedError
 
-    def momentum_update(self, tau: float) -> None:
-        """Update momentum encoders (no-op for methods without one)."""
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Optimiser groups: no weight decay (and no LARS adaptation) on biases and norms."""
+        return param_groups(self.online_modules(), weight_decay)
+
+    def before_optimizer_step(self, step: int, total_steps: int) -> None:
+        """After backward, before the step: change gradients (e.g. freeze a layer)."""
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
+        """After the step: update momentum encoders, queues, centres; returns values to log."""
+        return {}
 
     def forward(self, batch: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError

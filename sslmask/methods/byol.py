@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -12,6 +11,8 @@ from sslmask.backbones import ResNetTrunk
 from sslmask.heads import MLPHead
 from sslmask.losses import embedding_std, regression_loss
 from sslmask.methods.base import SSLMethod
+from sslmask.momentum import MomentumPairs, frozen_copy
+from sslmask.schedules import cosine_ramp
 
 
 class BYOL(SSLMethod):
@@ -23,24 +24,20 @@ class BYOL(SSLMethod):
         dim = backbone.num_features
         self.projector = MLPHead(dim, model["proj_hidden"], model["proj_dim"])
         self.predictor = MLPHead(model["proj_dim"], model["pred_hidden"], model["proj_dim"])
-        self.target_backbone = copy.deepcopy(backbone)
-        self.target_projector = copy.deepcopy(self.projector)
-        for p in [*self.target_backbone.parameters(), *self.target_projector.parameters()]:
-            p.requires_grad_(False)
+        self.target_backbone = frozen_copy(backbone)
+        self.target_projector = frozen_copy(self.projector)
+        self.ema = MomentumPairs(
+            (self.backbone, self.target_backbone), (self.projector, self.target_projector)
+        )
 
     def online_modules(self) -> list[nn.Module]:
         return [self.backbone, self.projector, self.predictor]
 
-    def _pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        online = [*self.backbone.parameters(), *self.projector.parameters()]
-        target = [*self.target_backbone.parameters(), *self.target_projector.parameters()]
-        return online, target
-
-    @torch.no_grad()
-    def momentum_update(self, tau: float) -> None:
-        online, target = self._pairs()
-        torch._foreach_mul_(target, tau)
-        torch._foreach_add_(target, online, alpha=1 - tau)
+    def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
+        """EMA of the target, tau from ``ema.tau_base`` up to 1 (cosine)."""
+        tau = cosine_ramp(self.cfg["ema"]["tau_base"], step, total_steps)
+        self.ema.update(tau)
+        return {"tau": tau}
 
     def online_predict(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.projector(pooled)

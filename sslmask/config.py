@@ -19,16 +19,39 @@ class ConfigError(Exception):
     """A config that cannot be used (unknown method or key, wrong type, unreadable file)."""
 
 
+BASE = "base"
+
+
 def available_methods() -> list[str]:
     files = resources.files("sslmask.configs").iterdir()
-    return sorted(f.name[:-5] for f in files if f.name.endswith(".yaml") and "-" not in f.name)
+    names = (f.name[:-5] for f in files if f.name.endswith(".yaml") and "-" not in f.name)
+    return sorted(n for n in names if n != BASE)
+
+
+def _packaged(name: str) -> dict[str, Any]:
+    """A packaged config with its ``extends`` chain resolved (the child adds and overrides keys)."""
+    cfg = yaml.safe_load(resources.files("sslmask.configs").joinpath(f"{name}.yaml").read_text())
+    parent = cfg.pop("extends", None)
+    if parent is None:
+        return cfg
+    merged = _packaged(parent)
+    _extend(merged, cfg)
+    return merged
+
+
+def _extend(base: dict[str, Any], child: dict[str, Any]) -> None:
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _extend(base[key], value)
+        else:
+            base[key] = value
 
 
 def default_config(method: str) -> dict[str, Any]:
     if method not in available_methods():
         raise ConfigError(f"unknown method {method!r}; choose from {', '.join(available_methods())}")
-    text = resources.files("sslmask.configs").joinpath(f"{method}.yaml").read_text()
-    return yaml.safe_load(text)
+    cfg = _packaged(method)
+    return {"method": cfg.pop("method"), **cfg}
 
 
 def packaged_overlay(name: str) -> Path | None:

@@ -38,3 +38,42 @@ def embedding_std(z: torch.Tensor) -> torch.Tensor:
     About ``1/sqrt(d)`` for well-spread embeddings, 0 when every sample maps to one point.
     """
     return F.normalize(z.detach().float(), dim=-1).std(dim=0).mean()
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float) -> torch.Tensor:
+    """MoCo's InfoNCE per sample: the key ``k`` of the same image against the ``queue`` of keys.
+
+    ``q``, ``k``: N x D, ``queue``: K x D, all L2-normalised; ``-log softmax([q.k, q.queue] / tau)[0]``.
+    """
+    q, k, queue = q.float(), k.float().detach(), queue.float().detach()
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1) / tau
+    return -F.log_softmax(logits, dim=1)[:, 0]
+
+
+def moco_v3_loss(q: torch.Tensor, keys: torch.Tensor, tau: float, offset: int = 0) -> torch.Tensor:
+    """MoCo v3's contrastive loss, scaled by ``2 tau``: the batch's keys are the negatives.
+
+    ``q``: N x D queries of this process; ``keys``: M x D keys of every process (gathered, in
+    rank order); query ``i`` matches key ``offset + i``. Both are L2-normalised here.
+    """
+    q = F.normalize(q.float(), dim=1)
+    keys = F.normalize(keys.float().detach(), dim=1)
+    labels = torch.arange(q.shape[0], device=q.device) + offset
+    return F.cross_entropy(q @ keys.T / tau, labels) * 2 * tau
+
+
+def dino_loss(student: list[torch.Tensor], targets: list[torch.Tensor], student_temp: float) -> torch.Tensor:
+    """DINO's cross-entropy over crop pairs: every student crop against every teacher (global)
+    crop but its own, ``-sum(P_t log softmax(s / tau_s))``, averaged over pairs and the batch.
+
+    ``student``: logits of all crops (the globals first); ``targets``: the teacher's centred,
+    sharpened probabilities of the global crops.
+    """
+    total, pairs = 0.0, 0
+    for iq, t in enumerate(targets):
+        for v, s in enumerate(student):
+            if v == iq:
+                continue
+            total = total + (-t.detach() * F.log_softmax(s.float() / student_temp, dim=-1)).sum(-1).mean()
+            pairs += 1
+    return total / pairs

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -170,9 +171,37 @@ def _run_dir_weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoint.pt", weights_only=True)["method"]
 
 
+# what each baseline needs to be small (DINO: a 64-way head, 2 local crops)
+BASELINE_SETS = {
+    "harl": [],
+    "dino": ["--set", "dino.out_dim=64", "--set", "dino.local_crops=2", "--set", "dino.local_size=24"],
+    "mocov2": ["--set", "mocov2.queue=64"],
+    "mocov3": [],
+}
+
+
+@pytest.mark.parametrize("method", ["dino", "mocov2", "mocov3"])
+def test_baselines_train_on_a_build_and_on_class_folders(method, sample_build, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "folders"
+    for c in range(2):
+        (folder / f"class{c}").mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (40, 36), (40 * i, 100 * c, 90)).save(folder / f"class{c}" / f"{i}.png")
+    for data in (sample_build, folder):
+        run = tmp_path / f"{method}-{data.name}"
+        args = ["train", str(data), "--method", method, "--out", str(run), *TINY, *BASELINE_SETS[method],
+                "--set", "train.epochs=1"]  # fmt: skip
+        assert main(args) == 0
+        log = _log(run)
+        assert log and all(np.isfinite(r["loss"]) and "tau" in r for r in log)
+
+
 @pytest.mark.slow
-def test_sigkilled_run_resumes_to_the_same_weights(sample_build, tmp_path):
-    args = ["train", str(sample_build), "--method", "harl", *TINY, "--set", "train.epochs=6",
+@pytest.mark.parametrize("method", ["harl", "dino", "mocov2", "mocov3"])
+def test_sigkilled_run_resumes_to_the_same_weights(method, sample_build, tmp_path):
+    args = ["train", str(sample_build), "--method", method, *TINY, *BASELINE_SETS[method], "--set", "train.epochs=6",
             "--set", "train.ckpt_every=2", "--set", "train.deterministic=true", "--set", "data.workers=1"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     straight = tmp_path / "straight"

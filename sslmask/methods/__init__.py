@@ -7,9 +7,12 @@ from typing import Any
 from sslmask.backbones import build_backbone
 from sslmask.methods.base import SSLMethod
 from sslmask.methods.byol import BYOL
+from sslmask.methods.dino import DINO
 from sslmask.methods.harl import HARL
+from sslmask.methods.mocov2 import MoCoV2
+from sslmask.methods.mocov3 import MoCoV3
 
-METHODS: dict[str, type[SSLMethod]] = {m.name: m for m in (BYOL, HARL)}
+METHODS: dict[str, type[SSLMethod]] = {m.name: m for m in (BYOL, HARL, DINO, MoCoV2, MoCoV3)}
 
 
 def build_method(cfg: dict[str, Any]) -> SSLMethod:

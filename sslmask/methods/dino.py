@@ -1,0 +1,134 @@
+"""DINO (Caron et al., ICCV 2021): self-distillation with no labels, multi-crop.
+
+Student and EMA teacher share the architecture: backbone + DINO head (3-layer MLP with GELU,
+an L2-normalised bottleneck, then a weight-normalised linear layer to ``dino.out_dim``
+prototypes, its norm fixed at 1 and the layer frozen for ``dino.freeze_last_layer`` epochs).
+The teacher sees the two global crops, the student every crop; the loss is the cross-entropy
+of each student crop with each teacher crop but its own (``sslmask.losses.dino_loss``). The
+teacher's output is centred (the centre an EMA, rate ``center_momentum``, of the batch mean
+over every process) and sharpened by a temperature that warms up linearly from
+``warmup_teacher_temp`` to ``teacher_temp``; here per step, where DINO steps it per epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from sslmask import distributed as D
+from sslmask.backbones import ResNetTrunk
+from sslmask.losses import dino_loss, embedding_std
+from sslmask.methods.base import SSLMethod
+from sslmask.methods.mocov2 import ema_rate
+from sslmask.momentum import MomentumPairs, frozen_copy
+from sslmask.schedules import linear_warmup
+from sslmask.transforms import ViewSpec, multi_crop_views
+
+
+class DINOHead(nn.Module):
+    """MLP (GELU, no BatchNorm) to a bottleneck, L2 normalisation, weight-normalised prototypes."""
+
+    def __init__(self, in_dim: int, hidden: int, bottleneck: int, out_dim: int, norm_last_layer: bool = True):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, bottleneck),
+        )
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = weight_norm(nn.Linear(bottleneck, out_dim, bias=False))
+        g = self.last_layer.parametrizations.weight.original0
+        with torch.no_grad():
+            g.fill_(1.0)
+        g.requires_grad_(not norm_last_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1, p=2))
+
+
+class DINO(SSLMethod):
+    name = "dino"
+
+    def __init__(self, backbone: ResNetTrunk, cfg: dict[str, Any]):
+        super().__init__(backbone, cfg)
+        m, d = cfg["model"], cfg["dino"]
+        if d["local_crops"] < 0 or d["out_dim"] < 1 or d["student_temp"] <= 0 or d["teacher_temp"] <= 0:
+            raise ValueError("dino: local_crops >= 0, out_dim >= 1 and positive temperatures are required")
+        self.head = DINOHead(
+            backbone.num_features, m["proj_hidden"], m["proj_dim"], d["out_dim"], d["norm_last_layer"]
+        )
+        self.teacher_backbone = frozen_copy(backbone)
+        self.teacher_head = frozen_copy(self.head)
+        self.ema = MomentumPairs((self.backbone, self.teacher_backbone), (self.head, self.teacher_head))
+        self.register_buffer("center", torch.zeros(1, d["out_dim"]))
+        self._batch_center: torch.Tensor | None = None
+
+    @classmethod
+    def view_specs(cls, cfg: dict[str, Any]) -> list[ViewSpec]:
+        d = cfg["dino"]
+        return multi_crop_views(cfg["data"]["image_size"], tuple(d["global_scale"]), d["local_crops"],
+                                d["local_size"], tuple(d["local_scale"]))  # fmt: skip
+
+    def online_modules(self) -> list[nn.Module]:
+        return [self.backbone, self.head]
+
+    def teacher_temp(self, step: int, total_steps: int) -> float:
+        d = self.cfg["dino"]
+        warmup = d["warmup_teacher_temp_epochs"] * total_steps // max(self.cfg["train"]["epochs"], 1)
+        return linear_warmup(d["warmup_teacher_temp"], d["teacher_temp"], step, warmup)
+
+    def _embed(self, backbone: nn.Module, head: nn.Module, crops: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Crops of one size run as one batch (as DINO does); outputs per crop, in order."""
+        out: list[torch.Tensor] = []
+        start = 0
+        while start < len(crops):
+            end = start
+            while end < len(crops) and crops[end].shape[-1] == crops[start].shape[-1]:
+                end += 1
+            y = head(backbone(torch.cat(crops[start:end])).mean(dim=(2, 3)))
+            out += list(y.chunk(end - start))
+            start = end
+        return out
+
+    def forward(self, batch: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, torch.Tensor]:
+        n_views = 2 + self.cfg["dino"]["local_crops"]
+        crops = [batch[f"view{v}"] for v in range(n_views)]
+        student = self._embed(self.backbone, self.head, crops)
+        with torch.no_grad():
+            teacher = self._embed(self.teacher_backbone, self.teacher_head, crops[:2])
+            temp = self.teacher_temp(step, total_steps)
+            targets = [F.softmax((t.float() - self.center) / temp, dim=-1) for t in teacher]
+            self._batch_center = torch.cat(teacher).float().mean(0, keepdim=True)
+        loss = dino_loss(student, targets, self.cfg["dino"]["student_temp"])
+        return {"loss": loss, "teacher_temp": torch.tensor(temp), "z_std": embedding_std(student[0])}
+
+    def before_optimizer_step(self, step: int, total_steps: int) -> None:
+        """DINO keeps the prototypes still for the first ``freeze_last_layer`` epochs."""
+        epoch = step * self.cfg["train"]["epochs"] // max(total_steps, 1)
+        if epoch < self.cfg["dino"]["freeze_last_layer"]:
+            for p in self.head.last_layer.parameters():
+                p.grad = None
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
+        tau = ema_rate(self.cfg, step, total_steps)
+        self.ema.update(tau)
+        if self._batch_center is not None:
+            center = self._batch_center
+            if D._world() > 1:
+                dist.all_reduce(center)
+                center = center / D._world()
+            m = self.cfg["dino"]["center_momentum"]
+            self.center.mul_(m).add_(center, alpha=1 - m)
+            self._batch_center = None
+        return {"tau": tau}

@@ -1,0 +1,109 @@
+"""MoCo v2 (Chen et al., 2020): a query encoder, a momentum key encoder and a queue of keys.
+
+InfoNCE of each query against its key and the queue's negatives, tau 0.2, momentum 0.999
+(constant), an MLP projector 2048-2048-128 without BatchNorm, "aug+" views. Under DDP the
+keys are computed with MoCo's shuffled BatchNorm (the global key batch is permuted across
+processes, so no process normalises its own queries' keys together) and every process
+enqueues the keys of all processes, in rank order, so the queue is the same everywhere. The
+permutation comes from ``(train.seed, step)``: a resumed run shuffles as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sslmask import distributed as D
+from sslmask.backbones import ResNetTrunk
+from sslmask.losses import embedding_std, info_nce
+from sslmask.methods.base import SSLMethod
+from sslmask.momentum import MomentumPairs, frozen_copy
+from sslmask.schedules import cosine_ramp
+from sslmask.transforms import ViewSpec, moco_v2_views
+
+
+def moco_mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """MoCo v2's projector: Linear-ReLU-Linear (no BatchNorm)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+
+
+def ema_rate(cfg: dict[str, Any], step: int, total: int) -> float:
+    """``ema.tau_base``, constant or cosine up to 1 (``ema.schedule``)."""
+    ema = cfg["ema"]
+    return cosine_ramp(ema["tau_base"], step, total) if ema["schedule"] == "cosine" else ema["tau_base"]
+
+
+def shuffle_perm(n: int, seed: int, step: int, device: torch.device) -> torch.Tensor:
+    """The same permutation of the global key batch on every process, from (seed, step)."""
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
+    return torch.randperm(n, generator=g).to(device)
+
+
+class MoCoV2(SSLMethod):
+    name = "mocov2"
+
+    def __init__(self, backbone: ResNetTrunk, cfg: dict[str, Any]):
+        super().__init__(backbone, cfg)
+        m, c = cfg["model"], cfg["mocov2"]
+        self.projector = moco_mlp(backbone.num_features, m["proj_hidden"], m["proj_dim"])
+        self.key_backbone = frozen_copy(backbone)
+        self.key_projector = frozen_copy(self.projector)
+        self.ema = MomentumPairs((self.backbone, self.key_backbone), (self.projector, self.key_projector))
+        if c["queue"] < 1 or c["temperature"] <= 0:
+            raise ValueError("mocov2.queue must be >= 1 and mocov2.temperature > 0")
+        queue = F.normalize(torch.randn(c["queue"], m["proj_dim"]), dim=1)
+        self.register_buffer("queue", queue)
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self._pending: torch.Tensor | None = None
+
+    @classmethod
+    def view_specs(cls, cfg: dict[str, Any]) -> list[ViewSpec]:
+        """Query ("aug+") first, then the key (``mocov2.weak_key``: crop and flip only)."""
+        return moco_v2_views(
+            cfg["data"]["image_size"], cfg["data"]["crop_min_scale"], cfg["mocov2"]["weak_key"]
+        )
+
+    def online_modules(self) -> list[nn.Module]:
+        return [self.backbone, self.projector]
+
+    @torch.no_grad()
+    def keys(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        """L2-normalised keys of this process's images, with shuffled BatchNorm under DDP."""
+        world = D._world()
+        if world == 1:
+            return F.normalize(self.key_projector(self.key_backbone(x).mean(dim=(2, 3))), dim=1)
+        everything = D.all_gather(x)
+        perm = shuffle_perm(everything.shape[0], self.cfg["train"]["seed"], step, x.device)
+        rank, n = torch.distributed.get_rank(), x.shape[0]
+        mine = everything[perm[rank * n : (rank + 1) * n]]
+        k = F.normalize(self.key_projector(self.key_backbone(mine).mean(dim=(2, 3))), dim=1)
+        k_all = torch.empty_like(D.all_gather(k))
+        k_all[perm] = D.all_gather(k)  # undo the shuffle
+        return k_all[rank * n : (rank + 1) * n]
+
+    def forward(self, batch: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, torch.Tensor]:
+        q = F.normalize(self.projector(self.backbone(batch["view0"]).mean(dim=(2, 3))), dim=1)
+        k = self.keys(batch["view1"], step)
+        loss = info_nce(q, k, self.queue, self.cfg["mocov2"]["temperature"]).mean()
+        self._pending = k.detach()
+        return {"loss": loss, "z_std": embedding_std(q)}
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Replace the oldest keys with ``keys`` (every process's, in rank order)."""
+        size, ptr = self.queue.shape[0], int(self.queue_ptr)
+        keys = keys[-size:]  # a batch larger than the queue keeps its newest keys
+        idx = (ptr + torch.arange(keys.shape[0], device=keys.device)) % size
+        self.queue[idx] = keys.to(self.queue.dtype)
+        self.queue_ptr.fill_((ptr + keys.shape[0]) % size)
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
+        tau = ema_rate(self.cfg, step, total_steps)
+        self.ema.update(tau)
+        if self._pending is not None:
+            self.enqueue(D.all_gather(self._pending))
+            self._pending = None
+        return {"tau": tau}

@@ -163,7 +163,7 @@ def check_train_steps(sizes: Sizes, device: str) -> dict[str, Any]:
     """HARL vs BYOL step time, interleaved, bf16 + channels_last on a GPU."""
     args = SimpleNamespace(arch=sizes.train_arch, batch=sizes.train_batch, size=sizes.train_size,
                            steps=sizes.steps, device=device, amp="bf16" if device == "cuda" else "none",
-                           channels_last=device == "cuda")  # fmt: skip
+                           channels_last=device == "cuda", set=[])  # fmt: skip
     med: dict[str, list[float]] = {"byol": [], "harl": []}
     for _ in range(3):
         for name in med:

@@ -1,12 +1,17 @@
-"""HARL vs BYOL training-step time at equal backbone, batch and image size.
+"""Training-step time of every method at the same backbone, batch and image size, against the
+backbone's bare forward + backward over the same views.
 
     python benchmarks/train_step.py [--arch resnet18] [--batch 32] [--size 112] [--steps 10]
                                      [--repeats 3] [--device cpu|cuda] [--amp bf16]
+                                     [--methods byol harl dino mocov2 mocov3] [--set KEY=VALUE ...]
 
-A step is forward (both views, online and target), backward, LARS step and EMA update, on a
-fixed synthetic batch (data loading excluded: see loader_throughput.py). Target (issue 5):
-HARL <= 1.05x BYOL. On a GPU, --arch resnet50 --batch 256 --size 224 --amp bf16
---channels-last gives the images/s of the headline recipe.
+A step is the engine's: forward (every view, online and target networks), backward, the
+method's hooks around a LARS step (EMA, queue, centre), on fixed synthetic batches (data
+loading excluded: see loader_throughput.py). "bare" is the backbone alone, forward and
+backward over the same views; a method's own overhead (heads, losses, target networks, EMA,
+queue) is ``1 - bare / step``. Targets (issue 14): overhead <= 15 % of the step; HARL <= 1.05x
+BYOL. Each method keeps its own heads and views (DINO: 2 global + its local crops), so the
+same --size is the global view size. Interleaved repeats, medians.
 """
 
 from __future__ import annotations
@@ -18,38 +23,34 @@ import time
 import torch
 
 from sslmask.config import load_config
-from sslmask.methods import build_method
+from sslmask.methods import METHODS, build_method
 from sslmask.optim import build_optimizer
 
 
-def step_times(method_name: str, args) -> list[float]:
-    cfg = load_config(method_name, None, [f"model.arch={args.arch}"])
+def make(name: str, args):
+    sets = [f"model.arch={args.arch}", f"data.image_size={args.size}", *args.set]
+    cfg = load_config(name, None, [s for s in sets if s.split(".")[0] in ("model", "data", name)])
     torch.manual_seed(0)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     method = build_method(cfg).to(args.device, memory_format=fmt)
-    opt = build_optimizer("lars", method.param_groups(1e-6), 0.1)
     g = torch.Generator().manual_seed(0)
     batch = {}
-    for v in range(2):
-        batch[f"view{v}"] = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(
-            args.device, memory_format=fmt
-        )
-        mask = torch.zeros(args.batch, 1, args.size, args.size)
-        mask[:, :, args.size // 4 : 3 * args.size // 4, args.size // 5 : 4 * args.size // 5] = 1
+    for v, spec in enumerate(METHODS[name].view_specs(cfg)):
+        x = torch.randn(args.batch, 3, spec.size, spec.size, generator=g)
+        batch[f"view{v}"] = x.to(args.device, memory_format=fmt)
+        mask = torch.zeros(args.batch, 1, spec.size, spec.size)
+        mask[:, :, spec.size // 4 : 3 * spec.size // 4, spec.size // 5 : 4 * spec.size // 5] = 1
         batch[f"mask{v}"] = mask.to(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    return method, batch
+
+
+def _timed(fn, args) -> list[float]:
     times = []
     for i in range(args.steps + 2):
         if args.device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast(args.device, dtype=dtype, enabled=dtype is not None):
-            loss = method(batch, i, 100)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        method.before_optimizer_step(i, 100)
-        opt.step()
-        method.after_optimizer_step(i, 100)
+        fn(i)
         if args.device == "cuda":
             torch.cuda.synchronize()
         if i >= 2:  # warm-up steps excluded
@@ -57,8 +58,41 @@ def step_times(method_name: str, args) -> list[float]:
     return times
 
 
+def step_times(name: str, args) -> list[float]:
+    """Seconds per engine step of ``name`` (after 2 warm-up steps)."""
+    method, batch = make(name, args)
+    opt = build_optimizer("lars", method.param_groups(1e-6), 0.1)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+
+    def step(i: int) -> None:
+        with torch.autocast(args.device, dtype=dtype, enabled=dtype is not None):
+            loss = method(batch, i, 100)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        method.before_optimizer_step(i, 100)
+        opt.step()
+        method.after_optimizer_step(i, 100)
+
+    return _timed(step, args)
+
+
+def bare_times(name: str, args) -> list[float]:
+    """Seconds per forward + backward of the backbone alone over ``name``'s views."""
+    method, batch = make(name, args)
+    views = [v for k, v in batch.items() if k.startswith("view")]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+
+    def step(i: int) -> None:
+        method.backbone.zero_grad(set_to_none=True)
+        with torch.autocast(args.device, dtype=dtype, enabled=dtype is not None):
+            loss = sum(method.backbone(x).float().mean() for x in views)
+        loss.backward()
+
+    return _timed(step, args)
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="resnet18")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--size", type=int, default=112)
@@ -67,19 +101,25 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--methods", nargs="+", default=["byol", "harl", "dino", "mocov2", "mocov3"])
+    ap.add_argument("--set", action="append", default=[], help="A config override for every method.")
     args = ap.parse_args()
-    med: dict[str, list[float]] = {"byol": [], "harl": []}
-    for _ in range(args.repeats):  # interleaved runs
-        for name in med:
-            med[name].append(statistics.median(step_times(name, args)))
-    byol, harl = statistics.median(med["byol"]), statistics.median(med["harl"])
+    runs: dict[str, dict[str, list[float]]] = {m: {"step": [], "bare": []} for m in args.methods}
+    for _ in range(args.repeats):  # interleaved
+        for name in args.methods:
+            runs[name]["step"].append(statistics.median(step_times(name, args)))
+            runs[name]["bare"].append(statistics.median(bare_times(name, args)))
     print(
         f"{args.arch}, batch {args.batch}, {args.size}px, {args.device}, amp {args.amp}; median of {args.repeats}"
     )
-    print(f"{'method':<8}{'ms/step':>10}{'images/s':>10}")
-    for name, t in (("byol", byol), ("harl", harl)):
-        print(f"{name:<8}{1000 * t:>10.1f}{args.batch / t:>10.1f}")
-    print(f"harl / byol step time: {harl / byol:.3f}")
+    print(f"{'method':<8}{'views':>6}{'ms/step':>10}{'images/s':>10}{'bare ms':>10}{'overhead':>10}")
+    med = {m: {k: statistics.median(v) for k, v in r.items()} for m, r in runs.items()}
+    for name, t in med.items():
+        views = len(METHODS[name].view_specs(load_config(name)))
+        print(f"{name:<8}{views:>6}{1000 * t['step']:>10.1f}{args.batch / t['step']:>10.1f}"
+              f"{1000 * t['bare']:>10.1f}{1 - t['bare'] / t['step']:>10.1%}")  # fmt: skip
+    if "byol" in med and "harl" in med:
+        print(f"harl / byol step time: {med['harl']['step'] / med['byol']['step']:.3f}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ It runs, in order (docs/DESIGN "The GPU check"; the whole check fits in 8 minute
    end (JPEG in, mask PNG in the tar), with the JPEGs decoded on the device (nvJPEG) and by PIL
    in the worker. Every sample must record the device it ran on, and on a GPU that is cuda.
 2. HARL and BYOL training steps, ResNet-50, ``--batch`` images, bf16 autocast, channels_last:
-   images/s and the HARL/BYOL step-time ratio (on fixed synthetic batches).
+   images/s and the HARL/BYOL step-time ratio (on fixed synthetic batches); DINO (multi-crop)
+   and MoCo v3 steps with ViT-S/16 at batch 128.
 3. A 200-step HARL training run (``sslmask train`` on the step-1 build), SIGKILLed at step ~120
    and resumed with ``--resume auto``: it must reach its last step.
 4. Everything, with the GPU's name and the torch and CUDA versions, into ``--out``.
@@ -70,10 +71,33 @@ class Sizes:
     run_arch: str
     run_batch: int
     run_size: int
+    vit_arch: str
+    vit_batch: int
+    vit_sets: tuple[str, ...] = ()
 
 
-FULL = Sizes(5000, 500, 375, "resnet18", 224, "resnet50", 256, 224, 10, 200, 120, "resnet18", 64, 112)
-DRY = Sizes(24, 80, 60, "resnet_tiny", 48, "resnet_tiny", 4, 32, 2, 8, 4, "resnet_tiny", 4, 32)
+FULL = Sizes(
+    5000, 500, 375, "resnet18", 224, "resnet50", 256, 224, 10, 200, 120, "resnet18", 64, 112, "vit_small", 128
+)
+DRY = Sizes(
+    24,
+    80,
+    60,
+    "resnet_tiny",
+    48,
+    "resnet_tiny",
+    4,
+    32,
+    2,
+    8,
+    4,
+    "resnet_tiny",
+    4,
+    32,
+    "vit_micro",
+    4,
+    ("dino.out_dim=64", "dino.local_crops=2", "model.proj_hidden=32", "model.pred_hidden=32"),
+)
 
 
 def _photo(seed: int, width: int, height: int) -> bytes:
@@ -182,6 +206,18 @@ def check_train_steps(sizes: Sizes, device: str) -> dict[str, Any]:
     }
 
 
+def check_vit_steps(sizes: Sizes, device: str) -> dict[str, Any]:
+    """DINO (multi-crop: 2 x 224 + 8 x 96 px) and MoCo v3 steps with ViT-S/16, bf16 on a GPU."""
+    args = SimpleNamespace(arch=sizes.vit_arch, batch=sizes.vit_batch, size=sizes.train_size if device == "cpu"
+                           else 224, steps=sizes.steps, device=device, amp="bf16" if device == "cuda" else "none",
+                           channels_last=False, set=list(sizes.vit_sets))  # fmt: skip
+    out: dict[str, Any] = {"arch": sizes.vit_arch, "batch": sizes.vit_batch, "amp": args.amp, "ok": True}
+    for name in ("dino", "mocov3"):
+        seconds = statistics.median(step_times(name, args))
+        out[f"{name}_images_per_second"] = round(sizes.vit_batch / seconds, 1)
+    return out
+
+
 def _last_step(run: Path) -> int:
     """The last step in ``log.jsonl`` (a torn last line is skipped)."""
     step = -1
@@ -255,6 +291,10 @@ def print_table(result: dict[str, Any]) -> None:
           f"{str(t['harl_images_per_second']) + ' images/s':>22}  yes")  # fmt: skip
     ratio = t["harl_over_byol_step_time"]
     print(f"{'HARL / BYOL step time (goal <= 1.05)':<52}{ratio:>22}  {'met' if ratio <= 1.05 else 'missed'}")
+    v = result["vit_steps"]
+    for name in ("dino", "mocov3"):
+        print(f"{name.upper() + ' step, ' + v['arch'] + ', batch ' + str(v['batch']):<52}"
+              f"{str(v[name + '_images_per_second']) + ' images/s':>22}  yes")  # fmt: skip
     k = result["kill_resume"]
     print(f"{'HARL run killed at step ' + str(k['killed_at_step']) + ', resumed':<52}"
           f"{'reached step ' + str(k['final_step']):>22}  {'yes' if k['ok'] else 'NO: ' + k['reason']}")  # fmt: skip
@@ -280,6 +320,7 @@ def main() -> int:
         builds = [check_build(photos, head, work, decode, device) for decode in ("device", "pil")]
         result = {"environment": environment(device), "sizes": sizes.__dict__, "builds": builds}
         result["train_steps"] = check_train_steps(sizes, device)
+        result["vit_steps"] = check_vit_steps(sizes, device)
         built = [b for b in builds if "out" in b]
         result["kill_resume"] = (
             check_kill_resume(Path(built[0]["out"]), sizes, work, device)

@@ -1,4 +1,8 @@
-"""ResNet trunks that return the last feature map (the grid HARL pools masks on).
+"""Backbones: ResNet trunks here, Vision Transformers in ``sslmask.vit``; one interface.
+
+Every trunk gives ``forward(x)`` -> its feature grid N x C x h x w (the grid HARL pools masks on
+and ``maskgen``'s deep head reads), ``pooled(x)`` -> N x C (ResNet: the grid's mean; ViT: the
+CLS token), ``features(x)`` -> both from one pass, and ``num_features`` = C.
 
 A trunk is torchvision's ``ResNet`` without ``avgpool``/``fc``: parameter names are
 torchvision's, so an exported state_dict loads into ``torchvision.models.resnet50()`` with
@@ -13,6 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+# A trunk of either kind (ResNetTrunk here, sslmask.vit.ViTTrunk): forward -> grid, pooled,
+# features, num_features.
+Backbone = nn.Module
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -55,10 +63,33 @@ class ResNetTrunk(ResNet):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pooled N x C, grid N x C x h x w)`` from one pass."""
+        grid = self(x)
+        return grid.mean(dim=(2, 3)), grid
 
-def build_backbone(arch: str, out_stride: int = 32) -> ResNetTrunk:
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x).mean(dim=(2, 3))
+
+
+VIT_NAMES = (
+    "vit_micro",
+    "vit_tiny",
+    "vit_small",
+    "vit_base",
+)  # sslmask.vit.VIT_ARCHS, without importing timm
+BACKBONES = (*ARCHS, *VIT_NAMES)
+
+
+def build_backbone(arch: str, out_stride: int = 32) -> nn.Module:
+    """A randomly initialised trunk. ``out_stride`` (16 or 32) is a ResNet setting; a ViT's
+    grid always has the patch stride, 16."""
+    if arch in VIT_NAMES:
+        from sslmask.vit import build_vit
+
+        return build_vit(arch)
     if arch not in ARCHS:
-        raise ValueError(f"unknown backbone {arch!r}; choose from {', '.join(ARCHS)}")
+        raise ValueError(f"unknown backbone {arch!r}; choose from {', '.join(BACKBONES)}")
     block, layers, widths = ARCHS[arch]
     return ResNetTrunk(block, layers, widths, out_stride)
 

@@ -16,7 +16,7 @@ import torch
 
 from maskio.atomic import atomic_open
 from maskio.errors import CheckpointError
-from sslmask.backbones import ARCHS, ResNetTrunk, build_backbone
+from sslmask.backbones import ARCHS, Backbone, build_backbone
 
 __all__ = ["CheckpointError", "backbone_state", "infer_arch", "load_backbone", "load_file", "save_atomic"]
 
@@ -85,7 +85,7 @@ HEAD_PREFIXES = ("fc.", "head.")  # classifier / projection heads that live insi
 
 
 def backbone_state(obj: Any, branch: str = "teacher") -> dict[str, torch.Tensor]:
-    """The ResNet trunk's tensors, torchvision-named, from the checkpoint formats in use.
+    """The trunk's tensors (ResNet: torchvision-named; ViT: timm-named), from the checkpoint formats in use.
 
     Accepts an sslmask run checkpoint (the online backbone), DINO's ``{"teacher", "student"}``
     (``branch`` picks one; DINO evaluates the teacher), ``{"state_dict": ...}`` /
@@ -102,10 +102,11 @@ def backbone_state(obj: Any, branch: str = "teacher") -> dict[str, torch.Tensor]
             break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError("not a state_dict of tensors")
-    prefix = next((p for p in TRUNK_PREFIXES if f"{p}conv1.weight" in obj), None)
+    prefix = next((p for p in TRUNK_PREFIXES if f"{p}conv1.weight" in obj or f"{p}cls_token" in obj), None)
     if prefix is None:
         raise CheckpointError(
-            f"no ResNet trunk found (no conv1.weight under {', '.join(repr(p) for p in TRUNK_PREFIXES[:-1])})"
+            "no ResNet or ViT trunk found (no conv1.weight or cls_token under "
+            f"{', '.join(repr(p) for p in TRUNK_PREFIXES[:-1])})"
         )
     out = {}
     for k, v in obj.items():
@@ -117,7 +118,16 @@ def backbone_state(obj: Any, branch: str = "teacher") -> dict[str, torch.Tensor]
 
 
 def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, int]:
-    """``(arch, out_stride)`` of a torchvision-named ResNet state_dict, from its shapes."""
+    """``(arch, out_stride)`` of a torchvision-named ResNet or timm-named ViT state_dict, from its shapes."""
+    if "cls_token" in state:
+        from sslmask.vit import VIT_ARCHS
+
+        width = int(state["cls_token"].shape[-1])
+        depth = len({int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
+        for name, (dim, layers, _) in VIT_ARCHS.items():
+            if (dim, layers) == (width, depth):
+                return name, 16
+        raise CheckpointError(f"ViT with width {width} and {depth} blocks matches no known arch")
     blocks = []
     for i in range(1, 5):
         idx = {int(m.group(1)) for k in state if (m := re.match(rf"layer{i}\.(\d+)\.", k))}
@@ -130,7 +140,7 @@ def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, int]:
     raise CheckpointError(f"backbone with blocks {blocks}, width {width} matches no known arch")
 
 
-def load_backbone(spec: str, arch: str | None = None, out_stride: int | None = None) -> ResNetTrunk:
+def load_backbone(spec: str, arch: str | None = None, out_stride: int | None = None) -> Backbone:
     """A backbone from a run folder, a checkpoint/state_dict file, or ``random`` (with ``arch``)."""
     if spec == "random":
         if not arch:

@@ -1,7 +1,7 @@
 """Optimisers: LARS (BYOL/SimCLR form), SGD and AdamW, with biases and norms kept apart.
 
-Biases and normalisation parameters (every tensor with fewer than 2 dimensions) get no
-weight decay and, under LARS, no trust-ratio adaptation (BYOL, HARL §4.1).
+Biases, normalisation parameters (every tensor with fewer than 2 dimensions) and a ViT's
+position embedding and CLS token get no weight decay and, under LARS, no trust-ratio adaptation (BYOL, HARL §4.1).
 """
 
 from __future__ import annotations
@@ -55,13 +55,27 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+def _no_decay_names(module: nn.Module) -> set[str]:
+    """Parameters a module asks to keep out of weight decay (timm's ``no_weight_decay()``: a
+    ViT's position embedding and CLS token), by their full name inside ``module``."""
+    names: set[str] = set()
+    for prefix, sub in module.named_modules():
+        ask = getattr(sub, "no_weight_decay", None)
+        if callable(ask):
+            names |= {f"{prefix}.{n}" if prefix else n for n in ask()}
+    return names
+
+
 def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
-    """Two groups: weights (decayed, adapted) and biases/norms (``exclude=True``, no decay)."""
+    """Two groups: weights (decayed, adapted) and biases, norms and tokens (``exclude=True``,
+    no decay): every tensor with fewer than 2 dimensions, and what a module lists in its
+    ``no_weight_decay()``."""
     decay, rest = [], []
     for module in modules:
-        for p in module.parameters():
+        skip = _no_decay_names(module)
+        for name, p in module.named_parameters():
             if p.requires_grad:
-                (rest if p.ndim <= 1 else decay).append(p)
+                (rest if p.ndim <= 1 or name in skip else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay, "exclude": False},
         {"params": rest, "weight_decay": 0.0, "exclude": True},

@@ -6,13 +6,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from maskio.records import Records
-from sslmask.backbones import ResNetTrunk, normalize
+from sslmask.backbones import Backbone, normalize
 from sslmask.dataset import EvalDataset
 
 
 @torch.no_grad()
 def extract_features(
-    backbone: ResNetTrunk,
+    backbone: Backbone,
     records: Records,
     image_size: int,
     batch_size: int = 128,
@@ -28,7 +28,7 @@ def extract_features(
     feats, labels = [], []
     for images, y in loader:
         x = normalize(images.to(device, non_blocking=True))
-        feats.append(backbone(x).mean(dim=(2, 3)).float().cpu())
+        feats.append(backbone.pooled(x).float().cpu())
         labels.append(y)
     backbone.train(was_training)
     return torch.cat(feats), torch.cat(labels)

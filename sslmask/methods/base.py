@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from sslmask.backbones import ResNetTrunk
+from sslmask.backbones import Backbone
 from sslmask.optim import param_groups
 from sslmask.transforms import ViewSpec, byol_views
 
@@ -28,7 +28,7 @@ class SSLMethod(nn.Module):
     name: ClassVar[str] = ""
     needs_masks: ClassVar[bool] = False
 
-    def __init__(self, backbone: ResNetTrunk, cfg: dict[str, Any]):
+    def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__()
         self.backbone = backbone
         self.cfg = cfg

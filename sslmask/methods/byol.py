@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sslmask.backbones import ResNetTrunk
+from sslmask.backbones import Backbone
 from sslmask.heads import MLPHead
 from sslmask.losses import embedding_std, regression_loss
 from sslmask.methods.base import SSLMethod
@@ -18,7 +18,7 @@ from sslmask.schedules import cosine_ramp
 class BYOL(SSLMethod):
     name = "byol"
 
-    def __init__(self, backbone: ResNetTrunk, cfg: dict[str, Any]):
+    def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)
         model = cfg["model"]
         dim = backbone.num_features
@@ -51,10 +51,10 @@ class BYOL(SSLMethod):
         p, z_online, z_target = [], [], []
         for v in range(2):
             x = batch[f"view{v}"]
-            pv, zv = self.online_predict(self.backbone(x).mean(dim=(2, 3)))
+            pv, zv = self.online_predict(self.backbone.pooled(x))
             p.append(pv)
             z_online.append(zv)
             with torch.no_grad():
-                z_target.append(self.target_project(self.target_backbone(x).mean(dim=(2, 3))))
+                z_target.append(self.target_project(self.target_backbone.pooled(x)))
         loss = (regression_loss(p[0], z_target[1]) + regression_loss(p[1], z_target[0])).mean()
         return {"loss": loss, "z_std": embedding_std(z_online[0])}

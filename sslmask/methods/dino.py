@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from sslmask import distributed as D
-from sslmask.backbones import ResNetTrunk
+from sslmask.backbones import Backbone
 from sslmask.losses import dino_loss, embedding_std
 from sslmask.methods.base import SSLMethod
 from sslmask.methods.mocov2 import ema_rate
@@ -59,7 +59,7 @@ class DINOHead(nn.Module):
 class DINO(SSLMethod):
     name = "dino"
 
-    def __init__(self, backbone: ResNetTrunk, cfg: dict[str, Any]):
+    def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)
         m, d = cfg["model"], cfg["dino"]
         if d["local_crops"] < 0 or d["out_dim"] < 1 or d["student_temp"] <= 0 or d["teacher_temp"] <= 0:
@@ -95,7 +95,7 @@ class DINO(SSLMethod):
             end = start
             while end < len(crops) and crops[end].shape[-1] == crops[start].shape[-1]:
                 end += 1
-            y = head(backbone(torch.cat(crops[start:end])).mean(dim=(2, 3)))
+            y = head(backbone.pooled(torch.cat(crops[start:end])))
             out += list(y.chunk(end - start))
             start = end
         return out

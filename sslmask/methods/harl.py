@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from sslmask.backbones import ResNetTrunk
+from sslmask.backbones import Backbone
 from sslmask.losses import embedding_std, harl_hybrid_loss, harl_mask_loss, regression_loss
 from sslmask.methods.byol import BYOL
 from sslmask.pooling import DOWNSAMPLE_MODES, POOL_NORMS, downsample_mask, masked_average_pool
@@ -32,7 +32,7 @@ class HARL(BYOL):
     name = "harl"
     needs_masks = True
 
-    def __init__(self, backbone: ResNetTrunk, cfg: dict[str, Any]):
+    def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)
         h = cfg["harl"]
         if h["loss"] not in LOSS_MODES:
@@ -62,15 +62,16 @@ class HARL(BYOL):
         return alpha, lam
 
     def _pool(
-        self, fmap: torch.Tensor, mask: torch.Tensor
+        self, backbone, x: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h_f, h_b on the feature grid; h_g the backbone's pooled feature (ResNet: GAP; ViT: CLS)."""
+        cls, fmap = backbone.features(x) if hasattr(backbone, "cls_token") else (None, backbone(x))
         m = downsample_mask(mask, fmap.shape[-2:], self.h["mask_mode"])
         norm = self.h["pool_norm"]
-        return (
-            masked_average_pool(fmap, m, norm),
-            masked_average_pool(fmap, 1 - m, norm),
-            fmap.mean(dim=(2, 3)),
-        )
+        fg, bg = masked_average_pool(fmap, m, norm), masked_average_pool(fmap, 1 - m, norm)
+        # a ResNet's GAP is taken after the masked pools: the order in which their gradients
+        # add up on the grid then stays the one HARL's weights are pinned with
+        return fg, bg, cls if cls is not None else fmap.mean(dim=(2, 3))
 
     def forward(self, batch: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, torch.Tensor]:
         alpha, lam = self.coefficients(step, total_steps)
@@ -78,10 +79,10 @@ class HARL(BYOL):
         for v in range(2):
             x, mask = batch[f"view{v}"], batch[f"mask{v}"]
             fg_frac.append(mask.float().mean(dim=(1, 2, 3)))
-            pooled = self._pool(self.backbone(x), mask)
+            pooled = self._pool(self.backbone, x, mask)
             online.append([self.online_predict(t) for t in pooled])  # [(p, z)] for fg, bg, global
             with torch.no_grad():
-                target.append([self.target_project(t) for t in self._pool(self.target_backbone(x), mask)])
+                target.append([self.target_project(t) for t in self._pool(self.target_backbone, x, mask)])
         ok = torch.ones_like(fg_frac[0], dtype=torch.bool)
         for f in fg_frac:
             ok &= (f >= self.h["fallback_min"]) & (f <= self.h["fallback_max"])

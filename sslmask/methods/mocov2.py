@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslmask import distributed as D
-from sslmask.backbones import ResNetTrunk
+from sslmask.backbones import Backbone
 from sslmask.losses import embedding_std, info_nce
 from sslmask.methods.base import SSLMethod
 from sslmask.momentum import MomentumPairs, frozen_copy
@@ -45,7 +45,7 @@ def shuffle_perm(n: int, seed: int, step: int, device: torch.device) -> torch.Te
 class MoCoV2(SSLMethod):
     name = "mocov2"
 
-    def __init__(self, backbone: ResNetTrunk, cfg: dict[str, Any]):
+    def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)
         m, c = cfg["model"], cfg["mocov2"]
         self.projector = moco_mlp(backbone.num_features, m["proj_hidden"], m["proj_dim"])
@@ -74,18 +74,18 @@ class MoCoV2(SSLMethod):
         """L2-normalised keys of this process's images, with shuffled BatchNorm under DDP."""
         world = D._world()
         if world == 1:
-            return F.normalize(self.key_projector(self.key_backbone(x).mean(dim=(2, 3))), dim=1)
+            return F.normalize(self.key_projector(self.key_backbone.pooled(x)), dim=1)
         everything = D.all_gather(x)
         perm = shuffle_perm(everything.shape[0], self.cfg["train"]["seed"], step, x.device)
         rank, n = torch.distributed.get_rank(), x.shape[0]
         mine = everything[perm[rank * n : (rank + 1) * n]]
-        k = F.normalize(self.key_projector(self.key_backbone(mine).mean(dim=(2, 3))), dim=1)
+        k = F.normalize(self.key_projector(self.key_backbone.pooled(mine)), dim=1)
         k_all = torch.empty_like(D.all_gather(k))
         k_all[perm] = D.all_gather(k)  # undo the shuffle
         return k_all[rank * n : (rank + 1) * n]
 
     def forward(self, batch: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, torch.Tensor]:
-        q = F.normalize(self.projector(self.backbone(batch["view0"]).mean(dim=(2, 3))), dim=1)
+        q = F.normalize(self.projector(self.backbone.pooled(batch["view0"])), dim=1)
         k = self.keys(batch["view1"], step)
         loss = info_nce(q, k, self.queue, self.cfg["mocov2"]["temperature"]).mean()
         self._pending = k.detach()

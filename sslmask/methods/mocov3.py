@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sslmask import distributed as D
-from sslmask.backbones import ResNetTrunk
+from sslmask.backbones import Backbone
 from sslmask.losses import embedding_std, moco_v3_loss
 from sslmask.methods.base import SSLMethod
 from sslmask.methods.mocov2 import ema_rate
@@ -38,7 +38,7 @@ def mlp(in_dim: int, hidden: int, out_dim: int, layers: int, last_bn: bool) -> n
 class MoCoV3(SSLMethod):
     name = "mocov3"
 
-    def __init__(self, backbone: ResNetTrunk, cfg: dict[str, Any]):
+    def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)
         m = cfg["model"]
         if cfg["mocov3"]["temperature"] <= 0:
@@ -54,12 +54,9 @@ class MoCoV3(SSLMethod):
 
     def forward(self, batch: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, torch.Tensor]:
         tau = self.cfg["mocov3"]["temperature"]
-        q = [
-            self.predictor(self.projector(self.backbone(batch[f"view{v}"]).mean(dim=(2, 3))))
-            for v in range(2)
-        ]
+        q = [self.predictor(self.projector(self.backbone.pooled(batch[f"view{v}"]))) for v in range(2)]
         with torch.no_grad():
-            k = [self.key_projector(self.key_backbone(batch[f"view{v}"]).mean(dim=(2, 3))) for v in range(2)]
+            k = [self.key_projector(self.key_backbone.pooled(batch[f"view{v}"])) for v in range(2)]
         rank = torch.distributed.get_rank() if D._world() > 1 else 0
         offset = rank * q[0].shape[0]
         loss = moco_v3_loss(q[0], D.all_gather(k[1]), tau, offset) + moco_v3_loss(

@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 
 from maskio.atomic import atomic_open
-from sslmask.backbones import ResNetTrunk, build_backbone, normalize
+from sslmask.backbones import Backbone, build_backbone, normalize
 
 HEAD_FORMAT = "maskgen-deep-head/1"
 
@@ -66,7 +66,7 @@ class ASPPHead(nn.Module):
 
 
 class SaliencyNet(nn.Module):
-    def __init__(self, backbone: ResNetTrunk, decoder: str = "linear"):
+    def __init__(self, backbone: Backbone, decoder: str = "linear"):
         super().__init__()
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")

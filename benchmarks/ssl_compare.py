@@ -1,9 +1,10 @@
-"""BYOL vs HARL vs a random-initialised backbone at equal budget: k-NN and linear accuracy.
+"""Every method vs a random-initialised backbone at equal budget: k-NN and linear accuracy.
 
     python benchmarks/ssl_compare.py --train out/demo --val out/demo-val --seeds 0 1 2 \\
         [--config cpu-demo] [--set train.epochs=20 ...] [--image-size 96] [--out runs/compare]
 
-Trains each method once per seed with the same config (only `method` differs), evaluates the
+Trains each method once per seed with the same config (only `method` differs; a --set for
+another method's own section, e.g. dino.out_dim, applies to that method only), evaluates the
 online backbone with `sslmask eval`'s k-NN (k = 20, T = 0.07) and linear probe on the held-out
 set, and prints per-seed numbers and medians. --val may be a class-folder tree (Imagenette).
 """
@@ -22,6 +23,8 @@ from sslmask.eval.features import labelled_features
 from sslmask.eval.knn import knn_eval
 from sslmask.eval.linear import linear_probe
 
+SHARED = ("data", "model", "optim", "ema", "train", "monitor")  # sections every method has
+
 
 def evaluate(checkpoint: str, arch: str, train_spec, val_spec, size: int, seed: int) -> dict[str, float]:
     ftr, ytr, fva, yva = labelled_features(checkpoint, arch, train_spec, val_spec, size, seed=seed)
@@ -39,7 +42,7 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--image-size", type=int, default=96)
-    ap.add_argument("--methods", nargs="+", default=["byol", "harl"])
+    ap.add_argument("--methods", nargs="+", default=["byol", "harl", "dino", "mocov2", "mocov3"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="ssl_compare_"))
@@ -48,7 +51,8 @@ def main() -> None:
     for seed in args.seeds:
         arch = None
         for method in args.methods:
-            cfg = load_config(method, args.config, [*args.overrides, f"train.seed={seed}"])
+            mine = [o for o in args.overrides if o.split(".")[0] in SHARED or o.split(".")[0] == method]
+            cfg = load_config(method, args.config, [*mine, f"train.seed={seed}"])
             arch = cfg["model"]["arch"]
             run = out / f"{method}-seed{seed}"
             train(args.train, cfg, run, resume=True)

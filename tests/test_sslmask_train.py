@@ -266,9 +266,12 @@ def test_torchrun_training_run(sample_build, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     cmd = [*torchrun, "-m", "sslmask.cli", "train", str(sample_build), "--method", "harl", "--out", str(run), *TINY,
-           "--set", "data.batch_size=4", "--set", "train.epochs=2"]  # fmt: skip
+           "--set", "data.batch_size=4", "--set", "train.epochs=2", "--set", "monitor.knn_every=1"]  # fmt: skip
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     log = _log(run)
     assert [r["step"] for r in log] == list(range(1, 11))  # global batch 8: 5 steps per epoch
+    # the k-NN monitor: each rank embedded half the samples, rank 0 logged the result
+    assert [r["epoch"] for r in _log(run, "monitor")] == [0, 1]
+    assert all(0 <= r["knn_top1"] <= 100 for r in _log(run, "monitor"))
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 10

@@ -47,8 +47,10 @@ def test_bad_overlay_files(tmp_path):
     (tmp_path / "other.yaml").write_text("method: harl\n")
     with pytest.raises(ConfigError, match="is for method 'harl', not 'byol'"):
         load_config("byol", str(tmp_path / "other.yaml"))
-    with pytest.raises(ConfigError, match="unknown method 'dino'"):
-        load_config("dino")
+    with pytest.raises(ConfigError, match="unknown method 'simclr'"):
+        load_config("simclr")
+    with pytest.raises(ConfigError, match="unknown method 'base'"):
+        load_config("base")  # what methods extend is not a method
 
 
 def test_diff_lists_changed_keys():

@@ -181,10 +181,10 @@ def test_common_checkpoint_formats_load_the_same_weights(tmp_path, fmt):
         assert torch.equal(v, sd[k]), k
 
 
-def test_a_checkpoint_without_a_resnet_trunk_is_a_clear_error(tmp_path):
-    torch.save({"state_dict": {"encoder.layer.0.weight": torch.zeros(2)}}, tmp_path / "vit.pt")
-    with pytest.raises(CheckpointError, match="vit.pt: no ResNet trunk found"):
-        load_backbone(str(tmp_path / "vit.pt"))
+def test_a_checkpoint_without_a_known_trunk_is_a_clear_error(tmp_path):
+    torch.save({"state_dict": {"encoder.layer.0.weight": torch.zeros(2)}}, tmp_path / "bert.pt")
+    with pytest.raises(CheckpointError, match="bert.pt: no ResNet or ViT trunk found"):
+        load_backbone(str(tmp_path / "bert.pt"))
     (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match="bad.safetensors: not a loadable safetensors file"):
         load_backbone(str(tmp_path / "bad.safetensors"))

@@ -11,8 +11,10 @@ Order of writes, so that a crash at any moment leaves a resumable folder:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -44,6 +46,7 @@ from maskio.shard_format import (
 )
 
 MANIFEST_FORMAT = "maskgen-build-v1"
+LOCK = ".lock"  # held by the build writing OUT
 OUTPUT_NAMES = (MANIFEST, INDEX, REPORT_JSON, REPORT_HTML, ERRORS)
 
 
@@ -175,7 +178,7 @@ def _prepare_out(out: Path, plan: Plan, overwrite: bool) -> None:
                 f"--out {out}: holds a build with other inputs or options; "
                 "use --overwrite to replace it or choose another --out"
             )
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(p.name != LOCK for p in out.iterdir()):
         raise BuildError(f"--out {out}: not empty and not a maskgen build; choose another folder")
     (out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out / SHARDS_DIR)
@@ -285,11 +288,48 @@ def run_build(opts: BuildOptions, stream: TextIO | None = None) -> dict[str, Any
     stream = stream or sys.stderr
     plan = make_plan(opts)
     out = Path(opts.out)
-    done = set() if opts.overwrite else completed_shards(out, plan.fingerprint, len(plan.jobs))
     if opts.dry_run:
-        describe_plan(plan, done, opts, sys.stdout)
+        describe_plan(plan, completed_shards(out, plan.fingerprint, len(plan.jobs)), opts, sys.stdout)
         return {}
+    with build_lock(out):
+        return _run_locked(plan, opts, out, stream)
+
+
+def build_lock(out: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold ``OUT/.lock`` exclusively for the whole build (``flock``: the OS releases it when the
+    process dies, so a killed build never leaves it held). A second build of the same OUT stops
+    with one line naming the first one's process."""
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"--out {out}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise BuildError(f"--out {out}: cannot create the build folder ({exc.strerror or exc})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise BuildError(f"--out {out}: another maskgen build (pid {holder}) is writing here; "
+                         "wait for it to finish, then re-run to resume") from None  # fmt: skip
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+    @contextlib.contextmanager
+    def held():
+        try:
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    return held()
+
+
+def _run_locked(plan: Plan, opts: BuildOptions, out: Path, stream: TextIO) -> dict[str, Any]:
+    """The build proper, under the OUT lock: nothing another build wrote can change under it."""
     _prepare_out(out, plan, opts.overwrite)
+    done = set() if opts.overwrite else completed_shards(out, plan.fingerprint, len(plan.jobs))
     old_manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).exists() else None
     manifest = _manifest(plan, opts, old_manifest)
     write_json(out / MANIFEST, manifest)

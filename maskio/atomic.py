@@ -59,12 +59,30 @@ def write_json(final: str | os.PathLike, obj: Any) -> None:
         f.write("\n")
 
 
+def _writer_alive(name: str) -> bool:
+    """Whether the process that named this temporary (``...tmp-PID-xxxx``) still runs here."""
+    try:
+        pid = int(name.rsplit(TMP_MARK, 1)[1].split("-", 1)[0])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def remove_stale_temps(folder: Path) -> int:
-    """Delete temporaries left by killed writers (call only when no writer is running)."""
+    """Delete temporaries left by killed writers: those whose process no longer runs on this
+    machine (a live writer's temp is kept, so a concurrent writer is never robbed)."""
     n = 0
     if folder.is_dir():
         for p in folder.iterdir():
-            if p.name.startswith(".") and TMP_MARK in p.name:
+            if p.name.startswith(".") and TMP_MARK in p.name and not _writer_alive(p.name):
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
                     n += 1

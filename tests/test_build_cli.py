@@ -277,3 +277,36 @@ def test_a_method_failing_on_one_image_costs_that_image_only(tmp_path, monkeypat
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert [(e["path"], e["stage"], e["reason"]) for e in errors] == [("1.png", "method", "RuntimeError")]
     assert json.loads((out / "report.json").read_text())["n_images"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_a_second_build_of_the_same_out_stops_with_one_line_and_loses_nothing(tmp_path, executor):
+    """Two builds into one OUT: the second exits with one line naming the first's PID, the
+    first finishes with a complete record that eval and inspect accept."""
+    import os
+    import time
+
+    out = tmp_path / "out"
+    args = ["build", "--source", "sample", "--sample-size", "24", "--no-photos", "--method", "drfi",
+            "--shard-size", "8", "--out", str(out), "--no-progress", "--executor", executor, "--workers", "1"]  # fmt: skip
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    first = subprocess.Popen(maskgen_cmd(*args), stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "manifest.json").exists():
+        time.sleep(0.05)
+    assert first.poll() is None, "the first build ended before the second started"
+    second = subprocess.run(maskgen_cmd(*args), capture_output=True, text=True, env=env, timeout=120)
+    assert second.returncode == 1
+    assert second.stderr.strip().splitlines() == [
+        f"maskgen: error: --out {out}: another maskgen build (pid {first.pid}) is writing here; "
+        "wait for it to finish, then re-run to resume"
+    ]
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["n_samples"] == 24 and len(manifest["runs"]) == 1
+    assert not [p.name for p in (out / "shards").iterdir() if p.name.startswith(".")]
+    assert main(["eval", str(out)]) == 0
+    again = subprocess.run(maskgen_cmd(*args), capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr  # the lock went with the first process

@@ -73,3 +73,20 @@ def test_atomic_files_get_the_umask_not_0600(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_stale_temps_of_dead_writers_go_and_a_live_writers_stay(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    names = {
+        "live": f".a.tar{atomic.TMP_MARK}{os.getppid()}-0000aaaa",  # another running process
+        "dead": f".b.tar{atomic.TMP_MARK}{dead.pid}-0000bbbb",
+        "odd": f".c.tar{atomic.TMP_MARK}notapid",
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"x")
+    assert atomic.remove_stale_temps(tmp_path) == 2
+    assert [p.name for p in tmp_path.iterdir()] == [names["live"]]

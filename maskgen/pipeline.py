@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -295,7 +296,8 @@ def run_build(opts: BuildOptions, stream: TextIO | None = None) -> dict[str, Any
         return _run_locked(plan, opts, out, stream)
 
 
-def build_lock(out: Path) -> contextlib.AbstractContextManager[None]:
+@contextlib.contextmanager
+def build_lock(out: Path) -> Iterator[None]:
     """Hold ``OUT/.lock`` exclusively for the whole build (``flock``: the OS releases it when the
     process dies, so a killed build never leaves it held). A second build of the same OUT stops
     with one line naming the first one's process."""
@@ -307,23 +309,17 @@ def build_lock(out: Path) -> contextlib.AbstractContextManager[None]:
     except OSError as exc:
         raise BuildError(f"--out {out}: cannot create the build folder ({exc.strerror or exc})") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise BuildError(f"--out {out}: another maskgen build (pid {holder}) is writing here; "
-                         "wait for it to finish, then re-run to resume") from None  # fmt: skip
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-
-    @contextlib.contextmanager
-    def held():
         try:
-            yield
-        finally:
-            os.close(fd)  # releases the lock
-
-    return held()
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise BuildError(f"--out {out}: another maskgen build (pid {holder}) is writing here; "
+                             "wait for it to finish, then re-run to resume") from None  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _run_locked(plan: Plan, opts: BuildOptions, out: Path, stream: TextIO) -> dict[str, Any]:

@@ -47,17 +47,22 @@ def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float
     return {k: float(v) / info.world_size for k, v in zip(keys, t.tolist(), strict=True)}
 
 
-def _world() -> int:
+def world_size() -> int:
+    """Processes in the group (1 when not distributed): what methods ask, without a DistInfo."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if world_size() > 1 else 0
 
 
 @torch.no_grad()
 def all_gather(t: torch.Tensor) -> torch.Tensor:
     """``t`` of every process concatenated along dim 0, in rank order (no gradient; the same
     shape on every rank). Alone, ``t`` itself: methods call it without knowing the world."""
-    if _world() == 1:
+    if world_size() == 1:
         return t
-    out = [torch.empty_like(t) for _ in range(_world())]
+    out = [torch.empty_like(t) for _ in range(world_size())]
     dist.all_gather(out, t.contiguous())
     return torch.cat(out)
 

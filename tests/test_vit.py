@@ -55,7 +55,7 @@ def test_position_embedding_and_cls_token_get_no_weight_decay():
     vit = build_backbone("vit_micro")
     decay, rest = param_groups([vit], 0.1)
     names = {id(p): n for n, p in vit.named_parameters()}
-    no_decay = {names[id(p)] for p in rest["params"]} if isinstance(rest, dict) else set()
+    no_decay = {names[id(p)] for p in rest["params"]}
     assert {"cls_token", "pos_embed", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"} <= no_decay
     assert "blocks.0.attn.qkv.weight" in {names[id(p)] for p in decay["params"]}
 

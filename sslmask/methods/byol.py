@@ -11,8 +11,7 @@ from sslmask.backbones import Backbone
 from sslmask.heads import MLPHead
 from sslmask.losses import embedding_std, regression_loss
 from sslmask.methods.base import SSLMethod
-from sslmask.momentum import MomentumPairs, frozen_copy
-from sslmask.schedules import cosine_ramp
+from sslmask.momentum import MomentumPairs, ema_rate, frozen_copy
 
 
 class BYOL(SSLMethod):
@@ -34,8 +33,8 @@ class BYOL(SSLMethod):
         return [self.backbone, self.projector, self.predictor]
 
     def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
-        """EMA of the target, tau from ``ema.tau_base`` up to 1 (cosine)."""
-        tau = cosine_ramp(self.cfg["ema"]["tau_base"], step, total_steps)
+        """EMA of the target at ``ema.tau_base``, by default rising to 1 (cosine; ``ema.schedule``)."""
+        tau = ema_rate(self.cfg, step, total_steps)
         self.ema.update(tau)
         return {"tau": tau}
 

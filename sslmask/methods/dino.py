@@ -24,8 +24,7 @@ from sslmask import distributed as D
 from sslmask.backbones import Backbone
 from sslmask.losses import dino_loss, embedding_std
 from sslmask.methods.base import SSLMethod
-from sslmask.methods.mocov2 import ema_rate
-from sslmask.momentum import MomentumPairs, frozen_copy
+from sslmask.momentum import MomentumPairs, ema_rate, frozen_copy
 from sslmask.schedules import linear_warmup
 from sslmask.transforms import ViewSpec, multi_crop_views
 
@@ -125,9 +124,9 @@ class DINO(SSLMethod):
         self.ema.update(tau)
         if self._batch_center is not None:
             center = self._batch_center
-            if D._world() > 1:
+            if D.world_size() > 1:
                 dist.all_reduce(center)
-                center = center / D._world()
+                center = center / D.world_size()
             m = self.cfg["dino"]["center_momentum"]
             self.center.mul_(m).add_(center, alpha=1 - m)
             self._batch_center = None

@@ -20,20 +20,13 @@ from sslmask import distributed as D
 from sslmask.backbones import Backbone
 from sslmask.losses import embedding_std, info_nce
 from sslmask.methods.base import SSLMethod
-from sslmask.momentum import MomentumPairs, frozen_copy
-from sslmask.schedules import cosine_ramp
+from sslmask.momentum import MomentumPairs, ema_rate, frozen_copy
 from sslmask.transforms import ViewSpec, moco_v2_views
 
 
 def moco_mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     """MoCo v2's projector: Linear-ReLU-Linear (no BatchNorm)."""
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
-
-
-def ema_rate(cfg: dict[str, Any], step: int, total: int) -> float:
-    """``ema.tau_base``, constant or cosine up to 1 (``ema.schedule``)."""
-    ema = cfg["ema"]
-    return cosine_ramp(ema["tau_base"], step, total) if ema["schedule"] == "cosine" else ema["tau_base"]
 
 
 def shuffle_perm(n: int, seed: int, step: int, device: torch.device) -> torch.Tensor:
@@ -72,17 +65,16 @@ class MoCoV2(SSLMethod):
     @torch.no_grad()
     def keys(self, x: torch.Tensor, step: int) -> torch.Tensor:
         """L2-normalised keys of this process's images, with shuffled BatchNorm under DDP."""
-        world = D._world()
-        if world == 1:
+        if D.world_size() == 1:
             return F.normalize(self.key_projector(self.key_backbone.pooled(x)), dim=1)
         everything = D.all_gather(x)
         perm = shuffle_perm(everything.shape[0], self.cfg["train"]["seed"], step, x.device)
-        rank, n = torch.distributed.get_rank(), x.shape[0]
+        rank, n = D.rank(), x.shape[0]
         mine = everything[perm[rank * n : (rank + 1) * n]]
-        k = F.normalize(self.key_projector(self.key_backbone.pooled(mine)), dim=1)
-        k_all = torch.empty_like(D.all_gather(k))
-        k_all[perm] = D.all_gather(k)  # undo the shuffle
-        return k_all[rank * n : (rank + 1) * n]
+        shuffled = D.all_gather(F.normalize(self.key_projector(self.key_backbone.pooled(mine)), dim=1))
+        keys = torch.empty_like(shuffled)
+        keys[perm] = shuffled  # undo the shuffle
+        return keys[rank * n : (rank + 1) * n]
 
     def forward(self, batch: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, torch.Tensor]:
         q = F.normalize(self.projector(self.backbone.pooled(batch["view0"])), dim=1)

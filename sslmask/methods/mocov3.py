@@ -18,8 +18,7 @@ from sslmask import distributed as D
 from sslmask.backbones import Backbone
 from sslmask.losses import embedding_std, moco_v3_loss
 from sslmask.methods.base import SSLMethod
-from sslmask.methods.mocov2 import ema_rate
-from sslmask.momentum import MomentumPairs, frozen_copy
+from sslmask.momentum import MomentumPairs, ema_rate, frozen_copy
 
 
 def mlp(in_dim: int, hidden: int, out_dim: int, layers: int, last_bn: bool) -> nn.Sequential:
@@ -57,8 +56,7 @@ class MoCoV3(SSLMethod):
         q = [self.predictor(self.projector(self.backbone.pooled(batch[f"view{v}"]))) for v in range(2)]
         with torch.no_grad():
             k = [self.key_projector(self.key_backbone.pooled(batch[f"view{v}"])) for v in range(2)]
-        rank = torch.distributed.get_rank() if D._world() > 1 else 0
-        offset = rank * q[0].shape[0]
+        offset = D.rank() * q[0].shape[0]
         loss = moco_v3_loss(q[0], D.all_gather(k[1]), tau, offset) + moco_v3_loss(
             q[1], D.all_gather(k[0]), tau, offset
         )

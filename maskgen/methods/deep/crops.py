@@ -8,8 +8,6 @@ the same crops whatever the number of DataLoader workers.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import torch
 from PIL import Image
@@ -19,6 +17,7 @@ from torchvision.transforms import v2
 
 from maskio.errors import ShardError
 from maskio.records import FileReader, Records, decode_rgb
+from maskio.shard_format import decode_mask_png
 
 
 def crop_transform(size: int, min_scale: float = 0.3) -> v2.Compose:
@@ -54,8 +53,7 @@ class TeacherCrops(Dataset):
     def mask(self, index: int) -> np.ndarray:
         """The teacher's mask as a bool array."""
         assert self.records.mask is not None
-        with Image.open(io.BytesIO(self.reader.read(*self.records.mask[index]))) as im:
-            return np.asarray(im.convert("L")) > 127
+        return decode_mask_png(self.reader.read(*self.records.mask[index]))
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, index = item

@@ -15,7 +15,7 @@ from maskgen.pipeline import BuildError, BuildOptions, run_build
 from maskgen.recipe import RecipeError
 from maskgen.sources import SOURCES, SourceError
 from maskgen.sources.sample import DEFAULT_LABELS, DEFAULT_SAMPLE_SIZE, LABELINGS
-from maskio.errors import CheckpointError, KeyValueError, ShardError
+from maskio.errors import CheckpointError, KeyValueError, ShardError, describe_os_error
 from maskio.keyvalue import parse_pairs
 
 # Which source uses which option; anything else given with that source is an error.
@@ -89,7 +89,7 @@ def source_options(f):
         click.option("--class-folders", is_flag=True, help="First sub-folder is the class label (folder)."),
         click.option(
             "--sample-size",
-            type=int,
+            type=click.IntRange(min=1),
             help=f"Synthetic scenes in the sample source. [default: {DEFAULT_SAMPLE_SIZE}]",
         ),
         click.option(
@@ -153,22 +153,30 @@ def cli() -> None:
               help="For empty (<1%) or full (>99%) masks: use the centre-prior mask, or keep and flag.")  # fmt: skip
 @click.option("--save-saliency", is_flag=True, help="Also store the soft map as KEY.sal.png.")
 @click.option("--out", required=True, type=str, help="Output folder.")
-@click.option("--shard-size", type=int, default=1000, help="Images per shard.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1000, help="Images per shard.")
 @click.option(
-    "--workers", type=int, default=2, help="Local Ray workers (in-flight tasks with --ray-address)."
+    "--workers",
+    type=click.IntRange(min=1),
+    default=2,
+    help="Local Ray workers (in-flight tasks with --ray-address).",
 )
 @click.option(
     "--ray-address", type=str, help="Run on an existing Ray cluster (ADDR:PORT); OUT must be shared storage."
 )
 @click.option("--executor", type=click.Choice(["ray", "local"]), default="ray",
               help="'local' runs shards one by one in this process (debugging).")  # fmt: skip
-@click.option("--limit", type=int, help="Use only the first N images (sorted order).")
+@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N images (sorted order).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing build in OUT and start over.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and what is already done; write nothing.")
 @click.option("--image-format", type=click.Choice(["keep", "jpg", "none"]), default="keep",
               help="keep: original JPEG bytes when possible; jpg: always re-encode; none: masks only.")  # fmt: skip
 @click.option("--seed", type=int, default=0, help="Seed for every random choice (sample scenes, methods).")
-@click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="Decompression-bomb limit (pixels).")
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_PIXELS,
+    help="Decompression-bomb limit (pixels).",
+)
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def build(**kw: Any) -> None:
     """Generate masks for every image of a source and write WebDataset shards plus a report."""
@@ -193,8 +201,6 @@ def build(**kw: Any) -> None:
         max_pixels=kw["max_pixels"],
         progress=kw["progress"],
     )
-    if opts.workers < 1:
-        raise click.UsageError(f"--workers must be >= 1, got {opts.workers}")
     run_build(opts)
 
 
@@ -224,7 +230,10 @@ def drfi() -> None:
 @click.option("--levels", type=click.Choice(["harl", "multi", "drfi15"]), default="multi",
               help="Segmentation levels the training regions come from.")  # fmt: skip
 @click.option(
-    "--rounds", type=int, default=1, help="Self-training rounds after the first fit (pseudo labels)."
+    "--rounds",
+    type=click.IntRange(min=0),
+    default=1,
+    help="Self-training rounds after the first fit (pseudo labels).",
 )
 @click.option("--round-labels", type=click.Choice(["boundary", "masks"]), default="boundary",
               help="How self-training rounds re-label: the boundary rule on the forest's scores, or the "
@@ -234,8 +243,8 @@ def drfi() -> None:
                    "(boundary connectivity, manifold ranking).")  # fmt: skip
 @click.option("--info", "info", multiple=True, metavar="KEY=VALUE",
               help="Provenance stored in the model's metadata (e.g. data=..., licence=...).")  # fmt: skip
-@click.option("--limit", type=int, help="Use only the first N images.")
-@click.option("--trees", type=int, default=200, help="Trees in the forest.")
+@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N images.")
+@click.option("--trees", type=click.IntRange(min=1), default=200, help="Trees in the forest.")
 @click.option("--min-leaf", type=click.IntRange(min=1), default=5,
               help="Fewest training regions in a leaf: larger makes a smaller, faster forest.")  # fmt: skip
 @click.option("--jobs", type=int, default=1,
@@ -290,9 +299,14 @@ def deep() -> None:
     "--out-stride", type=click.Choice(["32", "16"]), default="32", help="16 dilates the last stage."
 )
 @click.option("--out", required=True, type=str, help="Head file to write (.safetensors).")
-@click.option("--epochs", type=int, default=10)
-@click.option("--batch-size", type=int, default=32)
-@click.option("--short-side", type=int, default=224, help="Training crop size and inference short side.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32)
+@click.option(
+    "--short-side",
+    type=click.IntRange(min=16),
+    default=224,
+    help="Training crop size and inference short side.",
+)
 @click.option("--lr", type=float, default=1e-3)
 @click.option(
     "--finetune",
@@ -309,7 +323,7 @@ def deep() -> None:
 @click.option("--gt", type=str, help="Ground-truth masks for validation (default: the build's own source's).")
 @click.option(
     "--rounds",
-    type=int,
+    type=click.IntRange(min=0),
     default=0,
     help="Self-training rounds: re-label the training images with the student, train again.",
 )
@@ -321,7 +335,7 @@ def deep() -> None:
 )
 @click.option("--info", "info", multiple=True, metavar="KEY=VALUE",
               help="Provenance stored in the head's metadata (e.g. teacher=..., data=...).")  # fmt: skip
-@click.option("--workers", type=int, default=2, help="DataLoader workers.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, help="DataLoader workers.")
 @click.option("--seed", type=int, default=0)
 def deep_fit(**kw: Any) -> None:
     """Train the 1x1-conv saliency head (frozen backbone by default) with class-balanced BCE."""
@@ -366,7 +380,12 @@ def pipeline_cmd(recipe: str, variables: tuple[str, ...], force: tuple[str, ...]
 @click.option("--license", "license_id", help="Card licence id (default: from the source; ImageNet: other).")
 @click.option("--dry-run", is_flag=True, help="Stage and validate the exact folder; upload nothing.")
 @click.option("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or huggingface.co).")
-@click.option("--files-per-commit", type=int, default=50, help="Files per commit (resume granularity).")
+@click.option(
+    "--files-per-commit",
+    type=click.IntRange(min=1),
+    default=50,
+    help="Files per commit (resume granularity).",
+)
 def publish_cmd(
     out, repo, private, masks_only, revision, license_id, dry_run, endpoint, files_per_commit
 ) -> None:
@@ -417,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except (BuildError, SourceError, ModelError, RecipeError, ShardError, CheckpointError) as exc:
         click.echo(f"{prog}: error: {exc}", err=True)
+        return 1
+    except OSError as exc:  # a full disk, an unwritable --out, a vanished file
+        click.echo(f"{prog}: error: {describe_os_error(exc)}", err=True)
         return 1
     except KeyboardInterrupt:
         click.echo(

@@ -21,6 +21,7 @@ from maskgen.pipeline import BuildError
 from maskgen.report import aggregate, throughput, write_build_outputs
 from maskgen.sources import SourceError
 from maskgen.worker import N_EXTREMES, push_extremes
+from maskio.errors import ShardFormatError
 from maskio.shard_format import (
     FIELD_MASK,
     FIELD_META,
@@ -30,6 +31,7 @@ from maskio.shard_format import (
     decode_gray_png,
     decode_mask_png,
     decode_meta,
+    in_sample,
     iter_tar_samples,
     shard_name,
 )
@@ -59,15 +61,19 @@ def evaluate_build(out: str | os.PathLike, gt_dir: str | None = None) -> dict[st
         shard_best: list[tuple[float, str]] = []  # per shard, exactly as the build keeps them
         shard_worst: list[tuple[float, str]] = []
         fields_wanted = {FIELD_MASK, FIELD_SALIENCY, FIELD_META}
-        for key, fields in iter_tar_samples(out / SHARDS_DIR / shard_name(i), fields_wanted):
-            meta = decode_meta(fields[FIELD_META])
-            gt = gt_of(meta["path"])
-            if gt is None:
-                continue
-            mask = decode_mask_png(fields[FIELD_MASK])
-            has_sal = FIELD_SALIENCY in fields
+        shard = out / SHARDS_DIR / shard_name(i)
+        for key, fields in iter_tar_samples(shard, fields_wanted):
+            with in_sample(shard, key):
+                if FIELD_META not in fields or FIELD_MASK not in fields:
+                    raise ShardFormatError(f"no {FIELD_META if FIELD_META not in fields else FIELD_MASK}")
+                meta = decode_meta(fields[FIELD_META])
+                gt = gt_of(meta.get("path") or "")
+                if gt is None:
+                    continue
+                mask = decode_mask_png(fields[FIELD_MASK])
+                has_sal = FIELD_SALIENCY in fields
+                soft = decode_gray_png(fields[FIELD_SALIENCY]) if has_sal else mask.astype(np.uint8) * 255
             used_saliency = has_sal if used_saliency is None else used_saliency and has_sal
-            soft = decode_gray_png(fields[FIELD_SALIENCY]) if has_sal else mask.astype(np.uint8) * 255
             push_extremes(shard_best, shard_worst, sums.add(mask, soft, fit_to_shape(gt, mask.shape)), key)
         kept = shard_best + [(-v, k) for v, k in shard_worst]
         agg.shard_of_key.update((k, i) for _, k in kept)

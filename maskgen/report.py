@@ -22,6 +22,7 @@ from maskgen.groundtruth import GroundTruthLookup, safe_lookup
 from maskgen.metrics import MetricSums
 from maskgen.worker import N_EXTREMES
 from maskio.atomic import atomic_open, write_json
+from maskio.errors import ShardFormatError
 from maskio.shard_format import (
     ERRORS,
     FIELD_IMAGE,
@@ -33,6 +34,7 @@ from maskio.shard_format import (
     SHARDS_DIR,
     decode_mask_png,
     decode_meta,
+    in_sample,
     iter_tar_samples,
     shard_name,
     stats_name,
@@ -193,10 +195,15 @@ def _outline(m: np.ndarray) -> np.ndarray:
 
 def _thumbnail(fields: dict[str, bytes], gt: np.ndarray | None = None) -> str:
     """Image with the mask in red (outline yellow) and the ground truth's outline in green."""
+    if FIELD_MASK not in fields:
+        raise ShardFormatError(f"no {FIELD_MASK}")
     mask = decode_mask_png(fields[FIELD_MASK])
     if FIELD_IMAGE in fields:
-        with Image.open(io.BytesIO(fields[FIELD_IMAGE])) as im:
-            rgb = np.asarray(im.convert("RGB")).astype(np.float32)
+        try:
+            with Image.open(io.BytesIO(fields[FIELD_IMAGE])) as im:
+                rgb = np.asarray(im.convert("RGB")).astype(np.float32)
+        except Exception as exc:  # PIL raises many types for corrupt data
+            raise ShardFormatError(f"{FIELD_IMAGE}: cannot decode image ({type(exc).__name__})") from None
     else:
         rgb = np.full(mask.shape + (3,), 128, np.float32)
     scale = THUMB / max(mask.shape)
@@ -224,12 +231,14 @@ def _collect_thumbnails(
         need_first = len(first) < N_GRID
         if not need_first and i not in shards_needed:
             continue
-        for key, fields in iter_tar_samples(out / SHARDS_DIR / shard_name(i)):
+        shard = out / SHARDS_DIR / shard_name(i)
+        for key, fields in iter_tar_samples(shard):
             take_first = len(first) < N_GRID
             if take_first or key in keys_wanted:
-                meta = decode_meta(fields[FIELD_META])
-                gt = gt_of(meta["path"]) if meta.get("iou") is not None else None
-                found[key] = (_thumbnail(fields, gt), meta)
+                with in_sample(shard, key):
+                    meta = decode_meta(fields.get(FIELD_META, b"{}"))
+                    gt = gt_of(meta.get("path") or "") if meta.get("iou") is not None else None
+                    found[key] = (_thumbnail(fields, gt), meta)
                 if take_first:
                     first.append(key)
             if len(first) >= N_GRID and i not in shards_needed:

@@ -27,7 +27,9 @@ from maskio.shard_format import (
     FIELD_MASK,
     FIELD_META,
     SHARDS_DIR,
+    decode_class,
     decode_meta,
+    in_sample,
     index_tar,
     shard_paths,
 )
@@ -45,7 +47,9 @@ def resolve_shards(specs: Sequence[str]) -> list[str]:
     for spec in specs:
         path = Path(spec)
         if path.is_dir():
-            build_dir = path.parent if path.name == SHARDS_DIR else path
+            # OUT/shards stands for OUT, unless the build folder itself is named "shards"
+            inner = path.name == SHARDS_DIR and not (path / SHARDS_DIR).is_dir()
+            build_dir = path.parent if inner else path
             found = [str(p) for p in shard_paths(build_dir)]
             if not found:
                 raise ShardError(f"{spec}: no complete maskgen shards in this folder")
@@ -96,10 +100,10 @@ class Records:
 
 def _label_of(read, fields: dict[str, tuple[int, int]], fid: int) -> int:
     if FIELD_CLASS in fields:
-        return int(read(fid, *fields[FIELD_CLASS]).decode("ascii").strip())
+        return decode_class(read(fid, *fields[FIELD_CLASS]))
     if FIELD_META in fields:
         label = decode_meta(read(fid, *fields[FIELD_META])).get("label")
-        return -1 if label is None else int(label)
+        return -1 if label is None else label
     return -1
 
 
@@ -121,7 +125,8 @@ def index_shards(specs: Sequence[str], require_masks: bool) -> Records:
                 raise ShardError(f"{url}: sample {key} has no {FIELD_MASK}; this method needs masks")
             image.append((fid, *fields[img_field]))
             mask.append((fid, *fields[FIELD_MASK]) if FIELD_MASK in fields else (fid, -2, 0))
-            labels.append(_label_of(reader.read, fields, fid))
+            with in_sample(url, key):
+                labels.append(_label_of(reader.read, fields, fid))
             names.append(key)
     if not image:
         raise ShardError(f"{urls[0]}: the shards hold no samples")

@@ -8,12 +8,14 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from maskio.errors import ShardFormatError
+from maskio.errors import ShardError, ShardFormatError
 
 SHARD_PREFIX = "maskgen-"
 SHARD_DIGITS = 6
@@ -90,29 +92,89 @@ def shard_paths(out_dir: str | Path) -> list[Path]:
     return done
 
 
+MAX_LABEL = 2**31 - 1  # class indices are int32 everywhere downstream
+
+# Types of the json keys readers rely on (checked when present; None is allowed for each).
+_META_TYPES: dict[str, tuple[type, ...]] = {
+    "key": (str,),
+    "source": (str,),
+    "path": (str,),
+    "width": (int,),
+    "height": (int,),
+    "method": (str,),
+    "method_params": (dict,),
+    "threshold": (int, float, str),
+    "fg_fraction": (int, float),
+    "iou": (int, float),
+    "status": (str,),
+    "reencoded": (bool,),
+}
+
+
+@contextmanager
+def in_sample(url: str | Path, key: str) -> Iterator[None]:
+    """Turn a malformed field into one ShardError naming the shard and the sample."""
+    try:
+        yield
+    except ShardFormatError as exc:
+        raise ShardError(f"{url}: sample {key}: {exc}") from None
+
+
+def _decode_png(data: bytes, field: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("L")).copy()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ShardFormatError(f"{field}: not a readable PNG ({type(exc).__name__})") from None
+
+
 def decode_mask_png(data: bytes) -> np.ndarray:
     """Decode a ``mask.png`` to a bool array (True = foreground)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im.convert("L"))
-    return arr > 127
+    return _decode_png(data, FIELD_MASK) > 127
 
 
 def decode_gray_png(data: bytes) -> np.ndarray:
     """Decode an 8-bit single-channel PNG (``sal.png``) to uint8."""
-    from PIL import Image
+    return _decode_png(data, FIELD_SALIENCY)
 
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("L")).copy()
+
+def check_label(value: Any, field: str) -> int | None:
+    """A class index in [0, MAX_LABEL], or None; anything else is a ShardFormatError."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LABEL:
+        raise ShardFormatError(f"{field}: label must be a class index in [0, {MAX_LABEL}], got {value!r:.40}")
+    return value
 
 
 def decode_meta(data: bytes) -> dict[str, Any]:
-    return json.loads(data.decode("utf-8"))
+    """A sample's json: an object whose known keys have their documented types."""
+    try:
+        meta = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ShardFormatError(f"{FIELD_META}: not valid UTF-8 JSON") from None
+    if not isinstance(meta, dict):
+        raise ShardFormatError(f"{FIELD_META}: must be a JSON object, got {type(meta).__name__}")
+    check_label(meta.get("label"), FIELD_META)
+    for key, types in _META_TYPES.items():
+        value = meta.get(key)
+        if value is not None and (
+            not isinstance(value, types) or (bool not in types and isinstance(value, bool))
+        ):
+            raise ShardFormatError(f"{FIELD_META}: {key} has the wrong type ({value!r:.40})")
+    return meta
 
 
 def decode_class(data: bytes) -> int:
-    return int(data.decode("ascii").strip())
+    """A ``.cls`` payload: ASCII digits of a class index."""
+    text = data.decode("ascii", errors="replace").strip()
+    if not text.isdigit():
+        raise ShardFormatError(f"{FIELD_CLASS}: label must be a class index, got {text!r:.40}")
+    label = check_label(int(text), FIELD_CLASS)
+    assert label is not None
+    return label
 
 
 def _split_member(name: str) -> tuple[str, str]:

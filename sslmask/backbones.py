@@ -7,7 +7,8 @@ CLS token), ``features(x)`` -> both from one pass, and ``num_features`` = C.
 A trunk is torchvision's ``ResNet`` without ``avgpool``/``fc``: parameter names are
 torchvision's, so an exported state_dict loads into ``torchvision.models.resnet50()`` with
 only ``fc.*`` missing. ``out_stride=16`` dilates the last stage (torchvision's
-``replace_stride_with_dilation``), giving 14x14 maps at 224 (HARL §5.1: better than 7x7).
+``replace_stride_with_dilation``; ResNet-18/34 through ``DilatedBasicBlock``), giving 14x14 maps
+at 224 (HARL §5.1: better than 7x7).
 ``resnet_tiny`` is the same design with 1 block per stage and widths 16..128, for CPU tests
 and the offline demo.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet, conv3x3
 
 # A trunk of either kind (ResNetTrunk here, sslmask.vit.ViTTrunk): forward -> grid, pooled,
 # features, num_features.
@@ -33,6 +34,18 @@ ARCHS: dict[str, tuple[type[nn.Module], list[int], tuple[int, int, int, int]]] =
 }
 
 
+class DilatedBasicBlock(BasicBlock):
+    """torchvision's BasicBlock, which refuses ``dilation > 1``, with dilated 3x3 convs: ResNet-18/34
+    at output stride 16. Parameter names are BasicBlock's, so state_dicts load either way."""
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1,
+                 norm_layer=None):  # fmt: skip
+        super().__init__(inplanes, planes, stride, downsample, groups, base_width, 1, norm_layer)
+        if dilation > 1:
+            self.conv1 = conv3x3(inplanes, planes, stride, dilation=dilation)
+            self.conv2 = conv3x3(planes, planes, dilation=dilation)
+
+
 class ResNetTrunk(ResNet):
     """torchvision ResNet with configurable widths, no classifier; ``forward`` -> N x C x h x w."""
 
@@ -40,6 +53,7 @@ class ResNetTrunk(ResNet):
         if out_stride not in (16, 32):
             raise ValueError(f"out_stride must be 16 or 32, got {out_stride}")
         nn.Module.__init__(self)
+        block = DilatedBasicBlock if block is BasicBlock else block
         self._norm_layer = nn.BatchNorm2d
         self.inplanes, self.dilation, self.groups, self.base_width = widths[0], 1, 1, 64
         self.conv1 = nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)

@@ -8,6 +8,7 @@ online backbone alone, with torchvision's parameter names.
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,10 @@ def save_atomic(
             from safetensors.torch import save
 
             f.write(save(obj, metadata=metadata))
-        else:
-            torch.save(obj, f)
+        else:  # serialised in memory first: torch.save on a full disk fails with an opaque
+            buffer = io.BytesIO()  # RuntimeError, a plain write with OSError(ENOSPC)
+            torch.save(obj, buffer)
+            f.write(buffer.getbuffer())
 
 
 def load_file(path: str | Path) -> Any:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from maskio.errors import ShardError
+from maskio.errors import ShardError, describe_os_error
 from maskio.records import resolve_shards
 from sslmask.checkpoint import CheckpointError
 from sslmask.config import ConfigError, available_methods, load_config
@@ -97,9 +97,15 @@ def _eval_options(fn):
         click.option(
             "--val", "val_spec", required=True, multiple=True, help="Labelled shards or class folders."
         ),
-        click.option("--image-size", default=224, show_default=True, help="Centre-crop size."),
-        click.option("--batch-size", default=128, show_default=True),
-        click.option("--workers", default=2, show_default=True),
+        click.option(
+            "--image-size",
+            type=click.IntRange(min=16),
+            default=224,
+            show_default=True,
+            help="Centre-crop size.",
+        ),
+        click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True),
+        click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True),
         click.option(
             "--out", "out_file", type=click.Path(dir_okay=False), help="Write the result JSON here too."
         ),
@@ -126,8 +132,8 @@ def eval_group() -> None:
 
 @eval_group.command()
 @_eval_options
-@click.option("--k", "ks", multiple=True, type=int, default=(10, 20, 30), show_default=True)
-@click.option("--temperature", default=0.07, show_default=True)
+@click.option("--k", "ks", multiple=True, type=click.IntRange(min=1), default=(10, 20, 30), show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07, show_default=True)
 def knn(
     checkpoint, arch, train_spec, val_spec, image_size, batch_size, workers, out_file, ks, temperature
 ) -> None:
@@ -141,8 +147,8 @@ def knn(
 
 @eval_group.command()
 @_eval_options
-@click.option("--epochs", default=100, show_default=True)
-@click.option("--lr", default=0.1, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True)
 def linear(
     checkpoint, arch, train_spec, val_spec, image_size, batch_size, workers, out_file, epochs, lr
 ) -> None:
@@ -185,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except (ShardError, ConfigError, CheckpointError, TrainingError) as exc:
         click.echo(f"sslmask: error: {exc}", err=True)
+        return 1
+    except OSError as exc:  # a full disk, an unwritable --out, a vanished file
+        click.echo(f"sslmask: error: {describe_os_error(exc)}", err=True)
         return 1
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,75 @@ def load_config(
         _merge(cfg, overlay, str(config_file))
     for item in overrides:
         _merge(cfg, parse_set(item), f"--set {item}")
+    validate(cfg)
     return cfg
+
+
+# The range of every shared numeric key: (low, high, low_open, high_open); None = unbounded.
+# Method sections check their own keys when the method is built.
+RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "data.image_size": (16, None, False, False),
+    "data.batch_size": (1, None, False, False),
+    "data.workers": (0, None, False, False),
+    "data.samples_per_epoch": (1, None, False, False),
+    "data.crop_min_scale": (0, 1, True, False),
+    "data.min_fg": (0, 1, False, True),
+    "model.proj_hidden": (1, None, False, False),
+    "model.proj_dim": (1, None, False, False),
+    "model.pred_hidden": (1, None, False, False),
+    "optim.lr": (0, None, True, False),
+    "optim.weight_decay": (0, None, False, False),
+    "optim.weight_decay_end": (0, None, False, False),
+    "optim.momentum": (0, 1, False, True),
+    "optim.warmup_epochs": (0, None, False, False),
+    "optim.final_lr": (0, None, False, False),
+    "optim.grad_clip": (0, None, False, False),
+    "ema.tau_base": (0, 1, False, False),
+    "train.epochs": (1, None, False, False),
+    "train.ckpt_every": (1, None, False, False),
+    "train.log_every": (1, None, False, False),
+    "train.max_nan_skips": (0, None, False, False),
+    "monitor.knn_every": (0, None, False, False),
+    "monitor.knn_k": (1, None, False, False),
+    "monitor.knn_holdout": (0, 1, True, True),
+}
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "model.out_stride": (16, 32),
+    "ema.schedule": ("cosine", "constant"),
+}
+
+
+def _range_text(low, high, low_open: bool, high_open: bool) -> str:
+    if high is None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def validate(cfg: dict[str, Any]) -> None:
+    """One ConfigError line naming the first key outside its range (``RANGES``, ``CHOICES``)."""
+
+    def get(key: str) -> Any:
+        section, name = key.split(".")
+        return cfg.get(section, {}).get(name)
+
+    for key, (low, high, low_open, high_open) in RANGES.items():
+        value = get(key)
+        if value is None:
+            continue
+        bad = not math.isfinite(value) or value < low or (low_open and value == low)
+        if high is not None:
+            bad = bad or value > high or (high_open and value == high)
+        if bad:
+            raise ConfigError(f"{key}={value}: must be {_range_text(low, high, low_open, high_open)}")
+    for key, choices in CHOICES.items():
+        if get(key) not in choices:
+            raise ConfigError(f"{key}={get(key)!r}: must be one of {', '.join(map(str, choices))}")
+    snaps = cfg["train"].get("snapshot_epochs") or []
+    epochs = cfg["train"]["epochs"]
+    if not all(isinstance(e, int) and not isinstance(e, bool) and 1 <= e <= epochs for e in snaps):
+        raise ConfigError(
+            f"train.snapshot_epochs={snaps}: must be whole epochs in [1, train.epochs={epochs}]"
+        )
 
 
 def diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

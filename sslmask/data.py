@@ -1,20 +1,21 @@
 """Decoded image+mask samples in shard order, for ``sslmask inspect`` and evaluation.
 
-Shards are read with ``webdataset``; nothing in a shard is ever unpickled.
+Shards are read with ``maskio``'s tar reader (the trainer's rules); nothing in a shard is ever
+unpickled.
 """
 
 from __future__ import annotations
 
-import io
 import json
+import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from maskio.errors import ShardError
+from maskio.records import decode_rgb
 from maskio.shard_format import (
     FIELD_CLASS,
     FIELD_IMAGE,
@@ -23,6 +24,8 @@ from maskio.shard_format import (
     decode_class,
     decode_mask_png,
     decode_meta,
+    in_sample,
+    iter_tar_samples,
 )
 
 
@@ -36,22 +39,28 @@ class Sample:
 
 
 def iter_samples(urls: Sequence[str], require_images: bool = True) -> Iterator[Sample]:
-    """Decoded samples in shard order (no shuffling): for inspection and evaluation."""
-    import webdataset as wds
+    """Decoded samples in shard order (no shuffling): for inspection and evaluation. The same
+    tar rules as training (regular members only, nothing escapes) and the same field checks."""
+    for url in urls:
+        try:
+            samples = iter_tar_samples(url)
+            for key, raw in samples:
+                yield _decode_sample(url, key, raw, require_images)
+        except (OSError, EOFError, tarfile.TarError) as exc:
+            raise ShardError(f"{url}: unreadable shard ({exc})") from None
 
-    for raw in wds.WebDataset(list(urls), shardshuffle=False, handler=wds.reraise_exception):
-        key, url = raw["__key__"], raw.get("__url__", "?")
-        if FIELD_MASK not in raw:
-            raise ShardError(f"{url}: sample {key} has no {FIELD_MASK} (not a maskgen mask shard)")
-        if require_images and FIELD_IMAGE not in raw:
-            raise ShardError(f"{url}: sample {key} has no image (built with --image-format none)")
-        image = None
-        if FIELD_IMAGE in raw:
-            with Image.open(io.BytesIO(raw[FIELD_IMAGE])) as im:
-                image = np.asarray(im.convert("RGB"))
+
+def _decode_sample(url: str, key: str, raw: dict[str, bytes], require_images: bool) -> Sample:
+    if FIELD_MASK not in raw:
+        raise ShardError(f"{url}: sample {key} has no {FIELD_MASK} (not a maskgen mask shard)")
+    if require_images and FIELD_IMAGE not in raw:
+        raise ShardError(f"{url}: sample {key} has no image (built with --image-format none)")
+    image = np.asarray(decode_rgb(raw[FIELD_IMAGE], f"{url}: sample {key}")) if FIELD_IMAGE in raw else None
+    with in_sample(url, key):
         meta = decode_meta(raw[FIELD_META]) if FIELD_META in raw else {}
         label = decode_class(raw[FIELD_CLASS]) if FIELD_CLASS in raw else meta.get("label")
-        yield Sample(key, image, decode_mask_png(raw[FIELD_MASK]), label, meta)
+        mask = decode_mask_png(raw[FIELD_MASK])
+    return Sample(key, image, mask, label, meta)
 
 
 def summarize(urls: Sequence[str]) -> dict[str, Any]:

@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader
 from maskio.records import Records, index_cached
 from sslmask import distributed as D
 from sslmask.backbones import normalize
-from sslmask.checkpoint import CheckpointError, load_file, run_checkpoint_path, save_atomic
-from sslmask.config import ConfigError, diff
+from sslmask.checkpoint import CheckpointError, backbone_state, load_file, run_checkpoint_path, save_atomic
+from sslmask.config import ConfigError, diff, validate
 from sslmask.dataset import EpochBatchSampler, ViewsDataset, steps_per_epoch
 from sslmask.eval.features import extract_features
 from sslmask.eval.knn import knn_eval
@@ -87,12 +87,18 @@ def _set_determinism(cfg: dict[str, Any], info: D.DistInfo) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+RUN_CHECKPOINT_KEYS = ("method", "optimizer", "scaler", "step", "config", "rng")
+
+
 def _prepare_run_dir(run: Path, cfg: dict[str, Any], resume: bool, info: D.DistInfo) -> dict[str, Any] | None:
     """Create or check the run folder; the checkpoint to resume from, if any."""
     ckpt_path = run_checkpoint_path(run)
     saved_cfg = run / CONFIG_FILE
     if resume and ckpt_path.exists():
         ckpt = load_file(ckpt_path)
+        missing = [k for k in RUN_CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+        if missing:
+            raise CheckpointError(f"{ckpt_path}: not an sslmask run checkpoint (no {', '.join(missing)})")
         changed = [k for k in diff(ckpt["config"], cfg) if k != "train.epochs"]
         if changed:
             raise TrainingError(f"{run}: the config differs from the run's on {', '.join(changed)}")
@@ -116,9 +122,14 @@ def _truncate_log(path: Path, step: int) -> None:
     """Drop log lines past the checkpoint: the resumed run logs those steps again."""
     if not path.exists():
         return
-    kept = [
-        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
-    ]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line torn by a crash mid-write: the resumed run logs its step again
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
@@ -170,6 +181,7 @@ def knn_monitor(
 def check_config(cfg: dict[str, Any], info: D.DistInfo) -> None:
     """Refuse what cannot run, before anything is read or written."""
     t_cfg = cfg["train"]
+    validate(cfg)
     if cfg["method"] not in METHODS:
         raise ConfigError(f"unknown method {cfg['method']!r}; choose from {', '.join(METHODS)}")
     if cfg["optim"]["name"] not in OPTIMIZERS:
@@ -329,6 +341,21 @@ def _save(loop: Loop, run: Path) -> None:
     D.barrier(loop.info)
 
 
+def snapshot_path(run: Path, epoch: int) -> Path:
+    return run / "snapshots" / f"epoch{epoch:03d}.safetensors"
+
+
+def save_snapshot(loop: Loop, run: Path, epoch: int) -> None:
+    """The online backbone after ``epoch``, as ``sslmask export`` writes it: a learning curve
+    from one run (``benchmarks/learning_curve.py``) without keeping full checkpoints."""
+    if loop.info.main:
+        state = backbone_state({"method": loop.method.state_dict()})
+        path = snapshot_path(run, epoch)
+        path.parent.mkdir(exist_ok=True)
+        save_atomic({k: v.detach().cpu().contiguous() for k, v in state.items()}, path)
+    D.barrier(loop.info)
+
+
 SCHEDULED = ("lr", "wd", "tau", "teacher_temp")  # logged as of the last step, not averaged
 
 
@@ -429,6 +456,8 @@ def train(shards: list[str], cfg: dict[str, Any], run: str | Path, resume: bool 
                 result = knn_monitor(loop.method.backbone, records, cfg, info)
                 if result is not None:
                     log.write({"kind": "monitor", "step": loop.step, "epoch": epoch, **result})
+            if epoch + 1 in t_cfg["snapshot_epochs"]:
+                save_snapshot(loop, run, epoch + 1)
         if loop.last_saved != loop.step:
             _save(loop, run)
     finally:

@@ -20,7 +20,8 @@ def export_backbone(run: str | Path, out: str | Path) -> dict[str, int]:
         raise CheckpointError(f"{run}: not an sslmask run checkpoint")
     state = {k: v.contiguous() for k, v in backbone_state(ckpt).items()}
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.parent.is_dir():  # a typo in the folder should not create a tree of folders
+        raise CheckpointError(f"--out {out}: folder {out.parent} does not exist")
     save_atomic(state, out)
     return {
         "tensors": len(state),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from maskgen.methods.base import Resources, SaliencyMethod
@@ -20,7 +21,14 @@ def make_method(name: str, params: dict[str, Any] | None = None) -> SaliencyMeth
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}")
     cls = METHODS[name]
-    return cls(**cls.canonical_args(params or {}))
+    params = params or {}
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"--param {unknown[0]}: {name} has no such parameter; it takes {', '.join(accepted)}"
+        )
+    return cls(**cls.canonical_args(params))
 
 
 __all__ = ["METHODS", "Resources", "SaliencyMethod", "make_method"]

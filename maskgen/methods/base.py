@@ -7,6 +7,7 @@ can schedule it.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,3 +58,18 @@ class SaliencyMethod(ABC):
         """As ``predict``, for a batch that mixes plain JPEG bytes (for a method with
         ``decodes_jpeg``) and images the worker decoded (every other file)."""
         raise NotImplementedError(f"{self.name} decodes no JPEG bytes itself")
+
+
+def param_number(name: str, value: Any, low: float, strict: bool = False, integer: bool = False) -> float:
+    """``value`` as a finite number ``>= low`` (``> low`` when ``strict``), or a ValueError naming ``--param``."""
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"--param {name}={value}: must be {kind}")
+    if (
+        not math.isfinite(value)
+        or (integer and value != int(value))
+        or value < low
+        or (strict and value == low)
+    ):
+        raise ValueError(f"--param {name}={value}: must be {kind} {'>' if strict else '>='} {low:g}")
+    return float(value)

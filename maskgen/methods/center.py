@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from maskgen.methods.base import SaliencyMethod
+from maskgen.methods.base import SaliencyMethod, param_number
 from maskgen.postprocess import CENTER_SIGMA, center_prior
 
 
@@ -20,9 +20,7 @@ class CenterPrior(SaliencyMethod):
     batch_size = 64
 
     def __init__(self, sigma: float = CENTER_SIGMA):
-        if not sigma > 0:
-            raise ValueError(f"center: sigma must be > 0, got {sigma}")
-        self.sigma = float(sigma)
+        self.sigma = param_number("sigma", sigma, low=0.0, strict=True)
 
     @property
     def params(self) -> dict[str, Any]:

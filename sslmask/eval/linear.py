@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from sslmask.eval.knn import topk_accuracy
+from sslmask.eval.knn import compact_labels, topk_accuracy
 
 
 def linear_probe(
@@ -29,7 +29,7 @@ def linear_probe(
     g = torch.Generator().manual_seed(seed)
     mean, std = train_feats.mean(0), train_feats.std(0) + 1e-6
     xtr, xva = (train_feats - mean) / std, (val_feats - mean) / std
-    num_classes = int(max(train_labels.max(), val_labels.max())) + 1
+    train_labels, val_labels, num_classes = compact_labels(train_labels, val_labels)
     head = nn.Linear(xtr.shape[1], num_classes)
     with torch.no_grad():
         head.weight.normal_(0, 0.01, generator=g)

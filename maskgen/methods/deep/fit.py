@@ -38,7 +38,7 @@ from maskgen.methods.deep.model import SaliencyNet, predict_maps, save_head
 from maskgen.metrics import iou
 from maskgen.postprocess import PostprocessConfig, binarize
 from maskio.records import Records, index_shards
-from maskio.shard_format import FIELD_META, MANIFEST, decode_meta, index_tar
+from maskio.shard_format import FIELD_META, MANIFEST, decode_meta, in_sample, index_tar
 from sslmask.backbones import normalize
 from sslmask.checkpoint import infer_arch, load_backbone
 
@@ -92,7 +92,9 @@ def _sample_paths(dataset: TeacherCrops, indices: list[int]) -> dict[int, str]:
     for fid, keys in wanted.items():
         for key, fields in index_tar(rec.files[fid]):
             if key in keys and FIELD_META in fields:
-                out[keys[key]] = decode_meta(dataset.reader.read(fid, *fields[FIELD_META])).get("path", "")
+                with in_sample(rec.files[fid], key):
+                    meta = decode_meta(dataset.reader.read(fid, *fields[FIELD_META]))
+                out[keys[key]] = meta.get("path") or ""
     return out
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from maskgen.methods.base import Resources, SaliencyMethod
+from maskgen.methods.base import Resources, SaliencyMethod, param_number
 
 GPU_BATCH, CPU_BATCH = 64, 8
 DEFAULT_HEAD = Path(__file__).parent / "default_head.safetensors"
@@ -74,8 +74,8 @@ class DeepSaliency(SaliencyMethod):
 
         if precision not in ("auto", *PRECISIONS):
             raise ValueError(f"--param precision must be auto, fp32 or bf16, got {precision!r}")
-        if not 0.0 < float(gpu_share) <= 1.0:
-            raise ValueError(f"--param gpu_share must be in (0, 1], got {gpu_share}")
+        if not 0.0 < param_number("gpu_share", gpu_share, low=0.0, strict=True) <= 1.0:
+            raise ValueError(f"--param gpu_share={gpu_share}: must be in (0, 1]")
         if decode not in DECODERS:
             raise ValueError(f"--param decode must be one of {', '.join(DECODERS)}, got {decode!r}")
         self.refine = bool(int(refine))
@@ -87,9 +87,9 @@ class DeepSaliency(SaliencyMethod):
             self.meta = read_head_meta(self.head_path)
         except HeadFileError as exc:
             raise ValueError(str(exc)) from None
-        self.short_side = int(short_side or self.meta.get("short_side", 224))
-        if self.short_side < 16:
-            raise ValueError(f"--param short_side must be >= 16, got {self.short_side}")
+        if short_side is None:
+            short_side = self.meta.get("short_side", 224)
+        self.short_side = int(param_number("short_side", short_side, low=16, integer=True))
         self.sha256 = _sha256(self.head_path)
         self.precision_arg = precision
         self.gpu_share = float(gpu_share)

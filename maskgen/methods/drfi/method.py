@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from maskgen.methods.base import Resources, SaliencyMethod
+from maskgen.methods.base import Resources, SaliencyMethod, param_number
 from maskgen.methods.drfi.features import PixelFeatures, RegionStats, pixel_features, region_features
 from maskgen.methods.drfi.refine import LevelGraph
 from maskgen.methods.drfi.scoring import CueScorer, ForestScorer, HeuristicScorer, minmax
@@ -106,7 +106,12 @@ class DRFI(SaliencyMethod):
                     "drfi: sigma/k/min_size override the single HARL level only (add levels=harl)"
                 )
             s0, k0, m0 = self.levels[0]
-            self.levels = [(float(sigma or s0), float(k or k0), int(min_size or m0))]
+            sigma = s0 if sigma is None else param_number("sigma", sigma, low=0.0)
+            k = k0 if k is None else param_number("k", k, low=0.0, strict=True)
+            min_size = (
+                m0 if min_size is None else int(param_number("min_size", min_size, low=1.0, integer=True))
+            )
+            self.levels = [(float(sigma), float(k), min_size)]
         self.scorer_name = scorer
         self.scorers = make_scorers(scorer, model)
         self.refine = bool(refine)

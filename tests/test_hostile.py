@@ -1,0 +1,318 @@
+"""A hostile user's inputs (issue #20): every refusal is one stderr line naming the option or the
+shard, sample and field, with a non-zero exit and no traceback; nothing is left behind."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import jpeg_bytes, png_bytes
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from maskgen.cli import main as maskgen_main
+from maskio.errors import ShardError
+from maskio.records import index_shards
+from sslmask.cli import main as sslmask_main
+from sslmask.data import iter_samples, summarize
+
+
+def one_line_failure(capsys, rc: int, *needles: str) -> str:
+    out = capsys.readouterr()
+    lines = [line for line in out.err.splitlines() if line.strip()]
+    assert rc != 0, out.err
+    assert len(lines) == 1, out.err
+    assert "Traceback" not in out.err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+BUILD = [
+    "build",
+    "--source",
+    "sample",
+    "--sample-size",
+    "2",
+    "--no-photos",
+    "--executor",
+    "local",
+    "--no-progress",
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--method", "drfi", "--param", "levels=harl", "--param", "k=-1"], ["k=-1", "> 0"]),
+        (["--method", "drfi", "--param", "levels=harl", "--param", "k=0"], ["k=0", "> 0"]),
+        (["--method", "drfi", "--param", "levels=harl", "--param", "min_size=0"], ["min_size=0", ">= 1"]),
+        (["--method", "drfi", "--param", "levels=harl", "--param", "sigma=abc"], ["sigma=abc", "number"]),
+        (["--method", "center", "--param", "nosuch=1"], ["nosuch", "no such parameter", "sigma"]),
+        (["--method", "deep", "--param", "short_side=-5"], ["short_side=-5", ">= 16"]),
+        (["--method", "center", "--sample-size", "0"], ["--sample-size", "0"]),
+        (["--method", "center", "--max-pixels", "0"], ["--max-pixels"]),
+        (["--method", "center", "--shard-size", "0"], ["--shard-size"]),
+    ],
+)
+def test_build_refuses_nonsense_values(tmp_path, capsys, args, needles):
+    out = tmp_path / "out"
+    one_line_failure(capsys, maskgen_main([*BUILD, *args, "--out", str(out)]), *needles)
+    assert not out.exists() or not any(out.rglob("*.tar"))
+
+
+def test_build_into_an_impossible_folder_is_one_line(capsys):
+    one_line_failure(
+        capsys, maskgen_main([*BUILD, "--method", "center", "--out", "/dev/null/x"]), "/dev/null/x"
+    )
+
+
+@pytest.mark.parametrize("option", ["--epochs", "--batch-size"])
+def test_deep_fit_refuses_zero(tmp_path, capsys, sample_build, option):
+    rc = maskgen_main(
+        ["deep", "fit", str(sample_build), "--out", str(tmp_path / "h.safetensors"), option, "0"]
+    )
+    one_line_failure(capsys, rc, option)
+    assert not (tmp_path / "h.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("setting", "needle"),
+    [
+        ("data.batch_size=0", "data.batch_size=0: must be >= 1"),
+        ("data.image_size=0", "data.image_size=0: must be >= 16"),
+        ("train.epochs=0", "train.epochs=0: must be >= 1"),
+        ("train.epochs=-1", "train.epochs=-1"),
+        ("optim.lr=nan", "optim.lr=nan"),
+        ("model.out_stride=8", "model.out_stride=8: must be one of 16, 32"),
+        ("ema.tau_base=1.5", "ema.tau_base=1.5: must be in [0, 1]"),
+        ("monitor.knn_holdout=1", "monitor.knn_holdout"),
+        ("train.snapshot_epochs=[0]", "train.snapshot_epochs"),
+        ("data.nosuch=1", "unknown config key 'data.nosuch'"),
+        ("model.arch=resnet9", "resnet9"),
+    ],
+)
+def test_train_refuses_bad_config_values(tmp_path, capsys, sample_build, setting, needle):
+    run = tmp_path / "run"
+    rc = sslmask_main(["train", str(sample_build), "--method", "harl", "--config", "cpu-demo", "--out", str(run),
+                       "--set", setting])  # fmt: skip
+    one_line_failure(capsys, rc, needle)
+    assert not (run / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34"])
+def test_basic_block_resnets_run_at_output_stride_16(arch):
+    import torchvision
+
+    from sslmask.backbones import build_backbone
+
+    trunk = build_backbone(arch, out_stride=16)
+    assert trunk(torch.zeros(1, 3, 64, 64)).shape[-2:] == (4, 4)
+    missing = (
+        getattr(torchvision.models, arch)().load_state_dict(trunk.state_dict(), strict=False).missing_keys
+    )
+    assert missing == ["fc.weight", "fc.bias"]
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [(["--k", "0"], "--k"), (["--batch-size", "0"], "--batch-size"), (["--image-size", "0"], "--image-size")],
+)
+def test_eval_refuses_nonsense_values(capsys, sample_build, args, option):
+    rc = sslmask_main(["eval", "knn", "--checkpoint", "random", "--arch", "resnet_tiny",
+                       "--train", str(sample_build), "--val", str(sample_build), *args])  # fmt: skip
+    one_line_failure(capsys, rc, option)
+
+
+def fake_run(run: Path, with_config: bool) -> None:
+    from sslmask.backbones import build_backbone
+
+    run.mkdir(parents=True)
+    state = {f"backbone.{k}": v for k, v in build_backbone("resnet_tiny").state_dict().items()}
+    ckpt = {"method": state, "step": 0, **({"config": {}} if with_config else {})}
+    torch.save(ckpt, run / "checkpoint.pt")
+
+
+def test_export_into_a_missing_folder_is_refused(tmp_path, capsys):
+    fake_run(tmp_path / "run", with_config=True)
+    target = tmp_path / "no" / "such" / "dir" / "x.pt"
+    one_line_failure(
+        capsys, sslmask_main(["export", str(tmp_path / "run"), "--out", str(target)]), "does not exist"
+    )
+    assert not (tmp_path / "no").exists()
+
+
+def test_resume_from_a_checkpoint_without_config_is_one_line(tmp_path, capsys, sample_build):
+    fake_run(tmp_path / "run", with_config=False)
+    rc = sslmask_main(["train", str(sample_build), "--method", "harl", "--config", "cpu-demo",
+                       "--out", str(tmp_path / "run"), "--resume", "auto"])  # fmt: skip
+    one_line_failure(capsys, rc, "checkpoint.pt", "not an sslmask run checkpoint")
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path):
+    from sslmask.engine import _truncate_log
+
+    log = tmp_path / "log.jsonl"
+    lines = [json.dumps({"kind": "train", "step": s}) for s in (10, 20, 30)]
+    log.write_text("\n".join(lines) + '\n{"kind": "train", "st')
+    _truncate_log(log, 20)
+    assert log.read_text().splitlines() == lines[:2]
+
+
+def test_a_build_folder_named_shards_is_read(tmp_path, sample_build):
+    build = tmp_path / "shards"
+    shutil.copytree(sample_build, build)
+    n = len(index_shards([str(sample_build)], require_masks=True))
+    assert len(index_shards([str(build)], require_masks=True)) == n
+    assert len(index_shards([str(build / "shards")], require_masks=True)) == n
+
+
+def test_accuracies_are_exact_percentages():
+    from sslmask.eval.knn import topk_accuracy
+
+    scores = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert topk_accuracy(scores, torch.tensor([0, 1, 1]), (1,)) == {"top1": 66.67}
+
+
+def test_class_count_comes_from_the_labels_present_not_the_largest():
+    from sslmask.eval.knn import knn_eval
+    from sslmask.eval.linear import linear_probe
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(40, 8, generator=g)
+    small = torch.arange(40) % 2
+    huge = torch.where(small == 0, torch.tensor(5), torch.tensor(10**15))
+    assert knn_eval(feats, huge, feats, huge, ks=(3,)) == knn_eval(feats, small, feats, small, ks=(3,))
+    assert linear_probe(feats, huge, feats, huge, epochs=2) == linear_probe(
+        feats, small, feats, small, epochs=2
+    )
+
+
+# ---- malformed shards: one validation path for every reader ------------------------------------
+
+GOOD_META = {"key": "s0", "path": "s0.jpg", "label": 1, "status": "ok", "fg_fraction": 0.25}
+
+
+def shard_bytes(members: list[tuple[str, bytes | None]]) -> bytes:
+    """A tar with these members; ``None`` makes a symlink."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def sample_members(key: str, meta: bytes, cls: bytes | None = None) -> list[tuple[str, bytes | None]]:
+    mask = png_bytes(Image.fromarray(np.pad(np.full((8, 8), 255, np.uint8), 4)))
+    members = [(f"{key}.jpg", jpeg_bytes(np.full((16, 16, 3), 120, np.uint8))), (f"{key}.mask.png", mask)]
+    if cls is not None:
+        members.append((f"{key}.cls", cls))
+    return [*members, (f"{key}.json", meta)]
+
+
+BAD_SAMPLES = {
+    "label abc": sample_members("s0", json.dumps({**GOOD_META, "label": "abc"}).encode()),
+    "label 2**70": sample_members("s0", json.dumps({**GOOD_META, "label": 2**70}).encode()),
+    "json list": sample_members("s0", b"[1, 2]"),
+    "json invalid": sample_members("s0", b"{not json"),
+    "status list": sample_members("s0", json.dumps({**GOOD_META, "status": [1]}).encode()),
+    "fg_fraction x": sample_members("s0", json.dumps({**GOOD_META, "fg_fraction": "x"}).encode()),
+    "cls abc": sample_members("s0", json.dumps(GOOD_META).encode(), cls=b"abc"),
+    "mask not png": sample_members("s0", json.dumps(GOOD_META).encode())[:1]
+    + [("s0.mask.png", b"no png")]
+    + [("s0.json", json.dumps(GOOD_META).encode())],
+    "symlink member": [*sample_members("s0", json.dumps(GOOD_META).encode()), ("s1.jpg", None)],
+}
+
+
+def _readers(path: str) -> list:
+    return [
+        lambda: index_shards([path], require_masks=True),  # train, eval
+        lambda: summarize([path]),  # sslmask inspect
+        lambda: list(iter_samples([path])),
+    ]
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SAMPLES))
+def test_every_reader_names_shard_and_sample_of_a_malformed_field(tmp_path, case):
+    path = tmp_path / "maskgen-000000.tar"
+    path.write_bytes(shard_bytes(BAD_SAMPLES[case]))
+    failures = 0
+    for read in _readers(str(path)):
+        try:
+            read()
+        except ShardError as exc:
+            failures += 1
+            assert "\n" not in str(exc) and str(path) in str(exc)
+    # the trainer's index reads only labels (json/cls) and headers: a bad mask surfaces when a
+    # batch decodes it, inspect and evaluation decode it at once
+    assert failures == (2 if case == "mask not png" else 3)
+
+
+def test_inspect_cli_refuses_a_link_member_in_one_line(tmp_path, capsys):
+    path = tmp_path / "maskgen-000000.tar"
+    path.write_bytes(shard_bytes(BAD_SAMPLES["symlink member"]))
+    one_line_failure(capsys, sslmask_main(["inspect", str(path)]), str(path), "not a regular file")
+
+
+def test_maskgen_eval_names_the_sample_with_a_bad_json(tmp_path, capsys, sample_build):
+    build = tmp_path / "b"
+    shutil.copytree(sample_build, build)
+    shard = build / "shards" / "maskgen-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    first_json = next(i for i, (n, _) in enumerate(members) if n.endswith(".json"))
+    members[first_json] = (members[first_json][0], b'{"label": "abc"}')
+    shard.write_bytes(shard_bytes(members))
+    key = members[first_json][0].split(".")[0]
+    one_line_failure(capsys, maskgen_main(["eval", str(build)]), str(shard), key, "label")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    meta=st.one_of(
+        st.binary(max_size=40),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+            lambda inner: (
+                st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+            ),
+            max_leaves=8,
+        ).map(lambda v: json.dumps(v).encode()),
+        st.dictionaries(
+            st.sampled_from(["label", "status", "fg_fraction", "path", "width", "iou", "method_params"]),
+            st.none()
+            | st.booleans()
+            | st.integers()
+            | st.floats()
+            | st.text(max_size=6)
+            | st.lists(st.integers()),
+        ).map(lambda d: json.dumps({**GOOD_META, **d}).encode()),
+    ),
+    cls=st.none() | st.binary(max_size=12),
+    member=st.sampled_from(["s0.extra", "../up.jpg", "/abs.jpg", "sub/s0.jpg", "noext", None]),
+)
+def test_random_corruption_gives_one_line_errors_only(tmp_path, meta, cls, member):
+    members = sample_members("s0", meta, cls)
+    if member is not None:
+        members.append((member, b"x"))
+    path = tmp_path / "maskgen-000000.tar"
+    path.write_bytes(shard_bytes(members))
+    for read in _readers(str(path)):
+        try:
+            read()
+        except ShardError as exc:
+            assert "\n" not in str(exc)

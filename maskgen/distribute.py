@@ -16,9 +16,21 @@ from typing import Any
 from maskgen.sources import ItemRef
 from maskgen.worker import BuildSpec, process_shard
 
-# Ray on Linux: with this switch at 0 the node IP Ray picks (and rewrites addresses to) is
-# the loopback one. Must be in the environment before Ray starts any process.
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# The private local instance's environment (set before Ray starts any process; each can be
+# overridden from the shell):
+# - RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: on Linux, the node IP Ray picks (and rewrites addresses
+#   to) is the loopback one;
+# - RAY_AUTH_MODE=token: Ray's own default for a new local instance (a token in ~/.ray), said
+#   explicitly so that Ray does not warn about it on every build;
+# - RAY_USAGE_STATS_ENABLED=0: no usage report leaves the machine. Ray 2.60 still starts its
+#   dashboard head (API server, frontend disabled, UsageStatsHead module only; a TODO in
+#   ray/_private/services.py) and a DashboardAgent per node even with include_dashboard=False:
+#   there is no switch for them, so they run, bound to 127.0.0.1 like every other process.
+LOOPBACK_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "token",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
 MAX_TASK_RETRIES = 3  # for lost workers/nodes; a retried shard is byte-identical
 
 

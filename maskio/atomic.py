@@ -45,11 +45,13 @@ def atomic_open(final: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
         f.close()
         os.replace(tmp, final)
         fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
             f.close()
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, f"{exc.strerror} (writing)", str(final)) from None  # name the file
         raise
 
 

@@ -35,6 +35,7 @@ class HubState:
         self.fail_put_after: int | None = None
         self.headers_seen: list[str] = []
         self.validated: list[dict[str, Any]] = []
+        self.echo_token = False  # a hostile Hub: whoami's user name is the Authorization header
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -63,9 +64,8 @@ class Handler(BaseHTTPRequestHandler):
         if not self._authorized():
             return self._send(401, {"error": "Invalid credentials in Authorization header"})
         if self.path == "/api/whoami-v2":
-            return self._send(
-                200, {"type": "user", "name": "tester", "auth": {"accessToken": {"role": "write"}}}
-            )
+            name = f"user-{self.headers.get('Authorization')}" if self.state.echo_token else "tester"
+            return self._send(200, {"type": "user", "name": name, "auth": {"accessToken": {"role": "write"}}})
         m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/revision/([^?]+)(\?.*)?", self.path)
         if m and m.group(1) in self.state.repos:
             repo = self.state.repos[m.group(1)]

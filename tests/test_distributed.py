@@ -107,6 +107,15 @@ def test_two_node_cluster_on_loopback(tmp_path, reference, monkeypatch):
         assert tars(out) == reference
         nodes = {json.loads(p.read_text())["ray_node_id"] for p in (out / "shards").glob("*.stats.json")}
         assert len(nodes) == 2, "every shard ran on one node"
+        # with that cluster still up, two local builds at once each start their own private
+        # instance (address="local") instead of joining it (#20.9)
+        local = [subprocess.Popen(maskgen_cmd("build", *BUILD, "--out", str(tmp_path / f"local{i}")),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]  # fmt: skip
+        for proc in local:
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err
+            assert "Traceback" not in err and "Token authentication" not in err
+        assert tars(tmp_path / "local0") == tars(tmp_path / "local1") == reference
     finally:
         cluster.shutdown()
 

@@ -316,3 +316,38 @@ def test_random_corruption_gives_one_line_errors_only(tmp_path, meta, cls, membe
             read()
         except ShardError as exc:
             assert "\n" not in str(exc)
+
+
+class FullDiskIO(io.FileIO):
+    """A file whose writes fail as on a full disk (ENOSPC)."""
+
+    def write(self, data):
+        raise OSError(28, "No space left on device")
+
+
+def full_disk_open(path, mode="r"):
+    raw = FullDiskIO(path, mode.replace("b", "").replace("t", ""))
+    return raw if "b" in mode else io.TextIOWrapper(raw)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temp(tmp_path, capsys, monkeypatch, sample_build):
+    import maskio.atomic
+
+    build = tmp_path / "b"
+    shutil.copytree(sample_build, build)
+    before = sorted(p.name for p in build.rglob("*"))
+    monkeypatch.setattr(maskio.atomic, "open", full_disk_open, raising=False)
+    rc = maskgen_main([*BUILD[:-4], "--sample-size", "30", "--shard-size", "16", "--method", "center",
+                       "--save-saliency", "--executor", "local", "--no-progress", "--out", str(build)])  # fmt: skip
+    line = one_line_failure(capsys, rc, "no space left on device (writing)")
+    assert str(build) in line
+    assert sorted(p.name for p in build.rglob("*") if p.name != ".lock") == [
+        n for n in before if n != ".lock"
+    ]
+
+    run = tmp_path / "run"
+    rc = sslmask_main(["train", str(sample_build), "--method", "byol", "--config", "cpu-demo", "--out", str(run),
+                       "--set", "train.epochs=1", "--set", "data.batch_size=8", "--set", "data.workers=0"])  # fmt: skip
+    line = one_line_failure(capsys, rc, "no space left on device (writing)")
+    assert str(run) in line
+    assert not [p for p in run.iterdir() if ".tmp" in p.name]

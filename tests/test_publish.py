@@ -141,6 +141,22 @@ def test_missing_or_invalid_token_is_one_line(build, hub, tmp_path, token, messa
         assert token not in res.stderr + res.stdout
 
 
+def test_a_dead_endpoint_is_one_line(build, tmp_path):
+    res = publish(build, "--repo", "org/masks", endpoint="http://127.0.0.1:9", home=tmp_path / "hf")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "http://127.0.0.1:9" in lines[-1] and "refused" in lines[-1].lower()
+
+
+def test_a_hub_that_echoes_the_token_never_gets_it_printed(build, hub, tmp_path):
+    state, base = hub
+    state.echo_token = True
+    res = publish(build, "--repo", "org/masks", endpoint=base, home=tmp_path / "hf")
+    assert res.returncode == 0, res.stderr
+    assert "as user-Bearer ***" in res.stderr
+    assert TOKEN not in res.stderr + res.stdout
+
+
 def test_unfinished_build_and_bad_repo_are_errors(tmp_path, capsys):
     assert main(["publish", str(tmp_path), "--repo", "org/x", "--dry-run"]) == 1
     assert "not a finished maskgen build" in capsys.readouterr().err

@@ -9,6 +9,7 @@ login cache); it is passed only in request headers and never printed, logged or 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,7 +24,25 @@ class UploadResult:
     files: int
 
 
-def _hub_error(exc: BaseException, what: str, token: str | None) -> BuildError:
+def network_errors() -> tuple[type[BaseException], ...]:
+    """What a failed connection raises, whichever HTTP client this huggingface_hub uses
+    (requests' errors are OSErrors; httpx's, and its fork httpx2's, are not)."""
+    errors: list[type[BaseException]] = [OSError]
+    for module, name in (("httpx2", "HTTPError"), ("httpx", "HTTPError"), ("requests", "RequestException")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+def scrubber(token: str | None) -> Callable[[str], str]:
+    """Replaces the token in any text that is printed: a hostile endpoint may echo it back,
+    in an error or in whoami's user name."""
+    return (lambda text: text.replace(token, "***")) if token else (lambda text: text)
+
+
+def _hub_error(exc: BaseException, what: str, scrub: Callable[[str], str]) -> BuildError:
     """One line, status code first, with the token scrubbed in case a server echoed it.
 
     The library wraps failed parallel uploads in ``RuntimeError``; the HTTP status is on the
@@ -34,9 +53,7 @@ def _hub_error(exc: BaseException, what: str, token: str | None) -> BuildError:
         status = getattr(getattr(cause, "response", None), "status_code", None)
         cause = cause.__cause__
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if token:
-        text = text.replace(token, "***")
-    return BuildError(f"{what} failed{f' (HTTP {status})' if status else ''}: {text}")
+    return BuildError(scrub(f"{what} failed{f' (HTTP {status})' if status else ''}: {text}"))
 
 
 def upload(
@@ -57,6 +74,9 @@ def upload(
     token = get_token()
     if not token:
         raise BuildError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    scrub = scrubber(token)
+    say = lambda text: echo(scrub(text))  # noqa: E731 -- nothing printed below bypasses the scrub
+    offline = network_errors()
     api = HfApi(endpoint=endpoint, token=token)
     try:
         user = api.whoami()
@@ -64,12 +84,12 @@ def upload(
         status = getattr(exc.response, "status_code", None)
         if status in (401, 403):
             raise BuildError(
-                f"the Hugging Face token was refused by {api.endpoint} (HTTP {status})"
+                scrub(f"the Hugging Face token was refused by {api.endpoint} (HTTP {status})")
             ) from None
-        raise _hub_error(exc, "checking the token", token) from None
-    except OSError as exc:
-        raise BuildError(f"cannot reach {api.endpoint}: {exc}") from None
-    echo(f"maskgen: publishing to {repo} as {user.get('name', '?')}")
+        raise _hub_error(exc, "checking the token", scrub) from None
+    except offline as exc:
+        raise _hub_error(exc, f"reaching {api.endpoint}", scrub) from None
+    say(f"maskgen: publishing to {repo} as {user.get('name', '?')}")
     try:
         url = str(api.create_repo(repo, repo_type="dataset", private=private, exist_ok=True))
         if revision and revision != "main":
@@ -87,9 +107,9 @@ def upload(
                 commit_message=f"maskgen publish: files {start + 1}-{start + len(batch)} of {len(files)}",
             )
             commits += 1
-            echo(f"maskgen: {start + len(batch)}/{len(files)} files on the Hub")
+            say(f"maskgen: {start + len(batch)}/{len(files)} files on the Hub")
     except (HfHubHTTPError, RuntimeError) as exc:
-        raise _hub_error(exc, f"uploading to {repo}", token) from None
-    except OSError as exc:
-        raise BuildError(f"uploading to {repo} failed: {exc}") from None
-    return UploadResult(url, commits, len(files))
+        raise _hub_error(exc, f"uploading to {repo}", scrub) from None
+    except offline as exc:
+        raise _hub_error(exc, f"uploading to {repo}", scrub) from None
+    return UploadResult(scrub(url), commits, len(files))

@@ -351,3 +351,29 @@ def test_a_full_disk_is_one_line_and_leaves_no_temp(tmp_path, capsys, monkeypatc
     line = one_line_failure(capsys, rc, "no space left on device (writing)")
     assert str(run) in line
     assert not [p for p in run.iterdir() if ".tmp" in p.name]
+
+
+def test_a_head_with_nan_weights_is_refused_before_the_build(tmp_path, capsys):
+    from maskgen.methods.deep.model import SaliencyNet, save_head
+    from sslmask.backbones import build_backbone
+
+    net = SaliencyNet(build_backbone("resnet_tiny", 16))
+    with torch.no_grad():
+        next(net.parameters()).fill_(float("nan"))
+    head = tmp_path / "nan.safetensors"
+    save_head(net, head, {"arch": "resnet_tiny", "out_stride": 16, "short_side": 48})
+    out = tmp_path / "out"
+    rc = maskgen_main([*BUILD, "--method", "deep", "--head", str(head), "--out", str(out)])
+    one_line_failure(capsys, rc, str(head), "NaN")
+    assert not out.exists() or not any(out.rglob("*.tar"))
+
+
+def test_a_checkpoint_on_a_full_disk_is_an_oserror_naming_it(tmp_path, monkeypatch):
+    import maskio.atomic
+    from sslmask.checkpoint import save_atomic
+
+    monkeypatch.setattr(maskio.atomic, "open", full_disk_open, raising=False)
+    target = tmp_path / "checkpoint.pt"
+    with pytest.raises(OSError, match="No space left on device") as info:
+        save_atomic({"w": torch.zeros(1000)}, target)  # torch.save alone raises an opaque RuntimeError
+    assert info.value.filename == str(target) and list(tmp_path.iterdir()) == []

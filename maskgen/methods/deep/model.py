@@ -247,6 +247,18 @@ def _read_head(path: str | Path, tensors: bool) -> tuple[dict[str, Any], dict[st
     return meta, state
 
 
+def check_head_finite(path: str | Path) -> None:
+    """Refuse a head with NaN or infinite weights (one tensor in memory at a time): it would
+    predict NaN maps, and every mask of a build would fall back to the centre prior."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for name in f.keys():  # noqa: SIM118 (no items())
+            tensor = f.get_tensor(name)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise HeadFileError(f"{path}: tensor {name} holds NaN or infinite values")
+
+
 def read_head_meta(path: str | Path) -> dict[str, Any]:
     """A head file's metadata, without reading its tensors (what a build's planner needs)."""
     return _read_head(path, tensors=False)[0]
@@ -254,6 +266,11 @@ def read_head_meta(path: str | Path) -> dict[str, Any]:
 
 def load_head(path: str | Path) -> tuple[SaliencyNet, dict[str, Any]]:
     meta, tensors = _read_head(path, tensors=True)
+    bad = next(
+        (k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None
+    )
+    if bad is not None:
+        raise HeadFileError(f"{path}: tensor {bad} holds NaN or infinite values")
     try:
         net = SaliencyNet(build_backbone(meta["arch"], meta["out_stride"]), meta["decoder"])
     except ValueError as exc:

@@ -161,8 +161,14 @@ def load_backbone(spec: str, arch: str | None = None, out_stride: int | None = N
         out_stride = out_stride or model_cfg["out_stride"]
     if arch is None:
         arch, _ = infer_arch(state)
-    backbone = build_backbone(arch, out_stride or 32)
-    result = backbone.load_state_dict(state, strict=False)
+    try:
+        backbone = build_backbone(arch, out_stride or 32)
+    except ValueError as exc:  # an unknown arch or stride (from --arch or the run's config)
+        raise CheckpointError(f"{spec}: {exc}") from None
+    try:
+        result = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape
+        raise CheckpointError(f"{spec}: does not fit {arch} ({str(exc).splitlines()[-1].strip()})") from None
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f"{spec}: does not fit {arch} (missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})"

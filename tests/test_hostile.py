@@ -377,3 +377,20 @@ def test_a_checkpoint_on_a_full_disk_is_an_oserror_naming_it(tmp_path, monkeypat
     with pytest.raises(OSError, match="No space left on device") as info:
         save_atomic({"w": torch.zeros(1000)}, target)  # torch.save alone raises an opaque RuntimeError
     assert info.value.filename == str(target) and list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_of_another_shape_is_one_line(tmp_path, capsys, sample_build):
+    from sslmask.backbones import build_backbone
+
+    path = tmp_path / "r18.pt"
+    torch.save(build_backbone("resnet18").state_dict(), path)
+    rc = sslmask_main(["eval", "knn", "--checkpoint", str(path), "--arch", "resnet34", "--image-size", "32",
+                       "--train", str(sample_build), "--val", str(sample_build)])  # fmt: skip
+    one_line_failure(capsys, rc, str(path), "does not fit resnet34")
+    rc = sslmask_main(["eval", "knn", "--checkpoint", str(path), "--arch", "resnet9", "--image-size", "32",
+                       "--train", str(sample_build), "--val", str(sample_build)])  # fmt: skip
+    one_line_failure(capsys, rc, "resnet9")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    rc = sslmask_main(["eval", "knn", "--checkpoint", str(tmp_path / "junk.pt"), "--image-size", "32",
+                       "--train", str(sample_build), "--val", str(sample_build)])  # fmt: skip
+    one_line_failure(capsys, rc, "junk.pt", "not a loadable checkpoint")

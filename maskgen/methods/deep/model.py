@@ -10,6 +10,7 @@ A head file is self-contained safetensors: the trunk's and the head's tensors pl
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -247,16 +248,20 @@ def _read_head(path: str | Path, tensors: bool) -> tuple[dict[str, Any], dict[st
     return meta, state
 
 
+def _refuse_non_finite(path: str | Path, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """A head with NaN or infinite weights predicts NaN maps, and every mask of a build would
+    silently fall back to the centre prior: refuse it instead."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise HeadFileError(f"{path}: tensor {name} holds NaN or infinite values")
+
+
 def check_head_finite(path: str | Path) -> None:
-    """Refuse a head with NaN or infinite weights (one tensor in memory at a time): it would
-    predict NaN maps, and every mask of a build would fall back to the centre prior."""
+    """``_refuse_non_finite`` at plan time, one tensor in memory at a time."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        for name in f.keys():  # noqa: SIM118 (no items())
-            tensor = f.get_tensor(name)
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise HeadFileError(f"{path}: tensor {name} holds NaN or infinite values")
+        _refuse_non_finite(path, ((name, f.get_tensor(name)) for name in f.keys()))  # noqa: SIM118
 
 
 def read_head_meta(path: str | Path) -> dict[str, Any]:
@@ -266,11 +271,7 @@ def read_head_meta(path: str | Path) -> dict[str, Any]:
 
 def load_head(path: str | Path) -> tuple[SaliencyNet, dict[str, Any]]:
     meta, tensors = _read_head(path, tensors=True)
-    bad = next(
-        (k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None
-    )
-    if bad is not None:
-        raise HeadFileError(f"{path}: tensor {bad} holds NaN or infinite values")
+    _refuse_non_finite(path, tensors.items())
     try:
         net = SaliencyNet(build_backbone(meta["arch"], meta["out_stride"]), meta["decoder"])
     except ValueError as exc:

@@ -96,7 +96,16 @@ DRY = Sizes(
     32,
     "vit_micro",
     4,
-    ("dino.out_dim=64", "dino.local_crops=2", "model.proj_hidden=32", "model.pred_hidden=32"),
+    (
+        "dino.out_dim=64",
+        "dino.local_crops=2",
+        "model.proj_hidden=32",
+        "model.pred_hidden=32",
+        "scfs.vit_blocks=[1, 2]",
+        "scfs.head_bottleneck=8",
+        "scfs.head_hidden=32",
+        "scfs.head_dim=16",
+    ),
 )
 
 
@@ -206,15 +215,21 @@ def check_train_steps(sizes: Sizes, device: str) -> dict[str, Any]:
     }
 
 
+VIT_METHODS = ("dino", "scfs", "mocov3")
+
+
 def check_vit_steps(sizes: Sizes, device: str) -> dict[str, Any]:
-    """DINO (multi-crop: 2 x 224 + 8 x 96 px) and MoCo v3 steps with ViT-S/16, bf16 on a GPU."""
+    """DINO (multi-crop: 2 x 224 + 8 x 96 px), SCFS on DINO (mask-aware, blocks 4/8/12 searched)
+    and MoCo v3 steps with ViT-S/16, bf16 on a GPU; SCFS's step time against DINO's (goal <= 1.35)."""
     args = SimpleNamespace(arch=sizes.vit_arch, batch=sizes.vit_batch, size=sizes.train_size if device == "cpu"
                            else 224, steps=sizes.steps, device=device, amp="bf16" if device == "cuda" else "none",
-                           channels_last=False, set=list(sizes.vit_sets))  # fmt: skip
+                           channels_last=False, set=[*sizes.vit_sets, "scfs.mask_mode=key_query_gate"])  # fmt: skip
     out: dict[str, Any] = {"arch": sizes.vit_arch, "batch": sizes.vit_batch, "amp": args.amp, "ok": True}
-    for name in ("dino", "mocov3"):
-        seconds = statistics.median(step_times(name, args))
-        out[f"{name}_images_per_second"] = round(sizes.vit_batch / seconds, 1)
+    seconds = {}
+    for name in VIT_METHODS:
+        seconds[name] = statistics.median(step_times(name, args))
+        out[f"{name}_images_per_second"] = round(sizes.vit_batch / seconds[name], 1)
+    out["scfs_over_dino_step_time"] = round(seconds["scfs"] / seconds["dino"], 3)
     return out
 
 
@@ -292,9 +307,11 @@ def print_table(result: dict[str, Any]) -> None:
     ratio = t["harl_over_byol_step_time"]
     print(f"{'HARL / BYOL step time (goal <= 1.05)':<52}{ratio:>22}  {'met' if ratio <= 1.05 else 'missed'}")
     v = result["vit_steps"]
-    for name in ("dino", "mocov3"):
+    for name in VIT_METHODS:
         print(f"{name.upper() + ' step, ' + v['arch'] + ', batch ' + str(v['batch']):<52}"
               f"{str(v[name + '_images_per_second']) + ' images/s':>22}  yes")  # fmt: skip
+    ratio = v["scfs_over_dino_step_time"]
+    print(f"{'SCFS / DINO step time (goal <= 1.35)':<52}{ratio:>22}  {'met' if ratio <= 1.35 else 'missed'}")
     k = result["kill_resume"]
     print(f"{'HARL run killed at step ' + str(k['killed_at_step']) + ', resumed':<52}"
           f"{'reached step ' + str(k['final_step']):>22}  {'yes' if k['ok'] else 'NO: ' + k['reason']}")  # fmt: skip

@@ -1,10 +1,12 @@
 """Every method vs a random-initialised backbone at equal budget: k-NN and linear accuracy.
 
     python benchmarks/ssl_compare.py --train out/demo --val out/demo-val --seeds 0 1 2 \\
-        [--config cpu-demo] [--set train.epochs=20 ...] [--image-size 96] [--out runs/compare]
+        [--config cpu-demo] [--set train.epochs=20 ...] [--image-size 96] [--out runs/compare] \\
+        [--methods dino scfs scfs-a=scfs:scfs.mask_mode=key ...]
 
 Trains each method once per seed with the same config (only `method` differs; a --set for
-another method's own section, e.g. dino.out_dim, applies to that method only), evaluates the
+a section a method lacks, e.g. dino.out_dim for BYOL, is left out for it). A variant is
+``LABEL=METHOD:KEY=VALUE:...``, the method with those sets on top. It evaluates the
 online backbone with `sslmask eval`'s k-NN (k = 20, T = 0.07) and linear probe on the held-out
 set, and prints per-seed numbers and medians. --val may be a class-folder tree (Imagenette).
 """
@@ -15,15 +17,32 @@ import argparse
 import json
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
-from sslmask.config import load_config
+from sslmask.config import default_config, load_config
 from sslmask.engine import train
 from sslmask.eval.features import labelled_features
 from sslmask.eval.knn import knn_eval
 from sslmask.eval.linear import linear_probe
 
 SHARED = ("data", "model", "optim", "ema", "train", "monitor")  # sections every method has
+
+
+def parse_variant(spec: str) -> tuple[str, str, list[str]]:
+    """``"scfs-a=scfs:scfs.mask_mode=key"`` -> ``("scfs-a", "scfs", ["scfs.mask_mode=key"])``;
+    a plain ``"dino"`` is its own label with no sets."""
+    label, _, rest = spec.partition("=") if "=" in spec.split(":")[0] else (spec, "", spec)
+    method, *sets = rest.split(":")
+    return label, method, sets
+
+
+def variant_config(spec: str, config: str | None, overrides: list[str], seed: int) -> tuple[str, dict]:
+    """The label and config of one row: the overrides whose section the method has, then its own."""
+    label, method, sets = parse_variant(spec)
+    sections = set(default_config(method))
+    mine = [o for o in overrides if o.split(".")[0] in sections]
+    return label, load_config(method, config, [*mine, *sets, f"train.seed={seed}"])
 
 
 def evaluate(checkpoint: str, arch: str, train_spec, val_spec, size: int, seed: int) -> dict[str, float]:
@@ -47,25 +66,28 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="ssl_compare_"))
     bank = args.bank or args.train
-    rows: dict[str, list[dict[str, float]]] = {"random": [], **{m: [] for m in args.methods}}
+    labels = [parse_variant(m)[0] for m in args.methods]
+    rows: dict[str, list[dict[str, float]]] = {"random": [], **{label: [] for label in labels}}
     for seed in args.seeds:
         arch = None
-        for method in args.methods:
-            mine = [o for o in args.overrides if o.split(".")[0] in SHARED or o.split(".")[0] == method]
-            cfg = load_config(method, args.config, [*mine, f"train.seed={seed}"])
+        for spec in args.methods:
+            label, cfg = variant_config(spec, args.config, args.overrides, seed)
             arch = cfg["model"]["arch"]
-            run = out / f"{method}-seed{seed}"
+            run = out / f"{label}-seed{seed}"
+            t0 = time.perf_counter()
             train(args.train, cfg, run, resume=True)
-            rows[method].append(evaluate(str(run), arch, bank, args.val, args.image_size, seed))
-            print(json.dumps({"method": method, "seed": seed, **rows[method][-1]}), flush=True)
+            minutes = (time.perf_counter() - t0) / 60
+            rows[label].append(evaluate(str(run), arch, bank, args.val, args.image_size, seed))
+            print(json.dumps({"method": label, "seed": seed, **rows[label][-1], "train_min": round(minutes, 1)}),
+                  flush=True)  # fmt: skip
         rows["random"].append(evaluate("random", arch, bank, args.val, args.image_size, seed))
         print(json.dumps({"method": "random", "seed": seed, **rows["random"][-1]}), flush=True)
     print(f"\nmedian over seeds {args.seeds} (top-1 %, held-out set)")
-    print(f"{'backbone':<10}{'k-NN k=20':>12}{'linear':>10}")
+    print(f"{'backbone':<16}{'k-NN k=20':>12}{'linear':>10}")
     for name, results in rows.items():
         knn = statistics.median(r["knn20"] for r in results)
         lin = statistics.median(r["linear"] for r in results)
-        print(f"{name:<10}{knn:>12.1f}{lin:>10.1f}")
+        print(f"{name:<16}{knn:>12.1f}{lin:>10.1f}")
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
 
 

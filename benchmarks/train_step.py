@@ -22,14 +22,15 @@ import time
 
 import torch
 
-from sslmask.config import load_config
+from sslmask.config import default_config, load_config
 from sslmask.methods import METHODS, build_method
 from sslmask.optim import build_optimizer
 
 
 def make(name: str, args):
     sets = [f"model.arch={args.arch}", f"data.image_size={args.size}", *args.set]
-    cfg = load_config(name, None, [s for s in sets if s.split(".")[0] in ("model", "data", name)])
+    sections = set(default_config(name))  # scfs takes dino.* sets too
+    cfg = load_config(name, None, [s for s in sets if s.split(".")[0] in sections])
     torch.manual_seed(0)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     method = build_method(cfg).to(args.device, memory_format=fmt)
@@ -67,6 +68,8 @@ def step_times(name: str, args) -> list[float]:
     def step(i: int) -> None:
         with torch.autocast(args.device, dtype=dtype, enabled=dtype is not None):
             loss = method(batch, i, 100)["loss"]
+        if not torch.isfinite(loss):  # a step that produces NaN is not a step worth timing
+            raise RuntimeError(f"{name}: loss is not finite at step {i}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         method.before_optimizer_step(i, 100)
@@ -118,8 +121,9 @@ def main() -> None:
         views = len(METHODS[name].view_specs(load_config(name)))
         print(f"{name:<8}{views:>6}{1000 * t['step']:>10.1f}{args.batch / t['step']:>10.1f}"
               f"{1000 * t['bare']:>10.1f}{1 - t['bare'] / t['step']:>10.1%}")  # fmt: skip
-    if "byol" in med and "harl" in med:
-        print(f"harl / byol step time: {med['harl']['step'] / med['byol']['step']:.3f}")
+    for method, base in (("harl", "byol"), ("scfs", "dino")):  # targets: <= 1.05x, <= 1.35x
+        if method in med and base in med:
+            print(f"{method} / {base} step time: {med[method]['step'] / med[base]['step']:.3f}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 Every trunk gives ``forward(x)`` -> its feature grid N x C x h x w (the grid HARL pools masks on
 and ``maskgen``'s deep head reads), ``pooled(x)`` -> N x C (ResNet: the grid's mean; ViT: the
-CLS token), ``features(x)`` -> both from one pass, and ``num_features`` = C.
+CLS token), ``features(x)`` -> both from one pass, ``stage_features(x, taps)`` -> the pooled
+feature and the grids of earlier stages (ResNet: layer numbers; ViT: block numbers), and
+``num_features`` = C (``stage_channels(taps)`` for the earlier grids).
 
 A trunk is torchvision's ``ResNet`` without ``avgpool``/``fc``: parameter names are
 torchvision's, so an exported state_dict loads into ``torchvision.models.resnet50()`` with
@@ -14,6 +16,8 @@ and the offline demo.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -65,7 +69,8 @@ class ResNetTrunk(ResNet):
         self.layer3 = self._make_layer(block, widths[2], layers[2], stride=2)
         self.layer4 = self._make_layer(block, widths[3], layers[3], stride=2, dilate=out_stride == 16)
         self.out_stride = out_stride
-        self.num_features = widths[3] * block.expansion
+        self.stage_widths = [w * block.expansion for w in widths]
+        self.num_features = self.stage_widths[3]
         for m in self.modules():  # torchvision's initialisation
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -84,6 +89,23 @@ class ResNetTrunk(ResNet):
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         return self(x).mean(dim=(2, 3))
+
+    def stage_features(self, x: torch.Tensor, taps: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(pooled N x C, [grid of stage t for t in taps])`` from one pass; stage ``t`` is
+        torchvision's ``layer{t}`` (SCFS's Res2/Res3/Res4 are layers 2, 3, 4)."""
+        self.stage_channels(taps)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        grids: dict[int, torch.Tensor] = {}
+        for t, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4), start=1):
+            x = layer(x)
+            grids[t] = x
+        return x.mean(dim=(2, 3)), [grids[t] for t in taps]
+
+    def stage_channels(self, taps: Sequence[int]) -> list[int]:
+        """The channels of each tapped stage's grid (ValueError for a stage that does not exist)."""
+        if not taps or any(t not in (1, 2, 3, 4) for t in taps):
+            raise ValueError(f"ResNet taps are stages 1..4, got {list(taps)}")
+        return [self.stage_widths[t - 1] for t in taps]
 
 
 VIT_NAMES = (

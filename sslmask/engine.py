@@ -194,7 +194,7 @@ def check_config(cfg: dict[str, Any], info: D.DistInfo) -> None:
 
 def load_records(shards: list[str], cfg: dict[str, Any], run: Path, info: D.DistInfo) -> Records:
     """Rank 0 indexes the shards (or reads its cache); the others then read that cache."""
-    needs_masks = METHODS[cfg["method"]].needs_masks
+    needs_masks = METHODS[cfg["method"]].uses_masks(cfg)
     if info.main:
         records = index_cached(shards, needs_masks, run / INDEX_CACHE)
     D.barrier(info)
@@ -434,7 +434,7 @@ def train(shards: list[str], cfg: dict[str, Any], run: str | Path, resume: bool 
     if ckpt is not None:
         restore(loop, ckpt, run)
     views = METHODS[cfg["method"]].view_specs(cfg)
-    dataset = ViewsDataset(records, views, t_cfg["seed"], masks=METHODS[cfg["method"]].needs_masks)
+    dataset = ViewsDataset(records, views, t_cfg["seed"], masks=METHODS[cfg["method"]].uses_masks(cfg))
     log = RunLog(run, info.main)
     if info.main and loop.step == 0:
         log.write({"kind": "start", "step": 0, "samples": len(records), "steps_per_epoch": spe,

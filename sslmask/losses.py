@@ -77,3 +77,16 @@ def dino_loss(student: list[torch.Tensor], targets: list[torch.Tensor], student_
             total = total + (-t.detach() * F.log_softmax(s.float() / student_temp, dim=-1)).sum(-1).mean()
             pairs += 1
     return total / pairs
+
+
+def search_loss(
+    student: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, student_temp: float
+) -> torch.Tensor:
+    """SCFS's feature-search term: ``-sum(P_t log softmax(s / tau_s))`` per row, averaged over
+    the rows whose weight is 1 (gated-out local crops have weight 0; all gated gives 0).
+
+    ``student``: M x D logits; ``targets``: M x D teacher probabilities; ``weights``: M.
+    """
+    ce = (-targets.detach() * F.log_softmax(student.float() / student_temp, dim=-1)).sum(-1)
+    w = weights.to(ce.dtype)
+    return (ce * w).sum() / w.sum().clamp_min(1.0)

@@ -17,6 +17,8 @@ interpolated, and a side that is not a multiple of 16 is padded up to one), so m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
@@ -52,6 +54,24 @@ class ViTTrunk(VisionTransformer):
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)[0]
+
+    def stage_features(self, x: torch.Tensor, taps: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(CLS token N x C, [patch grid after block b for b in taps])`` from one pass (blocks
+        numbered from 1). Each grid goes through the final LayerNorm, as DINO's
+        ``get_intermediate_layers`` and timm's ``forward_intermediates(norm=True)`` do, so the
+        last block's grid is ``forward``'s."""
+        self.stage_channels(taps)
+        final, grids = self.forward_intermediates(
+            x, indices=[b - 1 for b in taps], norm=True, output_fmt="NCHW"
+        )
+        return final[:, 0], list(grids)
+
+    def stage_channels(self, taps: Sequence[int]) -> list[int]:
+        """The channels of each tapped block's grid (ValueError for a block that does not exist)."""
+        depth = len(self.blocks)
+        if not taps or any(not 1 <= b <= depth for b in taps):
+            raise ValueError(f"ViT taps are blocks 1..{depth}, got {list(taps)}")
+        return [self.embed_dim] * len(taps)
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -28,11 +28,13 @@ def test_gpu_check_dry_run_runs_every_check_and_writes_the_json(tmp_path):
     assert (
         result["vit_steps"]["dino_images_per_second"] > 0
         and result["vit_steps"]["mocov3_images_per_second"] > 0
+        and result["vit_steps"]["scfs_images_per_second"] > 0
+        and result["vit_steps"]["scfs_over_dino_step_time"] > 0
     )
     kill = result["kill_resume"]
     assert 0 < kill["killed_at_step"] < kill["steps"] <= kill["final_step"]
     table = res.stdout.splitlines()
-    assert table[0].startswith("GPU check on CPU (dry run)") and len(table) == 11
+    assert table[0].startswith("GPU check on CPU (dry run)") and len(table) == 13
 
 
 def test_gpu_check_refuses_to_run_the_real_check_without_a_gpu(tmp_path):

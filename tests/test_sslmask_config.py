@@ -8,13 +8,16 @@ from sslmask.config import ConfigError, available_methods, diff, load_config, pa
 
 
 def test_methods_and_overlay_precedence(tmp_path):
-    assert available_methods() == ["byol", "dino", "harl", "mocov2", "mocov3"]
+    assert available_methods() == ["byol", "dino", "harl", "mocov2", "mocov3", "scfs"]
     overlay = tmp_path / "o.yaml"
     overlay.write_text("optim:\n  lr: 0.5\ntrain:\n  epochs: 3\n")
     cfg = load_config("harl", str(overlay), ["optim.lr=1e-3", "harl.loss=mask"])
     assert cfg["optim"]["lr"] == pytest.approx(1e-3) and cfg["train"]["epochs"] == 3
     assert cfg["harl"]["loss"] == "mask" and cfg["harl"]["alpha_base"] == 0.7
     assert load_config("byol", "cpu-demo")["model"]["arch"] == "resnet_tiny"
+    scfs = load_config("scfs")  # extends dino, which extends base
+    assert scfs["dino"]["local_scale"] == [0.05, 0.25] and scfs["dino"]["student_temp"] == 0.1
+    assert scfs["optim"]["lr"] == 0.1 and scfs["model"]["arch"] == "resnet50"
 
 
 def test_set_values_are_typed():

@@ -171,12 +171,25 @@ def _run_dir_weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoint.pt", weights_only=True)["method"]
 
 
+def _sets(*items: str) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
 # what each baseline needs to be small (DINO: a 64-way head, 2 local crops)
 BASELINE_SETS = {
     "harl": [],
     "dino": ["--set", "dino.out_dim=64", "--set", "dino.local_crops=2", "--set", "dino.local_size=24"],
     "mocov2": ["--set", "mocov2.queue=64"],
     "mocov3": [],
+    "scfs": _sets(
+        "dino.out_dim=64",
+        "dino.local_crops=2",
+        "dino.local_size=24",
+        "scfs.head_bottleneck=8",
+        "scfs.head_hidden=32",
+        "scfs.head_dim=16",
+        "scfs.mask_mode=key_query_gate",
+    ),  # fmt: skip
 }
 
 
@@ -198,8 +211,25 @@ def test_baselines_train_on_a_build_and_on_class_folders(method, sample_build, t
         assert log and all(np.isfinite(r["loss"]) and "tau" in r for r in log)
 
 
+@pytest.mark.parametrize("arch", ["resnet_tiny", "vit_micro"])
+def test_mask_aware_scfs_trains_on_a_build_and_logs_its_fallbacks(arch, sample_build, tmp_path):
+    run = tmp_path / arch
+    taps = ["--set", "scfs.vit_blocks=[1, 2]"] if arch == "vit_micro" else []
+    args = ["train", str(sample_build), "--method", "scfs", "--out", str(run), *TINY, *BASELINE_SETS["scfs"],
+            "--set", f"model.arch={arch}", *taps, "--set", "train.epochs=1"]  # fmt: skip
+    assert main(args) == 0
+    log = _log(run)
+    assert len(log) == 5
+    for r in log:
+        assert np.isfinite(r["loss"]) and r["loss"] == pytest.approx(
+            r["loss_dino"] + 0.5 * (r["loss_search"] + r["loss_layer_global"]), rel=1e-4
+        )
+        assert 0 <= r["fallback"] <= 1 and 0 <= r["gated"] <= 1
+    assert any(r["gated"] > 0 for r in log)  # 24 px local crops of the sample scenes miss the object
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["harl", "dino", "mocov2", "mocov3"])
+@pytest.mark.parametrize("method", ["harl", "dino", "mocov2", "mocov3", "scfs"])
 def test_sigkilled_run_resumes_to_the_same_weights(method, sample_build, tmp_path):
     args = ["train", str(sample_build), "--method", method, *TINY, *BASELINE_SETS[method], "--set", "train.epochs=6",
             "--set", "train.ckpt_every=2", "--set", "train.deterministic=true", "--set", "data.workers=1"]  # fmt: skip

@@ -39,6 +39,11 @@ class SSLMethod(nn.Module):
         data = cfg["data"]
         return list(byol_views(data["image_size"], data["min_fg"], data["crop_min_scale"]))
 
+    @classmethod
+    def uses_masks(cls, cfg: dict[str, Any]) -> bool:
+        """Whether this run reads masks (a method with a mask-free mode overrides this)."""
+        return cls.needs_masks
+
     def online_modules(self) -> list[nn.Module]:
         """The modules the optimiser updates."""
         raise NotImplementedError

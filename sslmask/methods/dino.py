@@ -123,11 +123,15 @@ class DINO(SSLMethod):
         tau = ema_rate(self.cfg, step, total_steps)
         self.ema.update(tau)
         if self._batch_center is not None:
-            center = self._batch_center
-            if D.world_size() > 1:
-                dist.all_reduce(center)
-                center = center / D.world_size()
-            m = self.cfg["dino"]["center_momentum"]
-            self.center.mul_(m).add_(center, alpha=1 - m)
+            update_center(self.center, self._batch_center, self.cfg["dino"]["center_momentum"])
             self._batch_center = None
         return {"tau": tau}
+
+
+@torch.no_grad()
+def update_center(center: torch.Tensor, batch_center: torch.Tensor, momentum: float) -> None:
+    """``center <- m center + (1 - m) mean over processes of batch_center`` (in place)."""
+    if D.world_size() > 1:
+        dist.all_reduce(batch_center)
+        batch_center = batch_center / D.world_size()
+    center.mul_(momentum).add_(batch_center, alpha=1 - momentum)

@@ -28,14 +28,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from sslmask import distributed as D
 from sslmask.backbones import Backbone
 from sslmask.losses import dino_loss, search_loss
-from sslmask.methods.dino import DINO
+from sslmask.methods.dino import DINO, update_center
 from sslmask.momentum import MomentumPairs, frozen_copy
 from sslmask.pooling import DOWNSAMPLE_MODES, downsample_mask, masked_average_pool
 
@@ -217,12 +215,7 @@ class SCFS(DINO):
     def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
         out = super().after_optimizer_step(step, total_steps)
         if self._batch_layer_center is not None:
-            center = self._batch_layer_center
-            if D.world_size() > 1:
-                dist.all_reduce(center)
-                center = center / D.world_size()
-            m = self.cfg["dino"]["center_momentum"]
-            self.layer_center.mul_(m).add_(center, alpha=1 - m)
+            update_center(self.layer_center, self._batch_layer_center, self.cfg["dino"]["center_momentum"])
             self._batch_layer_center = None
         return out
 

@@ -10,7 +10,7 @@ method's hooks around a LARS step (EMA, queue, centre), on fixed synthetic batch
 loading excluded: see loader_throughput.py). "bare" is the backbone alone, forward and
 backward over the same views; a method's own overhead (heads, losses, target networks, EMA,
 queue) is ``1 - bare / step``. Targets (issue 14): overhead <= 15 % of the step; HARL <= 1.05x
-BYOL. Each method keeps its own heads and views (DINO: 2 global + its local crops), so the
+BYOL; SCFS <= 1.35x DINO (issue 16); LoDisc <= 1.4x MoCo v3 (issue 18). Each method keeps its own heads and views (DINO: 2 global + its local crops), so the
 same --size is the global view size. Interleaved repeats, medians.
 """
 
@@ -121,7 +121,7 @@ def main() -> None:
         views = len(METHODS[name].view_specs(load_config(name)))
         print(f"{name:<8}{views:>6}{1000 * t['step']:>10.1f}{args.batch / t['step']:>10.1f}"
               f"{1000 * t['bare']:>10.1f}{1 - t['bare'] / t['step']:>10.1%}")  # fmt: skip
-    for method, base in (("harl", "byol"), ("scfs", "dino")):  # targets: <= 1.05x, <= 1.35x
+    for method, base in (("harl", "byol"), ("scfs", "dino"), ("lodisc", "mocov3")):  # <= 1.05x, 1.35x, 1.4x
         if method in med and base in med:
             print(f"{method} / {base} step time: {med[method]['step'] / med[base]['step']:.3f}")
 

@@ -127,7 +127,7 @@ def _emit(result: dict, out_file: str | None) -> None:
 
 @cli.group(name="eval")
 def eval_group() -> None:
-    """Evaluate a frozen backbone (k-NN, linear probe)."""
+    """Evaluate a frozen backbone (k-NN, linear probe, retrieval)."""
 
 
 @eval_group.command()
@@ -158,6 +158,36 @@ def linear(
     ftr, ytr, fva, yva = _features(checkpoint, arch, train_spec, val_spec, image_size, batch_size, workers)
     result = linear_probe(ftr, ytr, fva, yva, epochs=epochs, lr=lr)
     _report("linear", checkpoint, ytr, yva, out_file, epochs=epochs, accuracy=result)
+
+
+@eval_group.command()
+@click.option("--checkpoint", required=True, help="Run folder, checkpoint or state_dict file, or 'random'.")
+@click.option("--arch", help="Backbone of a bare state_dict or of 'random' (else read or inferred).")
+@click.option(
+    "--data", "data_spec", required=True, multiple=True, help="One labelled split: shards or class folders."
+)
+@click.option(
+    "--features",
+    "kind",
+    type=click.Choice(["backbone", "gap", "predictor"]),
+    default="backbone",
+    show_default=True,
+    help="Pooled backbone feature (CLS/GAP), grid mean, or a run's predictor output.",
+)
+@click.option(
+    "--image-size", type=click.IntRange(min=16), default=224, show_default=True, help="Centre-crop size."
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Write the result JSON here too.")
+def retrieval(checkpoint, arch, data_spec, kind, image_size, batch_size, workers, out_file) -> None:
+    """Leave-one-out retrieval on one split: Rank-1, Rank-5 and mAP (LoDisc's protocol)."""
+    from sslmask.eval.features import split_features
+    from sslmask.eval.retrieval import retrieval_metrics
+
+    feats, labels = split_features(checkpoint, arch, data_spec, image_size, kind, batch_size, workers)
+    result = {"eval": "retrieval", "checkpoint": checkpoint, "features": kind, "images": len(labels)}
+    _emit({**result, **retrieval_metrics(feats, labels)}, out_file)
 
 
 @cli.command()

@@ -76,6 +76,11 @@ class ViTTrunk(VisionTransformer):
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Per block, the softmaxed attention averaged over heads: N x T x T (T = 1 + patches)."""
+        return self.pooled_and_attention(x)[1]
+
+    @torch.no_grad()
+    def pooled_and_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(CLS token, attention_maps)`` from one pass (LoDisc's momentum encoder needs both)."""
         maps: list[torch.Tensor] = []
         hooks, fused = [], []
         for blk in self.blocks:
@@ -83,12 +88,12 @@ class ViTTrunk(VisionTransformer):
             blk.attn.fused_attn = False  # the explicit path, whose softmax passes through attn_drop
             hooks.append(blk.attn.attn_drop.register_forward_hook(lambda m, i, o: maps.append(o.mean(dim=1))))
         try:
-            self.forward_features(x)
+            tokens = self.forward_features(x)
         finally:
             for blk, f, h in zip(self.blocks, fused, hooks, strict=True):
                 blk.attn.fused_attn = f
                 h.remove()
-        return maps
+        return tokens[:, 0], maps
 
 
 def build_vit(arch: str) -> ViTTrunk:

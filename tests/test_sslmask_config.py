@@ -8,7 +8,7 @@ from sslmask.config import ConfigError, available_methods, diff, load_config, pa
 
 
 def test_methods_and_overlay_precedence(tmp_path):
-    assert available_methods() == ["byol", "dino", "harl", "mocov2", "mocov3", "scfs"]
+    assert available_methods() == ["byol", "dino", "harl", "lodisc", "mocov2", "mocov3", "scfs"]
     overlay = tmp_path / "o.yaml"
     overlay.write_text("optim:\n  lr: 0.5\ntrain:\n  epochs: 3\n")
     cfg = load_config("harl", str(overlay), ["optim.lr=1e-3", "harl.loss=mask"])

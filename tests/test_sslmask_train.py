@@ -190,6 +190,7 @@ BASELINE_SETS = {
         "scfs.head_dim=16",
         "scfs.mask_mode=key_query_gate",
     ),  # fmt: skip
+    "lodisc": _sets("model.arch=vit_micro", "lodisc.mode=product"),
 }
 
 
@@ -229,7 +230,7 @@ def test_mask_aware_scfs_trains_on_a_build_and_logs_its_fallbacks(arch, sample_b
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["harl", "dino", "mocov2", "mocov3", "scfs"])
+@pytest.mark.parametrize("method", ["harl", "dino", "mocov2", "mocov3", "scfs", "lodisc"])
 def test_sigkilled_run_resumes_to_the_same_weights(method, sample_build, tmp_path):
     args = ["train", str(sample_build), "--method", method, *TINY, *BASELINE_SETS[method], "--set", "train.epochs=6",
             "--set", "train.ckpt_every=2", "--set", "train.deterministic=true", "--set", "data.workers=1"]  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -18,8 +20,11 @@ def extract_features(
     batch_size: int = 128,
     workers: int = 2,
     device: torch.device | str = "cpu",
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(N x C float32 features, N labels)`` in record order; the backbone runs in eval mode."""
+    """``(N x C float32 features, N labels)`` in record order; ``backbone`` (any module) runs in
+    eval mode, and ``embed`` (default: ``backbone.pooled``) maps a normalised batch to features."""
+    embed = embed or backbone.pooled
     was_training = backbone.training
     backbone.eval()
     loader = DataLoader(
@@ -28,7 +33,7 @@ def extract_features(
     feats, labels = [], []
     for images, y in loader:
         x = normalize(images.to(device, non_blocking=True))
-        feats.append(backbone.pooled(x).float().cpu())
+        feats.append(embed(x).float().cpu())
         labels.append(y)
     backbone.train(was_training)
     return torch.cat(feats), torch.cat(labels)
@@ -63,3 +68,62 @@ def labelled_features(
             raise ShardError(f"{spec[0]}: some samples have no class label; evaluation needs labels")
         out.extend(extract_features(backbone, records, image_size, batch_size, workers, device))
     return out[0], out[1], out[2], out[3]
+
+
+FEATURE_KINDS = ("backbone", "gap", "predictor")
+
+
+def load_run_method(spec: str):
+    """The whole trained method of an sslmask run (folder or checkpoint.pt), in eval mode."""
+    from pathlib import Path
+
+    from sslmask.checkpoint import CheckpointError, load_file, run_checkpoint_path
+    from sslmask.methods import build_method
+
+    path = Path(spec)
+    if spec == "random" or not path.exists():
+        raise CheckpointError(f"{spec}: --features predictor needs an sslmask run (folder or checkpoint.pt)")
+    obj = load_file(run_checkpoint_path(path) if path.is_dir() else path)
+    if not isinstance(obj, dict) or not isinstance(obj.get("config"), dict) or "method" not in obj:
+        raise CheckpointError(f"{spec}: --features predictor needs an sslmask run (folder or checkpoint.pt)")
+    try:
+        method = build_method(obj["config"])
+        method.load_state_dict(obj["method"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{spec}: cannot rebuild its method ({str(exc).splitlines()[0]})") from None
+    return method.eval()
+
+
+def embedder(checkpoint: str, arch: str | None, kind: str):
+    """``(module, embed)``: what features a split gets. ``backbone``: the pooled feature (ResNet
+    GAP, ViT CLS); ``gap``: the mean of the feature grid (a ViT's patch tokens); ``predictor``:
+    a run's query branch, predictor(projector(pooled)), the feature LoDisc retrieves with."""
+    from sslmask.checkpoint import CheckpointError, load_backbone
+
+    if kind not in FEATURE_KINDS:
+        raise ValueError(f"features must be one of {', '.join(FEATURE_KINDS)}, got {kind!r}")
+    if kind == "predictor":
+        method = load_run_method(checkpoint)
+        if not hasattr(method, "predictor"):
+            raise CheckpointError(
+                f"{checkpoint}: a {method.name} run has no predictor; use --features backbone"
+            )
+        return method, lambda x: method.predictor(method.projector(method.backbone.pooled(x)))
+    backbone = load_backbone(checkpoint, arch)
+    if kind == "gap":
+        return backbone, lambda x: backbone(x).mean(dim=(2, 3))
+    return backbone, backbone.pooled
+
+
+def split_features(checkpoint: str, arch: str | None, spec, image_size: int, kind: str = "backbone",
+                   batch_size: int = 128, workers: int = 2) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Features and labels of one labelled split (shards or class folders)."""
+    from maskio.errors import ShardError
+    from maskio.records import index_any
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    module, embed = embedder(checkpoint, arch, kind)
+    records = index_any(list(spec))
+    if not records.labelled:
+        raise ShardError(f"{spec[0]}: some samples have no class label; evaluation needs labels")
+    return extract_features(module.to(device), records, image_size, batch_size, workers, device, embed)

@@ -9,11 +9,12 @@ from sslmask.methods.base import SSLMethod
 from sslmask.methods.byol import BYOL
 from sslmask.methods.dino import DINO
 from sslmask.methods.harl import HARL
+from sslmask.methods.lodisc import LoDisc
 from sslmask.methods.mocov2 import MoCoV2
 from sslmask.methods.mocov3 import MoCoV3
 from sslmask.methods.scfs import SCFS
 
-METHODS: dict[str, type[SSLMethod]] = {m.name: m for m in (BYOL, HARL, DINO, MoCoV2, MoCoV3, SCFS)}
+METHODS: dict[str, type[SSLMethod]] = {m.name: m for m in (BYOL, HARL, DINO, MoCoV2, MoCoV3, SCFS, LoDisc)}
 
 
 def build_method(cfg: dict[str, Any]) -> SSLMethod:

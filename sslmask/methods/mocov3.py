@@ -21,12 +21,18 @@ from sslmask.methods.base import SSLMethod
 from sslmask.momentum import MomentumPairs, ema_rate, frozen_copy
 
 
-def mlp(in_dim: int, hidden: int, out_dim: int, layers: int, last_bn: bool) -> nn.Sequential:
-    """MoCo v3's MLP: (Linear-BN-ReLU) x (layers - 1), Linear, and a BN without affine."""
+def mlp(
+    in_dim: int, hidden: int, out_dim: int, layers: int, last_bn: bool, dropout: float = 0.0
+) -> nn.Sequential:
+    """MoCo v3's MLP: (Linear-BN-ReLU[-Dropout]) x (layers - 1), Linear, and a BN without affine.
+
+    ``dropout`` > 0 adds LoDisc's Dropout between the layers."""
     mods: list[nn.Module] = []
     dim = in_dim
     for _ in range(layers - 1):
         mods += [nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        if dropout > 0:
+            mods.append(nn.Dropout(dropout))
         dim = hidden
     mods.append(nn.Linear(dim, out_dim, bias=False))
     if last_bn:
@@ -42,11 +48,19 @@ class MoCoV3(SSLMethod):
         m = cfg["model"]
         if cfg["mocov3"]["temperature"] <= 0:
             raise ValueError("mocov3.temperature must be > 0")
-        self.projector = mlp(backbone.num_features, m["proj_hidden"], m["proj_dim"], 3, last_bn=True)
-        self.predictor = mlp(m["proj_dim"], m["pred_hidden"], m["proj_dim"], 2, last_bn=False)
+        p = self.head_dropout(cfg)
+        self.projector = mlp(
+            backbone.num_features, m["proj_hidden"], m["proj_dim"], 3, last_bn=True, dropout=p
+        )
+        self.predictor = mlp(m["proj_dim"], m["pred_hidden"], m["proj_dim"], 2, last_bn=False, dropout=p)
         self.key_backbone = frozen_copy(backbone)
         self.key_projector = frozen_copy(self.projector)
         self.ema = MomentumPairs((self.backbone, self.key_backbone), (self.projector, self.key_projector))
+
+    @classmethod
+    def head_dropout(cls, cfg: dict[str, Any]) -> float:
+        """Dropout between the MLP layers (none in MoCo v3)."""
+        return 0.0
 
     def online_modules(self) -> list[nn.Module]:
         return [self.backbone, self.projector, self.predictor]

@@ -1,0 +1,163 @@
+"""LoDisc (Shi et al.): MoCo v3 on a ViT plus a local branch on location-wise masked views.
+
+For each view x the momentum encoder (no gradient) gives the key k and, from the same pass,
+every block's head-averaged self-attention. The blocks are fused by element-wise product
+(computed as a sum of logs, so 12 layers of small probabilities do not underflow) and the CLS
+row over the patches ranks them; the top (1 - r) N patches are kept and every other 16 x 16
+patch is zeroed in the normalised image, which keeps its full resolution. The masked view
+goes through the same momentum encoder: k_m. With queries q = predictor(projector(x)):
+
+    L = ctr(q1, k2) + ctr(q2, k1) + ctr(q1, k_m2) + ctr(q2, k_m1)
+
+where ctr is MoCo v3's contrastive loss (in-batch negatives gathered across processes,
+scaled by 2 tau). The momentum encoder moves once per step (the official code moves it four
+times) and the masking is batched on the device (the official code loops over pixels).
+
+Mask-aware LoDisc (``lodisc.mode``, METHODS.md §6): each patch's saliency s_j is the mean of
+the maskgen mask over it. ``saliency`` ranks by s_j alone (ties: nearer the image centre
+first) and runs no attention at all; ``product`` ranks the patches with s_j > ``salient_min``
+by s_j^gamma A_j and fills the rest by attention rank. A sample whose mask covers under 1 % or
+over 99 % of a view ranks that view by attention (plain LoDisc); ``fallback`` logs how often.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sslmask import distributed as D
+from sslmask.backbones import Backbone
+from sslmask.losses import embedding_std, moco_v3_loss
+from sslmask.methods.mocov3 import MoCoV3
+from sslmask.vit import PATCH
+
+MODES = ("attention", "saliency", "product")
+
+
+def fused_attention(maps: list[torch.Tensor]) -> torch.Tensor:
+    """log of the element-wise product over blocks of the CLS row over the patches: N x P."""
+    logs = [m[:, 0, 1:].float().clamp_min(torch.finfo(torch.float32).tiny).log() for m in maps]
+    return torch.stack(logs).sum(0)
+
+
+def patch_saliency(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Mean of an N x 1 x H x W mask over each patch of the ViT's grid (padded like the image,
+    on the right and bottom): N x P."""
+    h, w = grid
+    padded = F.pad(mask.float(), (0, w * PATCH - mask.shape[-1], 0, h * PATCH - mask.shape[-2]))
+    return F.avg_pool2d(padded, PATCH).flatten(1)
+
+
+def _centre_order(grid: tuple[int, int], device) -> torch.Tensor:
+    """Patch indices from the grid's centre outwards (saliency mode's tie-break)."""
+    h, w = grid
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    dist = ((ys - (h - 1) / 2) ** 2 + (xs - (w - 1) / 2) ** 2).flatten()
+    return torch.sort(dist, stable=True).indices
+
+
+def select_patches(
+    n_keep: int,
+    grid: tuple[int, int],
+    attention: torch.Tensor | None,
+    saliency: torch.Tensor | None,
+    mode: str,
+    gamma: float = 1.0,
+    salient_min: float = 0.5,
+) -> torch.Tensor:
+    """N x P bool: the ``n_keep`` patches each image keeps (METHODS.md §5.1, §6)."""
+    if mode == "attention":
+        order = torch.sort(attention, dim=1, descending=True, stable=True).indices
+    elif mode == "saliency":
+        centre = _centre_order(grid, saliency.device).expand(saliency.shape[0], -1)
+        by_saliency = torch.sort(saliency.gather(1, centre), dim=1, descending=True, stable=True).indices
+        order = centre.gather(1, by_saliency)
+    else:
+        salient = saliency > salient_min
+        value = torch.where(salient, gamma * saliency.clamp_min(1e-12).log() + attention, attention)
+        by_value = torch.sort(value, dim=1, descending=True, stable=True).indices
+        first = torch.sort(salient.gather(1, by_value).float(), dim=1, descending=True, stable=True).indices
+        order = by_value.gather(1, first)
+    keep = torch.zeros_like(order, dtype=torch.bool)
+    return keep.scatter_(1, order[:, :n_keep], True)
+
+
+def mask_patches(x: torch.Tensor, keep: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Zero every dropped 16 x 16 patch of the normalised images ``x`` (N x 3 x H x W)."""
+    h, w = grid
+    pixels = keep.view(-1, 1, h, w).to(x.dtype).repeat_interleave(PATCH, 2).repeat_interleave(PATCH, 3)
+    return x * pixels[..., : x.shape[-2], : x.shape[-1]]
+
+
+class LoDisc(MoCoV3):
+    name = "lodisc"
+
+    def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
+        super().__init__(backbone, cfg)
+        c = self.c = cfg["lodisc"]
+        if not hasattr(backbone, "cls_token"):
+            raise ValueError(f"lodisc needs a ViT backbone (model.arch vit_*), got {cfg['model']['arch']!r}")
+        if c["mode"] not in MODES:
+            raise ValueError(f"lodisc.mode must be one of {', '.join(MODES)}, got {c['mode']!r}")
+        if not 0 <= c["mask_ratio"] < 1:
+            raise ValueError(f"lodisc.mask_ratio must be in [0, 1), got {c['mask_ratio']}")
+        if not 0 <= c["fallback_min"] < c["fallback_max"] <= 1:
+            raise ValueError("lodisc: 0 <= fallback_min < fallback_max <= 1 is required")
+        if c["gamma"] < 0 or not 0 <= c["salient_min"] < 1 or not 0 <= c["mlp_dropout"] < 1:
+            raise ValueError(
+                "lodisc: gamma >= 0, salient_min in [0, 1) and mlp_dropout in [0, 1) are required"
+            )
+
+    @classmethod
+    def uses_masks(cls, cfg: dict[str, Any]) -> bool:
+        return cfg["lodisc"]["mode"] != "attention"
+
+    @classmethod
+    def head_dropout(cls, cfg: dict[str, Any]) -> float:
+        return cfg["lodisc"]["mlp_dropout"]
+
+    @torch.no_grad()
+    def _keys(
+        self, x: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(key of x, key of its masked view, which samples fell back to attention)."""
+        grid = (-(-x.shape[-2] // PATCH), -(-x.shape[-1] // PATCH))
+        n_keep = max(1, math.floor(grid[0] * grid[1] * (1 - self.c["mask_ratio"])))
+        mode = self.c["mode"]
+        fallback = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        saliency = None
+        if mode != "attention":
+            fg = mask.float().mean(dim=(1, 2, 3))
+            fallback = (fg < self.c["fallback_min"]) | (fg > self.c["fallback_max"])
+            saliency = patch_saliency(mask, grid)
+        attention = None
+        if mode == "saliency" and not fallback.any():
+            pooled = self.key_backbone.pooled(x)  # no attention extraction at all
+        else:
+            pooled, maps = self.key_backbone.pooled_and_attention(x)
+            attention = fused_attention(maps)
+        keep = select_patches(n_keep, grid, attention, saliency, mode, self.c["gamma"], self.c["salient_min"])
+        if mode != "attention" and fallback.any():
+            plain = select_patches(n_keep, grid, attention, None, "attention")
+            keep = torch.where(fallback.view(-1, 1), plain, keep)
+        key = self.key_projector(pooled)
+        masked = self.key_projector(self.key_backbone.pooled(mask_patches(x, keep, grid)))
+        return key, masked, fallback
+
+    def forward(self, batch: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, torch.Tensor]:
+        tau = self.cfg["mocov3"]["temperature"]
+        q = [self.predictor(self.projector(self.backbone.pooled(batch[f"view{v}"]))) for v in range(2)]
+        keys = [self._keys(batch[f"view{v}"], batch.get(f"mask{v}")) for v in range(2)]
+        offset = D.rank() * q[0].shape[0]
+        k = [D.all_gather(key) for key, _, _ in keys]
+        k_m = [D.all_gather(masked) for _, masked, _ in keys]
+        glob = moco_v3_loss(q[0], k[1], tau, offset) + moco_v3_loss(q[1], k[0], tau, offset)
+        local = moco_v3_loss(q[0], k_m[1], tau, offset) + moco_v3_loss(q[1], k_m[0], tau, offset)
+        out = {"loss": glob + local, "loss_global": glob.detach(), "loss_local": local.detach()}
+        if self.c["mode"] != "attention":
+            out["fallback"] = torch.cat([f for _, _, f in keys]).float().mean()
+        out["z_std"] = embedding_std(q[0])
+        return out

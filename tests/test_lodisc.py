@@ -1,0 +1,280 @@
+"""LoDisc and leave-one-out retrieval, against slow computations written here (METHODS.md §5)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sslmask.config import load_config
+from sslmask.eval.retrieval import retrieval_metrics
+from sslmask.losses import moco_v3_loss
+from sslmask.methods import build_method
+from sslmask.methods.lodisc import fused_attention, mask_patches, patch_saliency, select_patches
+
+
+def _method(*sets: str):
+    cfg = load_config("lodisc", "cpu-demo", ["model.arch=vit_micro", "model.proj_hidden=32", "model.pred_hidden=32",
+                                             "model.proj_dim=16", *sets])  # fmt: skip
+    torch.manual_seed(0)
+    return build_method(cfg)
+
+
+def test_fused_attention_is_the_log_of_the_per_layer_product():
+    g = torch.Generator().manual_seed(0)
+    maps = [F.softmax(torch.randn(2, 5, 5, generator=g) * 3, -1) for _ in range(12)]
+    fused = fused_attention(maps)
+    for n in range(2):
+        for j in range(4):
+            product = 1.0
+            for layer in maps:  # in float64: 12 layers of probabilities
+                product *= float(layer[n, 0, 1 + j].double())
+            assert float(fused[n, j]) == pytest.approx(math.log(product), rel=1e-5)
+
+
+def test_fused_attention_does_not_underflow_where_the_plain_product_does():
+    maps = [torch.full((1, 3, 3), 1e-5) for _ in range(12)]  # product 1e-60: 0 in float32
+    assert float(torch.stack([m[:, 0, 1:] for m in maps]).prod(0)[0, 0]) == 0.0
+    fused = fused_attention(maps)
+    assert torch.isfinite(fused).all() and float(fused[0, 0]) == pytest.approx(12 * math.log(1e-5), rel=1e-5)
+
+
+def _slow_select(n_keep, grid, attn, sal, mode, gamma=1.0, salient_min=0.5):
+    """Per image, with Python sorts over (key, index) tuples."""
+    h, w = grid
+    out = []
+    for i in range(attn.shape[0] if attn is not None else sal.shape[0]):
+        idx = list(range(h * w))
+        if mode == "attention":
+            ranked = sorted(idx, key=lambda j: (-float(attn[i, j]), j))
+        elif mode == "saliency":
+
+            def centre(j):
+                return (j // w - (h - 1) / 2) ** 2 + (j % w - (w - 1) / 2) ** 2
+
+            by_centre = sorted(idx, key=lambda j: (centre(j), j))
+            ranked = sorted(by_centre, key=lambda j: -float(sal[i, j]))
+        else:
+            salient = [j for j in idx if sal[i, j] > salient_min]
+            rest = [j for j in idx if j not in salient]
+            salient.sort(key=lambda j: (-(float(sal[i, j]) ** gamma * math.exp(float(attn[i, j]))), j))
+            rest.sort(key=lambda j: (-float(attn[i, j]), j))
+            ranked = salient + rest
+        keep = torch.zeros(h * w, dtype=torch.bool)
+        keep[ranked[:n_keep]] = True
+        out.append(keep)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("mode", ["attention", "saliency", "product"])
+def test_patch_selection_equals_a_per_image_sort(mode):
+    g = torch.Generator().manual_seed(1)
+    grid = (4, 5)
+    attn = torch.randn(6, 20, generator=g)
+    sal = (torch.rand(6, 20, generator=g) * 4).floor() / 3  # many ties, some above 0.5
+    sal[0] = 0  # an image with no salient patch: product fills by attention, saliency by centre
+    for n_keep in (1, 7, 14, 20):
+        fast = select_patches(n_keep, grid, attn, sal, mode, gamma=1.0)
+        assert torch.equal(fast, _slow_select(n_keep, grid, attn, sal, mode)), n_keep
+        assert (fast.sum(1) == n_keep).all()
+
+
+def test_product_mode_keeps_salient_patches_first_and_fills_by_attention():
+    attn = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])
+    sal = torch.tensor([[0.0, 0.0, 0.9, 0.0, 0.6, 0.0]])
+    keep = select_patches(4, (2, 3), attn, sal, "product")
+    assert keep[0].tolist() == [True, True, True, False, True, False]  # patches 2, 4, then 0, 1
+
+
+def test_patch_saliency_and_masking_equal_loops():
+    g = torch.Generator().manual_seed(2)
+    mask = (torch.rand(2, 1, 40, 35, generator=g) > 0.4).float()  # padded to 48 x 48: a 3 x 3 grid
+    sal = patch_saliency(mask, (3, 3))
+    x = torch.randn(2, 3, 40, 35, generator=g)
+    keep = torch.rand(2, 9, generator=g) > 0.5
+    masked = mask_patches(x, keep, (3, 3))
+    for n in range(2):
+        for p in range(9):
+            y, xx = divmod(p, 3)
+            block = mask[n, 0, 16 * y : 16 * y + 16, 16 * xx : 16 * xx + 16]
+            assert float(sal[n, p]) == pytest.approx(float(block.sum()) / 256)
+            pix = masked[n, :, 16 * y : 16 * y + 16, 16 * xx : 16 * xx + 16]
+            ref = x[n, :, 16 * y : 16 * y + 16, 16 * xx : 16 * xx + 16] * float(keep[n, p])
+            assert torch.equal(pix, ref)
+
+
+def _batch(size=48):
+    g = torch.Generator().manual_seed(3)
+    batch = {}
+    for v in range(2):
+        batch[f"view{v}"] = torch.randn(4, 3, size, size, generator=g)
+        mask = torch.zeros(4, 1, size, size)
+        mask[:, :, 8:40, 10:30] = 1
+        mask[1] = 1  # all foreground: falls back to attention
+        batch[f"mask{v}"] = mask
+    return batch
+
+
+@pytest.mark.parametrize("mode", ["attention", "saliency", "product"])
+def test_lodisc_loss_is_the_four_contrastive_terms(mode):
+    m = _method(f"lodisc.mode={mode}").eval()  # eval: no dropout, running BN statistics
+    batch = _batch()
+    out = m(batch, 0, 10)
+    tau = m.cfg["mocov3"]["temperature"]
+    with torch.no_grad():
+        q = [m.predictor(m.projector(m.backbone.pooled(batch[f"view{v}"]))) for v in range(2)]
+        k, km = [], []
+        for v in range(2):
+            x = batch[f"view{v}"]
+            _, maps = m.key_backbone.pooled_and_attention(x)
+            attn, sal = fused_attention(maps), patch_saliency(batch[f"mask{v}"], (3, 3))
+            keep = _slow_select(6, (3, 3), attn, sal, mode)  # floor(9 x 0.7) = 6 kept
+            fallback = batch[f"mask{v}"].mean(dim=(1, 2, 3)) > 0.99
+            keep = torch.where(fallback[:, None], _slow_select(6, (3, 3), attn, None, "attention"), keep)
+            k.append(m.key_projector(m.key_backbone.pooled(x)))
+            km.append(m.key_projector(m.key_backbone.pooled(mask_patches(x, keep, (3, 3)))))
+    terms = [moco_v3_loss(q[0], k[1], tau), moco_v3_loss(q[1], k[0], tau)]
+    local = [moco_v3_loss(q[0], km[1], tau), moco_v3_loss(q[1], km[0], tau)]
+    assert float(out["loss_global"]) == pytest.approx(float(sum(terms)), rel=1e-5)
+    assert float(out["loss_local"]) == pytest.approx(float(sum(local)), rel=1e-5)
+    assert float(out["loss"]) == pytest.approx(float(sum(terms) + sum(local)), rel=1e-5)
+    if mode != "attention":
+        assert float(out["fallback"]) == 0.25
+
+
+def test_saliency_mode_extracts_no_attention_unless_a_sample_falls_back(monkeypatch):
+    m = _method("lodisc.mode=saliency")
+    batch = _batch()
+    for v in range(2):
+        batch[f"mask{v}"][1] = batch[f"mask{v}"][0]  # no fallback left
+    calls = []
+    original = m.key_backbone.pooled_and_attention
+    monkeypatch.setattr(m.key_backbone, "pooled_and_attention", lambda x: calls.append(1) or original(x))
+    m(batch, 0, 10)
+    assert calls == []
+    m(_batch(), 0, 10)  # one all-foreground sample per view: attention for its fallback
+    assert len(calls) == 2
+
+
+def test_the_momentum_encoder_moves_once_per_step():
+    m = _method()
+    before = [p.clone() for p in m.key_backbone.parameters()]
+    m(_batch(), 0, 10)["loss"].backward()
+    assert all(torch.equal(a, b) for a, b in zip(before, m.key_backbone.parameters(), strict=True))
+    with torch.no_grad():
+        for p in m.backbone.parameters():
+            p.add_(0.1)
+    tau = m.after_optimizer_step(0, 10)["tau"]
+    for p, old, s in zip(m.key_backbone.parameters(), before, m.backbone.parameters(), strict=True):
+        torch.testing.assert_close(p, tau * old + (1 - tau) * s)
+
+
+def test_lodisc_heads_carry_its_dropout_and_mocov3_has_none():
+    lodisc = _method()
+    assert sum(isinstance(x, torch.nn.Dropout) and x.p == 0.2 for x in lodisc.projector) == 2
+    mocov3 = build_method(load_config("mocov3", "cpu-demo", ["model.arch=vit_micro", "model.proj_hidden=32",
+                                                              "model.pred_hidden=32", "model.proj_dim=16"]))  # fmt: skip
+    assert not any(isinstance(x, torch.nn.Dropout) for x in mocov3.projector)
+
+
+def _slow_map(feats, labels):
+    """Leave-one-out AP by the textbook definition, one query at a time."""
+    f = F.normalize(feats, dim=1)
+    r1, r5, aps = [], [], []
+    for i in range(len(labels)):
+        others = [j for j in range(len(labels)) if j != i]
+        ranked = sorted(others, key=lambda j: -float(f[i] @ f[j]))
+        rel = [int(labels[j] == labels[i]) for j in ranked]
+        if not sum(rel):
+            continue
+        r1.append(rel[0])
+        r5.append(int(any(rel[:5])))
+        hits, ap = 0, 0.0
+        for rank, r in enumerate(rel, start=1):
+            if r:
+                hits += 1
+                ap += hits / rank
+        aps.append(ap / sum(rel))
+    return 100 * np.mean(r1), 100 * np.mean(r5), 100 * np.mean(aps), len(labels) - len(aps)
+
+
+def test_retrieval_on_a_hand_computed_case():
+    feats = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.7, 0.3], [0.0, 1.0], [-1.0, 0.2]])
+    labels = torch.tensor([0, 0, 1, 0, 2])  # images 2 and 4 are alone in their class: skipped
+    out = retrieval_metrics(feats, labels, chunk=2)
+    # query 0 ranks 1, 2, 3, 4: relevant at 1 and 3 -> AP (1/1 + 2/3) / 2; query 1 ranks 0, 2, 3, 4:
+    # the same; query 3 ranks 2, 4, 1, 0: relevant at 3 and 4 -> AP (1/3 + 2/4) / 2, Rank-1 missed
+    assert out == {"queries": 3, "skipped": 2, "rank1": 66.67, "rank5": 100.0,
+                   "mAP": round(100 * (5 / 6 + 5 / 6 + 5 / 12) / 3, 2)}  # fmt: skip
+    assert out == retrieval_metrics(feats, labels, chunk=512)
+
+
+def test_retrieval_equals_a_per_query_loop():
+    g = torch.Generator().manual_seed(4)
+    feats, labels = torch.randn(57, 6, generator=g), torch.randint(0, 6, (57,), generator=g)
+    labels[0] = 99  # a singleton class
+    out = retrieval_metrics(feats, labels, chunk=10)
+    r1, r5, mean_ap, skipped = _slow_map(feats, labels)
+    assert out["skipped"] == skipped == 1 and out["queries"] == 56
+    assert out["rank1"] == pytest.approx(round(r1, 2)) and out["rank5"] == pytest.approx(round(r5, 2))
+    assert out["mAP"] == pytest.approx(round(mean_ap, 2))
+
+
+def test_lodisc_trains_and_retrieval_cli_reads_its_predictor(sample_build, tmp_path, capsys):
+    from sslmask.cli import main
+
+    run = tmp_path / "lodisc"
+    args = ["train", str(sample_build), "--method", "lodisc", "--out", str(run), "--config", "cpu-demo",
+            "--set", "model.arch=vit_micro", "--set", "data.image_size=48", "--set", "data.batch_size=8",
+            "--set", "data.workers=0", "--set", "model.proj_hidden=32", "--set", "model.pred_hidden=32",
+            "--set", "model.proj_dim=16", "--set", "lodisc.mode=product", "--set", "train.epochs=1",
+            "--set", "train.log_every=1"]  # fmt: skip
+    assert main(args) == 0
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    train = [r for r in log if r["kind"] == "train"]
+    assert len(train) == 5 and all(np.isfinite(r["loss"]) and 0 <= r["fallback"] <= 1 for r in train)
+    capsys.readouterr()
+    for kind in ("predictor", "backbone", "gap"):
+        out = tmp_path / f"{kind}.json"
+        assert main(["eval", "retrieval", "--checkpoint", str(run), "--data", str(sample_build), "--features",
+                     kind, "--image-size", "48", "--workers", "0", "--out", str(out)]) == 0  # fmt: skip
+        result = json.loads(out.read_text())
+        assert result["features"] == kind and result["images"] == 42
+        assert 0 <= result["rank1"] <= result["rank5"] <= 100 and 0 < result["mAP"] <= 100
+    capsys.readouterr()
+    assert main(["eval", "retrieval", "--checkpoint", "random", "--arch", "vit_micro", "--data", str(sample_build),
+                 "--features", "predictor", "--image-size", "48", "--workers", "0"]) != 0  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert "--features predictor needs an sslmask run" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["lodisc.mode=random"], "lodisc.mode must be one of attention, saliency, product"),
+        (["lodisc.mask_ratio=1.0"], "lodisc.mask_ratio must be in [0, 1)"),
+        (["model.arch=resnet_tiny"], "lodisc needs a ViT backbone"),
+    ],
+)
+def test_bad_lodisc_values_are_one_clear_line(sets, message, tmp_path, sample_build, capsys):
+    from sslmask.cli import main
+
+    args = [
+        "train",
+        str(sample_build),
+        "--method",
+        "lodisc",
+        "--config",
+        "cpu-demo",
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    for s in ["model.arch=vit_micro", *sets]:
+        args += ["--set", s]
+    assert main(args) != 0
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err

@@ -393,8 +393,11 @@ def run_epoch(loop: Loop, dataset: ViewsDataset, epoch: int, log: RunLog, steps:
     sampler = EpochBatchSampler(len(dataset), data_cfg["batch_size"], epoch, t_cfg["seed"], info.world_size,
                                 info.rank, loop.steps_per_epoch * data_cfg["batch_size"] * info.world_size,
                                 start=loop.step - epoch * loop.steps_per_epoch)  # fmt: skip
+    # the loader's own generator: drawing its worker base seed from the global RNG would shift
+    # what dropout (LoDisc's heads) draws after a resume mid-epoch; views are seeded per sample
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=data_cfg["workers"],
-                        pin_memory=info.device.type == "cuda", persistent_workers=False)  # fmt: skip
+                        pin_memory=info.device.type == "cuda", persistent_workers=False,
+                        generator=torch.Generator().manual_seed(t_cfg["seed"] * 1_000_003 + epoch))  # fmt: skip
     for batch in loader:
         values = train_step(loop, batch)
         if values is None:

@@ -4,6 +4,7 @@ backbone's bare forward + backward over the same views.
     python benchmarks/train_step.py [--arch resnet18] [--batch 32] [--size 112] [--steps 10]
                                      [--repeats 3] [--device cpu|cuda] [--amp bf16]
                                      [--methods byol harl dino mocov2 mocov3] [--set KEY=VALUE ...]
+    python benchmarks/train_step.py --arch vit_tiny --methods mocov3 lodisc lodisc-sal=lodisc:lodisc.mode=saliency
 
 A step is the engine's: forward (every view, online and target networks), backward, the
 method's hooks around a LARS step (EMA, queue, centre), on fixed synthetic batches (data
@@ -21,16 +22,27 @@ import statistics
 import time
 
 import torch
+from ssl_compare import parse_variant
 
 from sslmask.config import default_config, load_config
 from sslmask.methods import METHODS, build_method
 from sslmask.optim import build_optimizer
 
+BASELINES = {"harl": "byol", "scfs": "dino", "lodisc": "mocov3"}
 
-def make(name: str, args):
+
+def make_config(label: str, args) -> dict:
+    """The config of a ``--methods`` entry (a name, or ``LABEL=METHOD:KEY=VALUE...``)."""
+    _, name, own = parse_variant(label)
     sets = [f"model.arch={args.arch}", f"data.image_size={args.size}", *args.set]
     sections = set(default_config(name))  # scfs takes dino.* sets too
-    cfg = load_config(name, None, [s for s in sets if s.split(".")[0] in sections])
+    return load_config(name, None, [*[s for s in sets if s.split(".")[0] in sections], *own])
+
+
+def make(label: str, args):
+    """The method of a ``--methods`` entry and a fixed batch of its views and masks."""
+    cfg = make_config(label, args)
+    name = cfg["method"]
     torch.manual_seed(0)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     method = build_method(cfg).to(args.device, memory_format=fmt)
@@ -115,15 +127,18 @@ def main() -> None:
     print(
         f"{args.arch}, batch {args.batch}, {args.size}px, {args.device}, amp {args.amp}; median of {args.repeats}"
     )
-    print(f"{'method':<8}{'views':>6}{'ms/step':>10}{'images/s':>10}{'bare ms':>10}{'overhead':>10}")
+    print(f"{'method':<12}{'views':>6}{'ms/step':>10}{'images/s':>10}{'bare ms':>10}{'overhead':>10}")
     med = {m: {k: statistics.median(v) for k, v in r.items()} for m, r in runs.items()}
     for name, t in med.items():
-        views = len(METHODS[name].view_specs(load_config(name)))
-        print(f"{name:<8}{views:>6}{1000 * t['step']:>10.1f}{args.batch / t['step']:>10.1f}"
+        views = len(METHODS[parse_variant(name)[1]].view_specs(make_config(name, args)))
+        print(f"{parse_variant(name)[0]:<12}{views:>6}{1000 * t['step']:>10.1f}{args.batch / t['step']:>10.1f}"
               f"{1000 * t['bare']:>10.1f}{1 - t['bare'] / t['step']:>10.1%}")  # fmt: skip
-    for method, base in (("harl", "byol"), ("scfs", "dino"), ("lodisc", "mocov3")):  # <= 1.05x, 1.35x, 1.4x
-        if method in med and base in med:
-            print(f"{method} / {base} step time: {med[method]['step'] / med[base]['step']:.3f}")
+    for label in med:  # targets: HARL <= 1.05x BYOL, SCFS <= 1.35x DINO, LoDisc <= 1.4x MoCo v3
+        base = BASELINES.get(parse_variant(label)[1])
+        if base in med:
+            print(
+                f"{parse_variant(label)[0]} / {base} step time: {med[label]['step'] / med[base]['step']:.3f}"
+            )
 
 
 if __name__ == "__main__":

@@ -73,6 +73,11 @@ def _timed(fn, args) -> list[float]:
 
 def step_times(name: str, args) -> list[float]:
     """Seconds per engine step of ``name`` (after 2 warm-up steps)."""
+    return _timed(engine_step(name, args), args)
+
+
+def engine_step(name: str, args):
+    """One engine step of ``name`` on its fixed batch, as a function of the step index."""
     method, batch = make(name, args)
     opt = build_optimizer("lars", method.param_groups(1e-6), 0.1)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
@@ -88,11 +93,41 @@ def step_times(name: str, args) -> list[float]:
         opt.step()
         method.after_optimizer_step(i, 100)
 
-    return _timed(step, args)
+    return step
 
 
 def bare_times(name: str, args) -> list[float]:
     """Seconds per forward + backward of the backbone alone over ``name``'s views."""
+    return _timed(bare_step(name, args), args)
+
+
+def flops(step) -> float:
+    """FLOPs of one call (torch's FlopCounterMode: matmuls and convolutions, forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step(0)  # lazy initialisation outside the count
+    with FlopCounterMode(display=False) as counter:
+        step(1)
+    return float(counter.get_total_flops())
+
+
+def print_flops(args) -> None:
+    """``--flops``: each method's step and bare backbone in GFLOPs per image, independent of load."""
+    print(f"{args.arch}, batch {args.batch}, {args.size}px: GFLOPs per image (FlopCounterMode)")
+    print(f"{'method':<12}{'step':>10}{'bare':>10}{'overhead':>10}")
+    per_image = {}
+    for name in args.methods:
+        step, bare = flops(engine_step(name, args)) / args.batch, flops(bare_step(name, args)) / args.batch
+        per_image[name] = step
+        print(f"{parse_variant(name)[0]:<12}{step / 1e9:>10.2f}{bare / 1e9:>10.2f}{1 - bare / step:>10.1%}")
+    for label, step in per_image.items():
+        base = BASELINES.get(parse_variant(label)[1])
+        if base in per_image:
+            print(f"{parse_variant(label)[0]} / {base} FLOPs per step: {step / per_image[base]:.3f}")
+
+
+def bare_step(name: str, args):
+    """Forward + backward of the backbone alone over ``name``'s views, as a function of the index."""
     method, batch = make(name, args)
     views = [v for k, v in batch.items() if k.startswith("view")]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
@@ -103,7 +138,7 @@ def bare_times(name: str, args) -> list[float]:
             loss = sum(method.backbone(x).float().mean() for x in views)
         loss.backward()
 
-    return _timed(step, args)
+    return step
 
 
 def main() -> None:
@@ -118,7 +153,11 @@ def main() -> None:
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--methods", nargs="+", default=["byol", "harl", "dino", "mocov2", "mocov3"])
     ap.add_argument("--set", action="append", default=[], help="A config override for every method.")
+    ap.add_argument("--flops", action="store_true", help="Count FLOPs of one step instead of timing.")
     args = ap.parse_args()
+    if args.flops:
+        print_flops(args)
+        return
     runs: dict[str, dict[str, list[float]]] = {m: {"step": [], "bare": []} for m in args.methods}
     for _ in range(args.repeats):  # interleaved
         for name in args.methods:

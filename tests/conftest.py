@@ -76,3 +76,16 @@ def sample_build(tmp_path_factory) -> Path:
                "--save-saliency"])  # fmt: skip
     assert rc == 0
     return out
+
+
+def refused_train(method: str, build: Path, out: Path, sets: list[str], capsys) -> str:
+    """Run ``sslmask train`` with ``--set``s that must be refused; its one stderr line."""
+    from sslmask.cli import main
+
+    args = ["train", str(build), "--method", method, "--config", "cpu-demo", "--out", str(out)]
+    for item in sets:
+        args += ["--set", item]
+    assert main(args) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err

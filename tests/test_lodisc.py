@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import refused_train
 
 from sslmask.config import load_config
 from sslmask.eval.retrieval import retrieval_metrics
@@ -261,20 +262,6 @@ def test_lodisc_trains_and_retrieval_cli_reads_its_predictor(sample_build, tmp_p
     ],
 )
 def test_bad_lodisc_values_are_one_clear_line(sets, message, tmp_path, sample_build, capsys):
-    from sslmask.cli import main
-
-    args = [
-        "train",
-        str(sample_build),
-        "--method",
-        "lodisc",
-        "--config",
-        "cpu-demo",
-        "--out",
-        str(tmp_path / "r"),
-    ]
-    for s in ["model.arch=vit_micro", *sets]:
-        args += ["--set", s]
-    assert main(args) != 0
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1, err
+    assert message in refused_train(
+        "lodisc", sample_build, tmp_path / "r", ["model.arch=vit_micro", *sets], capsys
+    )

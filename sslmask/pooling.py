@@ -59,3 +59,16 @@ def masked_average_pool(
     if norm == "mask_sum_plus_one":
         return summed / (mass + 1.0)
     raise ValueError(f"unknown pooling norm {norm!r}; choose from {', '.join(POOL_NORMS)}")
+
+
+def usable_masks(masks: list[torch.Tensor], lo: float, hi: float) -> torch.Tensor:
+    """B booleans: every view's mask (N x 1 x H x W in [0, 1]) covers a fraction in [lo, hi].
+
+    The shared fallback rule of the mask-aware methods (METHODS.md §6): a sample whose mask is
+    empty or almost full in some view trains as in the original method.
+    """
+    ok = torch.ones(masks[0].shape[0], dtype=torch.bool, device=masks[0].device)
+    for mask in masks:
+        fg = mask.float().mean(dim=(1, 2, 3))
+        ok &= (fg >= lo) & (fg <= hi)
+    return ok

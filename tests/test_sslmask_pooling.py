@@ -72,3 +72,14 @@ def test_empty_mask_falls_back_to_global_average():
     out = masked_average_pool(f, w)
     torch.testing.assert_close(out[0], f[0].mean((1, 2)))
     torch.testing.assert_close(out[1], f[1, :, 0, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_usable_masks_needs_every_view_inside_the_bounds():
+    from sslmask.pooling import usable_masks
+
+    full, empty, half = torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)
+    half[..., :2, :] = 1
+    a = torch.cat([half, half, full, empty, half])
+    b = torch.cat([half, full, half, half, torch.full((1, 1, 4, 4), 0.5)])
+    assert usable_masks([a, b], 0.01, 0.99).tolist() == [True, False, False, False, True]
+    assert usable_masks([a], 0.0, 1.0).all()

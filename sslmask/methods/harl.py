@@ -22,7 +22,7 @@ import torch
 from sslmask.backbones import Backbone
 from sslmask.losses import embedding_std, harl_hybrid_loss, harl_mask_loss, regression_loss
 from sslmask.methods.byol import BYOL
-from sslmask.pooling import DOWNSAMPLE_MODES, POOL_NORMS, downsample_mask, masked_average_pool
+from sslmask.pooling import DOWNSAMPLE_MODES, POOL_NORMS, downsample_mask, masked_average_pool, usable_masks
 from sslmask.schedules import cosine_ramp
 
 LOSS_MODES = ("hybrid", "mask")
@@ -75,17 +75,14 @@ class HARL(BYOL):
 
     def forward(self, batch: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, torch.Tensor]:
         alpha, lam = self.coefficients(step, total_steps)
-        online, target, fg_frac = [], [], []
+        online, target = [], []
         for v in range(2):
             x, mask = batch[f"view{v}"], batch[f"mask{v}"]
-            fg_frac.append(mask.float().mean(dim=(1, 2, 3)))
             pooled = self._pool(self.backbone, x, mask)
             online.append([self.online_predict(t) for t in pooled])  # [(p, z)] for fg, bg, global
             with torch.no_grad():
                 target.append([self.target_project(t) for t in self._pool(self.target_backbone, x, mask)])
-        ok = torch.ones_like(fg_frac[0], dtype=torch.bool)
-        for f in fg_frac:
-            ok &= (f >= self.h["fallback_min"]) & (f <= self.h["fallback_max"])
+        ok = usable_masks([batch["mask0"], batch["mask1"]], self.h["fallback_min"], self.h["fallback_max"])
         total = fg_t = bg_t = glob_t = 0.0
         for a, b in ((0, 1), (1, 0)):
             (p_f, _), (p_b, _), (p_g, _) = online[a]

@@ -32,6 +32,7 @@ from sslmask import distributed as D
 from sslmask.backbones import Backbone
 from sslmask.losses import embedding_std, moco_v3_loss
 from sslmask.methods.mocov3 import MoCoV3
+from sslmask.pooling import usable_masks
 from sslmask.vit import PATCH
 
 MODES = ("attention", "saliency", "product")
@@ -130,8 +131,7 @@ class LoDisc(MoCoV3):
         fallback = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         saliency = None
         if mode != "attention":
-            fg = mask.float().mean(dim=(1, 2, 3))
-            fallback = (fg < self.c["fallback_min"]) | (fg > self.c["fallback_max"])
+            fallback = ~usable_masks([mask], self.c["fallback_min"], self.c["fallback_max"])
             saliency = patch_saliency(mask, grid)
         attention = None
         if mode == "saliency" and not fallback.any():

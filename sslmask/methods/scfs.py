@@ -35,7 +35,7 @@ from sslmask.backbones import Backbone
 from sslmask.losses import dino_loss, search_loss
 from sslmask.methods.dino import DINO, update_center
 from sslmask.momentum import MomentumPairs, frozen_copy
-from sslmask.pooling import DOWNSAMPLE_MODES, downsample_mask, masked_average_pool
+from sslmask.pooling import DOWNSAMPLE_MODES, downsample_mask, masked_average_pool, usable_masks
 
 MASK_MODES = ("none", "key", "key_query", "key_query_gate")
 SEARCH_GLOBALS = ("first", "both")
@@ -114,10 +114,7 @@ class SCFS(DINO):
         mode = self.s["mask_mode"]
         if mode == "none":
             return None
-        fg = [batch[f"mask{g}"].float().mean(dim=(1, 2, 3)) for g in range(2)]
-        use = torch.ones_like(fg[0], dtype=torch.bool)
-        for f in fg:
-            use &= (f >= self.s["fallback_min"]) & (f <= self.s["fallback_max"])
+        use = usable_masks([batch["mask0"], batch["mask1"]], self.s["fallback_min"], self.s["fallback_max"])
         keep = torch.ones(n_local, use.shape[0], dtype=torch.bool, device=use.device)
         if mode == "key_query_gate":
             for n in range(n_local):

@@ -96,7 +96,7 @@ def backbone_state(obj: Any, branch: str = "teacher") -> dict[str, torch.Tensor]
     dicts, with the prefixes in ``TRUNK_PREFIXES``. Projection heads and ``fc`` are dropped.
     """
     if isinstance(obj, dict) and isinstance(obj.get("method"), dict):
-        obj = obj["method"]
+        obj = {k: v for k, v in obj["method"].items() if not k.endswith("_extra_state")}  # SegAS's clusters
     if isinstance(obj, dict) and isinstance(obj.get(branch), dict):
         obj = obj[branch]
     for wrapper in ("state_dict", "model"):

@@ -80,6 +80,15 @@ def all_gather_uneven(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return torch.cat([p[:k] for p, k in zip(parts, sizes, strict=True)])
 
 
+@torch.no_grad()
+def broadcast(t: torch.Tensor, info: DistInfo, src: int = 0) -> torch.Tensor:
+    """Rank ``src``'s ``t`` on every rank (the others pass a tensor of the same shape and dtype)."""
+    if info.world_size > 1:
+        t = t.to(info.device).contiguous()
+        dist.broadcast(t, src)
+    return t
+
+
 def all_true(flag: bool, info: DistInfo) -> bool:
     """True only when ``flag`` holds on every process (so all ranks take the same branch)."""
     if info.world_size == 1:

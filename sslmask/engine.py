@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from torch.utils.data import DataLoader
@@ -27,7 +26,7 @@ from sslmask.backbones import normalize
 from sslmask.checkpoint import CheckpointError, backbone_state, load_file, run_checkpoint_path, save_atomic
 from sslmask.config import ConfigError, diff, validate
 from sslmask.dataset import EpochBatchSampler, ViewsDataset, steps_per_epoch
-from sslmask.eval.features import extract_features
+from sslmask.eval.features import extract_features_sharded
 from sslmask.eval.knn import knn_eval
 from sslmask.methods import METHODS, SSLMethod, build_method
 from sslmask.optim import OPTIMIZERS, build_optimizer
@@ -158,14 +157,7 @@ def knn_monitor(
     result is returned on rank 0 only, which logs it).
     """
     n = len(records)
-    mine = np.arange(info.rank, n, info.world_size)
-    feats, labels = extract_features(
-        backbone, records.subset(mine), cfg["data"]["image_size"], workers=0, device=info.device
-    )
-    feats = D.all_gather_uneven(feats.to(info.device), info).cpu()
-    labels = D.all_gather_uneven(labels.to(info.device), info).cpu()
-    order = np.concatenate([np.arange(r, n, info.world_size) for r in range(info.world_size)])
-    feats, labels = feats[np.argsort(order)], labels[np.argsort(order)]  # back to record order
+    feats, labels = extract_features_sharded(backbone, records, cfg["data"]["image_size"], info)
     if not info.main:
         return None
     held = torch.randperm(n, generator=torch.Generator().manual_seed(0))[
@@ -294,7 +286,7 @@ def device_inputs(loop: Loop, batch: dict[str, torch.Tensor]) -> dict[str, torch
             inputs[key] = x.contiguous(memory_format=loop.memory_format)
         elif key.startswith("mask"):
             inputs[key] = value.to(dev, non_blocking=True).float() / 255
-        elif key.startswith(("box", "flip")):
+        elif key.startswith(("box", "flip")) or key == "index":
             inputs[key] = value.to(dev, non_blocking=True)
     return inputs
 
@@ -453,6 +445,10 @@ def train(shards: list[str], cfg: dict[str, Any], run: str | Path, resume: bool 
     loop.method.train()
     try:
         for epoch in range(loop.step // spe, t_cfg["epochs"]):
+            if loop.step == epoch * spe:  # a fresh epoch, not a resume inside one
+                logged = loop.method.before_epoch(epoch, records, info)
+                if logged and info.main:
+                    log.write({"kind": "epoch", "step": loop.step, "epoch": epoch, **logged})
             run_epoch(loop, dataset, epoch, log, steps, run)
             every = cfg["monitor"]["knn_every"]
             if every and (epoch + 1) % every == 0 and records.labelled:

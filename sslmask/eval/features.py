@@ -39,6 +39,33 @@ def extract_features(
     return torch.cat(feats), torch.cat(labels)
 
 
+def extract_features_sharded(
+    backbone: Backbone,
+    records: Records,
+    image_size: int,
+    info,
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    workers: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`extract_features` of all records on every rank, each rank embedding only its
+    own slice (``info``: a ``sslmask.distributed.DistInfo``), so no rank waits on another's
+    share. The result is in record order on every rank."""
+    import numpy as np
+
+    from sslmask import distributed as D
+
+    n = len(records)
+    mine = np.arange(info.rank, n, info.world_size)
+    feats, labels = extract_features(
+        backbone, records.subset(mine), image_size, workers=workers, device=info.device, embed=embed
+    )
+    feats = D.all_gather_uneven(feats.to(info.device), info).cpu()
+    labels = D.all_gather_uneven(labels.to(info.device), info).cpu()
+    order = np.concatenate([np.arange(r, n, info.world_size) for r in range(info.world_size)])
+    back = np.argsort(order)
+    return feats[back], labels[back]
+
+
 def labelled_features(
     checkpoint: str,
     arch: str | None,

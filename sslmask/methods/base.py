@@ -9,12 +9,14 @@ training (EMA rate, teacher temperature, HARL's alpha and lambda) is a function 
 
 Hooks, in the order the engine calls them each step: ``forward``, backward,
 ``before_optimizer_step`` (e.g. DINO's frozen last layer), the optimiser step,
-``after_optimizer_step`` (the EMA update; what it returns is logged).
+``after_optimizer_step`` (the EMA update; what it returns is logged). ``before_epoch`` runs
+at the start of each epoch (not when a run resumes inside one; e.g. SegAS's re-clustering):
+what a method changes there must be in its ``state_dict``, so a resume continues exactly.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -22,6 +24,10 @@ from torch import nn
 from sslmask.backbones import Backbone
 from sslmask.optim import param_groups
 from sslmask.transforms import ViewSpec, byol_views
+
+if TYPE_CHECKING:
+    from maskio.records import Records
+    from sslmask.distributed import DistInfo
 
 
 class SSLMethod(nn.Module):
@@ -51,6 +57,10 @@ class SSLMethod(nn.Module):
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Optimiser groups: no weight decay (and no LARS adaptation) on biases and norms."""
         return param_groups(self.online_modules(), weight_decay)
+
+    def before_epoch(self, epoch: int, records: Records, info: DistInfo) -> dict[str, float]:
+        """At the start of ``epoch`` (0-based), on every rank: e.g. re-cluster; returns values to log."""
+        return {}
 
     def before_optimizer_step(self, step: int, total_steps: int) -> None:
         """After backward, before the step: change gradients (e.g. freeze a layer)."""

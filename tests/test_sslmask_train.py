@@ -191,6 +191,10 @@ BASELINE_SETS = {
         "scfs.mask_mode=key_query_gate",
     ),  # fmt: skip
     "lodisc": _sets("model.arch=vit_micro", "lodisc.mode=product"),
+    # re-clusters at the start of epochs 2-5: a resume from the first checkpoints crosses them
+    "segas": _sets(
+        "mocov2.queue=64", "segas.warmup_epochs=2", "segas.prototypes=[6, 3]", "segas.mask_mode=salient"
+    ),
 }
 
 
@@ -230,7 +234,7 @@ def test_mask_aware_scfs_trains_on_a_build_and_logs_its_fallbacks(arch, sample_b
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["harl", "dino", "mocov2", "mocov3", "scfs", "lodisc"])
+@pytest.mark.parametrize("method", ["harl", "dino", "mocov2", "mocov3", "scfs", "lodisc", "segas"])
 def test_sigkilled_run_resumes_to_the_same_weights(method, sample_build, tmp_path):
     args = ["train", str(sample_build), "--method", method, *TINY, *BASELINE_SETS[method], "--set", "train.epochs=6",
             "--set", "train.ckpt_every=2", "--set", "train.deterministic=true", "--set", "data.workers=1"]  # fmt: skip
@@ -255,8 +259,14 @@ def test_sigkilled_run_resumes_to_the_same_weights(method, sample_build, tmp_pat
     )
     a, b = _run_dir_weights(straight), _run_dir_weights(killed)
     assert a.keys() == b.keys()
+    extra_a, extra_b = a.pop("_extra_state", None), b.pop("_extra_state", None)  # SegAS's clusters
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    if extra_a is not None:
+        assert extra_a["epoch"] == extra_b["epoch"] == 5 and torch.equal(extra_a["labels"], extra_b["labels"])
+        assert all(
+            torch.equal(x, y) for x, y in zip(extra_a["prototypes"], extra_b["prototypes"], strict=True)
+        )
     assert [r["step"] for r in _log(killed)] == list(range(1, 31))  # lines past the checkpoint dropped
 
 
@@ -292,17 +302,34 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_training_run(sample_build, tmp_path):
-    run = tmp_path / "ddp_run"
+def _torchrun_train(build: Path, run: Path, method: str, *sets: str) -> None:
+    """``sslmask train`` under torchrun, 2 CPU processes (gloo), 2 epochs of global batch 8."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    cmd = [*torchrun, "-m", "sslmask.cli", "train", str(sample_build), "--method", "harl", "--out", str(run), *TINY,
-           "--set", "data.batch_size=4", "--set", "train.epochs=2", "--set", "monitor.knn_every=1"]  # fmt: skip
+    cmd = [*torchrun, "-m", "sslmask.cli", "train", str(build), "--method", method, "--out", str(run), *TINY,
+           *sets, "--set", "data.batch_size=4", "--set", "train.epochs=2"]  # fmt: skip
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_torchrun_training_run(sample_build, tmp_path):
+    run = tmp_path / "ddp_run"
+    _torchrun_train(sample_build, run, "harl", "--set", "monitor.knn_every=1")
     log = _log(run)
     assert [r["step"] for r in log] == list(range(1, 11))  # global batch 8: 5 steps per epoch
     # the k-NN monitor: each rank embedded half the samples, rank 0 logged the result
     assert [r["epoch"] for r in _log(run, "monitor")] == [0, 1]
     assert all(0 <= r["knn_top1"] <= 100 for r in _log(run, "monitor"))
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 10
+
+
+@pytest.mark.slow
+def test_torchrun_segas_clusters_on_rank_0_and_both_ranks_train_on_the_broadcast(sample_build, tmp_path):
+    run = tmp_path / "ddp_segas"
+    _torchrun_train(sample_build, run, "segas", *BASELINE_SETS["segas"], "--set", "segas.warmup_epochs=1")
+    assert [r["epoch"] for r in _log(run, "epoch")] == [1]
+    assert all("loss_hprocr2" in r for r in _log(run) if r["epoch"] == 1)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)["method"]["_extra_state"]
+    labels = state["labels"]  # every sample, embedded half on each rank, clustered on rank 0
+    assert labels.shape == (2, _log(run, "start")[0]["samples"]) and int(labels.max()) < 6
+    assert len(torch.unique(labels[0])) > 1

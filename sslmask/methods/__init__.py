@@ -13,8 +13,11 @@ from sslmask.methods.lodisc import LoDisc
 from sslmask.methods.mocov2 import MoCoV2
 from sslmask.methods.mocov3 import MoCoV3
 from sslmask.methods.scfs import SCFS
+from sslmask.methods.segas import SegAS
 
-METHODS: dict[str, type[SSLMethod]] = {m.name: m for m in (BYOL, HARL, DINO, MoCoV2, MoCoV3, SCFS, LoDisc)}
+METHODS: dict[str, type[SSLMethod]] = {
+    m.name: m for m in (BYOL, HARL, DINO, MoCoV2, MoCoV3, SCFS, LoDisc, SegAS)
+}
 
 
 def build_method(cfg: dict[str, Any]) -> SSLMethod:

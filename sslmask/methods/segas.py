@@ -1,0 +1,351 @@
+"""SegAS (Bai et al., IJCAI 2024) on MoCo v2: hierarchical prototypes, calibrated prototype
+targets and attention-shifting filtered views (METHODS.md §4). No public code exists; the
+prototype machinery follows HCSC (gyfastas/HCSC). Values the paper leaves open are ⟨A⟩ in
+configs/segas.yaml.
+
+Views: x^{q1} (MoCo v2 "aug+", ``view0``), the weak key x^k (``view1``) and a second aug+
+view (``view2``) from which x^{q2} is made. Each epoch from ``segas.warmup_epochs`` on, the
+momentum encoder embeds centre crops of every training image and faiss k-means clusters them
+bottom-up into ``L`` levels (``before_epoch``); until then the loss is MoCo v2's alone. After:
+
+- L_I: MoCo v2's InfoNCE of q1 against its key and the queue.
+- Targets: per level, cosine similarities S of the key to the prototypes; calibration
+  (Eqs. 6-9) sets S < mu to -1, p^k = softmax(S_re / tau_k), confidence
+  rho = max p^k (1 - H(p^k) / log M), and the target is the sample's k-means label y when
+  rho < tau_rho, else rho p^k + (1 - rho) y.
+- HProCR^j: the mean over levels of KL(target || softmax(S(q_j, C) / tau_q)).
+- x^{q2}: with probability rho^{q1} (the query's own confidence at level 1: easy samples are
+  filtered more), view2 is filtered, by ApFS (GAIN's soft mask 1 - sigmoid(omega (A - sigma))
+  on the momentum encoder's channel-mean last map A) or, with probability ½, by zeroing random
+  grid cells of the same area; otherwise it stays as it is.
+- L_diver: relu(p^{q2}(c) - p^{q1}(c) + margin) + q1 . q2 at level 1, c the target's argmax.
+- L = L_I + alpha HProCR^1 + beta HProCR^2 + lambda L_diver.
+
+Mask-aware SegAS (``segas.mask_mode: salient``, METHODS.md §6) filters only object parts:
+ApFS reads norm(A ⊙ m), random filtering picks cells inside the mask, and when less than
+``guard_min`` of the foreground would remain the filtered area is halved. A sample whose
+view2 mask covers < 1 % or > 99 % of it is filtered as in plain SegAS (logged ``fallback``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sslmask import distributed as D
+from sslmask.backbones import Backbone
+from sslmask.losses import embedding_std, info_nce
+from sslmask.methods.mocov2 import MoCoV2
+from sslmask.pooling import usable_masks
+from sslmask.transforms import ViewSpec, moco_v2_views
+
+if TYPE_CHECKING:
+    from maskio.records import Records
+
+MASK_MODES = ("none", "salient")
+MU_MODES = ("mean", "max")
+DIVERSITY_ON = ("filtered", "all")
+# ⟨A⟩ automatic prototype counts (segas.prototypes: null): ImageNet-1k's (30,000, 10,000, 1,000) per 1.28 M images
+AUTO_PER_IMAGE = (30_000 / 1_281_167, 10_000 / 1_281_167, 1_000 / 1_281_167)
+
+
+def prototype_sizes(spec: list[int] | None, n: int) -> list[int]:
+    """Clusters per level, bottom-up: an explicit list, or ``None`` (auto: ImageNet-1k's ratios to the
+    image count: 62 / 20 / 2 for Imagenette's 2,600 photos; at least 2, fewer than the level
+    below where the counts allow)."""
+    if spec is None:
+        sizes, below = [], n
+        for ratio in AUTO_PER_IMAGE:
+            below = max(2, min(below - 1, round(ratio * n)))
+            sizes.append(below)
+        return sizes
+    sizes, below = [int(m) for m in spec], n
+    for m in sizes:
+        if not 2 <= m <= below:
+            raise ValueError(f"segas.prototypes {list(spec)}: each level needs 2..{below} clusters here")
+        below = m
+    return sizes
+
+
+def hierarchical_kmeans(
+    x: np.ndarray, sizes: list[int], niter: int = 20, nredo: int = 5, seed: int = 0
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Bottom-up spherical k-means (faiss, as HCSC): level 1 clusters the L2-normalised
+    instances, level l the centroids of level l-1. Returns per level the L2-normalised
+    centroids (M_l x D) and each instance's label (n), propagated up through the levels."""
+    import faiss
+
+    points = np.ascontiguousarray(x, dtype=np.float32)
+    labels = np.arange(len(points))
+    centroids, instance_labels = [], []
+    for level, k in enumerate(sizes):
+        km = faiss.Kmeans(points.shape[1], k, niter=niter, nredo=nredo, seed=seed + level,
+                          spherical=True, verbose=False, min_points_per_centroid=1)  # fmt: skip
+        km.train(points)
+        _, assign = km.index.search(points, 1)
+        labels = assign[:, 0][labels]  # instance -> this level, through the levels below
+        centroids.append(km.centroids.copy())
+        instance_labels.append(labels.astype(np.int64))
+        points = km.centroids
+    return centroids, instance_labels
+
+
+def confidence(p: torch.Tensor) -> torch.Tensor:
+    """Eq. 8: rho = max p (1 - H(p) / log M), in [0, 1]; B x M probabilities -> B."""
+    entropy = -torch.xlogy(p, p).sum(1)
+    return p.max(1).values * (1 - entropy / math.log(p.shape[1]))
+
+
+def calibrated_target(
+    sim: torch.Tensor, label: torch.Tensor, tau_k: float, tau_rho: float, mu: str = "mean"
+) -> torch.Tensor:
+    """Eqs. 6-9 for one level: B x M key-prototype cosines and B k-means labels -> B x M targets."""
+    # mean: per sample, over the prototypes; max: the batch mean of each sample's best match
+    threshold = sim.mean(1, keepdim=True) if mu == "mean" else sim.max(1).values.mean()
+    p = torch.softmax(torch.where(sim < threshold, torch.full_like(sim, -1.0), sim) / tau_k, dim=1)
+    rho = confidence(p).unsqueeze(1)
+    onehot = F.one_hot(label, sim.shape[1]).to(p.dtype)
+    return torch.where(rho < tau_rho, onehot, rho * p + (1 - rho) * onehot)
+
+
+def procr_loss(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Eq. 4 per sample: KL(target || softmax(logits)), with 0 log 0 = 0."""
+    return (torch.xlogy(target, target) - target * torch.log_softmax(logits, dim=1)).sum(1)
+
+
+def channel_heatmap(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A^c: the channel mean of a B x C x h x w map, min-max normalised per image, bilinearly
+    upsampled to ``size`` -> B x 1 x H x W in [0, 1]."""
+    return normalise_per_image(F.interpolate(grid.float().mean(1, keepdim=True), size=size,
+                                             mode="bilinear", align_corners=False))  # fmt: skip
+
+
+def normalise_per_image(a: torch.Tensor) -> torch.Tensor:
+    """Min-max to [0, 1] per image (a constant map becomes all zeros)."""
+    lo = a.amin(dim=(1, 2, 3), keepdim=True)
+    hi = a.amax(dim=(1, 2, 3), keepdim=True)
+    return (a - lo) / (hi - lo).clamp_min(1e-12)
+
+
+def apfs_keep(heat: torch.Tensor, omega: float, sigma: torch.Tensor | float) -> torch.Tensor:
+    """Eq. 10: T(A) = 1 - sigmoid(omega (A - sigma)), the weight each pixel keeps."""
+    return 1 - torch.sigmoid(omega * (heat - sigma))
+
+
+def random_cells_keep(
+    n_cells: torch.Tensor, allowed: torch.Tensor, size: tuple[int, int], g: torch.Generator
+) -> torch.Tensor:
+    """Random filtering: per image, zero ``n_cells`` random cells of the h x w grid among the
+    ``allowed`` ones (B x h x w bool) -> B x 1 x H x W keep weights (0 or 1)."""
+    b, h, w = allowed.shape
+    scores = torch.rand(b, h * w, generator=g).to(allowed.device)
+    scores = torch.where(allowed.view(b, -1), scores, torch.full_like(scores, 2.0))  # allowed first
+    rank = scores.argsort(1).argsort(1)
+    n = torch.minimum(n_cells, allowed.view(b, -1).sum(1))
+    erased = (rank < n.view(-1, 1)).view(b, 1, h, w).float()
+    return 1 - F.interpolate(erased, size=size, mode="nearest")
+
+
+class SegAS(MoCoV2):
+    name = "segas"
+
+    def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
+        super().__init__(backbone, cfg)
+        self.s = cfg["segas"]
+        check_segas(self.s)
+        self.prototypes: list[torch.Tensor] = []  # per level, M_l x D (empty before clustering)
+        self.instance_labels = torch.zeros(0, 0, dtype=torch.long)  # L x n
+        self.clustered_epoch = -1
+
+    @classmethod
+    def view_specs(cls, cfg: dict[str, Any]) -> list[ViewSpec]:
+        """x^{q1} (aug+), the key x^k and a second aug+ view that x^{q2} is filtered from."""
+        query, key = moco_v2_views(
+            cfg["data"]["image_size"], cfg["data"]["crop_min_scale"], cfg["mocov2"]["weak_key"]
+        )
+        return [query, key, query]
+
+    @classmethod
+    def uses_masks(cls, cfg: dict[str, Any]) -> bool:
+        return cfg["segas"]["mask_mode"] != "none"
+
+    # the prototypes live outside DDP's buffers (their shape is set by the data, and DDP would
+    # broadcast n labels every step); they travel in the checkpoint as extra state
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"epoch": self.clustered_epoch, "labels": self.instance_labels.cpu(),
+                "prototypes": [c.cpu() for c in self.prototypes]}  # fmt: skip
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        device = self.queue.device
+        self.clustered_epoch = int(state["epoch"])
+        self.instance_labels = state["labels"].to(device)
+        self.prototypes = [c.to(device) for c in state["prototypes"]]
+
+    @torch.no_grad()
+    def before_epoch(self, epoch: int, records: Records, info: D.DistInfo) -> dict[str, float]:
+        """Re-cluster the momentum encoder's embeddings of centre crops (rank 0 clusters; the
+        result is broadcast). Leaves the global RNG as it found it."""
+        if epoch < self.s["warmup_epochs"] or self.clustered_epoch == epoch:
+            return {}
+        from sslmask.eval.features import extract_features_sharded
+
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            feats, _ = extract_features_sharded(self.key_backbone, records, self.cfg["data"]["image_size"],
+                                                info, embed=self.embed_keys)  # fmt: skip
+        sizes = prototype_sizes(self.s["prototypes"], len(records))
+        if info.main:
+            cents, labels = hierarchical_kmeans(feats.numpy(), sizes, self.s["kmeans_iters"],
+                                                self.s["kmeans_redo"], self.cfg["train"]["seed"] + 1000 * epoch)  # fmt: skip
+            cents = [torch.from_numpy(c) for c in cents]
+            labels = torch.from_numpy(np.stack(labels))
+        else:
+            cents = [torch.empty(m, feats.shape[1]) for m in sizes]
+            labels = torch.empty(len(sizes), len(records), dtype=torch.long)
+        device = self.queue.device
+        self.prototypes = [F.normalize(D.broadcast(c, info).float(), dim=1).to(device) for c in cents]
+        self.instance_labels = D.broadcast(labels, info).to(device)
+        self.clustered_epoch = epoch
+        return {
+            "cluster_s": time.perf_counter() - t0,
+            **{f"clusters_l{i + 1}": m for i, m in enumerate(sizes)},
+        }
+
+    def embed_keys(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.key_projector(self.key_backbone.pooled(x)), dim=1)
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.projector(self.backbone.pooled(x)), dim=1)
+
+    def forward(self, batch: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, torch.Tensor]:
+        q1 = self.query(batch["view0"])
+        k = self.keys(batch["view1"], step)
+        loss_i = info_nce(q1, k, self.queue, self.cfg["mocov2"]["temperature"]).mean()
+        self._pending = k.detach()
+        out = {"loss_info": loss_i.detach(), "z_std": embedding_std(q1)}
+        if not self.prototypes:
+            return {"loss": loss_i, **out}
+        s = self.s
+        labels = self.instance_labels[:, batch["index"]]
+        targets = [calibrated_target(k @ c.T, y, s["tau_key"], s["tau_rho"], s["mu"])
+                   for c, y in zip(self.prototypes, labels, strict=True)]  # fmt: skip
+        logits1 = [q1 @ c.T / s["tau_query"] for c in self.prototypes]
+        x2, filtered, info = self.filtered_view(batch, torch.softmax(logits1[0].detach(), dim=1), step)
+        q2 = self.query(x2)
+        logits2 = [q2 @ c.T / s["tau_query"] for c in self.prototypes]
+        hprocr1 = torch.stack(
+            [procr_loss(t, lg).mean() for t, lg in zip(targets, logits1, strict=True)]
+        ).mean()
+        hprocr2 = torch.stack(
+            [procr_loss(t, lg).mean() for t, lg in zip(targets, logits2, strict=True)]
+        ).mean()
+        diver = self.diversity(targets[0], logits1[0], logits2[0], q1, q2, filtered)
+        loss = loss_i + s["alpha"] * hprocr1 + s["beta"] * hprocr2 + s["lambda_diver"] * diver
+        out.update(
+            loss_hprocr1=hprocr1.detach(), loss_hprocr2=hprocr2.detach(), loss_diver=diver.detach(), **info
+        )
+        return {"loss": loss, **out}
+
+    def diversity(self, target, logits1, logits2, q1, q2, filtered) -> torch.Tensor:
+        """Eq. 12 at level 1, averaged over the filtered samples (``diversity_on: filtered``)
+        or all of them."""
+        c = target.argmax(1, keepdim=True)
+        p1 = torch.softmax(logits1, dim=1).gather(1, c)[:, 0]
+        p2 = torch.softmax(logits2, dim=1).gather(1, c)[:, 0]
+        per_sample = F.relu(p2 - p1 + self.s["margin"]) + (q1 * q2).sum(1)
+        if self.s["diversity_on"] == "all":
+            return per_sample.mean()
+        weight = filtered.to(per_sample.dtype)
+        return (per_sample * weight).sum() / weight.sum().clamp_min(1.0)
+
+    @torch.no_grad()
+    def filtered_view(
+        self, batch: dict[str, torch.Tensor], p_q1: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """x^{q2}, which samples were filtered, and what to log. The coins come from a generator
+        seeded by (seed, step, rank), so a resumed run draws what an uninterrupted one did."""
+        x = batch["view2"]
+        b, size = x.shape[0], x.shape[-2:]
+        g = torch.Generator().manual_seed((self.cfg["train"]["seed"] * 1_000_003 + step) * 257 + D.rank())
+        fire = torch.rand(b, generator=g).to(x.device) < confidence(p_q1)  # Eq. 11
+        use_apfs = torch.rand(b, generator=g).to(x.device) < self.s["apfs_prob"]
+        grid = self.key_backbone(x)
+        heat = channel_heatmap(grid, size)
+        mask = batch.get("mask2")
+        salient = torch.zeros(b, dtype=torch.bool, device=x.device)
+        if self.s["mask_mode"] == "salient":
+            salient = usable_masks([mask], self.s["fallback_min"], self.s["fallback_max"])
+            heat = torch.where(salient.view(-1, 1, 1, 1), normalise_per_image(heat * mask), heat)
+        keep = self.filter_weights(heat, mask, salient, use_apfs, g)
+        x2 = torch.where(fire.view(-1, 1, 1, 1), x * keep.to(x.dtype), x)
+        info = {"filtered": fire.float().mean(), "apfs": (fire & use_apfs).float().mean(),
+                "rho_q1": confidence(p_q1).mean()}  # fmt: skip
+        if self.s["mask_mode"] == "salient":
+            info["fallback"] = 1 - salient.float().mean()
+        return x2, fire, info
+
+    def filter_weights(self, heat, mask, salient, use_apfs, g) -> torch.Tensor:
+        """Per-pixel keep weights: ApFS, or random cells of a ``random_grid`` square grid
+        covering the area of {A > sigma} (rounded to whole cells). For
+        salient samples the random cells are drawn among those the mask touches and erase only
+        its pixels, and the guard halves the area when less than ``guard_min`` of the
+        foreground would remain."""
+        b, grid_size = heat.shape[0], (self.s["random_grid"], self.s["random_grid"])
+        sigma = torch.full((b, 1, 1, 1), self.s["sigma"], device=heat.device)
+        area = (heat > self.s["sigma"]).float().mean(dim=(1, 2, 3))
+        n_cells = (area * grid_size[0] * grid_size[1]).round().long()
+        allowed = torch.ones((b, *grid_size), dtype=torch.bool, device=heat.device)
+        within = torch.ones_like(heat)  # what random filtering may erase
+        if mask is not None:
+            touched = F.adaptive_avg_pool2d(mask.float(), grid_size)[:, 0] > 0
+            allowed = torch.where(salient.view(-1, 1, 1), touched, allowed)
+            within = torch.where(salient.view(-1, 1, 1, 1), mask.float(), within)
+        state = g.get_state()
+        keep = self._keep(heat, sigma, n_cells, allowed, within, use_apfs, g)
+        if mask is not None and self.s["mask_mode"] == "salient":
+            fg = mask.float().sum(dim=(1, 2, 3)).clamp_min(1e-6)
+            remaining = (mask.float() * keep).sum(dim=(1, 2, 3)) / fg
+            halve = salient & (remaining < self.s["guard_min"])
+            if halve.any():  # sigma at the median heat above it halves the ApFS area
+                above = torch.where(heat > sigma, heat, torch.full_like(heat, float("nan")))
+                median = above.flatten(1).nanquantile(0.5, dim=1).nan_to_num(self.s["sigma"])
+                sigma = torch.where(halve.view(-1, 1, 1, 1), median.view(-1, 1, 1, 1), sigma)
+                n_cells = torch.where(halve, n_cells // 2, n_cells)
+                g.set_state(state)  # the same random cells, fewer of them
+                keep = self._keep(heat, sigma, n_cells, allowed, within, use_apfs, g)
+        return keep
+
+    def _keep(self, heat, sigma, n_cells, allowed, within, use_apfs, g) -> torch.Tensor:
+        soft = apfs_keep(heat, self.s["omega"], sigma)
+        hard = 1 - (1 - random_cells_keep(n_cells, allowed, heat.shape[-2:], g)) * within
+        return torch.where(use_apfs.view(-1, 1, 1, 1), soft, hard)
+
+
+def check_segas(s: dict[str, Any]) -> None:
+    """One ValueError line for the first bad ``segas`` value."""
+    checks = [
+        (s["mask_mode"] in MASK_MODES, f"mask_mode must be one of {', '.join(MASK_MODES)}"),
+        (s["mu"] in MU_MODES, f"mu must be one of {', '.join(MU_MODES)}"),
+        (s["diversity_on"] in DIVERSITY_ON, f"diversity_on must be one of {', '.join(DIVERSITY_ON)}"),
+        (s["prototypes"] is None or (isinstance(s["prototypes"], list) and len(s["prototypes"]) > 0),
+         "prototypes must be null (auto) or a list of cluster counts, bottom level first"),
+        (min(s["tau_key"], s["tau_query"]) > 0, "tau_key and tau_query must be > 0"),
+        (0 <= s["tau_rho"] <= 1, "tau_rho must be in [0, 1]"),
+        (min(s["alpha"], s["beta"], s["lambda_diver"], s["margin"]) >= 0,
+         "alpha, beta, lambda_diver and margin must be >= 0"),
+        (0 <= s["apfs_prob"] <= 1 and 0 < s["sigma"] < 1 and s["omega"] > 0,
+         "apfs_prob must be in [0, 1], sigma in (0, 1) and omega > 0"),
+        (0 <= s["guard_min"] < 1, "guard_min must be in [0, 1)"),
+        (s["random_grid"] >= 1, "random_grid must be >= 1"),
+        (0 <= s["fallback_min"] < s["fallback_max"] <= 1, "0 <= fallback_min < fallback_max <= 1 is required"),
+        (s["warmup_epochs"] >= 0 and s["kmeans_iters"] >= 1 and s["kmeans_redo"] >= 1,
+         "warmup_epochs must be >= 0, kmeans_iters and kmeans_redo >= 1"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"segas.{message}")

@@ -8,7 +8,9 @@ Trains each method once per seed with the same config (only `method` differs; a 
 a section a method lacks, e.g. dino.out_dim for BYOL, is left out for it). A variant is
 ``LABEL=METHOD:KEY=VALUE:...``, the method with those sets on top. It evaluates the
 online backbone with `sslmask eval`'s k-NN (k = 20, T = 0.07) and linear probe on the held-out
-set, and prints per-seed numbers and medians. --val may be a class-folder tree (Imagenette).
+set, and `sslmask eval retrieval`'s leave-one-out Rank-1/5 and mAP within the held-out set
+(backbone features), and prints per-seed numbers and medians. --val may be a class-folder
+tree (Imagenette, Caltech-101).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from sslmask.engine import train
 from sslmask.eval.features import labelled_features
 from sslmask.eval.knn import knn_eval
 from sslmask.eval.linear import linear_probe
+from sslmask.eval.retrieval import retrieval_metrics
+
+COLUMNS = {"knn20": "k-NN k=20", "linear": "linear", "rank1": "Rank-1", "rank5": "Rank-5", "mAP": "mAP"}
 
 SHARED = ("data", "model", "optim", "ema", "train", "monitor")  # sections every method has
 
@@ -49,7 +54,8 @@ def evaluate(checkpoint: str, arch: str, train_spec, val_spec, size: int, seed: 
     ftr, ytr, fva, yva = labelled_features(checkpoint, arch, train_spec, val_spec, size, seed=seed)
     knn = knn_eval(ftr, ytr, fva, yva, ks=(20,))["k=20"]["top1"]
     lin = linear_probe(ftr, ytr, fva, yva)["top1"]
-    return {"knn20": knn, "linear": lin}
+    ret = retrieval_metrics(fva, yva)
+    return {"knn20": knn, "linear": lin, "rank1": ret["rank1"], "rank5": ret["rank5"], "mAP": ret["mAP"]}
 
 
 def main() -> None:
@@ -83,11 +89,9 @@ def main() -> None:
         rows["random"].append(evaluate("random", arch, bank, args.val, args.image_size, seed))
         print(json.dumps({"method": "random", "seed": seed, **rows["random"][-1]}), flush=True)
     print(f"\nmedian over seeds {args.seeds} (top-1 %, held-out set)")
-    print(f"{'backbone':<16}{'k-NN k=20':>12}{'linear':>10}")
+    print(f"{'backbone':<16}" + "".join(f"{c:>11}" for c in COLUMNS.values()))
     for name, results in rows.items():
-        knn = statistics.median(r["knn20"] for r in results)
-        lin = statistics.median(r["linear"] for r in results)
-        print(f"{name:<16}{knn:>12.1f}{lin:>10.1f}")
+        print(f"{name:<16}" + "".join(f"{statistics.median(r[k] for r in results):>11.1f}" for k in COLUMNS))
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
 
 

@@ -32,6 +32,19 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def read_mask(
+    reader: FileReader, rec: Records, index: int, name: str, size: tuple[int, int]
+) -> Image.Image | None:
+    """Sample ``index``'s mask binarised at > 127 (None for an image-only set: all foreground)."""
+    if rec.mask is None:
+        return None
+    with Image.open(io.BytesIO(reader.read(*rec.mask[index]))) as im:
+        mask = im.convert("L")
+    if mask.size != size:
+        raise ShardError(f"{name}: mask size {mask.size} differs from image size {size}")
+    return mask.point(lambda v: 255 if v > 127 else 0)
+
+
 class ViewsDataset(Dataset):
     """``(epoch, index)`` -> the views a method trains on, each with its mask and geometry.
 
@@ -55,14 +68,9 @@ class ViewsDataset(Dataset):
         return len(self.records)
 
     def _mask(self, index: int, name: str, size: tuple[int, int]) -> Image.Image | None:
-        rec = self.records
-        if not self.masks or rec.mask is None:  # image-only set: every view is all foreground
+        if not self.masks:
             return None
-        with Image.open(io.BytesIO(self.reader.read(*rec.mask[index]))) as im:
-            mask = im.convert("L")
-        if mask.size != size:
-            raise ShardError(f"{name}: mask size {mask.size} differs from image size {size}")
-        return mask.point(lambda v: 255 if v > 127 else 0)
+        return read_mask(self.reader, self.records, index, name, size)
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
         epoch, index = item
@@ -88,20 +96,27 @@ class ViewsDataset(Dataset):
 
 
 class EvalDataset(Dataset):
-    """Centre-cropped images and labels for feature extraction (k-NN, linear probe)."""
+    """Centre-cropped images and labels for feature extraction (k-NN, linear probe); with
+    ``masks`` also each mask, cropped alike (uint8, all 255 for an image-only set)."""
 
-    def __init__(self, records: Records, size: int):
+    def __init__(self, records: Records, size: int, masks: bool = False):
         self.records = records
         self.size = int(size)
+        self.masks = masks
         self.reader = FileReader(records.files)
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         rec = self.records
         image = decode_rgb(self.reader.read(*rec.image[index]), rec.names[index])
-        return eval_view(image, self.size), int(rec.labels[index])
+        out = (eval_view(image, self.size), int(rec.labels[index]))
+        if not self.masks:
+            return out
+        mask = read_mask(self.reader, rec, index, rec.names[index], image.size)
+        full = torch.full((1, self.size, self.size), 255, dtype=torch.uint8)
+        return (*out, full if mask is None else eval_view(mask, self.size))
 
 
 def epoch_order(n: int, length: int, seed: int, epoch: int) -> np.ndarray:

@@ -211,12 +211,13 @@ def make_view(
 
 
 def eval_view(image: Image.Image, size: int, crop_fraction: float = 0.875) -> torch.Tensor:
-    """Resize the short side to ``size / crop_fraction`` and centre-crop ``size`` (uint8)."""
+    """Resize the short side to ``size / crop_fraction`` and centre-crop ``size`` (uint8,
+    C x S x S; an ``L`` image, e.g. a mask, is resized bilinearly and gives 1 x S x S)."""
     width, height = image.size
     short = int(round(size / crop_fraction))
     scale = short / min(width, height)
     new_w, new_h = max(size, int(round(width * scale))), max(size, int(round(height * scale)))
-    resized = image.resize((new_w, new_h), Image.BICUBIC)
+    resized = image.resize((new_w, new_h), Image.BILINEAR if image.mode == "L" else Image.BICUBIC)
     left, top = (new_w - size) // 2, (new_h - size) // 2
-    out = resized.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    out = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    return torch.from_numpy(out.copy()).reshape(size, size, -1).permute(2, 0, 1).contiguous()

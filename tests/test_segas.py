@@ -340,7 +340,22 @@ def test_refused_segas_values_give_one_line(sample_build, tmp_path, capsys):
         assert text in err, err
 
 
-def test_segas_trains_on_a_build_reclusters_each_epoch_and_logs_its_terms(sample_build, tmp_path):
+def test_foreground_embedding_is_the_masked_average_of_the_key_grid():
+    m = _method("segas.cluster_on=foreground").eval()
+    assert type(m).uses_masks(m.cfg)
+    x = _batch(b=3)["view0"]
+    mask = torch.zeros(3, 1, 32, 32)
+    mask[0, :, :16, :16] = 1  # one cell of the 2 x 2 grid
+    mask[1] = 1  # full: GAP
+    got = m.embed_foreground(x, mask)  # sample 2: empty, GAP
+    with torch.no_grad():
+        grid = m.key_backbone(x)
+        pooled = torch.stack([grid[0, :, 0, 0], grid[1].mean((1, 2)), grid[2].mean((1, 2))])
+        torch.testing.assert_close(got, F.normalize(m.key_projector(pooled), dim=1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["salient", "foreground_clusters"])
+def test_segas_trains_on_a_build_reclusters_each_epoch_and_logs_its_terms(mode, sample_build, tmp_path):
     from sslmask.checkpoint import load_backbone
     from sslmask.cli import main
 
@@ -348,8 +363,13 @@ def test_segas_trains_on_a_build_reclusters_each_epoch_and_logs_its_terms(sample
     args = ["train", str(sample_build), "--method", "segas", "--out", str(run), "--config", "cpu-demo",
             "--set", "data.image_size=48", "--set", "data.batch_size=8", "--set", "data.workers=0",
             "--set", "model.proj_hidden=32", "--set", "model.proj_dim=16", "--set", "mocov2.queue=32",
-            "--set", "segas.warmup_epochs=1", "--set", "segas.prototypes=[6, 3]", "--set", "segas.mask_mode=salient",
-            "--set", "train.epochs=3", "--set", "train.log_every=1"]  # fmt: skip
+            "--set", "segas.warmup_epochs=1", "--set", "segas.prototypes=[6, 3]", "--set", "train.epochs=3",
+            "--set", "train.log_every=1"]  # fmt: skip
+    args += (
+        ["--set", "segas.mask_mode=salient"]
+        if mode == "salient"
+        else ["--set", "segas.cluster_on=foreground"]
+    )
     assert main(args) == 0
     lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     epochs = [r for r in lines if r["kind"] == "epoch"]
@@ -360,7 +380,7 @@ def test_segas_trains_on_a_build_reclusters_each_epoch_and_logs_its_terms(sample
     for r in after:
         want = r["loss_info"] + 0.5 * (r["loss_hprocr1"] + r["loss_hprocr2"]) + 0.1 * r["loss_diver"]
         assert r["loss"] == pytest.approx(want, rel=1e-4)
-        assert 0 <= r["filtered"] <= 1 and 0 <= r["fallback"] <= 1
+        assert 0 <= r["filtered"] <= 1 and 0 <= r.get("fallback", 0) <= 1
     state = torch.load(run / "checkpoint.pt", weights_only=True)["method"]["_extra_state"]
     assert state["epoch"] == 2 and [tuple(c.shape) for c in state["prototypes"]] == [(6, 16), (3, 16)]
     assert state["labels"].shape == (2, lines[0]["samples"])

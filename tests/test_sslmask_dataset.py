@@ -138,3 +138,31 @@ def test_index_cache_is_reused_until_a_shard_changes(sample_build, tmp_path, mon
     os.utime(target, ns=(0, target.stat().st_mtime_ns + 10**9))
     with pytest.raises(AssertionError, match="cache should have been used"):
         dataset.index_cached(spec, True, cache)
+
+
+def test_eval_dataset_crops_each_mask_with_its_image(sample_build, tmp_path):
+    from sslmask.dataset import EvalDataset
+
+    records = index_any([str(sample_build)], require_masks=True)
+    ds = EvalDataset(records, 32, masks=True)
+    image, label, mask = ds[0]
+    assert image.shape == (3, 32, 32) and mask.shape == (1, 32, 32) and mask.dtype == torch.uint8
+    # the mask's centre crop: the same resize and crop as the image, of the binarised mask
+    from maskio.records import FileReader
+
+    with Image.open(io.BytesIO(FileReader(records.files).read(*records.mask[0]))) as im:
+        binary = im.convert("L").point(lambda v: 255 if v > 127 else 0)
+    w, h = binary.size
+    short = round(32 / 0.875)
+    s = short / min(w, h)
+    nw, nh = max(32, round(w * s)), max(32, round(h * s))
+    left, top = (nw - 32) // 2, (nh - 32) // 2
+    crop = binary.resize((nw, nh), Image.BILINEAR).crop((left, top, left + 32, top + 32))
+    assert np.array_equal(mask[0].numpy(), np.asarray(crop))
+    assert torch.equal(image, EvalDataset(records, 32)[0][0]) and len(EvalDataset(records, 32)[0]) == 2
+    # an image-only set: all foreground
+    folder = tmp_path / "imgs"
+    (folder / "cls").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(folder / "cls" / "a.png")
+    plain = EvalDataset(index_any([str(folder)]), 16, masks=True)[0]
+    assert torch.equal(plain[2], torch.full((1, 16, 16), 255, dtype=torch.uint8))

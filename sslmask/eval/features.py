@@ -20,20 +20,23 @@ def extract_features(
     batch_size: int = 128,
     workers: int = 2,
     device: torch.device | str = "cpu",
-    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    embed: Callable[..., torch.Tensor] | None = None,
+    masks: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(N x C float32 features, N labels)`` in record order; ``backbone`` (any module) runs in
-    eval mode, and ``embed`` (default: ``backbone.pooled``) maps a normalised batch to features."""
+    eval mode, and ``embed`` (default: ``backbone.pooled``) maps a normalised batch to features;
+    with ``masks`` it is called as ``embed(x, m)``, m the centre-cropped masks in [0, 1]."""
     embed = embed or backbone.pooled
     was_training = backbone.training
     backbone.eval()
     loader = DataLoader(
-        EvalDataset(records, image_size), batch_size=batch_size, num_workers=workers, shuffle=False
+        EvalDataset(records, image_size, masks), batch_size=batch_size, num_workers=workers, shuffle=False
     )
     feats, labels = [], []
-    for images, y in loader:
+    for images, y, *mask in loader:
         x = normalize(images.to(device, non_blocking=True))
-        feats.append(embed(x).float().cpu())
+        extra = [m.to(device).float() / 255 for m in mask]
+        feats.append(embed(x, *extra).float().cpu())
         labels.append(y)
     backbone.train(was_training)
     return torch.cat(feats), torch.cat(labels)
@@ -44,8 +47,9 @@ def extract_features_sharded(
     records: Records,
     image_size: int,
     info,
-    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    embed: Callable[..., torch.Tensor] | None = None,
     workers: int = 0,
+    masks: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`extract_features` of all records on every rank, each rank embedding only its
     own slice (``info``: a ``sslmask.distributed.DistInfo``), so no rank waits on another's
@@ -57,7 +61,13 @@ def extract_features_sharded(
     n = len(records)
     mine = np.arange(info.rank, n, info.world_size)
     feats, labels = extract_features(
-        backbone, records.subset(mine), image_size, workers=workers, device=info.device, embed=embed
+        backbone,
+        records.subset(mine),
+        image_size,
+        workers=workers,
+        device=info.device,
+        embed=embed,
+        masks=masks,
     )
     feats = D.all_gather_uneven(feats.to(info.device), info).cpu()
     labels = D.all_gather_uneven(labels.to(info.device), info).cpu()

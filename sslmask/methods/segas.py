@@ -25,6 +25,8 @@ Mask-aware SegAS (``segas.mask_mode: salient``, METHODS.md §6) filters only obj
 ApFS reads norm(A ⊙ m), random filtering picks cells inside the mask, and when less than
 ``guard_min`` of the foreground would remain the filtered area is halved. A sample whose
 view2 mask covers < 1 % or > 99 % of it is filtered as in plain SegAS (logged ``fallback``).
+``segas.cluster_on: foreground`` clusters foreground-pooled (MAP) embeddings instead, so the
+prototypes are object-centric.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from sslmask import distributed as D
 from sslmask.backbones import Backbone
 from sslmask.losses import embedding_std, info_nce
 from sslmask.methods.mocov2 import MoCoV2
-from sslmask.pooling import usable_masks
+from sslmask.pooling import downsample_mask, masked_average_pool, usable_masks
 from sslmask.transforms import ViewSpec, moco_v2_views
 
 if TYPE_CHECKING:
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
 MASK_MODES = ("none", "salient")
 MU_MODES = ("mean", "max")
 DIVERSITY_ON = ("filtered", "all")
+CLUSTER_ON = ("image", "foreground")
 # ⟨A⟩ automatic prototype counts (segas.prototypes: null): ImageNet-1k's (30,000, 10,000, 1,000) per 1.28 M images
 AUTO_PER_IMAGE = (30_000 / 1_281_167, 10_000 / 1_281_167, 1_000 / 1_281_167)
 
@@ -172,7 +175,7 @@ class SegAS(MoCoV2):
 
     @classmethod
     def uses_masks(cls, cfg: dict[str, Any]) -> bool:
-        return cfg["segas"]["mask_mode"] != "none"
+        return cfg["segas"]["mask_mode"] != "none" or cfg["segas"]["cluster_on"] == "foreground"
 
     # the prototypes live outside DDP's buffers (their shape is set by the data, and DDP would
     # broadcast n labels every step); they travel in the checkpoint as extra state
@@ -195,9 +198,12 @@ class SegAS(MoCoV2):
         from sslmask.eval.features import extract_features_sharded
 
         t0 = time.perf_counter()
+        foreground = self.s["cluster_on"] == "foreground"
         with torch.random.fork_rng(devices=[]):
-            feats, _ = extract_features_sharded(self.key_backbone, records, self.cfg["data"]["image_size"],
-                                                info, embed=self.embed_keys)  # fmt: skip
+            feats, _ = extract_features_sharded(
+                self.key_backbone, records, self.cfg["data"]["image_size"], info,
+                embed=self.embed_foreground if foreground else self.embed_keys, masks=foreground,
+            )  # fmt: skip
         sizes = prototype_sizes(self.s["prototypes"], len(records))
         if info.main:
             cents, labels = hierarchical_kmeans(feats.numpy(), sizes, self.s["kmeans_iters"],
@@ -218,6 +224,13 @@ class SegAS(MoCoV2):
 
     def embed_keys(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.key_projector(self.key_backbone.pooled(x)), dim=1)
+
+    def embed_foreground(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The key of the foreground alone: MAP of the momentum encoder's last grid with the
+        mask (GAP where the mask is empty), through the key projector."""
+        grid = self.key_backbone(x)
+        pooled = masked_average_pool(grid, downsample_mask(mask, grid.shape[-2:]))
+        return F.normalize(self.key_projector(pooled), dim=1)
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.projector(self.backbone.pooled(x)), dim=1)
@@ -331,6 +344,7 @@ def check_segas(s: dict[str, Any]) -> None:
     checks = [
         (s["mask_mode"] in MASK_MODES, f"mask_mode must be one of {', '.join(MASK_MODES)}"),
         (s["mu"] in MU_MODES, f"mu must be one of {', '.join(MU_MODES)}"),
+        (s["cluster_on"] in CLUSTER_ON, f"cluster_on must be one of {', '.join(CLUSTER_ON)}"),
         (s["diversity_on"] in DIVERSITY_ON, f"diversity_on must be one of {', '.join(DIVERSITY_ON)}"),
         (s["prototypes"] is None or (isinstance(s["prototypes"], list) and len(s["prototypes"]) > 0),
          "prototypes must be null (auto) or a list of cluster counts, bottom level first"),

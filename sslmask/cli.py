@@ -127,7 +127,7 @@ def _emit(result: dict, out_file: str | None) -> None:
 
 @cli.group(name="eval")
 def eval_group() -> None:
-    """Evaluate a frozen backbone (k-NN, linear probe, retrieval)."""
+    """Evaluate a frozen backbone (k-NN, linear probe, retrieval, occlusion)."""
 
 
 @eval_group.command()
@@ -188,6 +188,52 @@ def retrieval(checkpoint, arch, data_spec, kind, image_size, batch_size, workers
     feats, labels = split_features(checkpoint, arch, data_spec, image_size, kind, batch_size, workers)
     result = {"eval": "retrieval", "checkpoint": checkpoint, "features": kind, "images": len(labels)}
     _emit({**result, **retrieval_metrics(feats, labels)}, out_file)
+
+
+@eval_group.command()
+@_eval_options
+@click.option(
+    "--ratios",
+    type=click.FloatRange(0, 1),
+    multiple=True,
+    default=(0.25, 0.5, 0.75),
+    show_default=True,
+    help="Random occlusion: fractions of the grid's cells hidden.",
+)
+@click.option(
+    "--thetas",
+    type=click.FloatRange(0, 1),
+    multiple=True,
+    default=(0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+    show_default=True,
+    help="Attention occlusion: hide the heatmap above each threshold.",
+)
+@click.option(
+    "--grid", type=click.IntRange(min=1), default=7, show_default=True, help="Random occlusion grid side."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random occlusions.")
+def occlusion(checkpoint, arch, train_spec, val_spec, image_size, batch_size, workers, out_file, ratios, thetas,
+              grid, seed) -> None:  # fmt: skip
+    """Top-1 of a linear head trained on clean images, under random, attention and (when VAL has
+    maskgen masks) foreground / background occlusion (SegAS's protocol)."""
+    import torch
+
+    from maskio.records import index_any
+    from sslmask.checkpoint import load_backbone
+    from sslmask.eval.occlusion import conditions, occlusion_eval
+
+    train, val = index_any(list(train_spec)), index_any(list(val_spec))
+    for spec, records in ((train_spec, train), (val_spec, val)):
+        if not records.labelled:
+            raise ShardError(f"{spec[0]}: some samples have no class label; evaluation needs labels")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backbone = load_backbone(checkpoint, arch).to(device)
+    plan = conditions(backbone, ratios, thetas, grid, seed, saliency=val.mask is not None)
+    loader = {"batch_size": batch_size, "workers": workers, "device": device}
+    result = occlusion_eval(backbone, train, val, image_size, plan, loader)
+    if val.mask is None:
+        result["saliency"] = f"skipped: {val_spec[0]} has no masks"
+    _report("occlusion", checkpoint, train.labels, val.labels, out_file, grid=grid, seed=seed, top1=result)
 
 
 @cli.command()

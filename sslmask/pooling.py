@@ -72,3 +72,18 @@ def usable_masks(masks: list[torch.Tensor], lo: float, hi: float) -> torch.Tenso
         fg = mask.float().mean(dim=(1, 2, 3))
         ok &= (fg >= lo) & (fg <= hi)
     return ok
+
+
+def channel_heatmap(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A^c, a class-agnostic heatmap: the channel mean of a B x C x h x w map, bilinearly
+    upsampled to ``size``, then min-max normalised per image -> B x 1 x H x W in [0, 1]
+    (SegAS's ApFS, occlusion by attention, class-agnostic localisation)."""
+    return normalise_per_image(F.interpolate(grid.float().mean(1, keepdim=True), size=size,
+                                             mode="bilinear", align_corners=False))  # fmt: skip
+
+
+def normalise_per_image(a: torch.Tensor) -> torch.Tensor:
+    """Min-max to [0, 1] per image (a constant map becomes all zeros)."""
+    lo = a.amin(dim=(1, 2, 3), keepdim=True)
+    hi = a.amax(dim=(1, 2, 3), keepdim=True)
+    return (a - lo) / (hi - lo).clamp_min(1e-12)

@@ -16,13 +16,13 @@ from sslmask.methods import build_method
 from sslmask.methods.segas import (
     apfs_keep,
     calibrated_target,
-    channel_heatmap,
     confidence,
     hierarchical_kmeans,
     procr_loss,
     prototype_sizes,
     random_cells_keep,
 )
+from sslmask.pooling import channel_heatmap
 
 SMALL = ["model.arch=resnet_tiny", "model.proj_hidden=32", "model.proj_dim=16", "mocov2.queue=32",
          "data.image_size=32"]  # fmt: skip

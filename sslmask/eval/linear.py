@@ -9,11 +9,73 @@ layer on the raw features; it only makes one learning rate work across backbones
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from sslmask.eval.knn import compact_labels, topk_accuracy
+from sslmask.eval.knn import topk_accuracy
+
+
+@dataclass
+class LinearHead:
+    """A fitted probe: standardisation, the linear layer, and the label of each output."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    layer: nn.Linear
+    classes: torch.Tensor  # sorted label values; output c is classes[c]
+
+    @torch.no_grad()
+    def logits(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.layer((feats - self.mean) / self.std)
+
+    def index(self, labels: torch.Tensor) -> torch.Tensor:
+        """Each label's output index (-1 for a label the probe has no output for)."""
+        pos = torch.searchsorted(self.classes, labels).clamp_max(len(self.classes) - 1)
+        return torch.where(self.classes[pos] == labels, pos, torch.full_like(pos, -1))
+
+    def raw_weights(self) -> torch.Tensor:
+        """The classes' weights on the raw (unstandardised) features: num_classes x C, what a
+        class activation map sums the feature grid with (the bias and the mean only shift it)."""
+        return self.layer.weight.detach() / self.std
+
+
+def fit_linear(
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    classes: torch.Tensor | None = None,
+    epochs: int = 100,
+    lr: float = 0.1,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> LinearHead:
+    """SGD (momentum 0.9, no weight decay, cosine lr) on standardised features; ``classes``
+    (default: the labels present) sets the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.unique(labels) if classes is None else classes
+    mean, std = feats.mean(0), feats.std(0) + 1e-6
+    x = (feats - mean) / std
+    probe = LinearHead(mean, std, nn.Linear(x.shape[1], len(classes)), classes)
+    y = probe.index(labels)
+    with torch.no_grad():
+        probe.layer.weight.normal_(0, 0.01, generator=g)
+        probe.layer.bias.zero_()
+    opt = torch.optim.SGD(probe.layer.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    total = epochs * math.ceil(len(x) / batch_size)
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=g)
+        for start in range(0, len(x), batch_size):
+            idx = order[start : start + batch_size]
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            loss = nn.functional.cross_entropy(probe.layer(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+    return probe
 
 
 def linear_probe(
@@ -26,30 +88,10 @@ def linear_probe(
     batch_size: int = 256,
     seed: int = 0,
 ) -> dict[str, float]:
-    g = torch.Generator().manual_seed(seed)
-    mean, std = train_feats.mean(0), train_feats.std(0) + 1e-6
-    xtr, xva = (train_feats - mean) / std, (val_feats - mean) / std
-    train_labels, val_labels, num_classes = compact_labels(train_labels, val_labels)
-    head = nn.Linear(xtr.shape[1], num_classes)
-    with torch.no_grad():
-        head.weight.normal_(0, 0.01, generator=g)
-        head.bias.zero_()
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(xtr) / batch_size)
-    total = epochs * steps_per_epoch
-    step = 0
-    for _ in range(epochs):
-        order = torch.randperm(len(xtr), generator=g)
-        for start in range(0, len(xtr), batch_size):
-            idx = order[start : start + batch_size]
-            for group in opt.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            loss = nn.functional.cross_entropy(head(xtr[idx]), train_labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-    with torch.no_grad():
-        result = topk_accuracy(head(xva), val_labels)
-        result["train_top1"] = topk_accuracy(head(xtr), train_labels, (1,))["top1"]
+    """Top-1/top-5 on the validation features and top-1 on the training ones, at the last epoch.
+    The outputs cover the classes of both sets (a class missing from training counts as a miss)."""
+    classes = torch.unique(torch.cat([train_labels, val_labels]))
+    probe = fit_linear(train_feats, train_labels, classes, epochs, lr, batch_size, seed)
+    result = topk_accuracy(probe.logits(val_feats), probe.index(val_labels))
+    result["train_top1"] = topk_accuracy(probe.logits(train_feats), probe.index(train_labels), (1,))["top1"]
     return result

@@ -43,7 +43,13 @@ from sslmask import distributed as D
 from sslmask.backbones import Backbone
 from sslmask.losses import embedding_std, info_nce
 from sslmask.methods.mocov2 import MoCoV2
-from sslmask.pooling import downsample_mask, masked_average_pool, usable_masks
+from sslmask.pooling import (
+    channel_heatmap,
+    downsample_mask,
+    masked_average_pool,
+    normalise_per_image,
+    usable_masks,
+)
 from sslmask.transforms import ViewSpec, moco_v2_views
 
 if TYPE_CHECKING:
@@ -119,20 +125,6 @@ def calibrated_target(
 def procr_loss(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Eq. 4 per sample: KL(target || softmax(logits)), with 0 log 0 = 0."""
     return (torch.xlogy(target, target) - target * torch.log_softmax(logits, dim=1)).sum(1)
-
-
-def channel_heatmap(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """A^c: the channel mean of a B x C x h x w map, min-max normalised per image, bilinearly
-    upsampled to ``size`` -> B x 1 x H x W in [0, 1]."""
-    return normalise_per_image(F.interpolate(grid.float().mean(1, keepdim=True), size=size,
-                                             mode="bilinear", align_corners=False))  # fmt: skip
-
-
-def normalise_per_image(a: torch.Tensor) -> torch.Tensor:
-    """Min-max to [0, 1] per image (a constant map becomes all zeros)."""
-    lo = a.amin(dim=(1, 2, 3), keepdim=True)
-    hi = a.amax(dim=(1, 2, 3), keepdim=True)
-    return (a - lo) / (hi - lo).clamp_min(1e-12)
 
 
 def apfs_keep(heat: torch.Tensor, omega: float, sigma: torch.Tensor | float) -> torch.Tensor:

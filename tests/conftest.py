@@ -89,3 +89,13 @@ def refused_train(method: str, build: Path, out: Path, sets: list[str], capsys) 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     return err
+
+
+def tiny_train_args(method: str, build: Path, run: Path, *sets: str) -> list[str]:
+    """``sslmask train`` arguments for a few seconds of ``method`` on a test build."""
+    tiny = ["data.image_size=48", "data.batch_size=8", "data.workers=0", "model.proj_hidden=32",
+            "model.pred_hidden=32", "model.proj_dim=16", "train.log_every=1", *sets]  # fmt: skip
+    args = ["train", str(build), "--method", method, "--out", str(run), "--config", "cpu-demo"]
+    for item in tiny:
+        args += ["--set", item]
+    return args

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import refused_train
+from conftest import refused_train, tiny_train_args
 
 from sslmask.config import load_config
 from sslmask.eval.retrieval import retrieval_metrics
@@ -229,11 +229,8 @@ def test_lodisc_trains_and_retrieval_cli_reads_its_predictor(sample_build, tmp_p
     from sslmask.cli import main
 
     run = tmp_path / "lodisc"
-    args = ["train", str(sample_build), "--method", "lodisc", "--out", str(run), "--config", "cpu-demo",
-            "--set", "model.arch=vit_micro", "--set", "data.image_size=48", "--set", "data.batch_size=8",
-            "--set", "data.workers=0", "--set", "model.proj_hidden=32", "--set", "model.pred_hidden=32",
-            "--set", "model.proj_dim=16", "--set", "lodisc.mode=product", "--set", "train.epochs=1",
-            "--set", "train.log_every=1"]  # fmt: skip
+    args = tiny_train_args("lodisc", sample_build, run, "model.arch=vit_micro", "lodisc.mode=product",
+                           "train.epochs=1")  # fmt: skip
     assert main(args) == 0
     log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     train = [r for r in log if r["kind"] == "train"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import refused_train
+from conftest import refused_train, tiny_train_args
 
 from sslmask.config import load_config
 from sslmask.methods import build_method
@@ -360,11 +360,8 @@ def test_segas_trains_on_a_build_reclusters_each_epoch_and_logs_its_terms(mode, 
     from sslmask.cli import main
 
     run = tmp_path / "run"
-    args = ["train", str(sample_build), "--method", "segas", "--out", str(run), "--config", "cpu-demo",
-            "--set", "data.image_size=48", "--set", "data.batch_size=8", "--set", "data.workers=0",
-            "--set", "model.proj_hidden=32", "--set", "model.proj_dim=16", "--set", "mocov2.queue=32",
-            "--set", "segas.warmup_epochs=1", "--set", "segas.prototypes=[6, 3]", "--set", "train.epochs=3",
-            "--set", "train.log_every=1"]  # fmt: skip
+    args = tiny_train_args("segas", sample_build, run, "mocov2.queue=32", "segas.warmup_epochs=1",
+                           "segas.prototypes=[6, 3]", "train.epochs=3")  # fmt: skip
     args += (
         ["--set", "segas.mask_mode=salient"]
         if mode == "salient"

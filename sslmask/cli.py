@@ -127,7 +127,7 @@ def _emit(result: dict, out_file: str | None) -> None:
 
 @cli.group(name="eval")
 def eval_group() -> None:
-    """Evaluate a frozen backbone (k-NN, linear probe, retrieval, occlusion)."""
+    """Evaluate a frozen backbone (k-NN, linear probe, retrieval, occlusion, localisation)."""
 
 
 @eval_group.command()
@@ -234,6 +234,65 @@ def occlusion(checkpoint, arch, train_spec, val_spec, image_size, batch_size, wo
     if val.mask is None:
         result["saliency"] = f"skipped: {val_spec[0]} has no masks"
     _report("occlusion", checkpoint, train.labels, val.labels, out_file, grid=grid, seed=seed, top1=result)
+
+
+@eval_group.command()
+@click.option("--checkpoint", required=True, help="Run folder, checkpoint or state_dict file, or 'random'.")
+@click.option("--arch", help="Backbone of a bare state_dict or of 'random' (else read or inferred).")
+@click.option(
+    "--train", "train_spec", multiple=True, help="Labelled shards or class folders for the probe (CAM)."
+)
+@click.option(
+    "--val", "val_spec", required=True, multiple=True, help="Shards or class folders to localise in."
+)
+@click.option(
+    "--boxes", help="CUB root or bounding_boxes.txt, ImageNet val XML folder, or LOC_val_solution.csv."
+)
+@click.option("--gt-masks", type=click.Path(exists=True, file_okay=False), help="Ground-truth mask folder.")
+@click.option("--agnostic", is_flag=True, help="Class-agnostic heatmap (channel mean); no probe, no labels.")
+@click.option(
+    "--image-size", type=click.IntRange(min=16), default=224, show_default=True, help="Resize side."
+)
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.2, show_default=True, help="Of the max.")
+@click.option("--iou", "iou_min", type=click.FloatRange(0, 1), default=0.5, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Write the result JSON here too.")
+def localization(checkpoint, arch, train_spec, val_spec, boxes, gt_masks, agnostic, image_size, threshold, iou_min,
+                 batch_size, workers, out_file) -> None:  # fmt: skip
+    """GT-known and Top-1 localisation from CAMs of a linear probe, or class-agnostic
+    localisation (--agnostic), against boxes or ground-truth masks (SegAS's protocol)."""
+    import torch
+
+    from maskio.records import index_any
+    from sslmask.checkpoint import load_backbone
+    from sslmask.eval.features import extract_features
+    from sslmask.eval.linear import fit_linear
+    from sslmask.eval.localization import localization_eval, match_boxes, read_boxes, record_keys
+
+    if bool(boxes) == bool(gt_masks):
+        raise click.UsageError("give exactly one of --boxes and --gt-masks")
+    if not agnostic and not train_spec:
+        raise click.UsageError("--train is needed for class activation maps (or use --agnostic)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backbone = load_backbone(checkpoint, arch).to(device)
+    val = index_any(list(val_spec))
+    matched = match_boxes(record_keys(val), read_boxes(boxes, gt_masks))
+    if not any(matched):
+        raise ShardError(f"{val_spec[0]}: no sample matches a box of {boxes or gt_masks}")
+    probe = None
+    if not agnostic:
+        train = index_any(list(train_spec))
+        for spec, records in ((train_spec, train), (val_spec, val)):
+            if not records.labelled:
+                raise ShardError(f"{spec[0]}: some samples have no class label; use --agnostic")
+        ftr, ytr = extract_features(backbone, train, image_size, batch_size, workers, device)
+        probe = fit_linear(ftr, ytr, torch.unique(torch.cat([ytr, torch.as_tensor(val.labels)])))
+    options = {"image_size": image_size, "threshold": threshold, "iou": iou_min, "batch_size": batch_size,
+               "workers": workers, "device": device}  # fmt: skip
+    result = localization_eval(backbone, val, matched, probe, options)
+    _emit({"eval": "localization", "checkpoint": checkpoint, "mode": "agnostic" if agnostic else "cam",
+           "threshold": threshold, **result}, out_file)  # fmt: skip
 
 
 @cli.command()

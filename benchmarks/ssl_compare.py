@@ -10,7 +10,10 @@ a section a method lacks, e.g. dino.out_dim for BYOL, is left out for it). A var
 online backbone with `sslmask eval`'s k-NN (k = 20, T = 0.07) and linear probe on the held-out
 set, and `sslmask eval retrieval`'s leave-one-out Rank-1/5 and mAP within the held-out set
 (backbone features), and prints per-seed numbers and medians. --val may be a class-folder
-tree (Imagenette, Caltech-101).
+tree (Imagenette, Caltech-101). SegAS's evaluations on request: ``--occlusion`` adds the
+probe's top-1 with half of a 7 x 7 grid hidden and with the foreground / background of
+--val's masks hidden (`sslmask eval occlusion`); ``--loc-val BUILD --loc-masks DIR`` adds
+class-agnostic localisation against ground-truth masks (`sslmask eval localization --agnostic`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,37 @@ from sslmask.eval.linear import linear_probe
 from sslmask.eval.retrieval import retrieval_metrics
 
 COLUMNS = {"knn20": "k-NN k=20", "linear": "linear", "rank1": "Rank-1", "rank5": "Rank-5", "mAP": "mAP"}
+EXTRA_COLUMNS = {"occ_rand50": "occ rand .5", "occ_fg": "occ fg", "occ_bg": "occ bg", "loc": "loc"}
+
+
+def segas_evaluations(checkpoint: str, arch: str, args, seed: int) -> dict[str, float]:
+    """Occlusion (random 0.5, foreground, background) and class-agnostic localisation."""
+    import torch
+
+    from maskio.records import index_any
+    from sslmask.checkpoint import load_backbone
+    from sslmask.eval.localization import boxes_from_masks, localization_eval, match_boxes, record_keys
+    from sslmask.eval.occlusion import conditions, occlusion_eval
+
+    torch.manual_seed(seed)
+    backbone = load_backbone(checkpoint, arch)
+    loader = {"batch_size": 128, "workers": 2, "device": "cpu"}
+    out: dict[str, float] = {}
+    if args.occlusion:
+        val = index_any(args.val)
+        plan = conditions(backbone, (0.5,), (), 7, seed, saliency=val.mask is not None)
+        plan.pop("attention")
+        occ = occlusion_eval(backbone, index_any(args.bank or args.train), val, args.image_size, plan, loader)
+        out["occ_rand50"] = occ["random"]["0.5"]
+        if "saliency" in occ:
+            out["occ_fg"], out["occ_bg"] = occ["saliency"]["foreground"], occ["saliency"]["background"]
+    if args.loc_val:
+        records = index_any(args.loc_val)
+        boxes = match_boxes(record_keys(records), boxes_from_masks(Path(args.loc_masks)))
+        options = {"image_size": args.image_size, "threshold": 0.2, "iou": 0.5, **loader}
+        out["loc"] = localization_eval(backbone, records, boxes, None, options)["loc"]
+    return out
+
 
 SHARED = ("data", "model", "optim", "ema", "train", "monitor")  # sections every method has
 
@@ -69,6 +103,9 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=96)
     ap.add_argument("--methods", nargs="+", default=["byol", "harl", "dino", "mocov2", "mocov3"])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--occlusion", action="store_true", help="also occluded top-1 (SegAS)")
+    ap.add_argument("--loc-val", nargs="+", help="a build to localise in (class-agnostic, SegAS)")
+    ap.add_argument("--loc-masks", help="ground-truth masks of --loc-val")
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="ssl_compare_"))
     bank = args.bank or args.train
@@ -84,14 +121,17 @@ def main() -> None:
             train(args.train, cfg, run, resume=True)
             minutes = (time.perf_counter() - t0) / 60
             rows[label].append(evaluate(str(run), arch, bank, args.val, args.image_size, seed))
+            rows[label][-1].update(segas_evaluations(str(run), arch, args, seed))
             print(json.dumps({"method": label, "seed": seed, **rows[label][-1], "train_min": round(minutes, 1)}),
                   flush=True)  # fmt: skip
         rows["random"].append(evaluate("random", arch, bank, args.val, args.image_size, seed))
+        rows["random"][-1].update(segas_evaluations("random", arch, args, seed))
         print(json.dumps({"method": "random", "seed": seed, **rows["random"][-1]}), flush=True)
     print(f"\nmedian over seeds {args.seeds} (top-1 %, held-out set)")
-    print(f"{'backbone':<16}" + "".join(f"{c:>11}" for c in COLUMNS.values()))
+    columns = {**COLUMNS, **{k: v for k, v in EXTRA_COLUMNS.items() if k in rows["random"][0]}}
+    print(f"{'backbone':<16}" + "".join(f"{c:>12}" for c in columns.values()))
     for name, results in rows.items():
-        print(f"{name:<16}" + "".join(f"{statistics.median(r[k] for r in results):>11.1f}" for k in COLUMNS))
+        print(f"{name:<16}" + "".join(f"{statistics.median(r[k] for r in results):>12.1f}" for k in columns))
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
 
 

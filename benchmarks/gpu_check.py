@@ -192,27 +192,27 @@ def check_build(photos: Path, head: Path, work: Path, decode: str, device: str) 
     }
 
 
+TRAIN_METHODS = ("byol", "harl", "mocov2", "segas")
+
+
 def check_train_steps(sizes: Sizes, device: str) -> dict[str, Any]:
-    """HARL vs BYOL step time, interleaved, bf16 + channels_last on a GPU."""
+    """HARL vs BYOL and mask-aware SegAS (past its warm-up) vs MoCo v2 step times, interleaved,
+    bf16 + channels_last on a GPU."""
     args = SimpleNamespace(arch=sizes.train_arch, batch=sizes.train_batch, size=sizes.train_size,
                            steps=sizes.steps, device=device, amp="bf16" if device == "cuda" else "none",
-                           channels_last=device == "cuda", set=[])  # fmt: skip
-    med: dict[str, list[float]] = {"byol": [], "harl": []}
+                           channels_last=device == "cuda", set=["segas.mask_mode=salient"])  # fmt: skip
+    med: dict[str, list[float]] = {name: [] for name in TRAIN_METHODS}
     for _ in range(3):
         for name in med:
             med[name].append(statistics.median(step_times(name, args)))
-    byol, harl = statistics.median(med["byol"]), statistics.median(med["harl"])
-    return {
-        "arch": sizes.train_arch,
-        "batch": sizes.train_batch,
-        "size": sizes.train_size,
-        "amp": args.amp,
-        "channels_last": args.channels_last,
-        "byol_images_per_second": round(sizes.train_batch / byol, 1),
-        "harl_images_per_second": round(sizes.train_batch / harl, 1),
-        "harl_over_byol_step_time": round(harl / byol, 3),
-        "ok": True,
-    }
+    seconds = {name: statistics.median(times) for name, times in med.items()}
+    out = {"arch": sizes.train_arch, "batch": sizes.train_batch, "size": sizes.train_size, "amp": args.amp,
+           "channels_last": args.channels_last, "ok": True}  # fmt: skip
+    for name in TRAIN_METHODS:
+        out[f"{name}_images_per_second"] = round(sizes.train_batch / seconds[name], 1)
+    out["harl_over_byol_step_time"] = round(seconds["harl"] / seconds["byol"], 3)
+    out["segas_over_mocov2_step_time"] = round(seconds["segas"] / seconds["mocov2"], 3)
+    return out
 
 
 VIT_METHODS = ("dino", "scfs", "mocov3")
@@ -300,12 +300,12 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"{'deep build, ' + b['decode'] + ' decode, ' + str(b.get('images', 0)) + ' JPEGs':<52}{rate:>22}  "
               f"{'yes' if b['ok'] else 'NO: ' + b['reason']}")  # fmt: skip
     t = result["train_steps"]
-    print(f"{'BYOL step, ' + t['arch'] + ', batch ' + str(t['batch']):<52}"
-          f"{str(t['byol_images_per_second']) + ' images/s':>22}  yes")  # fmt: skip
-    print(f"{'HARL step, ' + t['arch'] + ', batch ' + str(t['batch']):<52}"
-          f"{str(t['harl_images_per_second']) + ' images/s':>22}  yes")  # fmt: skip
+    for name in TRAIN_METHODS:
+        print(f"{name.upper() + ' step, ' + t['arch'] + ', batch ' + str(t['batch']):<52}"
+              f"{str(t[name + '_images_per_second']) + ' images/s':>22}  yes")  # fmt: skip
     ratio = t["harl_over_byol_step_time"]
     print(f"{'HARL / BYOL step time (goal <= 1.05)':<52}{ratio:>22}  {'met' if ratio <= 1.05 else 'missed'}")
+    print(f"{'SegAS (salient) / MoCo v2 step time (no goal)':<52}{t['segas_over_mocov2_step_time']:>22}  yes")
     v = result["vit_steps"]
     for name in VIT_METHODS:
         print(f"{name.upper() + ' step, ' + v['arch'] + ', batch ' + str(v['batch']):<52}"

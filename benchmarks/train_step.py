@@ -11,7 +11,7 @@ method's hooks around a LARS step (EMA, queue, centre), on fixed synthetic batch
 loading excluded: see loader_throughput.py). "bare" is the backbone alone, forward and
 backward over the same views; a method's own overhead (heads, losses, target networks, EMA,
 queue) is ``1 - bare / step``. Targets (issue 14): overhead <= 15 % of the step; HARL <= 1.05x
-BYOL; SCFS <= 1.35x DINO (issue 16); LoDisc <= 1.4x MoCo v3 (issue 18). Each method keeps its own heads and views (DINO: 2 global + its local crops), so the
+BYOL; SCFS <= 1.35x DINO (issue 16); LoDisc <= 1.4x MoCo v3 (issue 18); SegAS against MoCo v2 (issue 17: no target). Each method keeps its own heads and views (DINO: 2 global + its local crops), so the
 same --size is the global view size. Interleaved repeats, medians.
 """
 
@@ -28,7 +28,20 @@ from sslmask.config import default_config, load_config
 from sslmask.methods import METHODS, build_method
 from sslmask.optim import build_optimizer
 
-BASELINES = {"harl": "byol", "scfs": "dino", "lodisc": "mocov3"}
+BASELINES = {"harl": "byol", "scfs": "dino", "lodisc": "mocov3", "segas": "mocov2"}
+
+
+def seed_prototypes(method, dim: int, n: int = 2600) -> None:
+    """SegAS past its warm-up: prototypes of ``n`` random unit vectors (the automatic sizes for
+    ``n`` images), so the timed step pays for every SegAS term."""
+    import numpy as np
+
+    from sslmask.methods.segas import hierarchical_kmeans, prototype_sizes
+
+    x = torch.nn.functional.normalize(torch.randn(n, dim, generator=torch.Generator().manual_seed(1)), dim=1)
+    cents, labels = hierarchical_kmeans(x.numpy(), prototype_sizes(None, n), niter=5, nredo=1)
+    method.prototypes = [torch.from_numpy(c).to(method.queue.device) for c in cents]
+    method.instance_labels = torch.from_numpy(np.stack(labels)).to(method.queue.device)
 
 
 def make_config(label: str, args) -> dict:
@@ -54,6 +67,9 @@ def make(label: str, args):
         mask = torch.zeros(args.batch, 1, spec.size, spec.size)
         mask[:, :, spec.size // 4 : 3 * spec.size // 4, spec.size // 5 : 4 * spec.size // 5] = 1
         batch[f"mask{v}"] = mask.to(args.device)
+    batch["index"] = torch.arange(args.batch, device=args.device)
+    if name == "segas":
+        seed_prototypes(method, cfg["model"]["proj_dim"])
     return method, batch
 
 

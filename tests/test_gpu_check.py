@@ -25,6 +25,7 @@ def test_gpu_check_dry_run_runs_every_check_and_writes_the_json(tmp_path):
     for b in result["builds"]:  # every sample says where it ran
         assert b["ok"] and b["recorded_devices"] == {"cpu": 24} and b["images_per_second"] > 0
     assert result["train_steps"]["harl_images_per_second"] > 0
+    assert result["train_steps"]["segas_over_mocov2_step_time"] > 0
     assert (
         result["vit_steps"]["dino_images_per_second"] > 0
         and result["vit_steps"]["mocov3_images_per_second"] > 0
@@ -34,7 +35,7 @@ def test_gpu_check_dry_run_runs_every_check_and_writes_the_json(tmp_path):
     kill = result["kill_resume"]
     assert 0 < kill["killed_at_step"] < kill["steps"] <= kill["final_step"]
     table = res.stdout.splitlines()
-    assert table[0].startswith("GPU check on CPU (dry run)") and len(table) == 13
+    assert table[0].startswith("GPU check on CPU (dry run)") and len(table) == 16
 
 
 def test_gpu_check_refuses_to_run_the_real_check_without_a_gpu(tmp_path):

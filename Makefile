@@ -49,7 +49,7 @@ bench: $(STAMP)
 gpu-wheels: $(STAMP)
 	$(BIN)/python -m pip download -q --only-binary=:all: --no-deps --python-version 3.12 \
 	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-	  -d .gpu-wheels pysodmetrics webdataset braceexpand pycocotools threadpoolctl scikit-learn joblib
+	  -d .gpu-wheels pysodmetrics webdataset braceexpand pycocotools threadpoolctl scikit-learn joblib faiss-cpu
 
 clean:
 	rm -rf out .pytest_cache

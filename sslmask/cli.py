@@ -13,6 +13,7 @@ from maskio.records import resolve_shards
 from sslmask.checkpoint import CheckpointError
 from sslmask.config import ConfigError, available_methods, load_config
 from sslmask.data import dumps, summarize
+from sslmask.eval.features import FEATURE_KINDS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,34 +86,39 @@ def _report(kind: str, checkpoint: str, ytr, yva, out_file: str | None, **fields
     _emit({"eval": kind, "checkpoint": checkpoint, "train": len(ytr), "val": len(yva), **fields}, out_file)
 
 
-def _eval_options(fn):
-    options = [
-        click.option(
-            "--checkpoint", required=True, help="Run folder, checkpoint or state_dict file, or 'random'."
-        ),
-        click.option("--arch", help="Backbone of a bare state_dict or of 'random' (else read or inferred)."),
-        click.option(
-            "--train", "train_spec", required=True, multiple=True, help="Labelled shards or class folders."
-        ),
-        click.option(
-            "--val", "val_spec", required=True, multiple=True, help="Labelled shards or class folders."
-        ),
-        click.option(
-            "--image-size",
-            type=click.IntRange(min=16),
-            default=224,
-            show_default=True,
-            help="Centre-crop size.",
-        ),
-        click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True),
-        click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True),
-        click.option(
-            "--out", "out_file", type=click.Path(dir_okay=False), help="Write the result JSON here too."
-        ),
-    ]
+def _apply(fn, options):
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def _backbone_options(fn):
+    """--checkpoint and --arch: which frozen backbone an evaluation reads."""
+    return _apply(fn, [
+        click.option("--checkpoint", required=True, help="Run folder, checkpoint or state_dict file, or 'random'."),
+        click.option("--arch", help="Backbone of a bare state_dict or of 'random' (else read or inferred)."),
+    ])  # fmt: skip
+
+
+def _loader_options(fn):
+    """Image size, batch, workers and the JSON output every evaluation shares."""
+    return _apply(fn, [
+        click.option("--image-size", type=click.IntRange(min=16), default=224, show_default=True,
+                     help="Centre-crop size (localisation: the resize side)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True),
+        click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True),
+        click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Write the result JSON here too."),
+    ])  # fmt: skip
+
+
+def _eval_options(fn):
+    """A backbone, a labelled training split, a labelled validation split, the loader options."""
+    return _apply(fn, [
+        _backbone_options,
+        click.option("--train", "train_spec", required=True, multiple=True, help="Labelled shards or class folders."),
+        click.option("--val", "val_spec", required=True, multiple=True, help="Labelled shards or class folders."),
+        _loader_options,
+    ])  # fmt: skip
 
 
 def _emit(result: dict, out_file: str | None) -> None:
@@ -161,25 +167,13 @@ def linear(
 
 
 @eval_group.command()
-@click.option("--checkpoint", required=True, help="Run folder, checkpoint or state_dict file, or 'random'.")
-@click.option("--arch", help="Backbone of a bare state_dict or of 'random' (else read or inferred).")
+@_backbone_options
 @click.option(
     "--data", "data_spec", required=True, multiple=True, help="One labelled split: shards or class folders."
 )
-@click.option(
-    "--features",
-    "kind",
-    type=click.Choice(["backbone", "gap", "predictor"]),
-    default="backbone",
-    show_default=True,
-    help="Pooled backbone feature (CLS/GAP), grid mean, or a run's predictor output.",
-)
-@click.option(
-    "--image-size", type=click.IntRange(min=16), default=224, show_default=True, help="Centre-crop size."
-)
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
-@click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Write the result JSON here too.")
+@click.option("--features", "kind", type=click.Choice(FEATURE_KINDS), default="backbone", show_default=True,
+              help="Pooled backbone feature (CLS/GAP), grid mean, or a run's predictor output.")  # fmt: skip
+@_loader_options
 def retrieval(checkpoint, arch, data_spec, kind, image_size, batch_size, workers, out_file) -> None:
     """Leave-one-out retrieval on one split: Rank-1, Rank-5 and mAP (LoDisc's protocol)."""
     from sslmask.eval.features import split_features
@@ -237,8 +231,7 @@ def occlusion(checkpoint, arch, train_spec, val_spec, image_size, batch_size, wo
 
 
 @eval_group.command()
-@click.option("--checkpoint", required=True, help="Run folder, checkpoint or state_dict file, or 'random'.")
-@click.option("--arch", help="Backbone of a bare state_dict or of 'random' (else read or inferred).")
+@_backbone_options
 @click.option(
     "--train", "train_spec", multiple=True, help="Labelled shards or class folders for the probe (CAM)."
 )
@@ -250,15 +243,10 @@ def occlusion(checkpoint, arch, train_spec, val_spec, image_size, batch_size, wo
 )
 @click.option("--gt-masks", type=click.Path(exists=True, file_okay=False), help="Ground-truth mask folder.")
 @click.option("--agnostic", is_flag=True, help="Class-agnostic heatmap (channel mean); no probe, no labels.")
-@click.option(
-    "--image-size", type=click.IntRange(min=16), default=224, show_default=True, help="Resize side."
-)
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.2, show_default=True, help="Of the max.")
 @click.option("--iou", "iou_min", type=click.FloatRange(0, 1), default=0.5, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
-@click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Write the result JSON here too.")
-def localization(checkpoint, arch, train_spec, val_spec, boxes, gt_masks, agnostic, image_size, threshold, iou_min,
+@_loader_options
+def localization(checkpoint, arch, train_spec, val_spec, boxes, gt_masks, agnostic, threshold, iou_min, image_size,
                  batch_size, workers, out_file) -> None:  # fmt: skip
     """GT-known and Top-1 localisation from CAMs of a linear probe, or class-agnostic
     localisation (--agnostic), against boxes or ground-truth masks (SegAS's protocol)."""

@@ -119,3 +119,22 @@ def test_byol_view_pair_and_eval_view():
     assert out.shape == (3, 64, 64) and out.dtype == torch.uint8
     # centre crop of a wide image keeps the middle: its left and right edges are background
     assert out[0, 32, 0] < 60 and out[0, 32, 63] < 60
+
+
+@pytest.mark.parametrize("op", ["adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue"])
+def test_colour_jitter_on_pil_matches_the_tensor_operation_up_to_rounding(op):
+    """The jitter runs on PIL images for speed; each operation must do what the tensor one does
+    (hue to within PIL's 8-bit HSV: a few levels on the 1 % of pixels where it rounds most)."""
+    import torchvision.transforms.v2.functional as TF
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    arr[:20] = np.clip(arr[:20] // 3 + np.array([150, 40, 90]), 0, 255)  # saturated colours too
+    tensor = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    for factor in ((0.6, 1.0, 1.4) if op != "adjust_hue" else (-0.1, 0.03, 0.1)):
+        via_pil = np.asarray(getattr(TF, op)(Image.fromarray(arr), factor)).astype(int)
+        via_tensor = getattr(TF, op)(tensor, factor).permute(1, 2, 0).numpy().astype(int)
+        diff = np.abs(via_pil - via_tensor)
+        tail = 8 if op == "adjust_hue" else 2
+        assert diff.mean() < 1.5 and np.percentile(diff, 99) <= tail, (op, factor, diff.mean(), diff.max())

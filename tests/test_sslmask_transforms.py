@@ -132,7 +132,7 @@ def test_colour_jitter_on_pil_matches_the_tensor_operation_up_to_rounding(op):
     arr = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
     arr[:20] = np.clip(arr[:20] // 3 + np.array([150, 40, 90]), 0, 255)  # saturated colours too
     tensor = torch.from_numpy(arr.copy()).permute(2, 0, 1)
-    for factor in ((0.6, 1.0, 1.4) if op != "adjust_hue" else (-0.1, 0.03, 0.1)):
+    for factor in (0.6, 1.0, 1.4) if op != "adjust_hue" else (-0.1, 0.03, 0.1):
         via_pil = np.asarray(getattr(TF, op)(Image.fromarray(arr), factor)).astype(int)
         via_tensor = getattr(TF, op)(tensor, factor).permute(1, 2, 0).numpy().astype(int)
         diff = np.abs(via_pil - via_tensor)

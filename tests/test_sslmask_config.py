@@ -8,7 +8,7 @@ from sslmask.config import ConfigError, available_methods, diff, load_config, pa
 
 
 def test_methods_and_overlay_precedence(tmp_path):
-    assert available_methods() == ["byol", "dino", "harl", "lodisc", "mocov2", "mocov3", "scfs"]
+    assert available_methods() == ["byol", "dino", "harl", "lodisc", "mocov2", "mocov3", "scfs", "segas"]
     overlay = tmp_path / "o.yaml"
     overlay.write_text("optim:\n  lr: 0.5\ntrain:\n  epochs: 3\n")
     cfg = load_config("harl", str(overlay), ["optim.lr=1e-3", "harl.loss=mask"])
@@ -18,6 +18,9 @@ def test_methods_and_overlay_precedence(tmp_path):
     scfs = load_config("scfs")  # extends dino, which extends base
     assert scfs["dino"]["local_scale"] == [0.05, 0.25] and scfs["dino"]["student_temp"] == 0.1
     assert scfs["optim"]["lr"] == 0.1 and scfs["model"]["arch"] == "resnet50"
+    segas = load_config("segas")  # extends mocov2: MoCo v2's recipe with HCSC's queue and a weak key
+    assert segas["mocov2"] == {"queue": 16384, "temperature": 0.2, "weak_key": True}
+    assert segas["optim"]["lr"] == 0.03 and segas["ema"]["schedule"] == "constant"
 
 
 def test_set_values_are_typed():

@@ -104,17 +104,20 @@ def boxes_from_masks(folder: Path) -> dict[str, list[Box]]:
 def read_boxes(boxes: str | None, gt_masks: str | None) -> dict[str, list[Box]]:
     """Boxes from ``--boxes`` (a CUB root or its bounding_boxes.txt, an XML folder, a
     LOC_val_solution.csv) or ``--gt-masks`` (a mask folder)."""
-    if gt_masks:
-        return boxes_from_masks(Path(gt_masks))
-    path = Path(boxes or "")
-    if path.is_file() and path.suffix.lower() == ".csv":
-        return boxes_from_loc_csv(path)
-    if path.is_file() and path.name == "bounding_boxes.txt":
-        return boxes_from_cub(path.parent)
-    if path.is_dir() and (path / "bounding_boxes.txt").is_file():
-        return boxes_from_cub(path)
-    if path.is_dir():
-        return boxes_from_imagenet_xml(path)
+    path = Path(gt_masks or boxes or "")
+    try:
+        if gt_masks:
+            return boxes_from_masks(path)
+        if path.is_file() and path.suffix.lower() == ".csv":
+            return boxes_from_loc_csv(path)
+        if path.is_file() and path.name == "bounding_boxes.txt":
+            return boxes_from_cub(path.parent)
+        if path.is_dir() and (path / "bounding_boxes.txt").is_file():
+            return boxes_from_cub(path)
+        if path.is_dir():
+            return boxes_from_imagenet_xml(path)
+    except (ValueError, KeyError, TypeError, ET.ParseError, OSError) as exc:  # a malformed annotation file
+        raise ShardError(f"{path}: unreadable boxes ({type(exc).__name__}: {exc})") from exc
     raise ShardError(f"{path}: not a CUB bounding_boxes.txt, an XML folder or a LOC_val_solution.csv")
 
 

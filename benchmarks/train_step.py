@@ -8,11 +8,15 @@ backbone's bare forward + backward over the same views.
 
 A step is the engine's: forward (every view, online and target networks), backward, the
 method's hooks around a LARS step (EMA, queue, centre), on fixed synthetic batches (data
-loading excluded: see loader_throughput.py). "bare" is the backbone alone, forward and
-backward over the same views; a method's own overhead (heads, losses, target networks, EMA,
-queue) is ``1 - bare / step``. Targets (issue 14): overhead <= 15 % of the step; HARL <= 1.05x
-BYOL; SCFS <= 1.35x DINO (issue 16); LoDisc <= 1.4x MoCo v3 (issue 18); SegAS against MoCo v2 (issue 17: no target). Each method keeps its own heads and views (DINO: 2 global + its local crops), so the
-same --size is the global view size. Interleaved repeats, medians.
+loading excluded: see loader_throughput.py). "bare" replays every backbone pass that step made
+(recorded at the trunk's entry points: the same inputs, the same trunk, with a backward where
+the step took gradients and under no_grad where it did not: the target network's passes, the
+k-NN-free momentum encoder's), and nothing else. A method's own overhead (heads, losses,
+EMA, queue, view surgery) is ``1 - bare / step``. Targets (issue 14): overhead <= 15 % of the
+step; HARL <= 1.05x BYOL; SCFS <= 1.35x DINO (issue 16); LoDisc <= 1.4x MoCo v3 (issue 18);
+SegAS against MoCo v2 (issue 17: no target). Each method keeps its own heads and views (DINO:
+2 global + its local crops), so the same --size is the global view size. Interleaved repeats,
+medians.
 """
 
 from __future__ import annotations
@@ -89,11 +93,12 @@ def _timed(fn, args) -> list[float]:
 
 def step_times(name: str, args) -> list[float]:
     """Seconds per engine step of ``name`` (after 2 warm-up steps)."""
-    return _timed(engine_step(name, args), args)
+    return _timed(engine_step(name, args)[0], args)
 
 
 def engine_step(name: str, args):
-    """One engine step of ``name`` on its fixed batch, as a function of the step index."""
+    """One engine step of ``name`` on its fixed batch, as a function of the step index, and the
+    method it steps."""
     method, batch = make(name, args)
     opt = build_optimizer("lars", method.param_groups(1e-6), 0.1)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
@@ -109,22 +114,26 @@ def engine_step(name: str, args):
         opt.step()
         method.after_optimizer_step(i, 100)
 
-    return step
+    return step, method
 
 
-def bare_times(name: str, args) -> list[float]:
-    """Seconds per forward + backward of the backbone alone over ``name``'s views."""
-    return _timed(bare_step(name, args), args)
-
-
-def flops(step) -> float:
+def flops(fn) -> float:
     """FLOPs of one call (torch's FlopCounterMode: matmuls and convolutions, forward and backward)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    step(0)  # lazy initialisation outside the count
     with FlopCounterMode(display=False) as counter:
-        step(1)
+        fn()
     return float(counter.get_total_flops())
+
+
+def step_and_bare_flops(name: str, args) -> tuple[float, float]:
+    """FLOPs of engine step 1 of ``name`` (step 0 initialises lazily) and of its backbone passes."""
+    step, method = engine_step(name, args)
+    step(0)
+    with BackbonePasses(method) as passes:
+        total = flops(lambda: step(1))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    return total, flops(lambda: BackbonePasses.replay(passes.calls, dtype))
 
 
 def print_flops(args) -> None:
@@ -133,7 +142,7 @@ def print_flops(args) -> None:
     print(f"{'method':<12}{'step':>10}{'bare':>10}{'overhead':>10}")
     per_image = {}
     for name in args.methods:
-        step, bare = flops(engine_step(name, args)) / args.batch, flops(bare_step(name, args)) / args.batch
+        step, bare = (f / args.batch for f in step_and_bare_flops(name, args))
         per_image[name] = step
         print(f"{parse_variant(name)[0]:<12}{step / 1e9:>10.2f}{bare / 1e9:>10.2f}{1 - bare / step:>10.1%}")
     for label, step in per_image.items():
@@ -142,19 +151,88 @@ def print_flops(args) -> None:
             print(f"{parse_variant(label)[0]} / {base} FLOPs per step: {step / per_image[base]:.3f}")
 
 
-def bare_step(name: str, args):
-    """Forward + backward of the backbone alone over ``name``'s views, as a function of the index."""
-    method, batch = make(name, args)
-    views = [v for k, v in batch.items() if k.startswith("view")]
+TRUNK_ENTRIES = ("forward", "features", "pooled", "stage_features", "attention_maps", "pooled_and_attention")
+
+
+class BackbonePasses:
+    """Records every outermost call of a trunk entry point while active: (trunk, entry, input,
+    other arguments, whether it took gradients), so :meth:`replay` can redo exactly those passes."""
+
+    def __init__(self, method: torch.nn.Module):
+        from sslmask.backbones import ResNetTrunk
+        from sslmask.vit import ViTTrunk
+
+        self.trunks = [m for m in method.modules() if isinstance(m, (ResNetTrunk, ViTTrunk))]
+        self.calls: list[tuple] = []
+        self._depth = 0
+
+    def _wrap(self, trunk: torch.nn.Module, entry: str):
+        original = getattr(trunk, entry)
+
+        def recorded(x, *rest, **kwargs):
+            if self._depth == 0:
+                grad = torch.is_grad_enabled() and any(p.requires_grad for p in trunk.parameters())
+                self.calls.append((trunk, entry, x.detach(), rest, kwargs, grad))
+            self._depth += 1
+            try:
+                return original(x, *rest, **kwargs)
+            finally:
+                self._depth -= 1
+
+        return recorded
+
+    def __enter__(self) -> BackbonePasses:
+        self.calls = []
+        for trunk in self.trunks:
+            for entry in TRUNK_ENTRIES:
+                if hasattr(trunk, entry):
+                    setattr(
+                        trunk, entry, self._wrap(trunk, entry)
+                    )  # an instance attribute shadows the method
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for trunk in self.trunks:
+            for entry in TRUNK_ENTRIES:
+                trunk.__dict__.pop(entry, None)
+
+    @staticmethod
+    def replay(calls: list[tuple], dtype) -> None:
+        """The recorded passes again, with one backward through those that took gradients."""
+        device = calls[0][2].device.type
+        loss = None
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            for trunk, entry, x, rest, kwargs, grad in calls:
+                with torch.set_grad_enabled(grad):
+                    out = getattr(trunk, entry)(x, *rest, **kwargs)
+                if grad:
+                    term = sum(t.float().mean() for t in _tensors(out))
+                    loss = term if loss is None else loss + term
+        if loss is not None:
+            loss.backward()
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for o in out for t in _tensors(o)]
+
+
+def step_and_bare(name: str, args) -> tuple[list[float], list[float]]:
+    """Seconds per engine step of ``name``, and per replay of the backbone passes of that step."""
+    step, method = engine_step(name, args)
+    passes = BackbonePasses(method)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    recorded: list[list[tuple]] = []
 
-    def step(i: int) -> None:
-        method.backbone.zero_grad(set_to_none=True)
-        with torch.autocast(args.device, dtype=dtype, enabled=dtype is not None):
-            loss = sum(method.backbone(x).float().mean() for x in views)
-        loss.backward()
+    def recording_step(i: int) -> None:
+        with passes:
+            step(i)
+        recorded.append(passes.calls)
 
-    return step
+    step_times_ = _timed(recording_step, args)
+    method.zero_grad(set_to_none=True)
+    return step_times_, _timed(lambda i: BackbonePasses.replay(recorded[i], dtype), args)
 
 
 def main() -> None:
@@ -177,8 +255,9 @@ def main() -> None:
     runs: dict[str, dict[str, list[float]]] = {m: {"step": [], "bare": []} for m in args.methods}
     for _ in range(args.repeats):  # interleaved
         for name in args.methods:
-            runs[name]["step"].append(statistics.median(step_times(name, args)))
-            runs[name]["bare"].append(statistics.median(bare_times(name, args)))
+            step, bare = step_and_bare(name, args)
+            runs[name]["step"].append(statistics.median(step))
+            runs[name]["bare"].append(statistics.median(bare))
     print(
         f"{args.arch}, batch {args.batch}, {args.size}px, {args.device}, amp {args.amp}; median of {args.repeats}"
     )

@@ -124,11 +124,19 @@ def load_config(
         if overlay.get("method", method) != method:
             raise ConfigError(f"{config_file}: is for method {overlay['method']!r}, not {method!r}")
         overlay.pop("method", None)
-        _merge(cfg, overlay, str(config_file))
+        _merge(cfg, _shared_overlay(overlay, cfg), str(config_file))
     for item in overrides:
         _merge(cfg, parse_set(item), f"--set {item}")
     validate(cfg)
     return cfg
+
+
+def _shared_overlay(overlay: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    """An overlay without the sections of other methods that ``cfg``'s method lacks: one overlay
+    serves a whole comparison (``moco-cpu`` sets ``mocov2.queue`` and also trains BYOL). Any
+    other unknown key is still refused, so a typo never passes silently."""
+    methods = set(available_methods())
+    return {k: v for k, v in overlay.items() if k in cfg or k not in methods}
 
 
 # The range of every shared numeric key: (low, high, low_open, high_open); None = unbounded.

@@ -63,3 +63,15 @@ def test_diff_lists_changed_keys():
     a = load_config("harl")
     b = load_config("harl", None, ["optim.lr=0.3", "train.epochs=5"])
     assert diff(a, b) == ["optim.lr", "train.epochs"]
+
+
+def test_one_overlay_serves_every_method_of_a_comparison(tmp_path):
+    """Another method's section in an overlay is left out for a method without it (moco-cpu's
+    ``mocov2.queue`` when it trains BYOL); a misspelt section is still refused."""
+    byol = load_config("byol", "moco-cpu")
+    assert "mocov2" not in byol and byol["model"]["arch"] == "resnet_tiny"
+    assert load_config("segas", "moco-cpu")["mocov2"]["queue"] == 2048  # segas extends mocov2
+    assert "mocov3" not in load_config("dino", "vit-cpu")
+    (tmp_path / "typo.yaml").write_text("mocov22:\n  queue: 8\n")
+    with pytest.raises(ConfigError, match="unknown config key 'mocov22'"):
+        load_config("mocov2", str(tmp_path / "typo.yaml"))

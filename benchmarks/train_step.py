@@ -11,7 +11,8 @@ method's hooks around a LARS step (EMA, queue, centre), on fixed synthetic batch
 loading excluded: see loader_throughput.py). "bare" replays every backbone pass that step made
 (recorded at the trunk's entry points: the same inputs, the same trunk, with a backward where
 the step took gradients and under no_grad where it did not: the target network's passes, the
-k-NN-free momentum encoder's), and nothing else. A method's own overhead (heads, losses,
+momentum encoder's), then the same LARS update of the backbone's own parameters: what training
+the trunk alone on those passes would cost. A method's own overhead (heads, losses,
 EMA, queue, view surgery) is ``1 - bare / step``. Targets (issue 14): overhead <= 15 % of the
 step; HARL <= 1.05x BYOL; SCFS <= 1.35x DINO (issue 16); LoDisc <= 1.4x MoCo v3 (issue 18);
 SegAS against MoCo v2 (issue 17: no target). Each method keeps its own heads and views (DINO:
@@ -232,7 +233,14 @@ def step_and_bare(name: str, args) -> tuple[list[float], list[float]]:
 
     step_times_ = _timed(recording_step, args)
     method.zero_grad(set_to_none=True)
-    return step_times_, _timed(lambda i: BackbonePasses.replay(recorded[i], dtype), args)
+    trunk_opt = build_optimizer("lars", [{"params": list(method.backbone.parameters())}], 0.1)
+
+    def bare(i: int) -> None:  # what training the trunk alone would pay: its passes and its update
+        trunk_opt.zero_grad(set_to_none=True)
+        BackbonePasses.replay(recorded[i], dtype)
+        trunk_opt.step()
+
+    return step_times_, _timed(bare, args)
 
 
 def main() -> None:

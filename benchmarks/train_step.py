@@ -78,6 +78,11 @@ def make(label: str, args):
     return method, batch
 
 
+def amp_dtype(args) -> torch.dtype | None:
+    """The autocast dtype of ``--amp`` (None: full precision)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+
+
 def _timed(fn, args) -> list[float]:
     times = []
     for i in range(args.steps + 2):
@@ -102,7 +107,7 @@ def engine_step(name: str, args):
     method it steps."""
     method, batch = make(name, args)
     opt = build_optimizer("lars", method.param_groups(1e-6), 0.1)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    dtype = amp_dtype(args)
 
     def step(i: int) -> None:
         with torch.autocast(args.device, dtype=dtype, enabled=dtype is not None):
@@ -133,7 +138,7 @@ def step_and_bare_flops(name: str, args) -> tuple[float, float]:
     step(0)
     with BackbonePasses(method) as passes:
         total = flops(lambda: step(1))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    dtype = amp_dtype(args)
     return total, flops(lambda: BackbonePasses.replay(passes.calls, dtype))
 
 
@@ -187,9 +192,8 @@ class BackbonePasses:
         for trunk in self.trunks:
             for entry in TRUNK_ENTRIES:
                 if hasattr(trunk, entry):
-                    setattr(
-                        trunk, entry, self._wrap(trunk, entry)
-                    )  # an instance attribute shadows the method
+                    # an instance attribute shadows the class's method until __exit__ pops it
+                    setattr(trunk, entry, self._wrap(trunk, entry))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -223,7 +227,7 @@ def step_and_bare(name: str, args) -> tuple[list[float], list[float]]:
     """Seconds per engine step of ``name``, and per replay of the backbone passes of that step."""
     step, method = engine_step(name, args)
     passes = BackbonePasses(method)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    dtype = amp_dtype(args)
     recorded: list[list[tuple]] = []
 
     def recording_step(i: int) -> None:

@@ -19,7 +19,15 @@ from maskio.atomic import atomic_open
 from maskio.errors import CheckpointError
 from sslmask.backbones import ARCHS, Backbone, build_backbone
 
-__all__ = ["CheckpointError", "backbone_state", "infer_arch", "load_backbone", "load_file", "save_atomic"]
+__all__ = [
+    "CheckpointError",
+    "backbone_state",
+    "infer_arch",
+    "init_backbone",
+    "load_backbone",
+    "load_file",
+    "save_atomic",
+]
 
 CHECKPOINT = "checkpoint.pt"
 BACKBONE_PREFIX = "backbone."
@@ -149,12 +157,7 @@ def load_backbone(spec: str, arch: str | None = None, out_stride: int | None = N
         if not arch:
             raise CheckpointError("--checkpoint random needs --arch")
         return build_backbone(arch, out_stride or 32)
-    path = Path(spec)
-    obj = load_file(run_checkpoint_path(path) if path.is_dir() else path)
-    try:
-        state = backbone_state(obj)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{spec}: {exc}") from None
+    obj, state = _read_trunk(spec)
     if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
         model_cfg = obj["config"]["model"]
         arch = arch or model_cfg["arch"]
@@ -165,6 +168,32 @@ def load_backbone(spec: str, arch: str | None = None, out_stride: int | None = N
         backbone = build_backbone(arch, out_stride or 32)
     except ValueError as exc:  # an unknown arch or stride (from --arch or the run's config)
         raise CheckpointError(f"{spec}: {exc}") from None
+    _fill(backbone, state, spec, arch)
+    return backbone
+
+
+def init_backbone(backbone: torch.nn.Module, spec: str, arch: str) -> None:
+    """Start ``backbone`` (an ``arch``) from the trunk of checkpoint ``spec`` (``model.init``).
+
+    ``spec`` is anything ``load_backbone`` reads: a run folder, an export, a torchvision, timm,
+    DINO or MoCo checkpoint. Every tensor must fit; BatchNorm statistics come along.
+    """
+    _, state = _read_trunk(spec)
+    _fill(backbone, state, spec, arch)
+
+
+def _read_trunk(spec: str) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The checkpoint object at ``spec`` (a file or a run folder) and its trunk's tensors."""
+    path = Path(spec)
+    obj = load_file(run_checkpoint_path(path) if path.is_dir() else path)
+    try:
+        return obj, backbone_state(obj)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{spec}: {exc}") from None
+
+
+def _fill(backbone: torch.nn.Module, state: dict[str, torch.Tensor], spec: str, arch: str) -> None:
+    """Copy ``state`` into ``backbone``, or one line saying why it does not fit."""
     try:
         result = backbone.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # a tensor of the wrong shape
@@ -173,4 +202,3 @@ def load_backbone(spec: str, arch: str | None = None, out_stride: int | None = N
         raise CheckpointError(
             f"{spec}: does not fit {arch} (missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})"
         )
-    return backbone

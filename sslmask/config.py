@@ -198,6 +198,9 @@ def validate(cfg: dict[str, Any]) -> None:
     for key, choices in CHOICES.items():
         if get(key) not in choices:
             raise ConfigError(f"{key}={get(key)!r}: must be one of {', '.join(map(str, choices))}")
+    init = cfg.get("model", {}).get("init")
+    if init is not None and not (isinstance(init, str) and init):
+        raise ConfigError(f"model.init={init!r}: must be a checkpoint path or null")
     snaps = cfg["train"].get("snapshot_epochs") or []
     epochs = cfg["train"]["epochs"]
     if not all(isinstance(e, int) and not isinstance(e, bool) and 1 <= e <= epochs for e in snaps):

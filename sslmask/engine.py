@@ -411,7 +411,7 @@ def train(shards: list[str], cfg: dict[str, Any], run: str | Path, resume: bool 
     check_config(cfg, info)
     _set_determinism(cfg, info)
     try:
-        method = build_method(cfg)
+        method = build_method(cfg, init=True)  # a resume then overwrites these weights
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     records = load_records(shards, cfg, run, info)

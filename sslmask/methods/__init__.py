@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sslmask.backbones import build_backbone
+from sslmask.checkpoint import init_backbone
 from sslmask.methods.base import SSLMethod
 from sslmask.methods.byol import BYOL
 from sslmask.methods.dino import DINO
@@ -20,9 +21,17 @@ METHODS: dict[str, type[SSLMethod]] = {
 }
 
 
-def build_method(cfg: dict[str, Any]) -> SSLMethod:
+def build_method(cfg: dict[str, Any], init: bool = False) -> SSLMethod:
+    """The method ``cfg`` names; with ``init``, its backbone starts from ``model.init`` when set.
+
+    The weights are loaded before the method is built, so its momentum encoders start as
+    copies of them too.
+    """
     name = cfg["method"]
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-    backbone = build_backbone(cfg["model"]["arch"], cfg["model"]["out_stride"])
+    model = cfg["model"]
+    backbone = build_backbone(model["arch"], model["out_stride"])
+    if init and model.get("init"):
+        init_backbone(backbone, model["init"], model["arch"])
     return METHODS[name](backbone, cfg)

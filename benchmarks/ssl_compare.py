@@ -7,8 +7,10 @@
 Trains each method once per seed with the same config (only `method` differs; a --set for
 a section a method lacks, e.g. dino.out_dim for BYOL, is left out for it). A variant is
 ``LABEL=METHOD:KEY=VALUE:...``, the method with those sets on top. It evaluates the
-online backbone with `sslmask eval`'s k-NN (k = 20, T = 0.07) and linear probe on the held-out
-set, and `sslmask eval retrieval`'s leave-one-out Rank-1/5 and mAP within the held-out set
+backbone each method's reference evaluates (``--branches auto``: DINO's and SCFS's teacher,
+the online network otherwise; ``--branches online momentum`` scores both trunks as two rows,
+``LABEL@online`` and ``LABEL@momentum``) with `sslmask eval`'s k-NN (k = 20, T = 0.07) and
+linear probe on the held-out set, and `sslmask eval retrieval`'s leave-one-out Rank-1/5 and mAP within the held-out set
 (backbone features), and prints per-seed numbers and medians. --val may be a class-folder
 tree (Imagenette, Caltech-101). SegAS's evaluations on request: ``--occlusion`` adds the
 probe's top-1 with half of a 7 x 7 grid hidden and with the foreground / background of
@@ -36,7 +38,7 @@ COLUMNS = {"knn20": "k-NN k=20", "linear": "linear", "rank1": "Rank-1", "rank5":
 EXTRA_COLUMNS = {"occ_rand50": "occ rand .5", "occ_fg": "occ fg", "occ_bg": "occ bg", "loc": "loc"}
 
 
-def segas_evaluations(checkpoint: str, arch: str, args, seed: int) -> dict[str, float]:
+def segas_evaluations(checkpoint: str, arch: str, args, seed: int, branch: str = "auto") -> dict[str, float]:
     """Occlusion (random 0.5, foreground, background) and class-agnostic localisation."""
     import torch
 
@@ -46,7 +48,7 @@ def segas_evaluations(checkpoint: str, arch: str, args, seed: int) -> dict[str, 
     from sslmask.eval.occlusion import conditions, occlusion_eval
 
     torch.manual_seed(seed)
-    backbone = load_backbone(checkpoint, arch)
+    backbone = load_backbone(checkpoint, arch, branch=branch)
     loader = {"batch_size": 128, "workers": 2, "device": "cpu"}
     out: dict[str, float] = {}
     if args.occlusion:
@@ -84,8 +86,10 @@ def variant_config(spec: str, config: str | None, overrides: list[str], seed: in
     return label, load_config(method, config, [*mine, *sets, f"train.seed={seed}"])
 
 
-def evaluate(checkpoint: str, arch: str, train_spec, val_spec, size: int, seed: int) -> dict[str, float]:
-    ftr, ytr, fva, yva = labelled_features(checkpoint, arch, train_spec, val_spec, size, seed=seed)
+def evaluate(checkpoint: str, arch: str, train_spec, val_spec, size: int, seed: int,
+             branch: str = "auto") -> dict[str, float]:  # fmt: skip
+    (ftr, ytr, fva, yva), _ = labelled_features(checkpoint, arch, train_spec, val_spec, size, seed=seed,
+                                                branch=branch)  # fmt: skip
     knn = knn_eval(ftr, ytr, fva, yva, ks=(20,))["k=20"]["top1"]
     lin = linear_probe(ftr, ytr, fva, yva)["top1"]
     ret = retrieval_metrics(fva, yva)
@@ -106,10 +110,13 @@ def main() -> None:
     ap.add_argument("--occlusion", action="store_true", help="also occluded top-1 (SegAS)")
     ap.add_argument("--loc-val", nargs="+", help="a build to localise in (class-agnostic, SegAS)")
     ap.add_argument("--loc-masks", help="ground-truth masks of --loc-val")
+    ap.add_argument("--branches", nargs="+", default=["auto"], choices=["auto", "online", "momentum"],
+                    help="which trunk(s) of each run to score (auto: the method's protocol)")  # fmt: skip
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="ssl_compare_"))
     bank = args.bank or args.train
-    labels = [parse_variant(m)[0] for m in args.methods]
+    suffix = (lambda b: "") if args.branches == ["auto"] else (lambda b: f"@{b}")
+    labels = [parse_variant(m)[0] + suffix(b) for m in args.methods for b in args.branches]
     rows: dict[str, list[dict[str, float]]] = {"random": [], **{label: [] for label in labels}}
     for seed in args.seeds:
         arch = None
@@ -120,10 +127,12 @@ def main() -> None:
             t0 = time.perf_counter()
             train(args.train, cfg, run, resume=True)
             minutes = (time.perf_counter() - t0) / 60
-            rows[label].append(evaluate(str(run), arch, bank, args.val, args.image_size, seed))
-            rows[label][-1].update(segas_evaluations(str(run), arch, args, seed))
-            print(json.dumps({"method": label, "seed": seed, **rows[label][-1], "train_min": round(minutes, 1)}),
-                  flush=True)  # fmt: skip
+            for branch in args.branches:
+                row = evaluate(str(run), arch, bank, args.val, args.image_size, seed, branch)
+                row.update(segas_evaluations(str(run), arch, args, seed, branch))
+                rows[label + suffix(branch)].append(row)
+                print(json.dumps({"method": label, "branch": branch, "seed": seed, **row,
+                                  "train_min": round(minutes, 1)}), flush=True)  # fmt: skip
         rows["random"].append(evaluate("random", arch, bank, args.val, args.image_size, seed))
         rows["random"][-1].update(segas_evaluations("random", arch, args, seed))
         print(json.dumps({"method": "random", "seed": seed, **rows["random"][-1]}), flush=True)

@@ -2,8 +2,9 @@
 
 Backbones load from sslmask runs and exports, torchvision, MoCo v2/v3, DINO, BYOL/solo-learn
 and safetensors files (see ``backbone_state``). A run directory holds ``checkpoint.pt``: ``{"method": state_dict, "optimizer": ...,
-"scaler": ..., "step": int, "config": dict, "rng": {...}}``. ``sslmask export`` writes the
-online backbone alone, with torchvision's parameter names.
+"scaler": ..., "step": int, "config": dict, "rng": {...}, "eval_branch": str}``. ``sslmask
+export`` writes one trunk alone (the branch the method's reference evaluates, unless told
+otherwise), with torchvision's or timm's parameter names.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ __all__ = [
     "infer_arch",
     "init_backbone",
     "load_backbone",
+    "load_backbone_branch",
     "load_file",
     "save_atomic",
 ]
@@ -95,18 +97,72 @@ TRUNK_PREFIXES = (
 HEAD_PREFIXES = ("fc.", "head.")  # classifier / projection heads that live inside the trunk's namespace
 
 
-def backbone_state(obj: Any, branch: str = "teacher") -> dict[str, torch.Tensor]:
+# Which trunk of a self-supervised run is scored and exported. ``online``: the network the
+# optimiser trains (BYOL's online, MoCo's query encoder, DINO's student); ``momentum``: its EMA
+# copy (BYOL's target, MoCo's key encoder, DINO's teacher); ``auto``: what the method's
+# reference code evaluates (DINO and SCFS: the teacher; every other method: the online one).
+BRANCHES = ("auto", "online", "momentum")
+BRANCH_ALIASES = {"student": "online", "query": "online", "teacher": "momentum", "key": "momentum",
+                  "target": "momentum"}  # fmt: skip
+DINO_BRANCH = {"online": "student", "momentum": "teacher"}  # DINO's own checkpoint keys
+
+
+def canonical_branch(branch: str) -> str:
+    """``branch`` or one of its aliases as ``auto``/``online``/``momentum`` (CheckpointError otherwise)."""
+    name = BRANCH_ALIASES.get(branch, branch)
+    if name not in BRANCHES:
+        choices = ", ".join([*BRANCHES, *BRANCH_ALIASES])
+        raise CheckpointError(f"--branch {branch!r}: must be one of {choices}")
+    return name
+
+
+def _trunk_prefixes(state: dict[str, Any]) -> list[str]:
+    """Prefixes under which a whole trunk sits in a method's state_dict (``backbone.``,
+    ``teacher_backbone.``, ``key_backbone.`` ...)."""
+    return sorted(k[: -len(m)] for k in state for m in ("conv1.weight", "cls_token") if k.endswith(m))
+
+
+def run_branch_prefix(method_state: dict[str, Any], branch: str) -> str:
+    """The prefix of the ``online`` or ``momentum`` trunk in an sslmask run's method state."""
+    if branch == "online":
+        return BACKBONE_PREFIX
+    others = [
+        p for p in _trunk_prefixes(method_state) if p.endswith(BACKBONE_PREFIX) and p != BACKBONE_PREFIX
+    ]
+    if len(others) != 1:
+        raise CheckpointError("this run has no momentum encoder to score; use --branch online")
+    return others[0]
+
+
+def resolve_branch(obj: Any, branch: str = "auto") -> str | None:
+    """The branch ``backbone_state(obj, branch)`` reads: ``online`` or ``momentum`` for an sslmask
+    run (``auto``: the one the run recorded as its method's protocol, ``eval_branch``), ``student``
+    or ``teacher`` for DINO's own checkpoints, None for a single-trunk file."""
+    branch = canonical_branch(branch)
+    if isinstance(obj, dict) and isinstance(obj.get("method"), dict):
+        return obj.get("eval_branch", "online") if branch == "auto" else branch
+    if isinstance(obj, dict) and isinstance(obj.get("teacher"), dict):
+        return "teacher" if branch == "auto" else DINO_BRANCH[branch]
+    if branch != "auto":
+        raise CheckpointError(f"--branch {branch}: this checkpoint holds one trunk, not a run's two")
+    return None
+
+
+def backbone_state(obj: Any, branch: str = "auto") -> dict[str, torch.Tensor]:
     """The trunk's tensors (ResNet: torchvision-named; ViT: timm-named), from the checkpoint formats in use.
 
-    Accepts an sslmask run checkpoint (the online backbone), DINO's ``{"teacher", "student"}``
-    (``branch`` picks one; DINO evaluates the teacher), ``{"state_dict": ...}`` /
+    Accepts an sslmask run checkpoint (``branch``: see :func:`resolve_branch`), DINO's
+    ``{"teacher", "student"}`` (DINO evaluates the teacher), ``{"state_dict": ...}`` /
     ``{"model": ...}`` wrappers (MoCo, solo-learn, torchvision references), and flat state
     dicts, with the prefixes in ``TRUNK_PREFIXES``. Projection heads and ``fc`` are dropped.
     """
+    resolved = resolve_branch(obj, branch)
     if isinstance(obj, dict) and isinstance(obj.get("method"), dict):
-        obj = {k: v for k, v in obj["method"].items() if not k.endswith("_extra_state")}  # SegAS's clusters
-    if isinstance(obj, dict) and isinstance(obj.get(branch), dict):
-        obj = obj[branch]
+        state = {k: v for k, v in obj["method"].items() if not k.endswith("_extra_state")}  # SegAS's clusters
+        prefix = run_branch_prefix(state, resolved)
+        obj = {BACKBONE_PREFIX + k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    elif isinstance(obj, dict) and isinstance(obj.get("teacher"), dict):
+        obj = obj[resolved]
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
@@ -151,17 +207,31 @@ def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, int]:
     raise CheckpointError(f"backbone with blocks {blocks}, width {width} matches no known arch")
 
 
-def load_backbone(spec: str, arch: str | None = None, out_stride: int | None = None) -> Backbone:
+def load_backbone(
+    spec: str, arch: str | None = None, out_stride: int | None = None, branch: str = "auto"
+) -> Backbone:
     """A backbone from a run folder, a checkpoint/state_dict file, or ``random`` (with ``arch``)."""
+    return load_backbone_branch(spec, arch, out_stride, branch)[0]
+
+
+def load_backbone_branch(
+    spec: str, arch: str | None = None, out_stride: int | None = None, branch: str = "auto"
+) -> tuple[Backbone, str | None]:
+    """:func:`load_backbone` and the branch it read (``online``/``momentum`` for a run, DINO's
+    ``student``/``teacher``, None for a one-trunk file or ``random``): what an evaluation scored."""
     if spec == "random":
         if not arch:
             raise CheckpointError("--checkpoint random needs --arch")
-        return build_backbone(arch, out_stride or 32)
-    obj, state = _read_trunk(spec)
+        if canonical_branch(branch) != "auto":
+            raise CheckpointError(f"--branch {branch}: a random backbone has no branches")
+        return build_backbone(arch, out_stride or 32), None
+    obj, state, resolved = _read_trunk(spec, branch)
     if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
-        model_cfg = obj["config"]["model"]
-        arch = arch or model_cfg["arch"]
-        out_stride = out_stride or model_cfg["out_stride"]
+        model_cfg = obj["config"].get("model")
+        if not isinstance(model_cfg, dict):
+            raise CheckpointError(f"{spec}: its config has no model section")
+        arch = arch or model_cfg.get("arch")
+        out_stride = out_stride or model_cfg.get("out_stride")
     if arch is None:
         arch, _ = infer_arch(state)
     try:
@@ -169,25 +239,27 @@ def load_backbone(spec: str, arch: str | None = None, out_stride: int | None = N
     except ValueError as exc:  # an unknown arch or stride (from --arch or the run's config)
         raise CheckpointError(f"{spec}: {exc}") from None
     _fill(backbone, state, spec, arch)
-    return backbone
+    return backbone, resolved
 
 
 def init_backbone(backbone: torch.nn.Module, spec: str, arch: str) -> None:
     """Start ``backbone`` (an ``arch``) from the trunk of checkpoint ``spec`` (``model.init``).
 
     ``spec`` is anything ``load_backbone`` reads: a run folder, an export, a torchvision, timm,
-    DINO or MoCo checkpoint. Every tensor must fit; BatchNorm statistics come along.
+    DINO or MoCo checkpoint (its evaluated branch). Every tensor must fit; BatchNorm statistics
+    come along.
     """
-    _, state = _read_trunk(spec)
+    _, state, _ = _read_trunk(spec)
     _fill(backbone, state, spec, arch)
 
 
-def _read_trunk(spec: str) -> tuple[Any, dict[str, torch.Tensor]]:
-    """The checkpoint object at ``spec`` (a file or a run folder) and its trunk's tensors."""
+def _read_trunk(spec: str, branch: str = "auto") -> tuple[Any, dict[str, torch.Tensor], str | None]:
+    """The checkpoint object at ``spec`` (a file or a run folder), its trunk's tensors and the
+    branch they came from."""
     path = Path(spec)
     obj = load_file(run_checkpoint_path(path) if path.is_dir() else path)
     try:
-        return obj, backbone_state(obj)
+        return obj, backbone_state(obj, branch), resolve_branch(obj, branch)
     except CheckpointError as exc:
         raise CheckpointError(f"{spec}: {exc}") from None
 

@@ -74,16 +74,23 @@ def train(shards, method, run, config_file, overrides, resume, seed, determinist
     click.echo(f"sslmask: trained {method} -> {ckpt}", err=True)
 
 
-def _features(
-    checkpoint: str, arch: str | None, train_spec, val_spec, image_size: int, batch_size: int, workers: int
-):
+def _features(checkpoint: str, arch: str | None, branch: str, train_spec, val_spec, image_size: int,
+              batch_size: int, workers: int):  # fmt: skip
+    """``((train_feats, train_labels, val_feats, val_labels), scored branch)``."""
     from sslmask.eval.features import labelled_features
 
-    return labelled_features(checkpoint, arch, train_spec, val_spec, image_size, batch_size, workers)
+    return labelled_features(
+        checkpoint, arch, train_spec, val_spec, image_size, batch_size, workers, branch=branch
+    )
 
 
-def _report(kind: str, checkpoint: str, ytr, yva, out_file: str | None, **fields) -> None:
-    _emit({"eval": kind, "checkpoint": checkpoint, "train": len(ytr), "val": len(yva), **fields}, out_file)
+def _report(kind: str, checkpoint: str, branch: str | None, ytr, yva, out_file: str | None, **fields) -> None:
+    _emit({"eval": kind, "checkpoint": checkpoint, "branch": branch, "train": len(ytr), "val": len(yva),
+           **fields}, out_file)  # fmt: skip
+
+
+BRANCH_HELP = ("Which trunk of a run: auto (the method's protocol: DINO/SCFS the teacher, others the online "
+               "network), online (student, query) or momentum (teacher, key, target).")  # fmt: skip
 
 
 def _apply(fn, options):
@@ -97,6 +104,7 @@ def _backbone_options(fn):
     return _apply(fn, [
         click.option("--checkpoint", required=True, help="Run folder, checkpoint or state_dict file, or 'random'."),
         click.option("--arch", help="Backbone of a bare state_dict or of 'random' (else read or inferred)."),
+        click.option("--branch", default="auto", show_default=True, help=BRANCH_HELP),
     ])  # fmt: skip
 
 
@@ -141,14 +149,16 @@ def eval_group() -> None:
 @click.option("--k", "ks", multiple=True, type=click.IntRange(min=1), default=(10, 20, 30), show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07, show_default=True)
 def knn(
-    checkpoint, arch, train_spec, val_spec, image_size, batch_size, workers, out_file, ks, temperature
+    checkpoint, arch, branch, train_spec, val_spec, image_size, batch_size, workers, out_file, ks, temperature
 ) -> None:
     """Weighted k-NN accuracy (DINO protocol: cosine, exp(sim/T) votes)."""
     from sslmask.eval.knn import knn_eval
 
-    ftr, ytr, fva, yva = _features(checkpoint, arch, train_spec, val_spec, image_size, batch_size, workers)
+    (ftr, ytr, fva, yva), scored = _features(
+        checkpoint, arch, branch, train_spec, val_spec, image_size, batch_size, workers
+    )
     result = knn_eval(ftr, ytr, fva, yva, tuple(ks), temperature)
-    _report("knn", checkpoint, ytr, yva, out_file, temperature=temperature, accuracy=result)
+    _report("knn", checkpoint, scored, ytr, yva, out_file, temperature=temperature, accuracy=result)
 
 
 @eval_group.command()
@@ -156,14 +166,16 @@ def knn(
 @click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True)
 def linear(
-    checkpoint, arch, train_spec, val_spec, image_size, batch_size, workers, out_file, epochs, lr
+    checkpoint, arch, branch, train_spec, val_spec, image_size, batch_size, workers, out_file, epochs, lr
 ) -> None:
     """Linear probe on frozen, centre-crop features (top-1/top-5 at the last epoch)."""
     from sslmask.eval.linear import linear_probe
 
-    ftr, ytr, fva, yva = _features(checkpoint, arch, train_spec, val_spec, image_size, batch_size, workers)
+    (ftr, ytr, fva, yva), scored = _features(
+        checkpoint, arch, branch, train_spec, val_spec, image_size, batch_size, workers
+    )
     result = linear_probe(ftr, ytr, fva, yva, epochs=epochs, lr=lr)
-    _report("linear", checkpoint, ytr, yva, out_file, epochs=epochs, accuracy=result)
+    _report("linear", checkpoint, scored, ytr, yva, out_file, epochs=epochs, accuracy=result)
 
 
 @eval_group.command()
@@ -174,13 +186,16 @@ def linear(
 @click.option("--features", "kind", type=click.Choice(FEATURE_KINDS), default="backbone", show_default=True,
               help="Pooled backbone feature (CLS/GAP), grid mean, or a run's predictor output.")  # fmt: skip
 @_loader_options
-def retrieval(checkpoint, arch, data_spec, kind, image_size, batch_size, workers, out_file) -> None:
+def retrieval(checkpoint, arch, branch, data_spec, kind, image_size, batch_size, workers, out_file) -> None:
     """Leave-one-out retrieval on one split: Rank-1, Rank-5 and mAP (LoDisc's protocol)."""
     from sslmask.eval.features import split_features
     from sslmask.eval.retrieval import retrieval_metrics
 
-    feats, labels = split_features(checkpoint, arch, data_spec, image_size, kind, batch_size, workers)
-    result = {"eval": "retrieval", "checkpoint": checkpoint, "features": kind, "images": len(labels)}
+    feats, labels, scored = split_features(
+        checkpoint, arch, data_spec, image_size, kind, batch_size, workers, branch
+    )
+    result = {"eval": "retrieval", "checkpoint": checkpoint, "branch": scored, "features": kind,
+              "images": len(labels)}  # fmt: skip
     _emit({**result, **retrieval_metrics(feats, labels)}, out_file)
 
 
@@ -206,14 +221,14 @@ def retrieval(checkpoint, arch, data_spec, kind, image_size, batch_size, workers
     "--grid", type=click.IntRange(min=1), default=7, show_default=True, help="Random occlusion grid side."
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random occlusions.")
-def occlusion(checkpoint, arch, train_spec, val_spec, image_size, batch_size, workers, out_file, ratios, thetas,
-              grid, seed) -> None:  # fmt: skip
+def occlusion(checkpoint, arch, branch, train_spec, val_spec, image_size, batch_size, workers, out_file, ratios,
+              thetas, grid, seed) -> None:  # fmt: skip
     """Top-1 of a linear head trained on clean images, under random, attention and (when VAL has
     maskgen masks) foreground / background occlusion (SegAS's protocol)."""
     import torch
 
     from maskio.records import index_any
-    from sslmask.checkpoint import load_backbone
+    from sslmask.checkpoint import load_backbone_branch
     from sslmask.eval.occlusion import conditions, occlusion_eval
 
     train, val = index_any(list(train_spec)), index_any(list(val_spec))
@@ -221,13 +236,16 @@ def occlusion(checkpoint, arch, train_spec, val_spec, image_size, batch_size, wo
         if not records.labelled:
             raise ShardError(f"{spec[0]}: some samples have no class label; evaluation needs labels")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backbone = load_backbone(checkpoint, arch).to(device)
+    backbone, scored = load_backbone_branch(checkpoint, arch, branch=branch)
+    backbone = backbone.to(device)
     plan = conditions(backbone, ratios, thetas, grid, seed, saliency=val.mask is not None)
     loader = {"batch_size": batch_size, "workers": workers, "device": device}
     result = occlusion_eval(backbone, train, val, image_size, plan, loader)
     if val.mask is None:
         result["saliency"] = f"skipped: {val_spec[0]} has no masks"
-    _report("occlusion", checkpoint, train.labels, val.labels, out_file, grid=grid, seed=seed, top1=result)
+    _report(
+        "occlusion", checkpoint, scored, train.labels, val.labels, out_file, grid=grid, seed=seed, top1=result
+    )
 
 
 @eval_group.command()
@@ -246,24 +264,30 @@ def occlusion(checkpoint, arch, train_spec, val_spec, image_size, batch_size, wo
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.2, show_default=True, help="Of the max.")
 @click.option("--iou", "iou_min", type=click.FloatRange(0, 1), default=0.5, show_default=True)
 @_loader_options
-def localization(checkpoint, arch, train_spec, val_spec, boxes, gt_masks, agnostic, threshold, iou_min, image_size,
-                 batch_size, workers, out_file) -> None:  # fmt: skip
+def localization(checkpoint, arch, branch, train_spec, val_spec, boxes, gt_masks, agnostic, threshold, iou_min,
+                 image_size, batch_size, workers, out_file) -> None:  # fmt: skip
     """GT-known and Top-1 localisation from CAMs of a linear probe, or class-agnostic
     localisation (--agnostic), against boxes or ground-truth masks (SegAS's protocol)."""
     import torch
 
     from maskio.records import index_any
-    from sslmask.checkpoint import load_backbone
-    from sslmask.eval.features import extract_features
+    from sslmask.checkpoint import load_backbone_branch
     from sslmask.eval.linear import fit_linear
-    from sslmask.eval.localization import localization_eval, match_boxes, read_boxes, record_keys
+    from sslmask.eval.localization import (
+        localization_eval,
+        match_boxes,
+        read_boxes,
+        record_keys,
+        resized_features,
+    )
 
     if bool(boxes) == bool(gt_masks):
         raise click.UsageError("give exactly one of --boxes and --gt-masks")
     if not agnostic and not train_spec:
         raise click.UsageError("--train is needed for class activation maps (or use --agnostic)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backbone = load_backbone(checkpoint, arch).to(device)
+    backbone, scored = load_backbone_branch(checkpoint, arch, branch=branch)
+    backbone = backbone.to(device)
     val = index_any(list(val_spec))
     matched = match_boxes(record_keys(val), read_boxes(boxes, gt_masks))
     if not any(matched):
@@ -274,25 +298,29 @@ def localization(checkpoint, arch, train_spec, val_spec, boxes, gt_masks, agnost
         for spec, records in ((train_spec, train), (val_spec, val)):
             if not records.labelled:
                 raise ShardError(f"{spec[0]}: some samples have no class label; use --agnostic")
-        ftr, ytr = extract_features(backbone, train, image_size, batch_size, workers, device)
+        ftr, ytr = resized_features(backbone, train, image_size, batch_size, workers, device)
         probe = fit_linear(ftr, ytr, torch.unique(torch.cat([ytr, torch.as_tensor(val.labels)])))
     options = {"image_size": image_size, "threshold": threshold, "iou": iou_min, "batch_size": batch_size,
                "workers": workers, "device": device}  # fmt: skip
     result = localization_eval(backbone, val, matched, probe, options)
-    _emit({"eval": "localization", "checkpoint": checkpoint, "mode": "agnostic" if agnostic else "cam",
-           "threshold": threshold, **result}, out_file)  # fmt: skip
+    _emit({"eval": "localization", "checkpoint": checkpoint, "branch": scored,
+           "mode": "agnostic" if agnostic else "cam", "threshold": threshold,
+           "preprocessing": f"resize to {image_size} x {image_size}, no crop (probe and test)", **result},
+          out_file)  # fmt: skip
 
 
 @cli.command()
 @click.argument("run", type=click.Path(exists=True))
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False), help="Backbone .pt file.")
-def export(run, out_file) -> None:
+@click.option("--branch", default="auto", show_default=True, help=BRANCH_HELP)
+def export(run, out_file, branch) -> None:
     """Write RUN's backbone as a bare torchvision-named state_dict."""
     from sslmask.export import export_backbone
 
-    info = export_backbone(run, out_file)
+    info = export_backbone(run, out_file, branch)
     click.echo(
-        f"sslmask: wrote {out_file} ({info['tensors']} tensors, {info['parameters']} parameters, step {info['step']})",
+        f"sslmask: wrote {out_file} ({info['branch']} branch, {info['tensors']} tensors, "
+        f"{info['parameters']} parameters, step {info['step']})",
         err=True,
     )
 

@@ -167,8 +167,12 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "monitor.knn_k": (1, None, False, False),
     "monitor.knn_holdout": (0, 1, True, True),
 }
+DECAY_EXCLUDE = ("auto", "none", "bias_norm", "bias_norm_tokens")  # sslmask.optim.param_groups
+CLIP_MODES = ("global", "per_tensor")  # sslmask.optim.clip_gradients
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.out_stride": (16, 32),
+    "optim.decay_exclude": DECAY_EXCLUDE,
+    "optim.clip_mode": CLIP_MODES,
     "ema.schedule": ("cosine", "constant"),
 }
 

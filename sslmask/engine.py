@@ -29,7 +29,7 @@ from sslmask.dataset import EpochBatchSampler, ViewsDataset, steps_per_epoch
 from sslmask.eval.features import extract_features_sharded
 from sslmask.eval.knn import knn_eval
 from sslmask.methods import METHODS, SSLMethod, build_method
-from sslmask.optim import OPTIMIZERS, build_optimizer
+from sslmask.optim import OPTIMIZERS, build_optimizer, clip_gradients
 from sslmask.schedules import cosine, warmup_cosine
 
 CONFIG_FILE = "config.yaml"
@@ -224,9 +224,8 @@ def build_loop(method: SSLMethod, cfg: dict[str, Any], info: D.DistInfo, spe: in
     memory_format = torch.channels_last if t_cfg["channels_last"] else torch.contiguous_format
     method = method.to(info.device, memory_format=memory_format)
     base_lr = o_cfg["lr"] * data_cfg["batch_size"] * info.world_size / 256
-    optimizer = build_optimizer(
-        o_cfg["name"], method.param_groups(o_cfg["weight_decay"]), base_lr, o_cfg["momentum"]
-    )
+    groups = method.param_groups(o_cfg["weight_decay"], decay_exclude(method, cfg))
+    optimizer = build_optimizer(o_cfg["name"], groups, base_lr, o_cfg["momentum"])
     amp = t_cfg["amp"] if info.device.type == "cuda" else "none"
     model: torch.nn.Module = method
     if info.world_size > 1:
@@ -247,6 +246,12 @@ def build_loop(method: SSLMethod, cfg: dict[str, Any], info: D.DistInfo, spe: in
         memory_format=memory_format,
         amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp),
     )
+
+
+def decay_exclude(method: SSLMethod, cfg: dict[str, Any]) -> str:
+    """``optim.decay_exclude`` with ``auto`` resolved to the method's reference rule."""
+    rule = cfg["optim"]["decay_exclude"]
+    return type(method).reference_decay_exclude(cfg) if rule == "auto" else rule
 
 
 def restore(loop: Loop, ckpt: dict[str, Any], run: Path) -> None:
@@ -305,12 +310,12 @@ def train_step(loop: Loop, batch: dict[str, torch.Tensor]) -> dict[str, float] |
     loop.nan_skips = 0
     loop.optimizer.zero_grad(set_to_none=True)
     loop.scaler.scale(loss).backward()
-    clip = loop.cfg["optim"]["grad_clip"]
-    loop.method.before_optimizer_step(loop.step, loop.total)
-    if clip > 0:
+    o_cfg = loop.cfg["optim"]
+    if o_cfg["grad_clip"] > 0:  # clip, then the method's hook (DINO's order: clip, cancel last layer)
         loop.scaler.unscale_(loop.optimizer)
         params = [p for group in loop.optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, clip)
+        clip_gradients(params, o_cfg["grad_clip"], o_cfg["clip_mode"])
+    loop.method.before_optimizer_step(loop.step, loop.total)
     loop.scaler.step(loop.optimizer)
     loop.scaler.update()
     logged.update(loop.method.after_optimizer_step(loop.step, loop.total))
@@ -328,6 +333,7 @@ def _save(loop: Loop, run: Path) -> None:
             "step": loop.step,
             "config": loop.cfg,
             "rng": _rng_state(),
+            "eval_branch": loop.method.eval_branch,
         }
         save_atomic(state, run_checkpoint_path(run))
     D.barrier(loop.info)
@@ -338,13 +344,15 @@ def snapshot_path(run: Path, epoch: int) -> Path:
 
 
 def save_snapshot(loop: Loop, run: Path, epoch: int) -> None:
-    """The online backbone after ``epoch``, as ``sslmask export`` writes it: a learning curve
-    from one run (``benchmarks/learning_curve.py``) without keeping full checkpoints."""
+    """The evaluated backbone (the method's ``eval_branch``) after ``epoch``, as ``sslmask
+    export`` writes it: a learning curve from one run (``benchmarks/learning_curve.py``)
+    without keeping full checkpoints."""
     if loop.info.main:
-        state = backbone_state({"method": loop.method.state_dict()})
+        state = backbone_state({"method": loop.method.state_dict(), "eval_branch": loop.method.eval_branch})
         path = snapshot_path(run, epoch)
         path.parent.mkdir(exist_ok=True)
-        save_atomic({k: v.detach().cpu().contiguous() for k, v in state.items()}, path)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        save_atomic(tensors, path, metadata={"branch": loop.method.eval_branch, "epoch": str(epoch)})
     D.barrier(loop.info)
 
 
@@ -452,7 +460,8 @@ def train(shards: list[str], cfg: dict[str, Any], run: str | Path, resume: bool 
             run_epoch(loop, dataset, epoch, log, steps, run)
             every = cfg["monitor"]["knn_every"]
             if every and (epoch + 1) % every == 0 and records.labelled:
-                result = knn_monitor(loop.method.backbone, records, cfg, info)
+                scored = loop.method.branch_backbone(loop.method.eval_branch)
+                result = knn_monitor(scored, records, cfg, info)
                 if result is not None:
                     log.write({"kind": "monitor", "step": loop.step, "epoch": epoch, **result})
             if epoch + 1 in t_cfg["snapshot_epochs"]:

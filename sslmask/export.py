@@ -1,13 +1,21 @@
-"""``sslmask export``: the online backbone of a run as a bare, torchvision-named state_dict."""
+"""``sslmask export``: one trunk of a run (by default the one its method's reference evaluates)
+as a bare, torchvision- or timm-named state_dict."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from sslmask.checkpoint import CheckpointError, backbone_state, load_file, run_checkpoint_path, save_atomic
+from sslmask.checkpoint import (
+    CheckpointError,
+    backbone_state,
+    load_file,
+    resolve_branch,
+    run_checkpoint_path,
+    save_atomic,
+)
 
 
-def export_backbone(run: str | Path, out: str | Path) -> dict[str, int]:
+def export_backbone(run: str | Path, out: str | Path, branch: str = "auto") -> dict[str, int | str]:
     """Write the backbone tensors of ``run`` (a run folder or its checkpoint file) to ``out``
     (``torch.save``, or safetensors when ``out`` ends in ``.safetensors``).
 
@@ -18,12 +26,17 @@ def export_backbone(run: str | Path, out: str | Path) -> dict[str, int]:
     ckpt = load_file(run_checkpoint_path(path) if path.is_dir() else path)
     if not isinstance(ckpt, dict) or "method" not in ckpt:
         raise CheckpointError(f"{run}: not an sslmask run checkpoint")
-    state = {k: v.contiguous() for k, v in backbone_state(ckpt).items()}
+    try:
+        state = {k: v.contiguous() for k, v in backbone_state(ckpt, branch).items()}
+        scored = resolve_branch(ckpt, branch)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{run}: {exc}") from None
     out = Path(out)
     if not out.parent.is_dir():  # a typo in the folder should not create a tree of folders
         raise CheckpointError(f"--out {out}: folder {out.parent} does not exist")
-    save_atomic(state, out)
+    save_atomic(state, out, metadata={"branch": scored} if out.suffix == ".safetensors" else None)
     return {
+        "branch": scored,
         "tensors": len(state),
         "parameters": sum(v.numel() for v in state.values()),
         "step": int(ckpt["step"]),

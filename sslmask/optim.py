@@ -1,7 +1,11 @@
-"""Optimisers: LARS (BYOL/SimCLR form), SGD and AdamW, with biases and norms kept apart.
+"""Optimisers: LARS (BYOL/SimCLR form), SGD and AdamW, and which parameters weight decay skips.
 
-Biases, normalisation parameters (every tensor with fewer than 2 dimensions) and a ViT's
-position embedding and CLS token get no weight decay and, under LARS, no trust-ratio adaptation (BYOL, HARL §4.1).
+``optim.decay_exclude`` picks the rule, each one some reference's (docs/methods.md):
+``bias_norm`` keeps biases and normalisation parameters (every tensor with fewer than 2
+dimensions) out of weight decay and, under LARS, out of trust-ratio adaptation (BYOL, DINO,
+MoCo v3's LARS); ``bias_norm_tokens`` also a ViT's position embedding and CLS token (timm's
+``no_weight_decay()``); ``none`` decays everything (MoCo v2, HCSC, MoCo v3 and LoDisc on ViTs:
+``SGD/AdamW(model.parameters(), weight_decay=...)``); ``auto`` is the method's reference rule.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+from sslmask.config import CLIP_MODES, DECAY_EXCLUDE
 
 OPTIMIZERS = ("lars", "sgd", "adamw")
 
@@ -66,16 +72,19 @@ def _no_decay_names(module: nn.Module) -> set[str]:
     return names
 
 
-def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
-    """Two groups: weights (decayed, adapted) and biases, norms and tokens (``exclude=True``,
-    no decay): every tensor with fewer than 2 dimensions, and what a module lists in its
-    ``no_weight_decay()``."""
+def param_groups(modules: Iterable[nn.Module], weight_decay: float, exclude: str = "bias_norm") -> list[dict]:
+    """Two groups: the decayed (and LARS-adapted) parameters and the rest (``exclude=True``, no
+    decay), split by ``exclude`` (``none``, ``bias_norm``, ``bias_norm_tokens``: see above).
+    Frozen parameters (``requires_grad=False``) are in neither."""
+    if exclude not in DECAY_EXCLUDE[1:]:
+        raise ValueError(f"optim.decay_exclude must be one of {', '.join(DECAY_EXCLUDE)}, got {exclude!r}")
     decay, rest = [], []
     for module in modules:
-        skip = _no_decay_names(module)
+        skip = _no_decay_names(module) if exclude == "bias_norm_tokens" else set()
         for name, p in module.named_parameters():
             if p.requires_grad:
-                (rest if p.ndim <= 1 or name in skip else decay).append(p)
+                kept_out = exclude != "none" and (p.ndim <= 1 or name in skip)
+                (rest if kept_out else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay, "exclude": False},
         {"params": rest, "weight_decay": 0.0, "exclude": True},
@@ -94,3 +103,23 @@ def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float = 
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+
+
+@torch.no_grad()
+def clip_gradients(params: Iterable[torch.Tensor], max_norm: float, mode: str) -> None:
+    """Clip gradients to ``max_norm``: ``global`` scales all of them by one factor so their
+    joint norm is at most ``max_norm`` (``clip_grad_norm_``); ``per_tensor`` scales each
+    tensor's gradient on its own, by ``max_norm / (norm + 1e-6)`` when that is below 1 (DINO's
+    and SCFS's ``utils.clip_gradients``)."""
+    grads = [p for p in params if p.grad is not None]
+    if mode == "global":
+        torch.nn.utils.clip_grad_norm_(grads, max_norm)
+        return
+    if mode != "per_tensor":
+        raise ValueError(f"optim.clip_mode must be one of {', '.join(CLIP_MODES)}, got {mode!r}")
+    if not grads:
+        return
+    tensors = [p.grad for p in grads]
+    norms = torch._foreach_norm(tensors)  # no host sync per tensor (DINO reads each norm back)
+    for grad, norm in zip(tensors, norms, strict=True):
+        grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))  # x 1.0 (no clip) is exact

@@ -133,9 +133,9 @@ def test_lodisc_loss_is_the_four_contrastive_terms(mode):
             x = batch[f"view{v}"]
             _, maps = m.key_backbone.pooled_and_attention(x)
             attn, sal = fused_attention(maps), patch_saliency(batch[f"mask{v}"], (3, 3))
-            keep = _slow_select(6, (3, 3), attn, sal, mode)  # floor(9 x 0.7) = 6 kept
+            keep = _slow_select(2, (3, 3), attn, sal, mode)  # r = 0.7 masks 7 of 9: floor(9 x 0.3) = 2 kept
             fallback = batch[f"mask{v}"].mean(dim=(1, 2, 3)) > 0.99
-            keep = torch.where(fallback[:, None], _slow_select(6, (3, 3), attn, None, "attention"), keep)
+            keep = torch.where(fallback[:, None], _slow_select(2, (3, 3), attn, None, "attention"), keep)
             k.append(m.key_projector(m.key_backbone.pooled(x)))
             km.append(m.key_projector(m.key_backbone.pooled(mask_patches(x, keep, (3, 3)))))
     terms = [moco_v3_loss(q[0], k[1], tau), moco_v3_loss(q[1], k[0], tau)]
@@ -174,12 +174,47 @@ def test_the_momentum_encoder_moves_once_per_step():
         torch.testing.assert_close(p, tau * old + (1 - tau) * s)
 
 
-def test_lodisc_heads_carry_its_dropout_and_mocov3_has_none():
-    lodisc = _method()
-    assert sum(isinstance(x, torch.nn.Dropout) and x.p == 0.2 for x in lodisc.projector) == 2
+def _layout(seq) -> list[str]:
+    """A head as text: Linear(in,out,bias) / BN(n,affine) / ReLU / Dropout(p)."""
+    out = []
+    for x in seq:
+        if isinstance(x, torch.nn.Linear):
+            out.append(f"Linear({x.in_features},{x.out_features},{x.bias is not None})")
+        elif isinstance(x, torch.nn.BatchNorm1d):
+            out.append(f"BN({x.num_features},{x.affine})")
+        else:
+            out.append(type(x).__name__ + (f"({x.p})" if isinstance(x, torch.nn.Dropout) else ""))
+    return out
+
+
+def test_lodisc_code_heads_are_vits_py_no_projector_and_a_dropout_predictor():
+    """builder.py's MoCo_ViT predictor (2 layers, last BN) with Dropout(0.2), and no projector:
+    vits.py comments the heads out, so keys are the momentum encoder's raw CLS (width 48)."""
+    m = _method()
+    assert isinstance(m.projector, torch.nn.Identity) and isinstance(m.key_projector, torch.nn.Identity)
+    assert _layout(m.predictor) == ["Linear(48,32,False)", "BN(32,True)", "ReLU", "Dropout(0.2)",
+                                    "Linear(32,48,False)", "BN(48,False)"]  # fmt: skip
+    x = torch.randn(4, 3, 32, 32)
+    m.eval()
+    torch.testing.assert_close(m.key(x), m.key_backbone.pooled(x))  # the raw CLS token
+    torch.testing.assert_close(m.query(x), m.predictor(m.backbone.pooled(x)))
+
+
+def test_lodisc_paper_heads_add_the_mocov3_vit_projector_with_dropout():
+    m = _method("lodisc.heads=paper")
+    assert _layout(m.projector) == ["Linear(48,32,False)", "BN(32,True)", "ReLU", "Dropout(0.2)",
+                                    "Linear(32,32,False)", "BN(32,True)", "ReLU", "Dropout(0.2)",
+                                    "Linear(32,16,False)", "BN(16,False)"]  # fmt: skip
+    assert _layout(m.predictor) == ["Linear(16,32,False)", "BN(32,True)", "ReLU", "Dropout(0.2)",
+                                    "Linear(32,16,False)", "BN(16,False)"]  # fmt: skip
     mocov3 = build_method(load_config("mocov3", "cpu-demo", ["model.arch=vit_micro", "model.proj_hidden=32",
                                                               "model.pred_hidden=32", "model.proj_dim=16"]))  # fmt: skip
-    assert not any(isinstance(x, torch.nn.Dropout) for x in mocov3.projector)
+    assert not any(isinstance(x, torch.nn.Dropout) for x in [*mocov3.projector, *mocov3.predictor])
+
+
+def test_lodisc_default_ratio_is_the_recipes_and_the_caltech_overlay_keeps_0_3():
+    assert load_config("lodisc")["lodisc"]["mask_ratio"] == 0.7  # builder.py keeps the top 30 %
+    assert load_config("lodisc", "vit-cpu")["lodisc"]["mask_ratio"] == 0.3  # the paper's Caltech-101 r
 
 
 def _slow_map(feats, labels):

@@ -168,8 +168,9 @@ def _batch(b=6, size=32, seed=6):
     return batch
 
 
-def test_forward_equals_a_per_sample_reference(monkeypatch):
-    m = _method("segas.diversity_on=all").eval()  # eval: BatchNorm is per sample
+@pytest.mark.parametrize("mu_mode", ["max", "mean"])
+def test_forward_equals_a_per_sample_reference(monkeypatch, mu_mode):
+    m = _method("segas.diversity_on=all", f"segas.mu={mu_mode}").eval()  # eval: BatchNorm is per sample
     _fit_prototypes(m)
     batch = _batch()
     x2 = batch["view2"] * 0.5
@@ -180,6 +181,10 @@ def test_forward_equals_a_per_sample_reference(monkeypatch):
     total = 0.0
     terms = {"info": 0.0, "h1": 0.0, "h2": 0.0, "div": 0.0}
     with torch.no_grad():
+        keys = [F.normalize(m.key_projector(m.key_backbone.pooled(batch["view1"][i : i + 1])), dim=1)[0]
+                for i in range(6)]  # fmt: skip
+        # Eq. 6 as printed: the batch mean over the B_U samples of each one's best prototype match
+        batch_mu = [sum(max(float(k @ p) for p in c) for k in keys) / 6 for c in m.prototypes]
         for i in range(6):
             q1, q2 = m.query(batch["view0"][i : i + 1])[0], m.query(x2[i : i + 1])[0]
             k = F.normalize(m.key_projector(m.key_backbone.pooled(batch["view1"][i : i + 1])), dim=1)[0]
@@ -190,7 +195,8 @@ def test_forward_equals_a_per_sample_reference(monkeypatch):
             for level, c in enumerate(m.prototypes):
                 sims = [float(k @ p) for p in c]
                 label = int(m.instance_labels[level, int(batch["index"][i])])
-                target = _slow_target(sims, label, s["tau_key"], s["tau_rho"], sum(sims) / len(sims))
+                mu = batch_mu[level] if mu_mode == "max" else sum(sims) / len(sims)
+                target = _slow_target(sims, label, s["tau_key"], s["tau_rho"], mu)
                 for name, q in (("h1", q1), ("h2", q2)):
                     z = [math.exp(float(q @ p) / s["tau_query"]) for p in c]
                     p = [v / sum(z) for v in z]

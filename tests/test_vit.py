@@ -51,13 +51,26 @@ def test_attention_maps_equal_a_slow_computation_and_cost_the_normal_forward_not
     assert not any(b.attn.attn_drop._forward_hooks for b in vit.blocks)  # no hooks left behind
 
 
-def test_position_embedding_and_cls_token_get_no_weight_decay():
+def test_weight_decay_exclusion_rules_on_a_vit():
+    """Each rule, its split written out: bias_norm (DINO's get_params_groups: biases and 1-D
+    tensors; pos_embed and cls_token are 3-D, so decayed), bias_norm_tokens (also timm's
+    no_weight_decay()), none (MoCo v3 / LoDisc AdamW over model.parameters())."""
     vit = build_backbone("vit_micro")
-    decay, rest = param_groups([vit], 0.1)
     names = {id(p): n for n, p in vit.named_parameters()}
-    no_decay = {names[id(p)] for p in rest["params"]}
-    assert {"cls_token", "pos_embed", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"} <= no_decay
-    assert "blocks.0.attn.qkv.weight" in {names[id(p)] for p in decay["params"]}
+
+    def split(rule):
+        decay, rest = param_groups([vit], 0.1, rule)
+        return {names[id(p)] for p in decay["params"]}, {names[id(p)] for p in rest["params"]}
+
+    one_d = {n for n, p in vit.named_parameters() if p.ndim <= 1}
+    decay, rest = split("bias_norm")
+    assert rest == one_d and {"cls_token", "pos_embed", "blocks.0.attn.qkv.weight"} <= decay
+    decay, rest = split("bias_norm_tokens")
+    assert rest == one_d | {"cls_token", "pos_embed"}
+    decay, rest = split("none")
+    assert rest == set() and decay == set(names.values())
+    with pytest.raises(ValueError, match="decay_exclude"):
+        param_groups([vit], 0.1, "auto")  # auto is resolved by the engine, never passed down
 
 
 def test_export_loads_into_timm_and_published_layouts_load_here(tmp_path):

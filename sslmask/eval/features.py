@@ -85,26 +85,30 @@ def labelled_features(
     batch_size: int = 128,
     workers: int = 2,
     seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(train_feats, train_labels, val_feats, val_labels)`` from one frozen backbone.
+    branch: str = "auto",
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], str | None]:
+    """``((train_feats, train_labels, val_feats, val_labels), scored branch)`` from one frozen
+    backbone.
 
-    ``checkpoint`` is anything :func:`sslmask.checkpoint.load_backbone` takes; ``seed`` makes
-    the ``random`` baseline reproducible. Both sets must be labelled.
+    ``checkpoint`` is anything :func:`sslmask.checkpoint.load_backbone` takes and ``branch``
+    which of a run's trunks (``auto``: the method's protocol); ``seed`` makes the ``random``
+    baseline reproducible. Both sets must be labelled.
     """
     from maskio.errors import ShardError
     from maskio.records import index_any
-    from sslmask.checkpoint import load_backbone
+    from sslmask.checkpoint import load_backbone_branch
 
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backbone = load_backbone(checkpoint, arch).to(device)
+    backbone, scored = load_backbone_branch(checkpoint, arch, branch=branch)
+    backbone = backbone.to(device)
     out: list[torch.Tensor] = []
     for spec in (train_spec, val_spec):
         records = index_any(list(spec))
         if not records.labelled:
             raise ShardError(f"{spec[0]}: some samples have no class label; evaluation needs labels")
         out.extend(extract_features(backbone, records, image_size, batch_size, workers, device))
-    return out[0], out[1], out[2], out[3]
+    return (out[0], out[1], out[2], out[3]), scored
 
 
 FEATURE_KINDS = ("backbone", "gap", "predictor")
@@ -131,36 +135,46 @@ def load_run_method(spec: str):
     return method.eval()
 
 
-def embedder(checkpoint: str, arch: str | None, kind: str):
-    """``(module, embed)``: what features a split gets. ``backbone``: the pooled feature (ResNet
-    GAP, ViT CLS); ``gap``: the mean of the feature grid (a ViT's patch tokens); ``predictor``:
-    a run's query branch, predictor(projector(pooled)), the feature LoDisc retrieves with."""
-    from sslmask.checkpoint import CheckpointError, load_backbone
+def embedder(checkpoint: str, arch: str | None, kind: str, branch: str = "auto"):
+    """``(module, embed, scored branch)``: what features a split gets. ``backbone``: the pooled
+    feature (ResNet GAP, ViT CLS) of ``branch``; ``gap``: the mean of its feature grid (a ViT's
+    patch tokens); ``predictor``: a run's query embedding (MoCo v3's predictor(projector(CLS)),
+    LoDisc's predictor(CLS) with its code heads), the feature LoDisc retrieves with, always
+    from the online branch."""
+    from sslmask.checkpoint import CheckpointError, canonical_branch, load_backbone_branch
 
     if kind not in FEATURE_KINDS:
         raise ValueError(f"features must be one of {', '.join(FEATURE_KINDS)}, got {kind!r}")
     if kind == "predictor":
+        if canonical_branch(branch) not in ("auto", "online"):
+            raise CheckpointError(
+                f"--features predictor: the predictor is the online branch's, not {branch}'s"
+            )
         method = load_run_method(checkpoint)
         if not hasattr(method, "predictor"):
             raise CheckpointError(
                 f"{checkpoint}: a {method.name} run has no predictor; use --features backbone"
             )
-        return method, lambda x: method.predictor(method.projector(method.backbone.pooled(x)))
-    backbone = load_backbone(checkpoint, arch)
+        return method, method.query, "online"
+    backbone, scored = load_backbone_branch(checkpoint, arch, branch=branch)
     if kind == "gap":
-        return backbone, lambda x: backbone(x).mean(dim=(2, 3))
-    return backbone, backbone.pooled
+        return backbone, lambda x: backbone(x).mean(dim=(2, 3)), scored
+    return backbone, backbone.pooled, scored
 
 
 def split_features(checkpoint: str, arch: str | None, spec, image_size: int, kind: str = "backbone",
-                   batch_size: int = 128, workers: int = 2) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Features and labels of one labelled split (shards or class folders)."""
+                   batch_size: int = 128, workers: int = 2,
+                   branch: str = "auto") -> tuple[torch.Tensor, torch.Tensor, str | None]:  # fmt: skip
+    """Features, labels and the scored branch of one labelled split (shards or class folders)."""
     from maskio.errors import ShardError
     from maskio.records import index_any
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    module, embed = embedder(checkpoint, arch, kind)
+    module, embed, scored = embedder(checkpoint, arch, kind, branch)
     records = index_any(list(spec))
     if not records.labelled:
         raise ShardError(f"{spec[0]}: some samples have no class label; evaluation needs labels")
-    return extract_features(module.to(device), records, image_size, batch_size, workers, device, embed)
+    feats, labels = extract_features(
+        module.to(device), records, image_size, batch_size, workers, device, embed
+    )
+    return feats, labels, scored

@@ -8,7 +8,9 @@ channel mean of that grid. It is upsampled, min-max normalised and thresholded a
 ``threshold`` (0.2 ⟨A⟩); the tight box of its largest connected component is the prediction.
 
 - GT-known Loc: IoU >= 0.5 with any ground-truth box of the image (the true class's boxes);
-- Top-1 Loc: GT-known and the top-1 class is right; Top-1 Cls: the probe's top-1;
+- Top-1 Loc: GT-known and the top-1 class is right; Top-1 Cls: the probe's top-1. The probe
+  is fitted on the training images preprocessed exactly as the test images are (resized to
+  S x S, no crop: :func:`resized_features`), so Top-1 Cls scores the probe on its own inputs;
 - ``whole_image``: the Loc of always predicting the whole image, the floor to read them against.
 
 Boxes (x0, y0, x1, y1) in source pixels come from CUB's ``images.txt`` +
@@ -163,6 +165,20 @@ class ResizedDataset(Dataset):
             int(rec.labels[index]),
             torch.tensor(image.size),
         )
+
+
+@torch.no_grad()
+def resized_features(backbone, records: Records, size: int, batch_size: int, workers: int, device) -> tuple:
+    """``(N x C pooled features, N labels)`` of every record resized to S x S (no crop): the
+    probe's training features, preprocessed as :func:`localization_eval` preprocesses its tests."""
+    loader = DataLoader(ResizedDataset(records, list(range(len(records))), size), batch_size=batch_size,
+                        num_workers=workers)  # fmt: skip
+    backbone.eval()
+    feats, labels = [], []
+    for images, y, _ in loader:
+        feats.append(backbone.pooled(normalize(images.to(device))).float().cpu())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
 
 
 def box_from_heatmap(heat: np.ndarray, threshold: float) -> Box:

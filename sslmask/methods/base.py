@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 class SSLMethod(nn.Module):
     name: ClassVar[str] = ""
     needs_masks: ClassVar[bool] = False
+    # the trunk the method's reference code evaluates and exports: "online" (BYOL, MoCo) or
+    # "momentum" (DINO's teacher); a run checkpoint records it (sslmask.checkpoint.BRANCHES)
+    eval_branch: ClassVar[str] = "online"
 
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__()
@@ -50,13 +53,29 @@ class SSLMethod(nn.Module):
         """Whether this run reads masks (a method with a mask-free mode overrides this)."""
         return cls.needs_masks
 
+    @classmethod
+    def reference_decay_exclude(cls, cfg: dict[str, Any]) -> str:
+        """What ``optim.decay_exclude: auto`` means for this method: the parameters its reference
+        code keeps out of weight decay (BYOL and DINO: biases and norms; see docs/methods.md)."""
+        return "bias_norm"
+
     def online_modules(self) -> list[nn.Module]:
         """The modules the optimiser updates."""
         raise NotImplementedError
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """Optimiser groups: no weight decay (and no LARS adaptation) on biases and norms."""
-        return param_groups(self.online_modules(), weight_decay)
+    def branch_backbone(self, branch: str) -> nn.Module:
+        """The ``online`` trunk or its ``momentum`` (EMA) copy."""
+        if branch == "online":
+            return self.backbone
+        copies = [m for n, m in self.named_children() if n.endswith("_backbone") and n != "backbone"]
+        if len(copies) != 1:
+            raise ValueError(f"{self.name} has no momentum encoder")
+        return copies[0]
+
+    def param_groups(self, weight_decay: float, exclude: str = "bias_norm") -> list[dict]:
+        """Optimiser groups; ``exclude`` (``optim.decay_exclude``, resolved) names what gets no
+        weight decay (and no LARS adaptation)."""
+        return param_groups(self.online_modules(), weight_decay, exclude)
 
     def before_epoch(self, epoch: int, records: Records, info: DistInfo) -> dict[str, float]:
         """At the start of ``epoch`` (0-based), on every rank: e.g. re-cluster; returns values to log."""

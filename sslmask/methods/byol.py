@@ -38,6 +38,10 @@ class BYOL(SSLMethod):
         self.ema.update(tau)
         return {"tau": tau}
 
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """predictor(projector(trunk(x))): the online branch's output (retrieval's ``predictor``)."""
+        return self.online_predict(self.backbone.pooled(x))[0]
+
     def online_predict(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.projector(pooled)
         return self.predictor(z), z

@@ -5,13 +5,19 @@ every block's head-averaged self-attention. The blocks are fused by element-wise
 (computed as a sum of logs, so 12 layers of small probabilities do not underflow) and the CLS
 row over the patches ranks them; the top (1 - r) N patches are kept and every other 16 x 16
 patch is zeroed in the normalised image, which keeps its full resolution. The masked view
-goes through the same momentum encoder: k_m. With queries q = predictor(projector(x)):
+goes through the same momentum encoder: k_m. Then
 
     L = ctr(q1, k2) + ctr(q2, k1) + ctr(q1, k_m2) + ctr(q2, k_m1)
 
 where ctr is MoCo v3's contrastive loss (in-batch negatives gathered across processes,
-scaled by 2 tau). The momentum encoder moves once per step (the official code moves it four
-times) and the masking is batched on the device (the official code loops over pixels).
+scaled by 2 tau). ``lodisc.heads`` picks the heads (docs/methods.md "LoDisc"): ``code``, what
+produced the published numbers, has no projector (the official ``vits.py`` comments its
+``self.heads`` call out), so k is the momentum encoder's raw CLS token and q = predictor(CLS),
+a 2-layer MLP back to the CLS width; ``paper`` adds the MoCo v3 ViT projector the paper
+describes, q = predictor(projector(CLS)) and k = projector'(CLS'). Both MLPs carry Dropout 0.2
+after each hidden ReLU and end in BatchNorm1d(affine=False), as ``builder.py``'s. The momentum
+encoder moves once per step (the official code moves it four times) and the masking is
+batched on the device (the official code loops over pixels).
 
 Mask-aware LoDisc (``lodisc.mode``, METHODS.md §6): each patch's saliency s_j is the mean of
 the maskgen mask over it. ``saliency`` ranks by s_j alone (ties: nearer the image centre
@@ -27,15 +33,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from sslmask import distributed as D
 from sslmask.backbones import Backbone
 from sslmask.losses import embedding_std, moco_v3_loss
-from sslmask.methods.mocov3 import MoCoV3
+from sslmask.methods.mocov3 import MoCoV3, head_layout, mlp
 from sslmask.pooling import usable_masks
 from sslmask.vit import PATCH
 
 MODES = ("attention", "saliency", "product")
+HEADS = ("code", "paper")
 
 
 def fused_attention(maps: list[torch.Tensor]) -> torch.Tensor:
@@ -117,6 +125,19 @@ class LoDisc(MoCoV3):
         return cfg["lodisc"]["mode"] != "attention"
 
     @classmethod
+    def build_heads(cls, backbone: Backbone, cfg: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
+        """``paper``: MoCo v3's ViT heads; ``code``: no projector, a predictor CLS -> CLS width."""
+        heads = cfg["lodisc"]["heads"]
+        if heads not in HEADS:
+            raise ValueError(f"lodisc.heads must be one of {', '.join(HEADS)}, got {heads!r}")
+        if heads == "paper":
+            return super().build_heads(backbone, cfg)
+        width = backbone.num_features
+        layers, last_bn = head_layout(vit=True)["predictor"]
+        predictor = mlp(width, cfg["model"]["pred_hidden"], width, layers, last_bn, cls.head_dropout(cfg))
+        return nn.Identity(), predictor
+
+    @classmethod
     def head_dropout(cls, cfg: dict[str, Any]) -> float:
         return cfg["lodisc"]["mlp_dropout"]
 
@@ -143,13 +164,13 @@ class LoDisc(MoCoV3):
         if mode != "attention" and fallback.any():
             plain = select_patches(n_keep, grid, attention, None, "attention")
             keep = torch.where(fallback.view(-1, 1), plain, keep)
-        key = self.key_projector(pooled)
+        key = self.key_projector(pooled)  # nn.Identity with lodisc.heads=code: the raw CLS token
         masked = self.key_projector(self.key_backbone.pooled(mask_patches(x, keep, grid)))
         return key, masked, fallback
 
     def forward(self, batch: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, torch.Tensor]:
         tau = self.cfg["mocov3"]["temperature"]
-        q = [self.predictor(self.projector(self.backbone.pooled(batch[f"view{v}"]))) for v in range(2)]
+        q = [self.query(batch[f"view{v}"]) for v in range(2)]
         keys = [self._keys(batch[f"view{v}"], batch.get(f"mask{v}")) for v in range(2)]
         offset = D.rank() * q[0].shape[0]
         k = [D.all_gather(key) for key, _, _ in keys]

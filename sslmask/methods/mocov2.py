@@ -59,6 +59,11 @@ class MoCoV2(SSLMethod):
             cfg["data"]["image_size"], cfg["data"]["crop_min_scale"], cfg["mocov2"]["weak_key"]
         )
 
+    @classmethod
+    def reference_decay_exclude(cls, cfg: dict[str, Any]) -> str:
+        """MoCo's (and HCSC's) SGD decays every parameter (``SGD(model.parameters(), ...)``)."""
+        return "none"
+
     def online_modules(self) -> list[nn.Module]:
         return [self.backbone, self.projector]
 

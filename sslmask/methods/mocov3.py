@@ -1,10 +1,14 @@
 """MoCo v3 (Chen, Xie and He, ICCV 2021): BYOL's architecture with a contrastive loss.
 
-Query encoder = backbone + projector (3-layer MLP, BatchNorm, the last BN without affine) +
-predictor (2-layer MLP); the momentum encoder has backbone and projector only, EMA with a
-cosine rate from 0.99. Each query is contrasted with the keys of the whole global batch
-(gathered from every process), symmetrised over the two views, scaled by ``2 tau``. Views:
-BYOL's asymmetric pair.
+Query encoder = backbone + projector + predictor; the momentum encoder has backbone and
+projector only, EMA with a cosine rate from 0.99. The heads are the official ``builder.py``'s
+for the backbone (docs/methods.md "MoCo v3"): ResNet, a 2-layer projector and a 2-layer
+predictor without the last BatchNorm (``MoCo_ResNet``); ViT, a 3-layer projector and a
+2-layer predictor, both ending in BatchNorm1d(affine=False) (``MoCo_ViT``). On a ViT,
+``mocov3.stop_grad_conv1`` freezes the patch embedding at its random initialisation, as the
+ViT recipe's ``--stop-grad-conv1``. Each query is contrasted with the keys of the whole global
+batch (gathered from every process), symmetrised over the two views, scaled by ``2 tau``.
+Views: BYOL's asymmetric pair.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from sslmask.momentum import MomentumPairs, ema_rate, frozen_copy
 def mlp(
     in_dim: int, hidden: int, out_dim: int, layers: int, last_bn: bool, dropout: float = 0.0
 ) -> nn.Sequential:
-    """MoCo v3's MLP: (Linear-BN-ReLU[-Dropout]) x (layers - 1), Linear, and a BN without affine.
+    """MoCo v3's ``_build_mlp``: (Linear-BN-ReLU[-Dropout]) x (layers - 1), Linear (no bias),
+    and with ``last_bn`` a BatchNorm without affine.
 
-    ``dropout`` > 0 adds LoDisc's Dropout between the layers."""
+    ``dropout`` > 0 adds LoDisc's Dropout after each hidden ReLU (its ``builder.py``)."""
     mods: list[nn.Module] = []
     dim = in_dim
     for _ in range(layers - 1):
@@ -40,36 +45,71 @@ def mlp(
     return nn.Sequential(*mods)
 
 
+def is_vit(backbone: nn.Module) -> bool:
+    return hasattr(backbone, "cls_token")
+
+
+def head_layout(vit: bool) -> dict[str, tuple[int, bool]]:
+    """``{"projector": (layers, last_bn), "predictor": (layers, last_bn)}`` of the official
+    ``MoCo_ViT`` / ``MoCo_ResNet``."""
+    if vit:
+        return {"projector": (3, True), "predictor": (2, True)}
+    return {"projector": (2, True), "predictor": (2, False)}
+
+
 class MoCoV3(SSLMethod):
     name = "mocov3"
 
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)
-        m = cfg["model"]
         if cfg["mocov3"]["temperature"] <= 0:
             raise ValueError("mocov3.temperature must be > 0")
-        p = self.head_dropout(cfg)
-        self.projector = mlp(
-            backbone.num_features, m["proj_hidden"], m["proj_dim"], 3, last_bn=True, dropout=p
-        )
-        self.predictor = mlp(m["proj_dim"], m["pred_hidden"], m["proj_dim"], 2, last_bn=False, dropout=p)
+        if is_vit(backbone) and cfg["mocov3"]["stop_grad_conv1"]:
+            for p in backbone.patch_embed.parameters():  # vits.py: patch_embed.proj weight and bias
+                p.requires_grad_(False)
+        self.projector, self.predictor = self.build_heads(backbone, cfg)
         self.key_backbone = frozen_copy(backbone)
         self.key_projector = frozen_copy(self.projector)
         self.ema = MomentumPairs((self.backbone, self.key_backbone), (self.projector, self.key_projector))
+
+    @classmethod
+    def build_heads(cls, backbone: Backbone, cfg: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
+        """(projector, predictor) in the official layout for ``backbone``."""
+        m, p = cfg["model"], cls.head_dropout(cfg)
+        layout = head_layout(is_vit(backbone))
+        layers, last_bn = layout["projector"]
+        projector = mlp(backbone.num_features, m["proj_hidden"], m["proj_dim"], layers, last_bn, p)
+        layers, last_bn = layout["predictor"]
+        predictor = mlp(m["proj_dim"], m["pred_hidden"], m["proj_dim"], layers, last_bn, p)
+        return projector, predictor
 
     @classmethod
     def head_dropout(cls, cfg: dict[str, Any]) -> float:
         """Dropout between the MLP layers (none in MoCo v3)."""
         return 0.0
 
+    @classmethod
+    def reference_decay_exclude(cls, cfg: dict[str, Any]) -> str:
+        """ResNet recipe: LARS, which neither decays nor adapts 1-D tensors; ViT recipe:
+        ``AdamW(model.parameters(), weight_decay=0.1)``, every parameter decayed."""
+        return "none" if str(cfg["model"]["arch"]).startswith("vit") else "bias_norm"
+
     def online_modules(self) -> list[nn.Module]:
         return [self.backbone, self.projector, self.predictor]
 
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """The query embedding q = predictor(projector(trunk(x))) (LoDisc retrieves with it)."""
+        return self.predictor(self.projector(self.backbone.pooled(x)))
+
+    @torch.no_grad()
+    def key(self, x: torch.Tensor) -> torch.Tensor:
+        """The momentum encoder's key of x."""
+        return self.key_projector(self.key_backbone.pooled(x))
+
     def forward(self, batch: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, torch.Tensor]:
         tau = self.cfg["mocov3"]["temperature"]
-        q = [self.predictor(self.projector(self.backbone.pooled(batch[f"view{v}"]))) for v in range(2)]
-        with torch.no_grad():
-            k = [self.key_projector(self.key_backbone.pooled(batch[f"view{v}"])) for v in range(2)]
+        q = [self.query(batch[f"view{v}"]) for v in range(2)]
+        k = [self.key(batch[f"view{v}"]) for v in range(2)]
         offset = D.rank() * q[0].shape[0]
         loss = moco_v3_loss(q[0], D.all_gather(k[1]), tau, offset) + moco_v3_loss(
             q[1], D.all_gather(k[0]), tau, offset

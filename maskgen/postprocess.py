@@ -16,7 +16,7 @@ import numpy as np
 MIN_COMPONENT_FRACTION = 0.01
 MIN_FG_FRACTION = 0.01
 MAX_FG_FRACTION = 0.99
-CENTER_SIGMA = 0.25  # centre prior std as a fraction of width/height (METHODS.md §2.1)
+CENTER_SIGMA = 0.25  # centre prior std as a fraction of width/height (docs/methods.md §2.1)
 
 
 @dataclass(frozen=True)

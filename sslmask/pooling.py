@@ -1,4 +1,4 @@
-"""Masks on the feature grid and masked average pooling (METHODS.md §0).
+"""Masks on the feature grid and masked average pooling (docs/methods.md §0).
 
 The official HARL codes disagree on both steps, so every variant is selectable:
 
@@ -64,7 +64,7 @@ def masked_average_pool(
 def usable_masks(masks: list[torch.Tensor], lo: float, hi: float) -> torch.Tensor:
     """B booleans: every view's mask (N x 1 x H x W in [0, 1]) covers a fraction in [lo, hi].
 
-    The shared fallback rule of the mask-aware methods (METHODS.md §6): a sample whose mask is
+    The shared fallback rule of the mask-aware methods (docs/methods.md §6): a sample whose mask is
     empty or almost full in some view trains as in the original method.
     """
     ok = torch.ones(masks[0].shape[0], dtype=torch.bool, device=masks[0].device)

@@ -8,7 +8,7 @@ import math
 def cosine_ramp(base: float, step: int, total: int) -> float:
     """``1 - (1 - base) (cos(pi k/K) + 1) / 2``: from ``base`` at k=0 up to 1 at k=K.
 
-    BYOL's EMA rate tau and HARL's alpha/lambda schedules (METHODS.md §0).
+    BYOL's EMA rate tau and HARL's alpha/lambda schedules (docs/methods.md §0).
     """
     k = min(max(step, 0), total)
     return 1 - (1 - base) * (math.cos(math.pi * k / max(total, 1)) + 1) / 2

@@ -6,7 +6,7 @@ DataLoader worker made them: that is what makes resumed and distributed runs rep
 uninterrupted one exactly.
 
 Geometry (crop, flip) is applied to the image and the mask with the same box; colour, grey,
-blur and solarisation touch the image only (HARL, METHODS.md Table A1). The mask is resized
+blur and solarisation touch the image only (HARL, docs/methods.md Table A1). The mask is resized
 with PIL's BOX filter, so each output pixel holds the foreground *fraction* of the source
 area it covers (0..255), the soft map the area-mode feature-grid downsampling starts from.
 Images leave as uint8 tensors; normalisation (``sslmask.backbones.normalize``) happens on the
@@ -27,7 +27,7 @@ from PIL import Image
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """One view's augmentation parameters (defaults: HARL/BYOL view T, METHODS.md Table A1)."""
+    """One view's augmentation parameters (defaults: HARL/BYOL view T, docs/methods.md Table A1)."""
 
     size: int = 224
     scale: tuple[float, float] = (0.08, 1.0)

@@ -1,4 +1,4 @@
-"""LoDisc and leave-one-out retrieval, against slow computations written here (METHODS.md §5)."""
+"""LoDisc and leave-one-out retrieval, against slow computations written here (docs/methods.md §5)."""
 
 from __future__ import annotations
 

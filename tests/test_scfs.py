@@ -1,4 +1,4 @@
-"""SCFS: every term against a slow, per-sample computation written here (METHODS.md §3, §6).
+"""SCFS: every term against a slow, per-sample computation written here (docs/methods.md §3, §6).
 
 The method runs in eval mode for these comparisons, so its BatchNorms use running statistics
 and a per-sample loop sees exactly what the batched forward sees.

@@ -1,4 +1,4 @@
-"""SegAS, against slow computations written here (METHODS.md §4 and §6)."""
+"""SegAS, against slow computations written here (docs/methods.md §4 and §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Linear probe on frozen features (METHODS.md §7.1): a BN-free linear layer, SGD with
+"""Linear probe on frozen features (docs/methods.md §7.1): a BN-free linear layer, SGD with
 momentum 0.9, no weight decay, cosine learning rate, top-1/top-5 at the final epoch.
 
 Features are extracted once from centre crops (no augmentation), then standardised with the

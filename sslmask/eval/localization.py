@@ -1,4 +1,4 @@
-"""Weakly supervised localisation (SegAS's protocol, METHODS.md §4.4 and §7.5).
+"""Weakly supervised localisation (SegAS's protocol, docs/methods.md §4.4 and §7.5).
 
 Each image is resized to S x S (wsolevaluation's choice ⟨A⟩: no crop, so no box is cut) and
 its ground-truth boxes are scaled alike. The heatmap is either a class activation map (Zhou et

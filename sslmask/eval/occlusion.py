@@ -1,4 +1,4 @@
-"""Occlusion robustness (SegAS's protocol, METHODS.md §4.4 and §7.4): the top-1 of a linear
+"""Occlusion robustness (SegAS's protocol, docs/methods.md §4.4 and §7.4): the top-1 of a linear
 head trained on clean features, when part of each validation image is hidden.
 
 - ``random``: ``round(r * G * G)`` random cells of a G x G grid (G = 7 ⟨A⟩) per image, for

@@ -1,4 +1,4 @@
-"""Leave-one-out retrieval (LoDisc's protocol, METHODS.md §5.4 and §7.3): each image queries
+"""Leave-one-out retrieval (LoDisc's protocol, docs/methods.md §7.3): each image queries
 all the others of the same split by cosine similarity.
 
 Rank-k: one of the k nearest has the query's label. AP: the mean over the relevant items of

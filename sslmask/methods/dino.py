@@ -57,6 +57,7 @@ class DINOHead(nn.Module):
 
 class DINO(SSLMethod):
     name = "dino"
+    eval_branch = "momentum"  # eval_knn.py / eval_linear.py read --checkpoint_key teacher
 
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)

@@ -8,9 +8,9 @@ projector/predictor (online) or the target projector. Per sample and direction x
     L      = lambda L_mask + (1 - lambda) L(p_g, z'_g)   (hybrid, Eq. 4; mask-only: L_mask)
 
 symmetrised over the two directions. alpha and lambda follow cosine ramps from their base
-values to 1 (METHODS.md §1.3). A sample whose mask is almost empty or almost full in either
+values to 1 (docs/methods.md §1). A sample whose mask is almost empty or almost full in either
 view (foreground fraction outside [fallback_min, fallback_max]) uses the global BYOL term
-alone (METHODS.md §6); the fraction of such samples is logged as ``fallback``.
+alone (docs/methods.md §6); the fraction of such samples is logged as ``fallback``.
 """
 
 from __future__ import annotations

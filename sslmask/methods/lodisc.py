@@ -19,7 +19,7 @@ after each hidden ReLU and end in BatchNorm1d(affine=False), as ``builder.py``'s
 encoder moves once per step (the official code moves it four times) and the masking is
 batched on the device (the official code loops over pixels).
 
-Mask-aware LoDisc (``lodisc.mode``, METHODS.md §6): each patch's saliency s_j is the mean of
+Mask-aware LoDisc (``lodisc.mode``, docs/methods.md §6): each patch's saliency s_j is the mean of
 the maskgen mask over it. ``saliency`` ranks by s_j alone (ties: nearer the image centre
 first) and runs no attention at all; ``product`` ranks the patches with s_j > ``salient_min``
 by s_j^gamma A_j and fills the rest by attention rank. A sample whose mask covers under 1 % or
@@ -77,7 +77,7 @@ def select_patches(
     gamma: float = 1.0,
     salient_min: float = 0.5,
 ) -> torch.Tensor:
-    """N x P bool: the ``n_keep`` patches each image keeps (METHODS.md §5.1, §6)."""
+    """N x P bool: the ``n_keep`` patches each image keeps (docs/methods.md §5.1, §6)."""
     if mode == "attention":
         order = torch.sort(attention, dim=1, descending=True, stable=True).indices
     elif mode == "saliency":

@@ -13,9 +13,9 @@ compares a local crop with what the teacher sees of the same image at full view:
 The per-stage loss is that local term averaged over crops (and globals, ``search_globals``),
 plus, with ``layer_global_term`` (the code's default), a DINO term between the two global
 views through the same heads with its own centre, the two halves averaged; the total is
-DINO's loss plus the sum over stages (METHODS.md §3.3).
+DINO's loss plus the sum over stages (docs/methods.md §3).
 
-Mask awareness (``scfs.mask_mode``, METHODS.md §6), each mode adding to the previous one:
+Mask awareness (``scfs.mask_mode``, docs/methods.md §6), each mode adding to the previous one:
 ``key`` restricts the search to the foreground, A' = A ⊙ m_g (the global view's mask, area-
 downsampled to the stage's grid); ``key_query`` pools the query with the local crop's own
 mask (MAP); ``key_query_gate`` drops from the search loss a local crop whose foreground

@@ -1,5 +1,5 @@
 """SegAS (Bai et al., IJCAI 2024) on MoCo v2: hierarchical prototypes, calibrated prototype
-targets and attention-shifting filtered views (METHODS.md §4). No public code exists; the
+targets and attention-shifting filtered views (docs/methods.md §4). No public code exists; the
 prototype machinery follows HCSC (gyfastas/HCSC). Values the paper leaves open are ⟨A⟩ in
 configs/segas.yaml.
 
@@ -21,7 +21,7 @@ bottom-up into ``L`` levels (``before_epoch``); until then the loss is MoCo v2's
 - L_diver: relu(p^{q2}(c) - p^{q1}(c) + margin) + q1 . q2 at level 1, c the target's argmax.
 - L = L_I + alpha HProCR^1 + beta HProCR^2 + lambda L_diver.
 
-Mask-aware SegAS (``segas.mask_mode: salient``, METHODS.md §6) filters only object parts:
+Mask-aware SegAS (``segas.mask_mode: salient``, docs/methods.md §6) filters only object parts:
 ApFS reads norm(A ⊙ m), random filtering picks cells inside the mask, and when less than
 ``guard_min`` of the foreground would remain the filtered area is halved. A sample whose
 view2 mask covers < 1 % or > 99 % of it is filtered as in plain SegAS (logged ``fallback``).

@@ -40,7 +40,7 @@ from maskgen.methods.drfi.scoring import (
 from maskgen.methods.drfi.segment import LEVEL_SETS, default_backend, segment
 from maskgen.sources import Source
 
-# RandomForestRegressor settings of METHODS.md §2.1 (DRFI: 200 trees, mtry 15)
+# RandomForestRegressor settings of docs/methods.md §2.1 (DRFI: 200 trees, mtry 15)
 FOREST_DEFAULTS = {"n_estimators": 200, "max_features": 15, "min_samples_leaf": 5}
 
 

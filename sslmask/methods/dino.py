@@ -8,6 +8,7 @@ of each student crop with each teacher crop but its own (``sslmask.losses.dino_l
 teacher's output is centred (the centre an EMA, rate ``center_momentum``, of the batch mean
 over every process) and sharpened by a temperature that warms up linearly from
 ``warmup_teacher_temp`` to ``teacher_temp``; here per step, where DINO steps it per epoch.
+The teacher is what DINO evaluates and exports (``eval_branch``; docs/methods.md §0, §3).
 """
 
 from __future__ import annotations

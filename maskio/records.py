@@ -107,6 +107,12 @@ def _label_of(read, fields: dict[str, tuple[int, int]], fid: int) -> int:
     return -1
 
 
+def shard_error(url: str, exc: BaseException) -> ShardError:
+    """One line naming the shard: ``exc``'s own when it already starts with the path."""
+    text = str(exc)
+    return ShardError(text if text.startswith(f"{url}:") else f"{url}: unreadable shard ({text})")
+
+
 def index_shards(specs: Sequence[str], require_masks: bool) -> Records:
     """Index every sample of the shards ``specs`` resolve to (see :func:`resolve_shards`)."""
     urls = resolve_shards(specs)
@@ -116,7 +122,7 @@ def index_shards(specs: Sequence[str], require_masks: bool) -> Records:
         try:
             samples = index_tar(url)
         except (OSError, ShardFormatError, EOFError) as exc:
-            raise ShardError(f"{url}: unreadable shard ({exc})") from exc
+            raise shard_error(url, exc) from None
         for key, fields in samples:
             img_field = next((f for f in IMAGE_FIELDS if f in fields), None)
             if img_field is None:

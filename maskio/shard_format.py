@@ -186,50 +186,77 @@ def _split_member(name: str) -> tuple[str, str]:
     return key, ext
 
 
+def _unreadable(path: str | Path, exc: BaseException) -> ShardFormatError:
+    """One line for a tar that cannot be read (truncated, compressed, empty, not a tar), as
+    webdataset and ``datasets`` report a corrupt shard: the file and the reason."""
+    reason = str(exc) or type(exc).__name__
+    if isinstance(exc, EOFError) or "unexpected end" in reason:
+        reason = "truncated"
+    elif "empty file" in reason:
+        reason = "empty file"
+    elif Path(path).is_file() and Path(path).read_bytes()[:2] in (b"\x1f\x8b", b"BZ", b"\xfd7"):
+        reason = "compressed; maskgen shards are plain tars"
+    return ShardFormatError(f"{path}: not a readable tar ({reason})")
+
+
 def iter_tar_samples(path: str | Path, fields: set[str] | None = None):
     """Yield ``(key, {field: bytes})`` from a maskgen shard, in tar order.
 
     Reads regular members only and never extracts anything to disk; members whose names
     would escape the folder (absolute, ``..``, subfolders) are refused. ``fields`` limits
-    which payloads are read (the others are skipped without reading them).
+    which payloads are read (the others are skipped without reading them). A truncated,
+    compressed or empty file is a :class:`ShardFormatError` naming it.
     """
     import tarfile
 
     current_key: str | None = None
     current: dict[str, bytes] = {}
-    with tarfile.open(path, mode="r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                raise ShardFormatError(f"{path}: member {member.name!r} is not a regular file")
-            key, ext = _split_member(member.name)
-            if key != current_key:
-                if current_key is not None:
-                    yield current_key, current
-                current_key, current = key, {}
-            if fields is None or ext in fields:
-                f = tar.extractfile(member)
-                current[ext] = f.read() if f is not None else b""
-        if current_key is not None:
-            yield current_key, current
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    raise ShardFormatError(f"{path}: member {member.name!r} is not a regular file")
+                key, ext = _split_member(member.name)
+                if key != current_key:
+                    if current_key is not None:
+                        yield current_key, current
+                    current_key, current = key, {}
+                if fields is None or ext in fields:
+                    f = tar.extractfile(member)
+                    data = f.read() if f is not None else b""
+                    if len(data) != member.size:
+                        raise EOFError
+                    current[ext] = data
+    except (tarfile.TarError, EOFError) as exc:
+        raise _unreadable(path, exc) from None
+    if current_key is not None:
+        yield current_key, current
 
 
 def index_tar(path: str | Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     """``[(key, {field: (data_offset, size)})]`` of a shard, in tar order, reading headers only.
 
     For random access (a trainer's exact-resume sampler): a payload is then one ``seek`` and
-    one ``read``. The same safety rules as :func:`iter_tar_samples` apply.
+    one ``read``. The same safety rules as :func:`iter_tar_samples` apply, and a payload that
+    would end past the end of the file (a truncated shard) is refused here, not at training.
     """
     import tarfile
 
     out: list[tuple[str, dict[str, tuple[int, int]]]] = []
-    with tarfile.open(path, mode="r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                raise ShardFormatError(f"{path}: member {member.name!r} is not a regular file")
-            key, ext = _split_member(member.name)
-            if not out or out[-1][0] != key:
-                out.append((key, {}))
-            out[-1][1][ext] = (member.offset_data, member.size)
+    try:
+        size = Path(path).stat().st_size
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    raise ShardFormatError(f"{path}: member {member.name!r} is not a regular file")
+                if member.offset_data + member.size > size:
+                    raise EOFError
+                key, ext = _split_member(member.name)
+                if not out or out[-1][0] != key:
+                    out.append((key, {}))
+                out[-1][1][ext] = (member.offset_data, member.size)
+    except (tarfile.TarError, EOFError) as exc:
+        raise _unreadable(path, exc) from None
     return out
 
 

@@ -394,3 +394,57 @@ def test_a_checkpoint_of_another_shape_is_one_line(tmp_path, capsys, sample_buil
     rc = sslmask_main(["eval", "knn", "--checkpoint", str(tmp_path / "junk.pt"), "--image-size", "32",
                        "--train", str(sample_build), "--val", str(sample_build)])  # fmt: skip
     one_line_failure(capsys, rc, "junk.pt", "not a loadable checkpoint")
+
+
+def _corrupt(data: bytes, kind: str, cut: int = 0) -> bytes:
+    """A shard as it arrives broken: cut short, compressed, emptied, or a tar inside a tar."""
+    import bz2
+    import gzip
+
+    if kind == "truncated":
+        return data[: max(1, min(cut, len(data) - 1))]
+    if kind == "gzip":
+        return gzip.compress(data)
+    if kind == "bz2":
+        return bz2.compress(data)
+    if kind == "empty":
+        return b""
+    return shard_bytes([("s0.tar", data)])  # nested: a tar of the shard (member has no image)
+
+
+TAR_CASES = ["truncated", "gzip", "bz2", "empty"]
+
+
+@pytest.mark.parametrize("kind", TAR_CASES)
+def test_a_broken_tar_is_one_line_in_every_command(tmp_path, capsys, sample_build, kind):
+    """Issue 35 item 3: tarfile.ReadError tracebacks in train, eval, deep fit and maskgen eval."""
+    build = tmp_path / "b"
+    shutil.copytree(sample_build, build)
+    shard = build / "shards" / "maskgen-000001.tar"
+    shard.write_bytes(_corrupt(shard.read_bytes(), kind, cut=shard.stat().st_size // 2))
+    need = [str(shard), "not a readable tar"]
+    common = ["--image-size", "32", "--workers", "0"]
+    one_line_failure(capsys, sslmask_main(["inspect", str(build)]), *need)
+    one_line_failure(capsys, sslmask_main(["train", str(build), "--method", "byol", "--config", "cpu-demo",
+                                           "--out", str(tmp_path / "run")]), *need)  # fmt: skip
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    one_line_failure(capsys, sslmask_main(["eval", "knn", "--checkpoint", "random", "--arch", "resnet_tiny",
+                                           "--train", str(build), "--val", str(build), *common]), *need)  # fmt: skip
+    one_line_failure(capsys, maskgen_main(["eval", str(build)]), *need)
+    one_line_failure(capsys, maskgen_main(["deep", "fit", "--shards", str(build), "--backbone", "random",
+                                           "--arch", "resnet_tiny", "--out", str(tmp_path / "h.safetensors"),
+                                           "--epochs", "1", "--short-side", "32"]), *need)  # fmt: skip
+    assert not (tmp_path / "h.safetensors").exists()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from([*TAR_CASES, "nested"]), fraction=st.floats(0.0, 1.0))
+def test_tar_level_corruption_gives_one_line_errors_only(tmp_path, kind, fraction):
+    data = shard_bytes(sample_members("s0", json.dumps(GOOD_META).encode(), None))
+    path = tmp_path / "maskgen-000000.tar"
+    path.write_bytes(_corrupt(data, kind, cut=int(len(data) * fraction)))
+    for read in _readers(str(path)):
+        try:
+            read()
+        except ShardError as exc:
+            assert "\n" not in str(exc) and str(path) in str(exc)

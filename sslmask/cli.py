@@ -16,6 +16,19 @@ from sslmask.data import dumps, summarize
 from sslmask.eval.features import FEATURE_KINDS
 
 
+class Finite(click.FloatRange):
+    """A float range that also refuses NaN and infinities (which compare false with every
+    bound, so click's own range lets them through and the JSON result ends up invalid)."""
+
+    def convert(self, value, param, ctx):
+        import math
+
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="maskgen-sslmask")
 def cli() -> None:
@@ -147,7 +160,7 @@ def eval_group() -> None:
 @eval_group.command()
 @_eval_options
 @click.option("--k", "ks", multiple=True, type=click.IntRange(min=1), default=(10, 20, 30), show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07, show_default=True)
+@click.option("--temperature", type=Finite(min=0, min_open=True), default=0.07, show_default=True)
 def knn(
     checkpoint, arch, branch, train_spec, val_spec, image_size, batch_size, workers, out_file, ks, temperature
 ) -> None:
@@ -164,7 +177,7 @@ def knn(
 @eval_group.command()
 @_eval_options
 @click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True)
+@click.option("--lr", type=Finite(min=0, min_open=True), default=0.1, show_default=True)
 def linear(
     checkpoint, arch, branch, train_spec, val_spec, image_size, batch_size, workers, out_file, epochs, lr
 ) -> None:
@@ -203,7 +216,7 @@ def retrieval(checkpoint, arch, branch, data_spec, kind, image_size, batch_size,
 @_eval_options
 @click.option(
     "--ratios",
-    type=click.FloatRange(0, 1),
+    type=Finite(0, 1),
     multiple=True,
     default=(0.25, 0.5, 0.75),
     show_default=True,
@@ -211,7 +224,7 @@ def retrieval(checkpoint, arch, branch, data_spec, kind, image_size, batch_size,
 )
 @click.option(
     "--thetas",
-    type=click.FloatRange(0, 1),
+    type=Finite(0, 1),
     multiple=True,
     default=(0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
     show_default=True,
@@ -261,8 +274,8 @@ def occlusion(checkpoint, arch, branch, train_spec, val_spec, image_size, batch_
 )
 @click.option("--gt-masks", type=click.Path(exists=True, file_okay=False), help="Ground-truth mask folder.")
 @click.option("--agnostic", is_flag=True, help="Class-agnostic heatmap (channel mean); no probe, no labels.")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=0.2, show_default=True, help="Of the max.")
-@click.option("--iou", "iou_min", type=click.FloatRange(0, 1), default=0.5, show_default=True)
+@click.option("--threshold", type=Finite(0, 1), default=0.2, show_default=True, help="Of the max.")
+@click.option("--iou", "iou_min", type=Finite(0, 1), default=0.5, show_default=True)
 @_loader_options
 def localization(checkpoint, arch, branch, train_spec, val_spec, boxes, gt_masks, agnostic, threshold, iou_min,
                  image_size, batch_size, workers, out_file) -> None:  # fmt: skip

@@ -32,6 +32,12 @@ def export_backbone(run: str | Path, out: str | Path, branch: str = "auto") -> d
     except CheckpointError as exc:
         raise CheckpointError(f"{run}: {exc}") from None
     out = Path(out)
+    from sslmask.engine import CONFIG_FILE, INDEX_CACHE, LOG_FILE
+
+    run_dir = path if path.is_dir() else path.parent
+    own = {run_checkpoint_path(run_dir), path, *(run_dir / f for f in (CONFIG_FILE, LOG_FILE, INDEX_CACHE))}
+    if out.resolve() in {f.resolve() for f in own}:
+        raise CheckpointError(f"--out {out}: is a file of the run {run_dir} itself; export to another path")
     if not out.parent.is_dir():  # a typo in the folder should not create a tree of folders
         raise CheckpointError(f"--out {out}: folder {out.parent} does not exist")
     save_atomic(state, out, metadata={"branch": scored} if out.suffix == ".safetensors" else None)

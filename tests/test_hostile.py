@@ -448,3 +448,34 @@ def test_tar_level_corruption_gives_one_line_errors_only(tmp_path, kind, fractio
             read()
         except ShardError as exc:
             assert "\n" not in str(exc) and str(path) in str(exc)
+
+
+@pytest.mark.parametrize("target", ["checkpoint.pt", "config.yaml", "log.jsonl"])
+def test_export_refuses_to_overwrite_the_runs_own_files(tmp_path, capsys, target):
+    """Issue 35 item 7: `sslmask export RUN --out RUN/checkpoint.pt` destroyed the resumable run."""
+    from sslmask.checkpoint import save_atomic
+    from sslmask.config import load_config
+    from sslmask.methods import build_method
+
+    cfg = load_config("byol", "cpu-demo")
+    run = tmp_path / "run"
+    run.mkdir()
+    save_atomic({"method": build_method(cfg).state_dict(), "step": 1, "config": cfg}, run / "checkpoint.pt")
+    for name in ("config.yaml", "log.jsonl"):
+        (run / name).write_text("kept\n")
+    before = {f.name: f.read_bytes() for f in run.iterdir()}
+    one_line_failure(capsys, sslmask_main(["export", str(run), "--out", str(run / target)]), target, "run")
+    assert {f.name: f.read_bytes() for f in run.iterdir()} == before
+    assert sslmask_main(["export", str(run), "--out", str(run / "backbone.pt")]) == 0  # beside them is fine
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [(["knn"], "--temperature"), (["linear"], "--lr"), (["occlusion"], "--ratios")],
+)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_numbers_are_refused_in_one_line(tmp_path, capsys, sample_build, command, option, value):
+    """Issue 35 item 8: NaN passed click's ranges and the result JSON held NaN."""
+    rc = sslmask_main(["eval", *command, "--checkpoint", "random", "--arch", "resnet_tiny", "--train",
+                       str(sample_build), "--val", str(sample_build), option, value])  # fmt: skip
+    one_line_failure(capsys, rc, option, "finite" if value == "nan" else option)

@@ -44,6 +44,7 @@ def segas_evaluations(checkpoint: str, arch: str, args, seed: int, branch: str =
 
     from maskio.records import index_any
     from sslmask.checkpoint import load_backbone
+    from sslmask.eval.features import labelled_splits
     from sslmask.eval.localization import boxes_from_masks, localization_eval, match_boxes, record_keys
     from sslmask.eval.occlusion import conditions, occlusion_eval
 
@@ -52,10 +53,10 @@ def segas_evaluations(checkpoint: str, arch: str, args, seed: int, branch: str =
     loader = {"batch_size": 128, "workers": 2, "device": "cpu"}
     out: dict[str, float] = {}
     if args.occlusion:
-        val = index_any(args.val)
+        bank, val = labelled_splits(args.bank or args.train, args.val)
         plan = conditions(backbone, (0.5,), (), 7, seed, saliency=val.mask is not None)
         plan.pop("attention")
-        occ = occlusion_eval(backbone, index_any(args.bank or args.train), val, args.image_size, plan, loader)
+        occ = occlusion_eval(backbone, bank, val, args.image_size, plan, loader)
         out["occ_rand50"] = occ["random"]["0.5"]
         if "saliency" in occ:
             out["occ_fg"], out["occ_bg"] = occ["saliency"]["foreground"], occ["saliency"]["background"]

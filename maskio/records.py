@@ -82,6 +82,7 @@ class Records:
     mask: np.ndarray | None  # same layout, None when the set has no masks
     labels: np.ndarray  # (n,) int64, -1 = unlabelled
     names: list[str] = field(default_factory=list)
+    classes: list[str] | None = None  # label -> class name, when the source names its classes
 
     def __len__(self) -> int:
         return len(self.image)
@@ -91,7 +92,7 @@ class Records:
         idx = np.asarray(indices, np.int64)
         mask = self.mask[idx] if self.mask is not None else None
         names = [self.names[i] for i in idx] if self.names else []
-        return Records(self.files, self.image[idx], mask, self.labels[idx], names)
+        return Records(self.files, self.image[idx], mask, self.labels[idx], names, self.classes)
 
     @property
     def labelled(self) -> bool:
@@ -139,8 +140,51 @@ def index_shards(specs: Sequence[str], require_masks: bool) -> Records:
     mask_arr = np.asarray(mask, np.int64)
     has_mask = bool((mask_arr[:, 1] != -2).all())
     return Records(
-        urls, np.asarray(image, np.int64), mask_arr if has_mask else None, np.asarray(labels), names
+        urls,
+        np.asarray(image, np.int64),
+        mask_arr if has_mask else None,
+        np.asarray(labels),
+        names,
+        build_class_names(urls),
     )
+
+
+def build_class_names(urls: Sequence[str]) -> list[str] | None:
+    """The class names the builds of ``urls`` recorded (``manifest.json``'s ``class_names``,
+    label i = name i), when every shard comes from a build that recorded the same list."""
+    found: list[list[str] | None] = []
+    for root in {Path(u).resolve().parent.parent for u in urls}:
+        try:
+            names = json.loads((root / "manifest.json").read_text()).get("class_names")
+        except (OSError, ValueError, AttributeError):
+            names = None
+        ok = isinstance(names, list) and all(isinstance(n, str) for n in names)
+        found.append(names if ok else None)
+    if not found or any(f is None or f != found[0] for f in found):
+        return None
+    return found[0]
+
+
+def align_labels(train: Records, val: Records, val_spec: str = "--val") -> Records:
+    """``val`` with its labels in ``train``'s label space, matched by class name.
+
+    Two builds (or class-folder trees) number their classes each by its own sorted names, so
+    a validation split with other classes than the training split would be scored against the
+    wrong classes. When both sides name their classes, val's labels are mapped by name and a
+    val class the training split lacks is refused; when either side does not, the labels are
+    taken as they are (the builds must then share one numbering).
+    """
+    if train.classes is None or val.classes is None or train.classes == val.classes:
+        return val
+    index = {name: i for i, name in enumerate(train.classes)}
+    used = sorted({int(label) for label in val.labels if label >= 0})
+    unknown = [val.classes[i] for i in used if i < len(val.classes) and val.classes[i] not in index]
+    if unknown or any(i >= len(val.classes) for i in used):
+        missing = unknown[0] if unknown else f"label {used[-1]}"
+        raise ShardError(f"{val_spec}: class {missing!r} is not among the training split's classes")
+    mapping = np.asarray([index[name] for name in val.classes], np.int64)
+    labels = np.where(val.labels >= 0, mapping[np.clip(val.labels, 0, None)], val.labels)
+    return Records(val.files, val.image, val.mask, labels, val.names, train.classes)
 
 
 def index_folder(root: str | Path) -> Records:
@@ -157,7 +201,8 @@ def index_folder(root: str | Path) -> Records:
     if not files:
         raise ShardError(f"{root}: no images in class sub-folders")
     image = np.stack([np.arange(len(files)), np.full(len(files), -1), np.zeros(len(files))], 1)
-    return Records(files, image.astype(np.int64), None, np.asarray(labels), [Path(f).name for f in files])
+    names = [Path(f).name for f in files]
+    return Records(files, image.astype(np.int64), None, np.asarray(labels), names, classes)
 
 
 def _image_folder(spec: Sequence[str]) -> Path | None:

@@ -240,14 +240,11 @@ def occlusion(checkpoint, arch, branch, train_spec, val_spec, image_size, batch_
     maskgen masks) foreground / background occlusion (SegAS's protocol)."""
     import torch
 
-    from maskio.records import index_any
     from sslmask.checkpoint import load_backbone_branch
+    from sslmask.eval.features import labelled_splits
     from sslmask.eval.occlusion import conditions, occlusion_eval
 
-    train, val = index_any(list(train_spec)), index_any(list(val_spec))
-    for spec, records in ((train_spec, train), (val_spec, val)):
-        if not records.labelled:
-            raise ShardError(f"{spec[0]}: some samples have no class label; evaluation needs labels")
+    train, val = labelled_splits(train_spec, val_spec)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backbone, scored = load_backbone_branch(checkpoint, arch, branch=branch)
     backbone = backbone.to(device)
@@ -283,7 +280,7 @@ def localization(checkpoint, arch, branch, train_spec, val_spec, boxes, gt_masks
     localisation (--agnostic), against boxes or ground-truth masks (SegAS's protocol)."""
     import torch
 
-    from maskio.records import index_any
+    from maskio.records import align_labels, index_any
     from sslmask.checkpoint import load_backbone_branch
     from sslmask.eval.linear import fit_linear
     from sslmask.eval.localization import (
@@ -311,6 +308,7 @@ def localization(checkpoint, arch, branch, train_spec, val_spec, boxes, gt_masks
         for spec, records in ((train_spec, train), (val_spec, val)):
             if not records.labelled:
                 raise ShardError(f"{spec[0]}: some samples have no class label; use --agnostic")
+        val = align_labels(train, val, str(val_spec[0]))
         ftr, ytr = resized_features(backbone, train, image_size, batch_size, workers, device)
         probe = fit_linear(ftr, ytr, torch.unique(torch.cat([ytr, torch.as_tensor(val.labels)])))
     options = {"image_size": image_size, "threshold": threshold, "iou": iou_min, "batch_size": batch_size,

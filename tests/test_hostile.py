@@ -479,3 +479,44 @@ def test_non_finite_numbers_are_refused_in_one_line(tmp_path, capsys, sample_bui
     rc = sslmask_main(["eval", *command, "--checkpoint", "random", "--arch", "resnet_tiny", "--train",
                        str(sample_build), "--val", str(sample_build), option, value])  # fmt: skip
     one_line_failure(capsys, rc, option, "finite" if value == "nan" else option)
+
+
+def _class_tree(root: Path, classes: dict[str, int]) -> Path:
+    """``root/<class>/i.png``: each class a flat colour (its value), two images each."""
+    for name, value in classes.items():
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((40, 40, 3), value + 3 * i, np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_val_classes_are_matched_to_train_classes_by_name(tmp_path, capsys):
+    """Issue 35 item 5: val class folders were matched to train's by sorted position, so a val
+    split with fewer classes scored against the wrong ones."""
+    train = _class_tree(tmp_path / "train", {"apple": 20, "banana": 120, "cherry": 220})
+    val = _class_tree(tmp_path / "val", {"banana": 120, "cherry": 220})  # positions 0, 1; train's 1, 2
+    rc = sslmask_main(["eval", "knn", "--checkpoint", "random", "--arch", "resnet_tiny", "--train", str(train),
+                       "--val", str(val), "--image-size", "32", "--workers", "0", "--k", "1"])  # fmt: skip
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["accuracy"]["k=1"]["top1"] == 100.0  # same pictures, matched by name
+    stray = _class_tree(tmp_path / "stray", {"banana": 120, "durian": 60})
+    rc = sslmask_main(["eval", "linear", "--checkpoint", "random", "--arch", "resnet_tiny", "--train", str(train),
+                       "--val", str(stray), "--image-size", "32", "--workers", "0", "--epochs", "1"])  # fmt: skip
+    one_line_failure(capsys, rc, str(stray), "durian", "not among")
+
+
+def test_align_labels_maps_build_class_names():
+    from maskio.records import Records, align_labels
+
+    def records(labels, classes):
+        n = len(labels)
+        return Records(["x"] * n, np.zeros((n, 3), np.int64), None, np.asarray(labels), [], classes)
+
+    train = records([0, 1, 2], ["a", "b", "c"])
+    val = align_labels(train, records([1, 0, 1], ["b", "c"]))
+    assert val.labels.tolist() == [2, 1, 2] and val.classes == ["a", "b", "c"]
+    same = records([0, 1], None)  # unnamed: taken as they are
+    assert align_labels(train, same) is same
+    with pytest.raises(ShardError, match="'z' is not among"):
+        align_labels(train, records([0], ["z"]))

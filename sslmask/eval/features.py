@@ -94,21 +94,32 @@ def labelled_features(
     which of a run's trunks (``auto``: the method's protocol); ``seed`` makes the ``random``
     baseline reproducible. Both sets must be labelled.
     """
-    from maskio.errors import ShardError
-    from maskio.records import index_any
     from sslmask.checkpoint import load_backbone_branch
 
+    train, val = labelled_splits(train_spec, val_spec)
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backbone, scored = load_backbone_branch(checkpoint, arch, branch=branch)
     backbone = backbone.to(device)
     out: list[torch.Tensor] = []
+    for records in (train, val):
+        out.extend(extract_features(backbone, records, image_size, batch_size, workers, device))
+    return (out[0], out[1], out[2], out[3]), scored
+
+
+def labelled_splits(train_spec, val_spec):
+    """``(train, val)`` records, both labelled, val's labels matched to train's classes by
+    name (``maskio.records.align_labels``)."""
+    from maskio.errors import ShardError
+    from maskio.records import align_labels, index_any
+
+    splits = []
     for spec in (train_spec, val_spec):
         records = index_any(list(spec))
         if not records.labelled:
             raise ShardError(f"{spec[0]}: some samples have no class label; evaluation needs labels")
-        out.extend(extract_features(backbone, records, image_size, batch_size, workers, device))
-    return (out[0], out[1], out[2], out[3]), scored
+        splits.append(records)
+    return splits[0], align_labels(splits[0], splits[1], str(val_spec[0]))
 
 
 FEATURE_KINDS = ("backbone", "gap", "predictor")

@@ -18,10 +18,10 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-from maskio.shard_format import JPEG_QUALITY
+from maskio.shard_format import JPEG_QUALITY, MAX_PIXELS
 
 # PIL's own default bomb limit (about 89.5 MP); checked from the header before decoding.
-DEFAULT_MAX_PIXELS = 89_478_485
+DEFAULT_MAX_PIXELS = MAX_PIXELS  # PIL's default limit, one definition for every reader
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit, with a clear message
 _EXIF_ORIENTATION = 0x0112
 

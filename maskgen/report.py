@@ -36,6 +36,7 @@ from maskio.shard_format import (
     decode_meta,
     in_sample,
     iter_tar_samples,
+    open_limited,
     shard_name,
     stats_name,
 )
@@ -200,8 +201,10 @@ def _thumbnail(fields: dict[str, bytes], gt: np.ndarray | None = None) -> str:
     mask = decode_mask_png(fields[FIELD_MASK])
     if FIELD_IMAGE in fields:
         try:
-            with Image.open(io.BytesIO(fields[FIELD_IMAGE])) as im:
+            with open_limited(fields[FIELD_IMAGE], FIELD_IMAGE) as im:
                 rgb = np.asarray(im.convert("RGB")).astype(np.float32)
+        except ShardFormatError:
+            raise
         except Exception as exc:  # PIL raises many types for corrupt data
             raise ShardFormatError(f"{FIELD_IMAGE}: cannot decode image ({type(exc).__name__})") from None
     else:

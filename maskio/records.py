@@ -31,6 +31,7 @@ from maskio.shard_format import (
     decode_meta,
     in_sample,
     index_tar,
+    open_limited,
     shard_paths,
 )
 
@@ -306,7 +307,9 @@ class FileReader:
 
 def decode_rgb(data: bytes, name: str) -> Image.Image:
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with open_limited(data, name) as im:
             return im.convert("RGB")
+    except ShardFormatError as exc:
+        raise ShardError(str(exc)) from None
     except Exception as exc:  # PIL raises many types for corrupt data
         raise ShardError(f"{name}: cannot decode image ({exc})") from exc

@@ -120,11 +120,29 @@ def in_sample(url: str | Path, key: str) -> Iterator[None]:
         raise ShardError(f"{url}: sample {key}: {exc}") from None
 
 
+# The most pixels any reader decodes (PIL's own default limit, which maskgen's builds switch
+# off in favour of their --max-pixels): a 30000 x 30000 mask is refused from its header, not
+# after 20 GB of decoding.
+MAX_PIXELS = 89_478_485
+
+
+@contextmanager
+def open_limited(source, name: str, max_pixels: int = MAX_PIXELS):
+    """``PIL.Image.open(source)`` that refuses, from the header alone, an image of more than
+    ``max_pixels`` pixels (ShardFormatError naming ``name``) whatever PIL's global setting."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+        if im.width * im.height > max_pixels:
+            raise ShardFormatError(f"{name}: {im.width}x{im.height} pixels exceeds the limit of {max_pixels}")
+        yield im
+
+
 def _decode_png(data: bytes, field: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with open_limited(data, field) as im:
             return np.asarray(im.convert("L")).copy()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ShardFormatError(f"{field}: not a readable PNG ({type(exc).__name__})") from None

@@ -11,7 +11,7 @@ import click
 from maskio.errors import ShardError, describe_os_error
 from maskio.records import resolve_shards
 from sslmask.checkpoint import CheckpointError
-from sslmask.config import ConfigError, available_methods, load_config
+from sslmask.config import MAX_IMAGE_SIZE, ConfigError, available_methods, load_config
 from sslmask.data import dumps, summarize
 from sslmask.eval.features import FEATURE_KINDS
 
@@ -124,7 +124,7 @@ def _backbone_options(fn):
 def _loader_options(fn):
     """Image size, batch, workers and the JSON output every evaluation shares."""
     return _apply(fn, [
-        click.option("--image-size", type=click.IntRange(min=16), default=224, show_default=True,
+        click.option("--image-size", type=click.IntRange(16, MAX_IMAGE_SIZE), default=224, show_default=True,
                      help="Centre-crop size (localisation: the resize side)."),
         click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True),
         click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True),

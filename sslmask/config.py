@@ -139,10 +139,14 @@ def _shared_overlay(overlay: dict[str, Any], cfg: dict[str, Any]) -> dict[str, A
     return {k: v for k, v in overlay.items() if k in cfg or k not in methods}
 
 
+# The largest view or evaluation side: 4096 px is 16x ImageNet's 224 and still fits in memory;
+# a mistyped 100000 would ask for tens of GB before failing.
+MAX_IMAGE_SIZE = 4096
+
 # The range of every shared numeric key: (low, high, low_open, high_open); None = unbounded.
 # Method sections check their own keys when the method is built.
 RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
-    "data.image_size": (16, None, False, False),
+    "data.image_size": (16, MAX_IMAGE_SIZE, False, False),
     "data.batch_size": (1, None, False, False),
     "data.workers": (0, None, False, False),
     "data.samples_per_epoch": (1, None, False, False),

@@ -14,7 +14,6 @@ ASCII integers, metadata is JSON.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -22,8 +21,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from maskio.errors import ShardError
+from maskio.errors import ShardError, ShardFormatError
 from maskio.records import FileReader, Records, decode_rgb
+from maskio.shard_format import open_limited
 from sslmask.transforms import ViewSpec, eval_view, make_view, mask_integral
 
 
@@ -38,8 +38,11 @@ def read_mask(
     """Sample ``index``'s mask binarised at > 127 (None for an image-only set: all foreground)."""
     if rec.mask is None:
         return None
-    with Image.open(io.BytesIO(reader.read(*rec.mask[index]))) as im:
-        mask = im.convert("L")
+    try:
+        with open_limited(reader.read(*rec.mask[index]), f"{name}: mask") as im:
+            mask = im.convert("L")
+    except ShardFormatError as exc:
+        raise ShardError(str(exc)) from None
     if mask.size != size:
         raise ShardError(f"{name}: mask size {mask.size} differs from image size {size}")
     return mask.point(lambda v: 255 if v > 127 else 0)

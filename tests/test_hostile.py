@@ -520,3 +520,44 @@ def test_align_labels_maps_build_class_names():
     assert align_labels(train, same) is same
     with pytest.raises(ShardError, match="'z' is not among"):
         align_labels(train, records([0], ["z"]))
+
+
+def test_a_huge_mask_or_image_is_refused_from_its_header(tmp_path, capsys, sample_build):
+    """Issue 35 item 4: a 30000^2 mask was decoded in full by maskgen eval (killed at 23 GB) and
+    a 15000^2 ground-truth mask was a DecompressionBombError traceback in eval localization."""
+    from conftest import png_with_forged_size
+
+    from maskio.records import decode_rgb
+    from maskio.shard_format import decode_mask_png
+
+    bomb = png_with_forged_size(30000, 30000)
+    with pytest.raises(ShardError, match="30000x30000 pixels exceeds"):
+        decode_rgb(bomb, "x.png")
+    with pytest.raises(ShardError, match="30000x30000 pixels exceeds"):  # ShardFormatError, a ShardError
+        decode_mask_png(bomb)
+    build = tmp_path / "b"
+    shutil.copytree(sample_build, build)
+    shard = build / "shards" / "maskgen-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    first_mask = next(i for i, (n, _) in enumerate(members) if n.endswith(".mask.png"))
+    members[first_mask] = (members[first_mask][0], bomb)
+    shard.write_bytes(shard_bytes(members))
+    one_line_failure(capsys, maskgen_main(["eval", str(build)]), str(shard), "exceeds the limit")
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    (gt / "a.png").write_bytes(png_with_forged_size(15000, 15000))
+    rc = sslmask_main(["eval", "localization", "--checkpoint", "random", "--arch", "resnet_tiny", "--val",
+                       str(sample_build), "--gt-masks", str(gt), "--agnostic", "--workers", "0"])  # fmt: skip
+    one_line_failure(capsys, rc, str(gt / "a.png"), "exceeds the limit")
+
+
+def test_image_sizes_have_an_upper_bound(tmp_path, capsys, sample_build):
+    """Issue 35 item 4: --image-size 100000 (22 GB) and data.image_size=1000000000 (MemoryError)."""
+    rc = sslmask_main(["eval", "knn", "--checkpoint", "random", "--arch", "resnet_tiny", "--train",
+                       str(sample_build), "--val", str(sample_build), "--image-size", "100000"])  # fmt: skip
+    one_line_failure(capsys, rc, "--image-size", "100000")
+    rc = sslmask_main(["train", str(sample_build), "--method", "byol", "--out", str(tmp_path / "r"),
+                       "--set", "data.image_size=1000000000"])  # fmt: skip
+    one_line_failure(capsys, rc, "data.image_size=1000000000", "4096")
+    assert not (tmp_path / "r").exists()

@@ -34,9 +34,9 @@ from PIL import Image
 from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
-from maskio.errors import ShardError
+from maskio.errors import ShardError, ShardFormatError
 from maskio.records import IMAGE_EXTS, FileReader, Records, decode_rgb
-from maskio.shard_format import sanitize_key
+from maskio.shard_format import open_limited, sanitize_key
 from sslmask.backbones import normalize
 from sslmask.pooling import channel_heatmap, normalise_per_image
 
@@ -93,8 +93,11 @@ def boxes_from_masks(folder: Path) -> dict[str, list[Box]]:
     out: dict[str, list[Box]] = {}
     for path in sorted(folder.rglob("*")):
         if path.suffix.lower() in IMAGE_EXTS:
-            with Image.open(path) as im:
-                fg = np.asarray(im.convert("L")) > 127
+            try:
+                with open_limited(path, str(path)) as im:
+                    fg = np.asarray(im.convert("L")) > 127
+            except ShardFormatError as exc:
+                raise ShardError(str(exc)) from None
             labels, _ = ndimage.label(fg)
             out[path_key(str(path.relative_to(folder)))] = [
                 (float(sx.start), float(sy.start), float(sx.stop), float(sy.stop))

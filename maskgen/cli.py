@@ -14,7 +14,7 @@ from maskgen.methods.drfi.scoring import ModelError
 from maskgen.pipeline import BuildError, BuildOptions, run_build
 from maskgen.recipe import RecipeError
 from maskgen.sources import SOURCES, SourceError
-from maskgen.sources.sample import DEFAULT_LABELS, DEFAULT_SAMPLE_SIZE, LABELINGS
+from maskgen.sources.sample import DEFAULT_LABELS, DEFAULT_SAMPLE_SIZE, LABELINGS, MAX_SAMPLE_SIZE
 from maskio.errors import CheckpointError, KeyValueError, ShardError, describe_os_error
 from maskio.keyvalue import parse_pairs
 
@@ -89,7 +89,7 @@ def source_options(f):
         click.option("--class-folders", is_flag=True, help="First sub-folder is the class label (folder)."),
         click.option(
             "--sample-size",
-            type=click.IntRange(min=1),
+            type=click.IntRange(1, MAX_SAMPLE_SIZE),  # a plan lists every scene: bounded, not lazy
             help=f"Synthetic scenes in the sample source. [default: {DEFAULT_SAMPLE_SIZE}]",
         ),
         click.option(

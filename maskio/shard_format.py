@@ -173,6 +173,8 @@ def decode_meta(data: bytes) -> dict[str, Any]:
         meta = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise ShardFormatError(f"{FIELD_META}: not valid UTF-8 JSON") from None
+    except RecursionError:  # nested thousands deep: json recurses once per level
+        raise ShardFormatError(f"{FIELD_META}: nested too deeply") from None
     if not isinstance(meta, dict):
         raise ShardFormatError(f"{FIELD_META}: must be a JSON object, got {type(meta).__name__}")
     check_label(meta.get("label"), FIELD_META)

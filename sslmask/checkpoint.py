@@ -224,7 +224,10 @@ def load_backbone_branch(
             raise CheckpointError("--checkpoint random needs --arch")
         if canonical_branch(branch) != "auto":
             raise CheckpointError(f"--branch {branch}: a random backbone has no branches")
-        return build_backbone(arch, out_stride or 32), None
+        try:
+            return build_backbone(arch, out_stride or 32), None
+        except ValueError as exc:  # an unknown --arch
+            raise CheckpointError(f"--arch {arch}: {exc}") from None
     obj, state, resolved = _read_trunk(spec, branch)
     if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
         model_cfg = obj["config"].get("model")

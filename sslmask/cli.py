@@ -231,7 +231,7 @@ def retrieval(checkpoint, arch, branch, data_spec, kind, image_size, batch_size,
     help="Attention occlusion: hide the heatmap above each threshold.",
 )
 @click.option(
-    "--grid", type=click.IntRange(min=1), default=7, show_default=True, help="Random occlusion grid side."
+    "--grid", type=click.IntRange(1, 256), default=7, show_default=True, help="Random occlusion grid side."
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random occlusions.")
 def occlusion(checkpoint, arch, branch, train_spec, val_spec, image_size, batch_size, workers, out_file, ratios,
@@ -244,6 +244,10 @@ def occlusion(checkpoint, arch, branch, train_spec, val_spec, image_size, batch_
     from sslmask.eval.features import labelled_splits
     from sslmask.eval.occlusion import conditions, occlusion_eval
 
+    if grid > image_size:
+        raise click.UsageError(
+            f"--grid {grid}: more cells than the {image_size} px image has pixels per side"
+        )
     train, val = labelled_splits(train_spec, val_spec)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backbone, scored = load_backbone_branch(checkpoint, arch, branch=branch)

@@ -432,6 +432,10 @@ def train(shards: list[str], cfg: dict[str, Any], run: str | Path, resume: bool 
             f"{shards[0]}: {len(records)} samples are fewer than one global batch "
             f"({data_cfg['batch_size']} x {info.world_size} processes)"
         )
+    try:
+        METHODS[cfg["method"]].check_data(cfg, len(records))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     ckpt = _prepare_run_dir(run, cfg, resume, info)
     loop = build_loop(method, cfg, info, spe)
     if ckpt is not None:

@@ -561,3 +561,34 @@ def test_image_sizes_have_an_upper_bound(tmp_path, capsys, sample_build):
                        "--set", "data.image_size=1000000000"])  # fmt: skip
     one_line_failure(capsys, rc, "data.image_size=1000000000", "4096")
     assert not (tmp_path / "r").exists()
+
+
+def test_more_bad_options_and_fields_are_one_line(tmp_path, capsys, sample_build):
+    """Issue 35 item 6: an unknown --arch, a huge --grid, a JSON nested 100,000 deep, and a
+    sample source too large to plan (it hung in --dry-run)."""
+    base = [
+        "--checkpoint",
+        "random",
+        "--train",
+        str(sample_build),
+        "--val",
+        str(sample_build),
+        "--workers",
+        "0",
+    ]
+    one_line_failure(capsys, sslmask_main(["eval", "knn", *base, "--arch", "resnet9000"]), "resnet9000")
+    rc = sslmask_main(
+        ["eval", "occlusion", *base, "--arch", "resnet_tiny", "--image-size", "32", "--grid", "64"]
+    )
+    one_line_failure(capsys, rc, "--grid 64")
+    one_line_failure(capsys, sslmask_main(["eval", "occlusion", *base, "--arch", "resnet_tiny", "--grid", "1000000"]),
+                     "--grid")  # fmt: skip
+    rc = maskgen_main(["build", "--source", "sample", "--sample-size", "2000000000", "--dry-run", "--method",
+                       "center", "--out", str(tmp_path / "o")])  # fmt: skip
+    one_line_failure(capsys, rc, "--sample-size")
+    members = sample_members("s0", b"[" * 100_000 + b"]" * 100_000, None)
+    path = tmp_path / "maskgen-000000.tar"
+    path.write_bytes(shard_bytes(members))
+    for read in _readers(str(path)):
+        with pytest.raises(ShardError, match="nested too deeply"):
+            read()

@@ -341,7 +341,9 @@ def test_the_guard_halves_the_filtered_area_when_little_foreground_would_remain(
 
 def test_refused_segas_values_give_one_line(sample_build, tmp_path, capsys):
     for item, text in [("segas.mask_mode=edges", "segas.mask_mode"), ("segas.tau_key=0", "segas.tau_key"),
-                       ("segas.prototypes=[]", "segas.prototypes"), ("segas.sigma=1.5", "segas.apfs_prob")]:  # fmt: skip
+                       ("segas.prototypes=[]", "segas.prototypes"), ("segas.sigma=1.5", "segas.apfs_prob"),
+                       # issue 35: refused at the start, not at the first re-clustering epochs later
+                       ("segas.prototypes=[0]", "clusters here"), ("segas.prototypes=[100000]", "clusters here")]:  # fmt: skip
         err = refused_train("segas", sample_build, tmp_path / "run", [item], capsys)
         assert text in err, err
 

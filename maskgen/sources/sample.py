@@ -42,6 +42,7 @@ PHOTOS = (
 LABELINGS = {"appearance": APPEARANCES, "shape": SHAPES}
 DEFAULT_LABELS = "appearance"
 DEFAULT_SAMPLE_SIZE = 200
+MAX_SAMPLE_SIZE = 1_000_000  # synthetic scenes: a demo and test source, planned eagerly
 
 
 def class_names(labels: str = DEFAULT_LABELS) -> list[str]:

@@ -59,6 +59,11 @@ class SSLMethod(nn.Module):
         code keeps out of weight decay (BYOL and DINO: biases and norms; see docs/methods.md)."""
         return "bias_norm"
 
+    @classmethod
+    def check_data(cls, cfg: dict[str, Any], n_images: int) -> None:
+        """Refuse (ValueError, one line) settings that cannot work on ``n_images`` training
+        images, before the run starts rather than epochs later (SegAS's prototype counts)."""
+
     def online_modules(self) -> list[nn.Module]:
         """The modules the optimiser updates."""
         raise NotImplementedError

@@ -171,6 +171,11 @@ class SegAS(MoCoV2):
 
     # the prototypes live outside DDP's buffers (their shape is set by the data, and DDP would
     # broadcast n labels every step); they travel in the checkpoint as extra state
+    @classmethod
+    def check_data(cls, cfg: dict[str, Any], n_images: int) -> None:
+        """The prototype counts must fit the training set (checked again at each re-clustering)."""
+        prototype_sizes(cfg["segas"]["prototypes"], n_images)
+
     def get_extra_state(self) -> dict[str, Any]:
         return {"epoch": self.clustered_epoch, "labels": self.instance_labels.cpu(),
                 "prototypes": [c.cpu() for c in self.prototypes]}  # fmt: skip

@@ -209,7 +209,10 @@ def retrieval(checkpoint, arch, branch, data_spec, kind, image_size, batch_size,
     )
     result = {"eval": "retrieval", "checkpoint": checkpoint, "branch": scored, "features": kind,
               "images": len(labels)}  # fmt: skip
-    _emit({**result, **retrieval_metrics(feats, labels)}, out_file)
+    metrics = retrieval_metrics(feats, labels)
+    if metrics["queries"] == 0:  # every class has one image: nothing to retrieve, not a score of 0
+        raise ShardError(f"{data_spec[0]}: no image has another of its class; retrieval needs two per class")
+    _emit({**result, **metrics}, out_file)
 
 
 @eval_group.command()

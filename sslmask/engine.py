@@ -127,7 +127,11 @@ def _truncate_log(path: Path, step: int) -> None:
             record = json.loads(line)
         except ValueError:  # a line torn by a crash mid-write: the resumed run logs its step again
             continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            continue
+        # an epoch row at the checkpoint's own step is written again: the resumed run starts
+        # that epoch (before_epoch) anew
+        if record["step"] < step or (record["step"] == step and record.get("kind") != "epoch"):
             kept.append(line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))

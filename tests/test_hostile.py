@@ -166,6 +166,18 @@ def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path):
     assert log.read_text().splitlines() == lines[:2]
 
 
+def test_a_resume_at_an_epoch_start_logs_that_epoch_once(tmp_path):
+    """Issue 35 item 8: log.jsonl got a duplicate epoch row per resume."""
+    from sslmask.engine import _truncate_log
+
+    log = tmp_path / "log.jsonl"
+    rows = [{"kind": "epoch", "step": 0, "epoch": 0}, {"kind": "train", "step": 10},
+            {"kind": "epoch", "step": 10, "epoch": 1}, {"kind": "train", "step": 12}]  # fmt: skip
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _truncate_log(log, 10)  # the resumed run starts epoch 1 again and writes its row anew
+    assert [json.loads(x) for x in log.read_text().splitlines()] == rows[:2]
+
+
 def test_a_build_folder_named_shards_is_read(tmp_path, sample_build):
     build = tmp_path / "shards"
     shutil.copytree(sample_build, build)
@@ -592,3 +604,25 @@ def test_more_bad_options_and_fields_are_one_line(tmp_path, capsys, sample_build
     for read in _readers(str(path)):
         with pytest.raises(ShardError, match="nested too deeply"):
             read()
+
+
+def test_bad_boxes_and_a_split_without_queries_are_refused(tmp_path, capsys):
+    """Issue 35 item 8: NaN, negative and 1e308 CUB boxes were accepted; retrieval on a split with
+    no two images of a class reported 0.0 with rc 0."""
+    from sslmask.eval.localization import read_boxes
+
+    cub = tmp_path / "cub"
+    cub.mkdir()
+    (cub / "images.txt").write_text("1 a/x.jpg\n2 a/y.jpg\n")
+    for bad in ("nan 0 5 5", "-3 0 5 5", "0 0 1e308 5", "0 0 0 5"):
+        (cub / "bounding_boxes.txt").write_text(f"1 0 0 5 5\n2 {bad}\n")
+        with pytest.raises(ShardError, match="is not a box"):
+            read_boxes(str(cub), None)
+    (cub / "bounding_boxes.txt").write_text("1 0 0 5 5\n2 1 1 3 3\n")
+    assert read_boxes(str(cub), None) == {"a__x": [(0.0, 0.0, 5.0, 5.0)], "a__y": [(1.0, 1.0, 4.0, 4.0)]}
+    tree = _class_tree(tmp_path / "one-each", {"a": 10, "b": 100})
+    for cls in ("a", "b"):
+        (tree / cls / "1.png").unlink()
+    rc = sslmask_main(["eval", "retrieval", "--checkpoint", "random", "--arch", "resnet_tiny", "--data", str(tree),
+                       "--image-size", "32", "--workers", "0"])  # fmt: skip
+    one_line_failure(capsys, rc, str(tree), "two per class")

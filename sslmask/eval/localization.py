@@ -114,16 +114,31 @@ def read_boxes(boxes: str | None, gt_masks: str | None) -> dict[str, list[Box]]:
         if gt_masks:
             return boxes_from_masks(path)
         if path.is_file() and path.suffix.lower() == ".csv":
-            return boxes_from_loc_csv(path)
+            return checked_boxes(boxes_from_loc_csv(path), path)
         if path.is_file() and path.name == "bounding_boxes.txt":
-            return boxes_from_cub(path.parent)
+            return checked_boxes(boxes_from_cub(path.parent), path)
         if path.is_dir() and (path / "bounding_boxes.txt").is_file():
-            return boxes_from_cub(path)
+            return checked_boxes(boxes_from_cub(path), path)
         if path.is_dir():
-            return boxes_from_imagenet_xml(path)
+            return checked_boxes(boxes_from_imagenet_xml(path), path)
     except (ValueError, KeyError, TypeError, ET.ParseError, OSError) as exc:  # a malformed annotation file
         raise ShardError(f"{path}: unreadable boxes ({type(exc).__name__}: {exc})") from exc
     raise ShardError(f"{path}: not a CUB bounding_boxes.txt, an XML folder or a LOC_val_solution.csv")
+
+
+MAX_COORD = 1e6  # pixels: far past any photo, short of overflow
+
+
+def checked_boxes(boxes: dict[str, list[Box]], source: Path) -> dict[str, list[Box]]:
+    """``boxes``, or one line naming the first that is not a box: finite, x0 < x1 and y0 < y1,
+    inside [0, 1e6] (NaN, negative or 1e308 corners would score silently)."""
+    for key, items in boxes.items():
+        for x0, y0, x1, y1 in items:
+            coords = np.asarray([x0, y0, x1, y1])
+            if not (np.isfinite(coords).all() and (coords >= 0).all() and (coords <= MAX_COORD).all()
+                    and x0 < x1 and y0 < y1):  # fmt: skip
+                raise ShardError(f"{source}: {key}: ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is not a box")
+    return boxes
 
 
 def record_keys(records: Records) -> list[str]:

@@ -194,6 +194,7 @@ def process_shard(spec: BuildSpec, shard_index: int, items: list[ItemRef]) -> di
                     fields = _sample(spec, source, dec, sal, params, stats)
                     with stats.timer("write"):
                         writer.write_sample(dec.item.key, fields)
+        _refuse_if_the_method_failed_everywhere(stats, writer.nsamples)
         writer.close()
         nsamples = writer.nsamples
 
@@ -213,6 +214,21 @@ def process_shard(spec: BuildSpec, shard_index: int, items: list[ItemRef]) -> di
     }
     write_json(shards_dir / stats_name(shard_index), out)
     return out
+
+
+class MethodFailedError(RuntimeError):
+    """Every image that reached the method failed there for one reason: the method's setting
+    (a broken head, a parameter out of range), not the images, is at fault."""
+
+
+def _refuse_if_the_method_failed_everywhere(stats: ShardStats, nsamples: int) -> None:
+    """Fail the shard (nothing is written, it is not marked done, the build exits non-zero)
+    instead of recording every image as skipped and calling an empty build a success."""
+    failed = [e for e in stats.errors if e["stage"] == "method"]
+    reasons = {(e["reason"], e["detail"]) for e in failed}
+    if nsamples == 0 and failed and len(reasons) == 1:
+        reason, detail = reasons.pop()
+        raise MethodFailedError(f"the method failed on all {len(failed)} images ({reason}: {detail})")
 
 
 def _read_batch(

@@ -54,6 +54,11 @@ BUILD = [
         (["--method", "drfi", "--param", "levels=harl", "--param", "k=-1"], ["k=-1", "> 0"]),
         (["--method", "drfi", "--param", "levels=harl", "--param", "k=0"], ["k=0", "> 0"]),
         (["--method", "drfi", "--param", "levels=harl", "--param", "min_size=0"], ["min_size=0", ">= 1"]),
+        (
+            ["--method", "drfi", "--param", "levels=harl", "--param", "min_size=99999999999999999999999"],
+            ["min_size=", "<= 8.9"],
+        ),  # issue 35: an OverflowError on every image, exit 0
+        (["--method", "drfi", "--param", "levels=harl", "--param", "k=1e300"], ["k=1e+300", "<= 1e+09"]),
         (["--method", "drfi", "--param", "levels=harl", "--param", "sigma=abc"], ["sigma=abc", "number"]),
         (["--method", "center", "--param", "nosuch=1"], ["nosuch", "no such parameter", "sigma"]),
         (["--method", "deep", "--param", "short_side=-5"], ["short_side=-5", ">= 16"]),
@@ -626,3 +631,60 @@ def test_bad_boxes_and_a_split_without_queries_are_refused(tmp_path, capsys):
     rc = sslmask_main(["eval", "retrieval", "--checkpoint", "random", "--arch", "resnet_tiny", "--data", str(tree),
                        "--image-size", "32", "--workers", "0"])  # fmt: skip
     one_line_failure(capsys, rc, str(tree), "two per class")
+
+
+def _broken_head(tmp_path, kind: str) -> Path:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from maskgen.methods.deep.method import DEFAULT_HEAD
+
+    with safe_open(str(DEFAULT_HEAD), "pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    first = sorted(tensors)[0]
+    if kind == "missing":
+        tensors.pop(first)
+    elif kind == "shape":
+        tensors[first] = torch.zeros(3)
+    elif kind == "extra":
+        tensors["extra.weight"] = torch.zeros(3)
+    else:
+        meta[kind] = {"arch": '"resnet9000"', "out_stride": "7", "decoder": '"transformer"'}[kind]
+    path = tmp_path / f"{kind}.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["missing", "shape", "extra", "arch", "out_stride", "decoder"])
+def test_a_bad_head_is_refused_before_the_build(tmp_path, capsys, kind):
+    """Issue 35 item 2: a head with missing, misshapen or extra tensors or bad metadata gave exit 0,
+    "0 images" and a shard marked done."""
+    head = _broken_head(tmp_path, kind)
+    out = tmp_path / "out"
+    rc = maskgen_main([*BUILD, "--method", "deep", "--head", str(head), "--out", str(out)])
+    one_line_failure(capsys, rc, str(head))
+    assert not out.exists()
+
+
+def test_a_method_that_fails_on_every_image_fails_the_build(tmp_path, capsys, monkeypatch):
+    """Issue 35 item 2: a build whose every image failed for one method-level reason exited 0 and
+    marked its shard complete, so a fixed re-run needed --overwrite."""
+    from maskgen.methods.center import CenterPrior
+
+    def broken(self, images):
+        raise RuntimeError("the method is misconfigured")
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(CenterPrior, "predict", broken)
+        rc = maskgen_main([*BUILD, "--method", "center", "--out", str(out)])
+    line = one_line_failure(capsys, rc, "failed on all", "misconfigured")
+    assert "re-run" in line
+    assert (
+        not list((out / "shards").glob("*.tar"))
+        and not json.loads((out / "manifest.json").read_text())["complete"]
+    )
+    assert (
+        maskgen_main([*BUILD, "--method", "center", "--out", str(out)]) == 0
+    )  # fixed: no --overwrite needed
+    assert json.loads((out / "manifest.json").read_text())["complete"]

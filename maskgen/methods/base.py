@@ -60,8 +60,11 @@ class SaliencyMethod(ABC):
         raise NotImplementedError(f"{self.name} decodes no JPEG bytes itself")
 
 
-def param_number(name: str, value: Any, low: float, strict: bool = False, integer: bool = False) -> float:
-    """``value`` as a finite number ``>= low`` (``> low`` when ``strict``), or a ValueError naming ``--param``."""
+def param_number(
+    name: str, value: Any, low: float, strict: bool = False, integer: bool = False, high: float | None = None
+) -> float:
+    """``value`` as a finite number ``>= low`` (``> low`` when ``strict``) and ``<= high``, or a
+    ValueError naming ``--param``."""
     kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"--param {name}={value}: must be {kind}")
@@ -72,4 +75,6 @@ def param_number(name: str, value: Any, low: float, strict: bool = False, intege
         or (strict and value == low)
     ):
         raise ValueError(f"--param {name}={value}: must be {kind} {'>' if strict else '>='} {low:g}")
+    if high is not None and value > high:
+        raise ValueError(f"--param {name}={value}: must be {kind} <= {high:g}")
     return float(value)

@@ -70,7 +70,7 @@ class DeepSaliency(SaliencyMethod):
     ):
         import torch  # here, not at module level: the other methods' workers never import torch
 
-        from maskgen.methods.deep.model import PRECISIONS, HeadFileError, check_head_finite, read_head_meta
+        from maskgen.methods.deep.model import PRECISIONS, HeadFileError, check_head, read_head_meta
 
         if precision not in ("auto", *PRECISIONS):
             raise ValueError(f"--param precision must be auto, fp32 or bf16, got {precision!r}")
@@ -85,7 +85,7 @@ class DeepSaliency(SaliencyMethod):
         self.head_path = Path(head) if head else DEFAULT_HEAD
         try:
             self.meta = read_head_meta(self.head_path)
-            check_head_finite(self.head_path)
+            check_head(self.head_path)
         except HeadFileError as exc:
             raise ValueError(str(exc)) from None
         if short_side is None:

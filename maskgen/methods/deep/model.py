@@ -256,11 +256,30 @@ def _refuse_non_finite(path: str | Path, tensors: Iterable[tuple[str, torch.Tens
             raise HeadFileError(f"{path}: tensor {name} holds NaN or infinite values")
 
 
-def check_head_finite(path: str | Path) -> None:
-    """``_refuse_non_finite`` at plan time, one tensor in memory at a time."""
+def check_head(path: str | Path) -> None:
+    """What ``load_head`` would refuse, at plan time and without building the network's
+    weights: metadata naming an arch / stride / decoder that exists, every tensor's name and
+    shape those declare (the network built on the ``meta`` device, no memory), and finite
+    values (one tensor in memory at a time). A bad head is refused before the build starts,
+    not recorded as a failure on every image."""
     from safetensors import safe_open
 
+    meta = read_head_meta(path)
+    try:
+        with torch.device("meta"):
+            net = SaliencyNet(build_backbone(meta["arch"], meta["out_stride"]), meta["decoder"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise HeadFileError(f"{path}: bad head metadata ({exc})") from None
+    want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     with safe_open(str(path), framework="pt", device="cpu") as f:
+        have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+        wrong = [k for k in sorted(set(want) & set(have)) if want[k] != have[k]]
+        if missing or extra or wrong:
+            detail = (f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra
+                      else f"{wrong[0]} is {have[wrong[0]]}, not {want[wrong[0]]}")  # fmt: skip
+            raise HeadFileError(f"{path}: tensors do not fit {meta['arch']} with the {meta['decoder']} decoder "
+                                f"({detail})")  # fmt: skip
         _refuse_non_finite(path, ((name, f.get_tensor(name)) for name in f.keys()))  # noqa: SIM118
 
 

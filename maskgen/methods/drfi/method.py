@@ -13,6 +13,7 @@ from maskgen.methods.drfi.features import PixelFeatures, RegionStats, pixel_feat
 from maskgen.methods.drfi.refine import LevelGraph
 from maskgen.methods.drfi.scoring import CueScorer, ForestScorer, HeuristicScorer, minmax
 from maskgen.methods.drfi.segment import LEVEL_SETS, resolve_backend, segment
+from maskio.shard_format import MAX_PIXELS
 
 # Shipped forests, by the name ``--param model=`` takes: ``default`` was fitted with ground truth
 # (docs/drfi.md says on what), ``unsupervised`` without any human label (pseudo labels on the
@@ -106,10 +107,13 @@ class DRFI(SaliencyMethod):
                     "drfi: sigma/k/min_size override the single HARL level only (add levels=harl)"
                 )
             s0, k0, m0 = self.levels[0]
-            sigma = s0 if sigma is None else param_number("sigma", sigma, low=0.0)
-            k = k0 if k is None else param_number("k", k, low=0.0, strict=True)
+            # upper bounds: past them the segmentation is one region (or a C integer overflows)
+            sigma = s0 if sigma is None else param_number("sigma", sigma, low=0.0, high=1e3)
+            k = k0 if k is None else param_number("k", k, low=0.0, strict=True, high=1e9)
             min_size = (
-                m0 if min_size is None else int(param_number("min_size", min_size, low=1.0, integer=True))
+                m0
+                if min_size is None
+                else int(param_number("min_size", min_size, low=1.0, integer=True, high=MAX_PIXELS))
             )
             self.levels = [(float(sigma), float(k), min_size)]
         self.scorer_name = scorer

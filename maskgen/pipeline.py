@@ -35,6 +35,7 @@ from maskgen.report import aggregate, describe_runtime, gpu_fallback_shards, thr
 from maskgen.sources import ItemRef, Source, SourceError, make_source
 from maskgen.worker import BuildSpec
 from maskio.atomic import remove_stale_temps, write_json
+from maskio.buildlock import LOCK
 from maskio.shard_format import (
     ERRORS,
     INDEX,
@@ -47,7 +48,6 @@ from maskio.shard_format import (
 )
 
 MANIFEST_FORMAT = "maskgen-build-v1"
-LOCK = ".lock"  # held by the build writing OUT
 OUTPUT_NAMES = (MANIFEST, INDEX, REPORT_JSON, REPORT_HTML, ERRORS)
 
 
@@ -313,10 +313,11 @@ def build_lock(out: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise BuildError(f"--out {out}: another maskgen build (pid {holder}) is writing here; "
-                             "wait for it to finish, then re-run to resume") from None  # fmt: skip
+            raise BuildError(f"--out {out}: in use by another maskgen build (pid {holder}) or by an sslmask "
+                             "run or evaluation reading it; wait for it to finish, then re-run to resume"
+                             ) from None  # fmt: skip
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # read by whoever is refused the lock
         yield
     finally:
         os.close(fd)  # releases the lock

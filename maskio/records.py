@@ -26,6 +26,7 @@ from maskio.shard_format import (
     FIELD_IMAGE,
     FIELD_MASK,
     FIELD_META,
+    MANIFEST,
     SHARDS_DIR,
     decode_class,
     decode_meta,
@@ -54,6 +55,7 @@ def resolve_shards(specs: Sequence[str]) -> list[str]:
             found = [str(p) for p in shard_paths(build_dir)]
             if not found:
                 raise ShardError(f"{spec}: no complete maskgen shards in this folder")
+            _refuse_incomplete(spec, build_dir, len(found))
             urls.extend(found)
             continue
         expanded = []
@@ -67,6 +69,19 @@ def resolve_shards(specs: Sequence[str]) -> list[str]:
     if not urls:
         raise ShardError("no shards given")
     return urls
+
+
+def _refuse_incomplete(spec: str, build_dir: Path, n_found: int) -> None:
+    """A build folder whose manifest says the build has not finished (still running, killed,
+    or with failed shards) is not read as if it were the whole set; its shard files can be."""
+    try:
+        manifest = json.loads((build_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return  # shards without a readable manifest: a folder of shards, taken as it is
+    if isinstance(manifest, dict) and manifest.get("complete") is False:
+        total = manifest.get("n_shards", "?")
+        raise ShardError(f"{spec}: the build is not complete ({n_found} of {total} shards); re-run maskgen "
+                         f"build to finish it, or name its shards ({build_dir}/shards/*.tar) to read those")  # fmt: skip
 
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")

@@ -142,6 +142,22 @@ def _eval_options(fn):
     ])  # fmt: skip
 
 
+def _reads_builds(fn):
+    """Hold the builds an evaluation reads (``--train``, ``--val``, ``--data``) against a
+    rebuild for as long as it runs; refused in one line while a build is writing one."""
+    import functools
+
+    from maskio.buildlock import reading_builds
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs):
+        specs = [*kwargs.get("train_spec", ()), *kwargs.get("val_spec", ()), *kwargs.get("data_spec", ())]
+        with reading_builds(specs):
+            return fn(**kwargs)
+
+    return wrapper
+
+
 def _emit(result: dict, out_file: str | None) -> None:
     text = json.dumps(result, indent=2)
     if out_file:
@@ -158,6 +174,7 @@ def eval_group() -> None:
 
 
 @eval_group.command()
+@_reads_builds
 @_eval_options
 @click.option("--k", "ks", multiple=True, type=click.IntRange(min=1), default=(10, 20, 30), show_default=True)
 @click.option("--temperature", type=Finite(min=0, min_open=True), default=0.07, show_default=True)
@@ -175,6 +192,7 @@ def knn(
 
 
 @eval_group.command()
+@_reads_builds
 @_eval_options
 @click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--lr", type=Finite(min=0, min_open=True), default=0.1, show_default=True)
@@ -192,6 +210,7 @@ def linear(
 
 
 @eval_group.command()
+@_reads_builds
 @_backbone_options
 @click.option(
     "--data", "data_spec", required=True, multiple=True, help="One labelled split: shards or class folders."
@@ -216,6 +235,7 @@ def retrieval(checkpoint, arch, branch, data_spec, kind, image_size, batch_size,
 
 
 @eval_group.command()
+@_reads_builds
 @_eval_options
 @click.option(
     "--ratios",
@@ -266,6 +286,7 @@ def occlusion(checkpoint, arch, branch, train_spec, val_spec, image_size, batch_
 
 
 @eval_group.command()
+@_reads_builds
 @_backbone_options
 @click.option(
     "--train", "train_spec", multiple=True, help="Labelled shards or class folders for the probe (CAM)."

@@ -20,6 +20,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from maskio.buildlock import reading_builds
 from maskio.records import Records, index_cached
 from sslmask import distributed as D
 from sslmask.backbones import normalize
@@ -417,8 +418,13 @@ def run_epoch(loop: Loop, dataset: ViewsDataset, epoch: int, log: RunLog, steps:
 
 
 def train(shards: list[str], cfg: dict[str, Any], run: str | Path, resume: bool = False) -> Path:
-    """Train ``cfg["method"]`` on ``shards`` into the folder ``run``; returns the checkpoint path."""
-    run = Path(run)
+    """Train ``cfg["method"]`` on ``shards`` into the folder ``run``; returns the checkpoint path.
+    The builds it reads stay locked against a rebuild while it runs (``maskio.buildlock``)."""
+    with reading_builds(shards):
+        return _train(shards, cfg, Path(run), resume)
+
+
+def _train(shards: list[str], cfg: dict[str, Any], run: Path, resume: bool) -> Path:
     info = D.init_distributed()
     check_config(cfg, info)
     _set_determinism(cfg, info)

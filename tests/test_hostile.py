@@ -688,3 +688,38 @@ def test_a_method_that_fails_on_every_image_fails_the_build(tmp_path, capsys, mo
         maskgen_main([*BUILD, "--method", "center", "--out", str(out)]) == 0
     )  # fixed: no --overwrite needed
     assert json.loads((out / "manifest.json").read_text())["complete"]
+
+
+def test_readers_and_a_rebuild_never_overlap(tmp_path, capsys, sample_build):
+    """Issue 35 item 5: train/eval started on a build still being written, and build --overwrite
+    deleted the shards under a live trainer. Readers share OUT/.lock; the build holds it alone."""
+    from maskgen.pipeline import build_lock
+    from maskio.buildlock import reading_builds
+
+    build = tmp_path / "b"
+    shutil.copytree(sample_build, build)
+    knn = ["eval", "knn", "--checkpoint", "random", "--arch", "resnet_tiny", "--train", str(build), "--val",
+           str(build), "--image-size", "32", "--workers", "0"]  # fmt: skip
+    with build_lock(build):  # a build is writing it
+        one_line_failure(capsys, sslmask_main(knn), str(build), "is writing it")
+        one_line_failure(capsys, sslmask_main(["train", str(build), "--method", "byol", "--out",
+                                               str(tmp_path / "run")]), "is writing it")  # fmt: skip
+    assert sslmask_main(knn) == 0
+    capsys.readouterr()
+    before = sorted(p.name for p in (build / "shards").iterdir())
+    with reading_builds([str(build)]):  # a trainer is reading it
+        rc = maskgen_main(["build", "--source", "sample", "--sample-size", "30", "--method", "center", "--out",
+                           str(build), "--overwrite", "--executor", "local", "--no-progress"])  # fmt: skip
+        one_line_failure(capsys, rc, str(build), "reading it")
+    assert sorted(p.name for p in (build / "shards").iterdir()) == before
+
+
+def test_an_incomplete_build_is_not_read_as_a_whole(tmp_path, capsys, sample_build):
+    build = tmp_path / "b"
+    shutil.copytree(sample_build, build)
+    manifest = json.loads((build / "manifest.json").read_text())
+    (build / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    one_line_failure(
+        capsys, sslmask_main(["inspect", str(build)]), str(build), "not complete", "shards/*.tar"
+    )
+    assert sslmask_main(["inspect", str(build / "shards" / "*.tar")]) == 0  # its shards, named, are read

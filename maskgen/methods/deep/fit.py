@@ -37,6 +37,7 @@ from maskgen.methods.deep.crops import TeacherCrops
 from maskgen.methods.deep.model import SaliencyNet, predict_maps, save_head
 from maskgen.metrics import iou
 from maskgen.postprocess import PostprocessConfig, binarize
+from maskio.buildlock import reading_builds
 from maskio.records import Records, index_shards
 from maskio.shard_format import FIELD_META, MANIFEST, decode_meta, in_sample, index_tar
 from sslmask.backbones import normalize
@@ -258,7 +259,13 @@ def train_epoch(
 def fit_head(
     cfg: FitConfig, echo: Callable[[str], None] = lambda m: print(m, file=sys.stderr)
 ) -> dict[str, Any]:
-    """Train a head on the masks of ``cfg.shards``; the head file is rewritten every epoch."""
+    """Train a head on the masks of ``cfg.shards``; the head file is rewritten every epoch.
+    The builds it reads stay locked against a rebuild while it runs (``maskio.buildlock``)."""
+    with reading_builds(list(cfg.shards)):
+        return _fit_head(cfg, echo)
+
+
+def _fit_head(cfg: FitConfig, echo: Callable[[str], None]) -> dict[str, Any]:
     cfg.check()
     torch.manual_seed(cfg.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -312,10 +312,14 @@ def build_lock(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise BuildError(f"--out {out}: in use by another maskgen build (pid {holder}) or by an sslmask "
-                             "run or evaluation reading it; wait for it to finish, then re-run to resume"
-                             ) from None  # fmt: skip
+            try:  # readers share the lock, a build holds it alone: which one is it?
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                raise BuildError(f"--out {out}: another maskgen build (pid {holder}) is writing here; "
+                                 "wait for it to finish, then re-run to resume") from None  # fmt: skip
+            raise BuildError(f"--out {out}: an sslmask run or evaluation is reading it; "
+                             "wait for it to finish") from None  # fmt: skip
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # read by whoever is refused the lock
         yield

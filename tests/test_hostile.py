@@ -92,7 +92,7 @@ def test_deep_fit_refuses_zero(tmp_path, capsys, sample_build, option):
     ("setting", "needle"),
     [
         ("data.batch_size=0", "data.batch_size=0: must be >= 1"),
-        ("data.image_size=0", "data.image_size=0: must be >= 16"),
+        ("data.image_size=0", "data.image_size=0: must be in [16, 4096]"),
         ("train.epochs=0", "train.epochs=0: must be >= 1"),
         ("train.epochs=-1", "train.epochs=-1"),
         ("optim.lr=nan", "optim.lr=nan"),

@@ -36,6 +36,11 @@ class HubState:
         self.headers_seen: list[str] = []
         self.validated: list[dict[str, Any]] = []
         self.echo_token = False  # a hostile Hub: whoami's user name is the Authorization header
+        # hostile modes (issue 35): "zero_width" (whoami's name is the token with a zero-width
+        # space inside), "whoami_list" (whoami answers a JSON list), "repo_url" (create_repo's
+        # URL is not a Hub URL and holds the token), "warning" (every answer carries an
+        # X-HF-Warning header with the token, which huggingface_hub logs itself)
+        self.hostile: str | None = None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -48,6 +53,8 @@ class Handler(BaseHTTPRequestHandler):
     def _send(self, status: int, body: Any = None) -> None:
         data = json.dumps(body if body is not None else {}).encode()
         self.send_response(status)
+        if self.state.hostile == "warning":
+            self.send_header("X-HF-Warning", f"leak; your token is {TOKEN}")
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -64,7 +71,11 @@ class Handler(BaseHTTPRequestHandler):
         if not self._authorized():
             return self._send(401, {"error": "Invalid credentials in Authorization header"})
         if self.path == "/api/whoami-v2":
+            if self.state.hostile == "whoami_list":
+                return self._send(200, ["tester", TOKEN])
             name = f"user-{self.headers.get('Authorization')}" if self.state.echo_token else "tester"
+            if self.state.hostile == "zero_width":
+                name = f"user-{TOKEN[:5]}\u200b{TOKEN[5:]}"
             return self._send(200, {"type": "user", "name": name, "auth": {"accessToken": {"role": "write"}}})
         m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/revision/([^?]+)(\?.*)?", self.path)
         if m and m.group(1) in self.state.repos:
@@ -160,6 +171,8 @@ class Handler(BaseHTTPRequestHandler):
                     "branches": {"main": {}},
                     "head": "0" * 40,
                 }
+            if st.hostile == "repo_url":
+                return self._send(200, {"url": f"weird://{TOKEN}/{repo_id}", "name": repo_id})
             return self._send(200, {"url": f"{self.base}/datasets/{repo_id}", "name": repo_id})
         m = re.fullmatch(r"/datasets/([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)
         if m:

@@ -9,8 +9,12 @@ login cache); it is passed only in request headers and never printed, logged or 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
+import logging
+import unicodedata
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from maskgen.pipeline import BuildError
@@ -37,9 +41,39 @@ def network_errors() -> tuple[type[BaseException], ...]:
 
 
 def scrubber(token: str | None) -> Callable[[str], str]:
-    """Replaces the token in any text that is printed: a hostile endpoint may echo it back,
-    in an error or in whoami's user name."""
-    return (lambda text: text.replace(token, "***")) if token else (lambda text: text)
+    """Replaces the token in any text that is printed: a hostile endpoint may echo it back, in
+    an error, a warning header or whoami's user name. The text is normalised first (NFKC, and
+    invisible format characters such as zero-width spaces removed), so a token with one of
+    those inside is still found."""
+    if not token:
+        return lambda text: text
+
+    def scrub(text: str) -> str:
+        text = "".join(c for c in unicodedata.normalize("NFKC", str(text)) if unicodedata.category(c) != "Cf")
+        return text.replace(token, "***")
+
+    return scrub
+
+
+@contextlib.contextmanager
+def scrubbed_hub_output(say: Callable[[str], None]) -> Iterator[None]:
+    """While the block runs, whatever ``huggingface_hub`` would write itself (its logging, e.g.
+    the server's ``X-HF-Warning`` headers, and Python warnings) goes through ``say``, which
+    scrubs the token, instead of straight to stderr."""
+
+    class Echo(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            say(f"huggingface_hub: {record.getMessage()}")
+
+    lib = logging.getLogger("huggingface_hub")
+    saved = lib.handlers[:], lib.propagate
+    lib.handlers, lib.propagate = [Echo()], False
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = lambda message, *args, **kwargs: say(f"warning: {message}")
+            yield
+    finally:
+        lib.handlers, lib.propagate = saved
 
 
 def _hub_error(exc: BaseException, what: str, scrub: Callable[[str], str]) -> BuildError:
@@ -65,8 +99,7 @@ def upload(
     files_per_commit: int = 50,
     echo: Callable[[str], None] = print,
 ) -> UploadResult:
-    from huggingface_hub import CommitOperationAdd, HfApi, get_token
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub import HfApi, get_token
     from huggingface_hub.utils import disable_progress_bars
 
     disable_progress_bars()  # per-commit lines below instead; bars would bury a one-line error
@@ -76,8 +109,24 @@ def upload(
         raise BuildError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
     scrub = scrubber(token)
     say = lambda text: echo(scrub(text))  # noqa: E731 -- nothing printed below bypasses the scrub
-    offline = network_errors()
-    api = HfApi(endpoint=endpoint, token=token)
+    with scrubbed_hub_output(say):
+        api = HfApi(endpoint=endpoint, token=token)
+        user = _whoami(api, scrub)
+        say(f"maskgen: publishing to {repo} as {user.get('name', '?')}")
+        try:
+            url = str(api.create_repo(repo, repo_type="dataset", private=private, exist_ok=True))
+            if revision and revision != "main":
+                api.create_branch(repo, repo_type="dataset", branch=revision, exist_ok=True)
+            commits = _commit_batches(api, staged, repo, revision, files_per_commit, say)
+        except Exception as exc:  # any failure of the client (HTTP, network, a malformed answer): one line
+            raise _hub_error(exc, f"uploading to {repo}", scrub) from None
+    return UploadResult(scrub(url), commits, len(staged.files))
+
+
+def _whoami(api, scrub: Callable[[str], str]) -> dict:
+    """Check the token; one line (scrubbed) for a refusal, a failure or a malformed answer."""
+    from huggingface_hub.errors import HfHubHTTPError
+
     try:
         user = api.whoami()
     except HfHubHTTPError as exc:
@@ -87,29 +136,27 @@ def upload(
                 scrub(f"the Hugging Face token was refused by {api.endpoint} (HTTP {status})")
             ) from None
         raise _hub_error(exc, "checking the token", scrub) from None
-    except offline as exc:
+    except network_errors() as exc:
         raise _hub_error(exc, f"reaching {api.endpoint}", scrub) from None
-    say(f"maskgen: publishing to {repo} as {user.get('name', '?')}")
-    try:
-        url = str(api.create_repo(repo, repo_type="dataset", private=private, exist_ok=True))
-        if revision and revision != "main":
-            api.create_branch(repo, repo_type="dataset", branch=revision, exist_ok=True)
-        files = staged.files
-        commits = 0
-        for start in range(0, len(files), files_per_commit):
-            batch = files[start : start + files_per_commit]
-            ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(staged.folder / f)) for f in batch]
-            api.create_commit(
-                repo,
-                ops,
-                repo_type="dataset",
-                revision=revision,
-                commit_message=f"maskgen publish: files {start + 1}-{start + len(batch)} of {len(files)}",
-            )
-            commits += 1
-            say(f"maskgen: {start + len(batch)}/{len(files)} files on the Hub")
-    except (HfHubHTTPError, RuntimeError) as exc:
-        raise _hub_error(exc, f"uploading to {repo}", scrub) from None
-    except offline as exc:
-        raise _hub_error(exc, f"uploading to {repo}", scrub) from None
-    return UploadResult(scrub(url), commits, len(files))
+    except Exception as exc:  # a malformed answer the client could not parse
+        raise _hub_error(exc, "checking the token", scrub) from None
+    if not isinstance(user, dict):
+        raise BuildError(f"checking the token failed: {api.endpoint} answered with a {type(user).__name__}, "
+                         "not a user")  # fmt: skip
+    return user
+
+
+def _commit_batches(api, staged: Staged, repo: str, revision: str | None, per_commit: int, say) -> int:
+    """Commit ``staged`` in batches of ``per_commit`` files; the number of commits made."""
+    from huggingface_hub import CommitOperationAdd
+
+    files = staged.files
+    commits = 0
+    for start in range(0, len(files), per_commit):
+        batch = files[start : start + per_commit]
+        ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(staged.folder / f)) for f in batch]
+        api.create_commit(repo, ops, repo_type="dataset", revision=revision,
+                          commit_message=f"maskgen publish: files {start + 1}-{start + len(batch)} of {len(files)}")  # fmt: skip
+        commits += 1
+        say(f"maskgen: {start + len(batch)}/{len(files)} files on the Hub")
+    return commits

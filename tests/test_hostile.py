@@ -723,3 +723,15 @@ def test_an_incomplete_build_is_not_read_as_a_whole(tmp_path, capsys, sample_bui
         capsys, sslmask_main(["inspect", str(build)]), str(build), "not complete", "shards/*.tar"
     )
     assert sslmask_main(["inspect", str(build / "shards" / "*.tar")]) == 0  # its shards, named, are read
+
+
+def test_a_ground_truth_mask_of_another_size_is_refused(tmp_path, capsys):
+    """Issue 35 item 8: a 5x5 ground-truth mask was scaled as if it were its 40x40 image's."""
+    tree = _class_tree(tmp_path / "val", {"a": 30})
+    gt = tmp_path / "gt" / "a"
+    gt.mkdir(parents=True)
+    Image.fromarray(np.full((5, 5), 255, np.uint8)).save(gt / "0.png")
+    Image.fromarray(np.full((40, 40), 255, np.uint8)).save(gt / "1.png")
+    rc = sslmask_main(["eval", "localization", "--checkpoint", "random", "--arch", "resnet_tiny", "--val", str(tree),
+                       "--gt-masks", str(tmp_path / "gt"), "--agnostic", "--workers", "0", "--image-size", "32"])  # fmt: skip
+    one_line_failure(capsys, rc, "5x5", "40x40")

@@ -88,6 +88,15 @@ def boxes_from_loc_csv(path: Path) -> dict[str, list[Box]]:
     return out
 
 
+class MaskBoxes(list):
+    """The boxes of one ground-truth mask, with the mask's own ``(width, height)``: the image
+    they are matched to must have that size, or the boxes would be scaled as someone else's."""
+
+    def __init__(self, boxes: list[Box], frame: tuple[int, int]):
+        super().__init__(boxes)
+        self.frame = frame
+
+
 def boxes_from_masks(folder: Path) -> dict[str, list[Box]]:
     """The tight box of each connected component of each ground-truth mask (> 127)."""
     out: dict[str, list[Box]] = {}
@@ -99,10 +108,9 @@ def boxes_from_masks(folder: Path) -> dict[str, list[Box]]:
             except ShardFormatError as exc:
                 raise ShardError(str(exc)) from None
             labels, _ = ndimage.label(fg)
-            out[path_key(str(path.relative_to(folder)))] = [
-                (float(sx.start), float(sy.start), float(sx.stop), float(sy.stop))
-                for sy, sx in ndimage.find_objects(labels)
-            ]
+            boxes = [(float(sx.start), float(sy.start), float(sx.stop), float(sy.stop))
+                     for sy, sx in ndimage.find_objects(labels)]  # fmt: skip
+            out[path_key(str(path.relative_to(folder)))] = MaskBoxes(boxes, (fg.shape[1], fg.shape[0]))
     return out
 
 
@@ -250,7 +258,13 @@ def localization_eval(backbone, val: Records, boxes: list[list[Box] | None], pro
                 F.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)
             )
         for row in range(len(x)):
-            gt = scale_boxes(boxes[indices[seen + row]], tuple(sources[row].tolist()), size)
+            source = tuple(sources[row].tolist())
+            frame = getattr(boxes[indices[seen + row]], "frame", source)
+            if frame != source:
+                name = val.names[indices[seen + row]] if val.names else indices[seen + row]
+                raise ShardError(f"{name}: its ground-truth mask is {frame[0]}x{frame[1]}, "
+                                 f"the image {source[0]}x{source[1]}")  # fmt: skip
+            gt = scale_boxes(boxes[indices[seen + row]], source, size)
             pred = box_from_heatmap(heat[row, 0].cpu().numpy(), options["threshold"])
             located = max(iou(pred, b) for b in gt) >= options["iou"]
             hits["gt_known"] += int(located)

@@ -37,6 +37,19 @@ from maskio.shard_format import (
 )
 
 
+def check_same_size(mask: np.ndarray, soft: np.ndarray, meta: dict[str, Any]) -> None:
+    """The mask, its saliency map and the image the json describes share one size (a mask of
+    another size would be scored against a resized ground truth, some metrics as NaN)."""
+    image = (meta.get("height"), meta.get("width"))
+    if None not in image and mask.shape != image:
+        raise ShardFormatError(
+            f"{FIELD_MASK}: {mask.shape[1]}x{mask.shape[0]}, its image {image[1]}x{image[0]}"
+        )
+    if soft.shape != mask.shape:
+        raise ShardFormatError(f"{FIELD_SALIENCY}: {soft.shape[1]}x{soft.shape[0]}, its mask "
+                               f"{mask.shape[1]}x{mask.shape[0]}")  # fmt: skip
+
+
 def evaluate_build(out: str | os.PathLike, gt_dir: str | None = None) -> dict[str, Any]:
     out = Path(out)
     manifest_path = out / MANIFEST
@@ -73,6 +86,7 @@ def evaluate_build(out: str | os.PathLike, gt_dir: str | None = None) -> dict[st
                 mask = decode_mask_png(fields[FIELD_MASK])
                 has_sal = FIELD_SALIENCY in fields
                 soft = decode_gray_png(fields[FIELD_SALIENCY]) if has_sal else mask.astype(np.uint8) * 255
+                check_same_size(mask, soft, meta)
             used_saliency = has_sal if used_saliency is None else used_saliency and has_sal
             push_extremes(shard_best, shard_worst, sums.add(mask, soft, fit_to_shape(gt, mask.shape)), key)
         kept = shard_best + [(-v, k) for v, k in shard_worst]

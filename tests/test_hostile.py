@@ -735,3 +735,18 @@ def test_a_ground_truth_mask_of_another_size_is_refused(tmp_path, capsys):
     rc = sslmask_main(["eval", "localization", "--checkpoint", "random", "--arch", "resnet_tiny", "--val", str(tree),
                        "--gt-masks", str(tmp_path / "gt"), "--agnostic", "--workers", "0", "--image-size", "32"])  # fmt: skip
     one_line_failure(capsys, rc, "5x5", "40x40")
+
+
+def test_maskgen_eval_refuses_a_mask_of_another_size(tmp_path, capsys, sample_build):
+    """Issue 35 item 8: a mask of another size than its image gave numpy warnings and an
+    S-measure of NaN in maskgen eval."""
+    build = tmp_path / "b"
+    shutil.copytree(sample_build, build)
+    shard = build / "shards" / "maskgen-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    first = next(i for i, (n, _) in enumerate(members) if n.endswith(".mask.png"))
+    members[first] = (members[first][0], png_bytes(Image.new("L", (5, 5), 255)))
+    shard.write_bytes(shard_bytes(members))
+    line = one_line_failure(capsys, maskgen_main(["eval", str(build)]), str(shard), "5x5", "its image")
+    assert "Warning" not in capsys.readouterr().err + line

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,9 @@ def load_file(path: str | Path) -> Any:
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{path}: not a loadable safetensors file ({exc})") from exc
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's pickle-protocol warning would precede the one line
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path}: no such checkpoint") from exc
     except Exception as exc:  # unpickling refused, truncated file, not a torch file

@@ -750,3 +750,13 @@ def test_maskgen_eval_refuses_a_mask_of_another_size(tmp_path, capsys, sample_bu
     shard.write_bytes(shard_bytes(members))
     line = one_line_failure(capsys, maskgen_main(["eval", str(build)]), str(shard), "5x5", "its image")
     assert "Warning" not in capsys.readouterr().err + line
+
+
+def test_a_plain_pickle_is_refused_in_exactly_one_line(tmp_path, capsys):
+    """Issue 35 item 8: torch printed a two-line pickle-protocol warning before the refusal."""
+    import pickle
+
+    path = tmp_path / "plain.pkl"
+    path.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    one_line_failure(capsys, sslmask_main(["export", str(path), "--out", str(tmp_path / "x.pt")]),
+                     "plain.pkl", "not a loadable checkpoint")  # fmt: skip

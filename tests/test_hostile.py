@@ -760,3 +760,18 @@ def test_a_plain_pickle_is_refused_in_exactly_one_line(tmp_path, capsys):
     path.write_bytes(pickle.dumps({"a": 1}, protocol=4))
     one_line_failure(capsys, sslmask_main(["export", str(path), "--out", str(tmp_path / "x.pt")]),
                      "plain.pkl", "not a loadable checkpoint")  # fmt: skip
+
+
+def test_a_checkpoint_whose_config_lacks_model_is_one_line(tmp_path, capsys, sample_build):
+    """Issue 35 item 6: a run checkpoint whose config has no model section (KeyError traceback)."""
+    from sslmask.checkpoint import save_atomic
+    from sslmask.config import load_config
+    from sslmask.methods import build_method
+
+    cfg = load_config("byol", "cpu-demo")
+    state = build_method(cfg).state_dict()
+    save_atomic({"method": state, "step": 1, "config": {k: v for k, v in cfg.items() if k != "model"}},
+                tmp_path / "ckpt.pt")  # fmt: skip
+    rc = sslmask_main(["eval", "knn", "--checkpoint", str(tmp_path / "ckpt.pt"), "--train", str(sample_build),
+                       "--val", str(sample_build), "--workers", "0", "--image-size", "32"])  # fmt: skip
+    one_line_failure(capsys, rc, "ckpt.pt", "no model section")

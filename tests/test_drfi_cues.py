@@ -137,7 +137,7 @@ def test_cues_separate_an_object_from_the_background_even_on_the_edge(touching):
     blocks = np.kron(np.arange(48).reshape(6, 8), np.ones((16, 16), np.int64))
     labels = np.unique(blocks * 2 + gt, return_inverse=True)[1].reshape(gt.shape)  # consecutive ids
     _, stats = region_features(pixel_features(img), labels)
-    c = stats.cues()
+    c = cues.region_cues(stats)
     obj = np.bincount(labels.ravel(), gt.ravel()) > 0
     i = {name: k for k, name in enumerate(cues.CUE_NAMES)}
     # the object: weakly connected to the edge, strong contrast to the background, ranked first
@@ -159,7 +159,7 @@ def test_descriptor_with_cues_and_forest_width(tmp_path):
     labels = np.kron(np.arange(12).reshape(3, 4), np.ones((32, 32), np.int64))
     feats, stats = describe_level(pixel_features(img), labels, cues=True)
     assert feats.shape == (12, FEATURE_SETS["drfi+cues"])
-    np.testing.assert_array_equal(feats[:, 93:], stats.cues().astype(np.float32))
+    np.testing.assert_array_equal(feats[:, 93:], cues.region_cues(stats).astype(np.float32))
     np.testing.assert_array_equal(feats[:, :93], region_features(pixel_features(img), labels)[0])
 
     from sklearn.ensemble import RandomForestRegressor

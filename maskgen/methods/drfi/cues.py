@@ -38,8 +38,7 @@ from scipy import sparse
 from scipy.sparse.csgraph import dijkstra
 from scipy.sparse.linalg import spsolve
 
-from maskgen.methods.drfi.features import CUE_NAMES
-from maskgen.methods.drfi.scoring import minmax
+from maskgen.methods.drfi.features import CUE_NAMES, RegionStats, minmax
 
 SIGMA_COLOR = 10.0  # RBD: geodesic and smoothness colour scale, CIE Lab units
 SIGMA_SPATIAL = 0.25  # RBD: spatial weight of the contrast, image-normalised coordinates
@@ -147,3 +146,10 @@ def background_cues(
     rbd = optimise(w_ctr, w_bg, lab, adjacency)
     mr_bg, mr = manifold_ranking(ranking_affinity(lab, adjacency, on_edge), sides)
     return np.stack([bndcon, w_bg, w_ctr, rbd, mr_bg, mr], axis=1)
+
+
+def region_cues(stats: RegionStats) -> np.ndarray:
+    """R x 6 background cues of one level's regions (``CUE_NAMES``)."""
+    return background_cues(
+        stats.lab, stats.centroid, stats.area, stats.edge_pixels, stats.sides, stats.adjacency
+    )

@@ -207,6 +207,12 @@ def chi2_pairwise(h: np.ndarray, g: np.ndarray, chunk: int = 64) -> np.ndarray:
     return out
 
 
+def minmax(x: np.ndarray) -> np.ndarray:
+    """Scale to [0, 1]; a constant vector becomes zeros (no foreground evidence)."""
+    lo, hi = float(x.min()), float(x.max())
+    return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+
+
 @dataclass
 class RegionStats:
     """Per-level region statistics shared by the descriptor and the scorers."""
@@ -218,14 +224,6 @@ class RegionStats:
     lab: np.ndarray  # R x 3: mean CIE Lab (L 0-100, a and b about -110..110)
     edge_pixels: np.ndarray  # R: pixels on the image edge
     sides: np.ndarray  # R x 4 bool: touches the top, bottom, left, right edge
-
-    def cues(self) -> np.ndarray:
-        """R x 6 background cues (boundary connectivity, manifold ranking; ``CUE_NAMES``)."""
-        from maskgen.methods.drfi.cues import background_cues  # cues builds on this module
-
-        return background_cues(
-            self.lab, self.centroid, self.area, self.edge_pixels, self.sides, self.adjacency
-        )
 
 
 def _outline_counts(lab2d: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 
 from maskgen.methods.base import Resources, SaliencyMethod, param_number
-from maskgen.methods.drfi.features import PixelFeatures, RegionStats, pixel_features, region_features
+from maskgen.methods.drfi.cues import region_cues
+from maskgen.methods.drfi.features import PixelFeatures, RegionStats, minmax, pixel_features, region_features
 from maskgen.methods.drfi.refine import LevelGraph
-from maskgen.methods.drfi.scoring import CueScorer, ForestScorer, HeuristicScorer, minmax
+from maskgen.methods.drfi.scoring import CueScorer, ForestScorer, HeuristicScorer
 from maskgen.methods.drfi.segment import LEVEL_SETS, resolve_backend, segment
 from maskio.shard_format import MAX_PIXELS
 
@@ -77,7 +78,7 @@ def describe_level(pix: PixelFeatures, labels: np.ndarray, cues: bool) -> tuple[
     """One level's region descriptors: DRFI's 93, plus the 6 background cues when ``cues``."""
     feats, stats = region_features(pix, labels)
     if cues:
-        feats = np.concatenate([feats, stats.cues().astype(np.float32)], axis=1)
+        feats = np.concatenate([feats, region_cues(stats).astype(np.float32)], axis=1)
     return feats, stats
 
 

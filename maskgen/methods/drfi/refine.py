@@ -37,8 +37,14 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse.linalg import spsolve
 
-from maskgen.methods.drfi.features import PixelFeatures, RegionStats, adjacency, blurred_rgb, normalised_lab
-from maskgen.methods.drfi.scoring import minmax
+from maskgen.methods.drfi.features import (
+    PixelFeatures,
+    RegionStats,
+    adjacency,
+    blurred_rgb,
+    minmax,
+    normalised_lab,
+)
 from maskgen.methods.drfi.segment import MULTI_LEVELS, segment
 
 SIGMA_COLOR = 0.03  # on DRFI's normalised Lab (L / 100, a / 220 + 0.5, b / 220 + 0.5)

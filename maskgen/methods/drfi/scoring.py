@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from maskgen.methods.drfi.features import BACKGROUND, CONTRAST, CUE_NAMES, N_FEATURES, RegionStats
+from maskgen.methods.drfi.features import BACKGROUND, CONTRAST, CUE_NAMES, N_FEATURES, RegionStats, minmax
 
 N_CUES = len(CUE_NAMES)
 FEATURE_SETS = {"drfi": N_FEATURES, "drfi+cues": N_FEATURES + N_CUES}  # name -> descriptor width
@@ -41,12 +41,6 @@ class ModelError(Exception):
 def _zscore(x: np.ndarray) -> np.ndarray:
     sd = x.std(axis=0)
     return np.divide(x - x.mean(axis=0), sd, out=np.zeros_like(x), where=sd > 1e-12)
-
-
-def minmax(x: np.ndarray) -> np.ndarray:
-    """Scale to [0, 1]; a constant vector becomes zeros (no foreground evidence)."""
-    lo, hi = float(x.min()), float(x.max())
-    return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
 
 
 class HeuristicScorer:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from sslmask.backbones import Backbone
+from sslmask.momentum import MomentumPairs, ema_rate
 from sslmask.optim import param_groups
 from sslmask.transforms import ViewSpec, byol_views
 
@@ -95,3 +96,19 @@ class SSLMethod(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+
+class MomentumMethod(SSLMethod):
+    """A method with momentum (EMA) encoders: ``self.ema`` pairs each online module with its
+    copy, and every optimiser step moves the copies at ``ema.tau_base``, constant or rising
+    by cosine to 1 (``ema.schedule``), as BYOL, DINO and MoCo do (solo-learn's
+    BaseMomentumMethod). A subclass adds what else follows the step (DINO's centre, MoCo v2's
+    enqueue) after calling this."""
+
+    ema: MomentumPairs
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
+        tau = ema_rate(self.cfg, step, total_steps)
+        self.ema.update(tau)
+        return {"tau": tau}

@@ -10,11 +10,11 @@ from torch import nn
 from sslmask.backbones import Backbone
 from sslmask.heads import MLPHead
 from sslmask.losses import embedding_std, regression_loss
-from sslmask.methods.base import SSLMethod
-from sslmask.momentum import MomentumPairs, ema_rate, frozen_copy
+from sslmask.methods.base import MomentumMethod
+from sslmask.momentum import MomentumPairs, frozen_copy
 
 
-class BYOL(SSLMethod):
+class BYOL(MomentumMethod):
     name = "byol"
 
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
@@ -31,12 +31,6 @@ class BYOL(SSLMethod):
 
     def online_modules(self) -> list[nn.Module]:
         return [self.backbone, self.projector, self.predictor]
-
-    def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
-        """EMA of the target at ``ema.tau_base``, by default rising to 1 (cosine; ``ema.schedule``)."""
-        tau = ema_rate(self.cfg, step, total_steps)
-        self.ema.update(tau)
-        return {"tau": tau}
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """predictor(projector(trunk(x))): the online branch's output (retrieval's ``predictor``)."""

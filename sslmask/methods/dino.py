@@ -24,8 +24,8 @@ from torch.nn.utils.parametrizations import weight_norm
 from sslmask import distributed as D
 from sslmask.backbones import Backbone
 from sslmask.losses import dino_loss, embedding_std
-from sslmask.methods.base import SSLMethod
-from sslmask.momentum import MomentumPairs, ema_rate, frozen_copy
+from sslmask.methods.base import MomentumMethod
+from sslmask.momentum import MomentumPairs, frozen_copy
 from sslmask.schedules import linear_warmup
 from sslmask.transforms import ViewSpec, multi_crop_views
 
@@ -56,7 +56,7 @@ class DINOHead(nn.Module):
         return self.last_layer(F.normalize(self.mlp(x), dim=-1, p=2))
 
 
-class DINO(SSLMethod):
+class DINO(MomentumMethod):
     name = "dino"
     eval_branch = "momentum"  # eval_knn.py / eval_linear.py read --checkpoint_key teacher
 
@@ -122,12 +122,11 @@ class DINO(SSLMethod):
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
-        tau = ema_rate(self.cfg, step, total_steps)
-        self.ema.update(tau)
+        out = super().after_optimizer_step(step, total_steps)  # the EMA first, then the centre
         if self._batch_center is not None:
             update_center(self.center, self._batch_center, self.cfg["dino"]["center_momentum"])
             self._batch_center = None
-        return {"tau": tau}
+        return out
 
 
 @torch.no_grad()

@@ -19,8 +19,8 @@ from torch import nn
 from sslmask import distributed as D
 from sslmask.backbones import Backbone
 from sslmask.losses import embedding_std, info_nce
-from sslmask.methods.base import SSLMethod
-from sslmask.momentum import MomentumPairs, ema_rate, frozen_copy
+from sslmask.methods.base import MomentumMethod
+from sslmask.momentum import MomentumPairs, frozen_copy
 from sslmask.transforms import ViewSpec, moco_v2_views
 
 
@@ -35,7 +35,7 @@ def shuffle_perm(n: int, seed: int, step: int, device: torch.device) -> torch.Te
     return torch.randperm(n, generator=g).to(device)
 
 
-class MoCoV2(SSLMethod):
+class MoCoV2(MomentumMethod):
     name = "mocov2"
 
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
@@ -98,9 +98,8 @@ class MoCoV2(SSLMethod):
         self.queue_ptr.fill_((ptr + keys.shape[0]) % size)
 
     def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
-        tau = ema_rate(self.cfg, step, total_steps)
-        self.ema.update(tau)
+        out = super().after_optimizer_step(step, total_steps)  # the EMA first, then the enqueue
         if self._pending is not None:
             self.enqueue(D.all_gather(self._pending))
             self._pending = None
-        return {"tau": tau}
+        return out

@@ -21,8 +21,8 @@ from torch import nn
 from sslmask import distributed as D
 from sslmask.backbones import Backbone
 from sslmask.losses import embedding_std, moco_v3_loss
-from sslmask.methods.base import SSLMethod
-from sslmask.momentum import MomentumPairs, ema_rate, frozen_copy
+from sslmask.methods.base import MomentumMethod
+from sslmask.momentum import MomentumPairs, frozen_copy
 
 
 def mlp(
@@ -57,7 +57,7 @@ def head_layout(vit: bool) -> dict[str, tuple[int, bool]]:
     return {"projector": (2, True), "predictor": (2, False)}
 
 
-class MoCoV3(SSLMethod):
+class MoCoV3(MomentumMethod):
     name = "mocov3"
 
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
@@ -115,8 +115,3 @@ class MoCoV3(SSLMethod):
             q[1], D.all_gather(k[0]), tau, offset
         )
         return {"loss": loss, "z_std": embedding_std(q[0])}
-
-    def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
-        tau = ema_rate(self.cfg, step, total_steps)
-        self.ema.update(tau)
-        return {"tau": tau}

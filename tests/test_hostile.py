@@ -285,16 +285,22 @@ def test_inspect_cli_refuses_a_link_member_in_one_line(tmp_path, capsys):
     one_line_failure(capsys, sslmask_main(["inspect", str(path)]), str(path), "not a regular file")
 
 
-def test_maskgen_eval_names_the_sample_with_a_bad_json(tmp_path, capsys, sample_build):
+def build_with_member(tmp_path: Path, sample_build: Path, suffix: str, data: bytes) -> tuple[Path, Path, str]:
+    """A copy of ``sample_build`` whose first shard's first ``*suffix`` member holds ``data``:
+    ``(build, shard, the sample's key)``."""
     build = tmp_path / "b"
     shutil.copytree(sample_build, build)
     shard = build / "shards" / "maskgen-000000.tar"
     with tarfile.open(shard) as tar:
         members = [(m.name, tar.extractfile(m).read()) for m in tar]
-    first_json = next(i for i, (n, _) in enumerate(members) if n.endswith(".json"))
-    members[first_json] = (members[first_json][0], b'{"label": "abc"}')
+    first = next(i for i, (n, _) in enumerate(members) if n.endswith(suffix))
+    members[first] = (members[first][0], data)
     shard.write_bytes(shard_bytes(members))
-    key = members[first_json][0].split(".")[0]
+    return build, shard, members[first][0].split(".")[0]
+
+
+def test_maskgen_eval_names_the_sample_with_a_bad_json(tmp_path, capsys, sample_build):
+    build, shard, key = build_with_member(tmp_path, sample_build, ".json", b'{"label": "abc"}')
     one_line_failure(capsys, maskgen_main(["eval", str(build)]), str(shard), key, "label")
 
 
@@ -552,14 +558,7 @@ def test_a_huge_mask_or_image_is_refused_from_its_header(tmp_path, capsys, sampl
         decode_rgb(bomb, "x.png")
     with pytest.raises(ShardError, match="30000x30000 pixels exceeds"):  # ShardFormatError, a ShardError
         decode_mask_png(bomb)
-    build = tmp_path / "b"
-    shutil.copytree(sample_build, build)
-    shard = build / "shards" / "maskgen-000000.tar"
-    with tarfile.open(shard) as tar:
-        members = [(m.name, tar.extractfile(m).read()) for m in tar]
-    first_mask = next(i for i, (n, _) in enumerate(members) if n.endswith(".mask.png"))
-    members[first_mask] = (members[first_mask][0], bomb)
-    shard.write_bytes(shard_bytes(members))
+    build, shard, _ = build_with_member(tmp_path, sample_build, ".mask.png", bomb)
     one_line_failure(capsys, maskgen_main(["eval", str(build)]), str(shard), "exceeds the limit")
     gt = tmp_path / "gt"
     gt.mkdir()
@@ -740,14 +739,9 @@ def test_a_ground_truth_mask_of_another_size_is_refused(tmp_path, capsys):
 def test_maskgen_eval_refuses_a_mask_of_another_size(tmp_path, capsys, sample_build):
     """Issue 35 item 8: a mask of another size than its image gave numpy warnings and an
     S-measure of NaN in maskgen eval."""
-    build = tmp_path / "b"
-    shutil.copytree(sample_build, build)
-    shard = build / "shards" / "maskgen-000000.tar"
-    with tarfile.open(shard) as tar:
-        members = [(m.name, tar.extractfile(m).read()) for m in tar]
-    first = next(i for i, (n, _) in enumerate(members) if n.endswith(".mask.png"))
-    members[first] = (members[first][0], png_bytes(Image.new("L", (5, 5), 255)))
-    shard.write_bytes(shard_bytes(members))
+    build, shard, _ = build_with_member(
+        tmp_path, sample_build, ".mask.png", png_bytes(Image.new("L", (5, 5), 255))
+    )
     line = one_line_failure(capsys, maskgen_main(["eval", str(build)]), str(shard), "5x5", "its image")
     assert "Warning" not in capsys.readouterr().err + line
 

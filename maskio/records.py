@@ -192,6 +192,8 @@ def align_labels(train: Records, val: Records, val_spec: str = "--val") -> Recor
     """
     if train.classes is None or val.classes is None or train.classes == val.classes:
         return val
+    if len(set(train.classes)) < len(train.classes) or len(set(val.classes)) < len(val.classes):
+        return val  # a name used twice cannot say which label it is: keep the builds' numbering
     index = {name: i for i, name in enumerate(train.classes)}
     used = sorted({int(label) for label in val.labels if label >= 0})
     unknown = [val.classes[i] for i in used if i < len(val.classes) and val.classes[i] not in index]

@@ -541,6 +541,8 @@ def test_align_labels_maps_build_class_names():
     assert val.labels.tolist() == [2, 1, 2] and val.classes == ["a", "b", "c"]
     same = records([0, 1], None)  # unnamed: taken as they are
     assert align_labels(train, same) is same
+    twice = records([0, 1], ["b", "b"])  # a name used twice (the sample source's "photo"): as they are
+    assert align_labels(train, twice) is twice
     with pytest.raises(ShardError, match="'z' is not among"):
         align_labels(train, records([0], ["z"]))
 

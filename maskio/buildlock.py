@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from maskio.errors import ShardError
+from maskio.shard_format import MANIFEST, build_root
 
 LOCK = ".lock"  # in a build folder: held by the build writing it, shared by its readers
 
@@ -26,10 +27,8 @@ def build_dirs(specs: Sequence[str]) -> list[Path]:
     out = []
     for spec in specs:
         path = Path(spec)
-        if path.is_dir():
-            root = path.parent if path.name == "shards" and not (path / "shards").is_dir() else path
-            if (root / "manifest.json").is_file():
-                out.append(root)
+        if path.is_dir() and (build_root(path) / MANIFEST).is_file():
+            out.append(build_root(path))
     return out
 
 

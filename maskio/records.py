@@ -27,7 +27,7 @@ from maskio.shard_format import (
     FIELD_MASK,
     FIELD_META,
     MANIFEST,
-    SHARDS_DIR,
+    build_root,
     decode_class,
     decode_meta,
     in_sample,
@@ -49,9 +49,7 @@ def resolve_shards(specs: Sequence[str]) -> list[str]:
     for spec in specs:
         path = Path(spec)
         if path.is_dir():
-            # OUT/shards stands for OUT, unless the build folder itself is named "shards"
-            inner = path.name == SHARDS_DIR and not (path / SHARDS_DIR).is_dir()
-            build_dir = path.parent if inner else path
+            build_dir = build_root(path)
             found = [str(p) for p in shard_paths(build_dir)]
             if not found:
                 raise ShardError(f"{spec}: no complete maskgen shards in this folder")
@@ -171,7 +169,7 @@ def build_class_names(urls: Sequence[str]) -> list[str] | None:
     found: list[list[str] | None] = []
     for root in {Path(u).resolve().parent.parent for u in urls}:
         try:
-            names = json.loads((root / "manifest.json").read_text()).get("class_names")
+            names = json.loads((root / MANIFEST).read_text()).get("class_names")
         except (OSError, ValueError, AttributeError):
             names = None
         ok = isinstance(names, list) and all(isinstance(n, str) for n in names)

@@ -206,6 +206,21 @@ def _split_member(name: str) -> tuple[str, str]:
     return key, ext
 
 
+def _magic(path: str | Path) -> bytes:
+    """A file's first two bytes (empty when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(2)
+    except OSError:
+        return b""
+
+
+def build_root(path: Path) -> Path:
+    """The build folder a folder spec stands for: ``OUT/shards`` stands for ``OUT``, unless the
+    build folder itself is named ``shards`` (it then holds a ``shards/`` of its own)."""
+    return path.parent if path.name == SHARDS_DIR and not (path / SHARDS_DIR).is_dir() else path
+
+
 def _unreadable(path: str | Path, exc: BaseException) -> ShardFormatError:
     """One line for a tar that cannot be read (truncated, compressed, empty, not a tar), as
     webdataset and ``datasets`` report a corrupt shard: the file and the reason."""
@@ -214,7 +229,7 @@ def _unreadable(path: str | Path, exc: BaseException) -> ShardFormatError:
         reason = "truncated"
     elif "empty file" in reason:
         reason = "empty file"
-    elif Path(path).is_file() and Path(path).read_bytes()[:2] in (b"\x1f\x8b", b"BZ", b"\xfd7"):
+    elif _magic(path) in (b"\x1f\x8b", b"BZ", b"\xfd7"):  # gzip, bzip2, xz
         reason = "compressed; maskgen shards are plain tars"
     return ShardFormatError(f"{path}: not a readable tar ({reason})")
 

@@ -33,6 +33,11 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
+# the rest of a run folder (written by sslmask.engine): none of it may be overwritten by an export
+CONFIG_FILE = "config.yaml"
+LOG_FILE = "log.jsonl"
+INDEX_CACHE = "shard-index.npz"
+RUN_FILES = (CHECKPOINT, CONFIG_FILE, LOG_FILE, INDEX_CACHE)
 BACKBONE_PREFIX = "backbone."
 
 

@@ -24,7 +24,16 @@ from maskio.buildlock import reading_builds
 from maskio.records import Records, index_cached
 from sslmask import distributed as D
 from sslmask.backbones import normalize
-from sslmask.checkpoint import CheckpointError, backbone_state, load_file, run_checkpoint_path, save_atomic
+from sslmask.checkpoint import (
+    CONFIG_FILE,
+    INDEX_CACHE,
+    LOG_FILE,
+    CheckpointError,
+    backbone_state,
+    load_file,
+    run_checkpoint_path,
+    save_atomic,
+)
 from sslmask.config import ConfigError, diff, validate
 from sslmask.dataset import EpochBatchSampler, ViewsDataset, steps_per_epoch
 from sslmask.eval.features import extract_features_sharded
@@ -33,10 +42,7 @@ from sslmask.methods import METHODS, SSLMethod, build_method
 from sslmask.optim import OPTIMIZERS, build_optimizer, clip_gradients
 from sslmask.schedules import cosine, warmup_cosine
 
-CONFIG_FILE = "config.yaml"
-LOG_FILE = "log.jsonl"
 TB_DIR = "tb"
-INDEX_CACHE = "shard-index.npz"
 
 
 class TrainingError(Exception):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sslmask.checkpoint import (
+    RUN_FILES,
     CheckpointError,
     backbone_state,
     load_file,
@@ -22,7 +23,10 @@ def export_backbone(run: str | Path, out: str | Path, branch: str = "auto") -> d
     ``torchvision.models.resnet50().load_state_dict(torch.load(out), strict=False)`` then
     reports only ``fc.weight`` and ``fc.bias`` missing (the classifier is not trained here).
     """
-    path = Path(run)
+    path, out = Path(run), Path(out)
+    run_dir = path if path.is_dir() else path.parent
+    if out.resolve() in {f.resolve() for f in (path, *(run_dir / name for name in RUN_FILES))}:
+        raise CheckpointError(f"--out {out}: is a file of the run {run_dir} itself; export to another path")
     ckpt = load_file(run_checkpoint_path(path) if path.is_dir() else path)
     if not isinstance(ckpt, dict) or "method" not in ckpt:
         raise CheckpointError(f"{run}: not an sslmask run checkpoint")
@@ -31,13 +35,6 @@ def export_backbone(run: str | Path, out: str | Path, branch: str = "auto") -> d
         scored = resolve_branch(ckpt, branch)
     except CheckpointError as exc:
         raise CheckpointError(f"{run}: {exc}") from None
-    out = Path(out)
-    from sslmask.engine import CONFIG_FILE, INDEX_CACHE, LOG_FILE
-
-    run_dir = path if path.is_dir() else path.parent
-    own = {run_checkpoint_path(run_dir), path, *(run_dir / f for f in (CONFIG_FILE, LOG_FILE, INDEX_CACHE))}
-    if out.resolve() in {f.resolve() for f in own}:
-        raise CheckpointError(f"--out {out}: is a file of the run {run_dir} itself; export to another path")
     if not out.parent.is_dir():  # a typo in the folder should not create a tree of folders
         raise CheckpointError(f"--out {out}: folder {out.parent} does not exist")
     save_atomic(state, out, metadata={"branch": scored} if out.suffix == ".safetensors" else None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -107,7 +107,7 @@ def labelled_features(
     return (out[0], out[1], out[2], out[3]), scored
 
 
-def labelled_splits(train_spec, val_spec):
+def labelled_splits(train_spec: Sequence[str], val_spec: Sequence[str]) -> tuple[Records, Records]:
     """``(train, val)`` records, both labelled, val's labels matched to train's classes by
     name (``maskio.records.align_labels``)."""
     from maskio.errors import ShardError

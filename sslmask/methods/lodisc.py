@@ -38,7 +38,7 @@ from torch import nn
 from sslmask import distributed as D
 from sslmask.backbones import Backbone
 from sslmask.losses import embedding_std, moco_v3_loss
-from sslmask.methods.mocov3 import MoCoV3, head_layout, mlp
+from sslmask.methods.mocov3 import MoCoV3, head_layout, is_vit, mlp
 from sslmask.pooling import usable_masks
 from sslmask.vit import PATCH
 
@@ -107,7 +107,7 @@ class LoDisc(MoCoV3):
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)
         c = self.c = cfg["lodisc"]
-        if not hasattr(backbone, "cls_token"):
+        if not is_vit(backbone):
             raise ValueError(f"lodisc needs a ViT backbone (model.arch vit_*), got {cfg['model']['arch']!r}")
         if c["mode"] not in MODES:
             raise ValueError(f"lodisc.mode must be one of {', '.join(MODES)}, got {c['mode']!r}")

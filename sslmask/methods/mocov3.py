@@ -23,6 +23,7 @@ from sslmask.backbones import Backbone
 from sslmask.losses import embedding_std, moco_v3_loss
 from sslmask.methods.base import MomentumMethod
 from sslmask.momentum import MomentumPairs, frozen_copy
+from sslmask.vit import VIT_ARCHS
 
 
 def mlp(
@@ -92,7 +93,7 @@ class MoCoV3(MomentumMethod):
     def reference_decay_exclude(cls, cfg: dict[str, Any]) -> str:
         """ResNet recipe: LARS, which neither decays nor adapts 1-D tensors; ViT recipe:
         ``AdamW(model.parameters(), weight_decay=0.1)``, every parameter decayed."""
-        return "none" if str(cfg["model"]["arch"]).startswith("vit") else "bias_norm"
+        return "none" if cfg["model"]["arch"] in VIT_ARCHS else "bias_norm"
 
     def online_modules(self) -> list[nn.Module]:
         return [self.backbone, self.projector, self.predictor]

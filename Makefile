@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml
 	# torch first, pinned to the build these machines carry on local disk (no multi-GB download)
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	# DRFI's fast segmentation is in the opencv-contrib build, which shares the cv2 folder with
-	# the plain wheel that pysodmetrics requires: replace the plain one (same cv2 API, plus ximgproc)
+	# tests/test_graphseg.py checks DRFI's segmentation against cv2.ximgproc, which is in the
+	# opencv-contrib build only; it shares the cv2 folder with the plain wheel pysodmetrics
+	# requires, so replace the plain one (same cv2 API, plus ximgproc). The runtime needs neither.
 	$(BIN)/python -c "import cv2; cv2.ximgproc.segmentation" 2>/dev/null || { \
 	  $(BIN)/python -m pip uninstall -y -q opencv-python-headless opencv-python opencv-contrib-python-headless; \
 	  $(BIN)/python -m pip install -q --no-deps opencv-contrib-python-headless; }

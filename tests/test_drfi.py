@@ -575,17 +575,3 @@ def test_refined_ensemble_runs_and_records_its_params():
     assert p["scorer"] == "forest+heuristic" and p["refine"] is True and p["model"] == "default"
     with pytest.raises(ValueError, match="scorer must be one of"):
         DRFI(scorer="svm")
-
-
-def test_both_segmentation_backends_agree_in_kind():
-    from maskgen.methods.drfi.segment import opencv_available
-
-    rgb, _, _ = render_scene(0, 5)
-    sk = segment(rgb, 0.8, 300, 1000, backend="skimage")
-    counts = np.bincount(sk.ravel())
-    assert counts.min() > 0 and sk.max() + 1 == counts.size and (counts.min() >= 1000 or counts.size == 1)
-    assert DRFI(levels="harl", backend="skimage").params["backend"] == "skimage"
-    if not opencv_available():
-        pytest.skip("opencv-contrib build not installed")
-    cv = segment(rgb, 0.8, 300, 1000, backend="opencv")
-    assert abs(int(cv.max()) - int(sk.max())) <= max(3, sk.max() // 2)  # same algorithm, similar granularity

@@ -29,6 +29,9 @@ import cv2
 import numpy as np
 from scipy import sparse
 
+from maskgen.methods.drfi import kernels
+from maskgen.methods.drfi.kernels import region_squared_deviations, region_sums
+
 HIST_BINS = 8  # per channel: 8 x 8 x 8 colour histograms (DRFI MATLAB)
 N_FILTERS = 15
 COLOR_NAMES = ("R", "G", "B", "L", "a", "b", "H", "S", "V")
@@ -161,15 +164,16 @@ def pixel_features(rgb: np.ndarray, texture_scale: float = 0.5) -> PixelFeatures
         lo, hi = float(r.min()), float(r.max())
         small_resp[..., i] = (r - lo) / (hi - lo) if hi > lo else 0.0
     texton = small_resp.argmax(axis=2).astype(np.uint8)  # index of the strongest filter
+    values = np.empty((h, w, 25), np.float32)  # N x 25, written in place: one copy per image
+    values[..., 0:3], values[..., 3:6], values[..., 6:9] = rgb_f, lab, hsv
     if small.shape != (h, w):
-        resp = np.stack([cv2.resize(small_resp[..., i], (w, h), interpolation=cv2.INTER_LINEAR)
-                         for i in range(N_FILTERS)], axis=2)  # fmt: skip
+        for i in range(N_FILTERS):
+            values[..., 9 + i] = cv2.resize(small_resp[..., i], (w, h), interpolation=cv2.INTER_LINEAR)
         texton = cv2.resize(texton, (w, h), interpolation=cv2.INTER_NEAREST)
     else:
-        resp = small_resp
+        values[..., 9:24] = small_resp
     lbp = lbp_codes(gray)
-    lbp_f = (lbp.astype(np.float32) / 255.0)[..., None]
-    values = np.concatenate([rgb_f, lab, hsv, resp, lbp_f], axis=2)  # N x 25, one copy per image
+    values[..., 24] = lbp.astype(np.float32) / 255.0
 
     b = int(np.floor(15 * max(h, w) / 400))
     border = np.zeros((h, w), bool)
@@ -205,6 +209,11 @@ def chi2_pairwise(h: np.ndarray, g: np.ndarray, chunk: int = 64) -> np.ndarray:
         a = h[s : s + chunk, None, :]
         out[s : s + chunk] = 0.5 * (((a - g[None]) ** 2) / (a + g[None] + CHI2_EPS)).sum(axis=2)
     return out
+
+
+def chi2_self(h: np.ndarray) -> np.ndarray:
+    """``chi2_pairwise(h, h)``, bit for bit, in one compiled pass over the upper triangle."""
+    return kernels.chi2_self(np.ascontiguousarray(h, np.float32), np.float32(CHI2_EPS))
 
 
 def minmax(x: np.ndarray) -> np.ndarray:
@@ -278,15 +287,11 @@ def region_features(pix: PixelFeatures, labels: np.ndarray) -> tuple[np.ndarray,
     area = np.bincount(lab, minlength=n).astype(np.float64)
     if (area == 0).any():
         raise ValueError("labels must be consecutive 0..R-1 with every label present")
-    member = sparse.csr_matrix((np.ones(npx, np.float32), (lab, np.arange(npx))), shape=(n, npx))
-
     feats = pix.values  # N x 25
-    mean = np.asarray(member @ feats, np.float64) / area[:, None]
+    mean = region_sums(lab, feats, n).astype(np.float64) / area[:, None]
     # variances from deviations about the region means: exact enough in float32, unlike
-    # E[x^2] - E[x]^2, which needs float64 for its cancellation (and was the slowest step)
-    dev = feats - mean.astype(np.float32)[lab]
-    np.square(dev, out=dev)
-    var = np.asarray(member @ dev, np.float64) / area[:, None]
+    # E[x^2] - E[x]^2, which needs float64 for its cancellation
+    var = region_squared_deviations(lab, feats, mean.astype(np.float32)).astype(np.float64) / area[:, None]
 
     ys, xs = np.divmod(np.arange(npx), w)
     cx, cy = np.bincount(lab, xs, n) / area / w, np.bincount(lab, ys, n) / area / h
@@ -304,7 +309,7 @@ def region_features(pix: PixelFeatures, labels: np.ndarray) -> tuple[np.ndarray,
     for bins, nb in zip(pix.bins, pix.n_bins, strict=True):
         ext_bins = np.concatenate([bins, bins[bg]])
         hist = _histograms(ext_lab, ext_bins, n + 1, nb)
-        hist_dist_c.append(chi2_pairwise(hist[:n], hist[:n]))
+        hist_dist_c.append(chi2_self(hist[:n]))
         hist_dist_b.append(chi2_pairwise(hist[:n], hist[n:])[:, 0])
 
     # --- regional contrast

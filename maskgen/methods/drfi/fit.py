@@ -37,7 +37,7 @@ from maskgen.methods.drfi.scoring import (
     purity_labels,
     purity_rule,
 )
-from maskgen.methods.drfi.segment import LEVEL_SETS, default_backend, segment
+from maskgen.methods.drfi.segment import DEFAULT_BACKEND, LEVEL_SETS, segment_levels
 from maskgen.sources import Source
 
 # RandomForestRegressor settings of docs/methods.md §2.1 (DRFI: 200 trees, mtry 15)
@@ -79,8 +79,7 @@ def extract_levels(
             continue
         pix = pixel_features(rgb)
         image, segmentations = _Image([], None), []
-        for sigma, k, min_size in LEVEL_SETS[levels]:
-            labels = segment(rgb, sigma, k, min_size)
+        for labels in segment_levels(rgb, LEVEL_SETS[levels]):
             feats, stats = describe_level(pix, labels, cues)
             gl = purity_labels(labels, gt, feats.shape[0]) if gt is not None else None
             image.levels.append(_Level(feats, stats, gl))
@@ -173,7 +172,7 @@ def fit_drfi(
         "rounds": rounds,
         **({"round_labels": round_labels} if rounds > 0 and labels == "pseudo" else {}),
         "seed": seed,
-        "segmentation_backend": default_backend(),
+        "segmentation_backend": DEFAULT_BACKEND,
     }
     if labels == "gt":
         y_all = np.concatenate([d.gt_labels for d in data])

@@ -13,7 +13,7 @@ from maskgen.methods.drfi.cues import region_cues
 from maskgen.methods.drfi.features import PixelFeatures, RegionStats, minmax, pixel_features, region_features
 from maskgen.methods.drfi.refine import LevelGraph
 from maskgen.methods.drfi.scoring import CueScorer, ForestScorer, HeuristicScorer
-from maskgen.methods.drfi.segment import LEVEL_SETS, resolve_backend, segment
+from maskgen.methods.drfi.segment import LEVEL_SETS, resolve_backend, segment_levels
 from maskio.shard_format import MAX_PIXELS
 
 # Shipped forests, by the name ``--param model=`` takes: ``default`` was fitted with ground truth
@@ -146,8 +146,7 @@ class DRFI(SaliencyMethod):
         pix = pixel_features(rgb)
         labels, scores, stats = [], [], []
         cues = any(sc.needs_cues for sc in self.scorers)
-        for sigma, k, min_size in self.levels:
-            lab = segment(rgb, sigma, k, min_size, self.backend)
+        for lab in segment_levels(rgb, self.levels, self.backend):
             feats, st = describe_level(pix, lab, cues)
             labels.append(lab)
             stats.append(st)

@@ -37,6 +37,7 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse.linalg import spsolve
 
+from maskgen.methods.drfi import kernels
 from maskgen.methods.drfi.features import (
     PixelFeatures,
     RegionStats,
@@ -45,7 +46,7 @@ from maskgen.methods.drfi.features import (
     minmax,
     normalised_lab,
 )
-from maskgen.methods.drfi.segment import MULTI_LEVELS, segment
+from maskgen.methods.drfi.segment import MULTI_LEVELS, segment_levels
 
 SIGMA_COLOR = 0.03  # on DRFI's normalised Lab (L / 100, a / 220 + 0.5, b / 220 + 0.5)
 MU = 0.01
@@ -72,15 +73,19 @@ def refine_regions(
 
 def region_means(values: np.ndarray, labels: np.ndarray, area: np.ndarray) -> np.ndarray:
     """Per-region means (R x C) of pixel values (N x C) on ``labels`` (N, 0..R-1)."""
-    lab = labels.reshape(-1)
-    n = area.size
-    cols = [np.bincount(lab, values[:, c].astype(np.float64), n) for c in range(values.shape[1])]
-    return np.stack(cols, axis=1) / area[:, None]
+    return kernels.region_means(labels.reshape(-1), np.ascontiguousarray(values), area)
+
+
+DENSE_OVERLAP = 1 << 22  # region pairs up to which the overlap counts are one dense bincount
 
 
 def overlap_counts(finest: np.ndarray, labels: np.ndarray, n_finest: int, n: int) -> sparse.csr_matrix:
     """R_finest x R: how many pixels each finest region shares with each region of ``labels``."""
-    a, b = finest.reshape(-1), labels.reshape(-1)
+    a, b = finest.reshape(-1).astype(np.int64), labels.reshape(-1)
+    if n_finest * n <= DENSE_OVERLAP:  # counts are exact either way; this way is one pass
+        return sparse.csr_matrix(
+            np.bincount(a * n + b, minlength=n_finest * n).reshape(n_finest, n).astype(np.float64)
+        )
     ones = np.ones(a.size, np.float64)
     return sparse.coo_matrix((ones, (a, b)), shape=(n_finest, n)).tocsr()
 
@@ -158,7 +163,7 @@ def refine_on_image(
     ``refine=1`` does with its scores: each of ``levels`` takes the map's mean over each of
     its regions, then ``LevelGraph.refine``. A map of an image that is one region is returned as
     it is."""
-    segmentations = [segment(rgb, *level, backend) for level in levels]
+    segmentations = segment_levels(rgb, levels, backend)
     if max(int(labels.max()) for labels in segmentations) < 1:
         return np.asarray(saliency, np.float32)
     graph = LevelGraph.from_image(rgb, segmentations)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from maskgen.methods.drfi.features import BACKGROUND, CONTRAST, CUE_NAMES, N_FEATURES, RegionStats, minmax
+from maskgen.methods.drfi.kernels import forest_mean
 
 N_CUES = len(CUE_NAMES)
 FEATURE_SETS = {"drfi": N_FEATURES, "drfi+cues": N_FEATURES + N_CUES}  # name -> descriptor width
@@ -92,16 +93,9 @@ class Forest:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Mean of the trees' predictions for each row of ``x`` (n x ``n_features`` or wider)."""
-        x = np.asarray(x, np.float32).astype(np.float64)
-        rows = np.arange(x.shape[0])[None, :]
-        node = np.broadcast_to(self.roots[:, None], (self.roots.size, x.shape[0])).copy()
-        for _ in range(self.left.size):  # bounded: every step goes one level deeper
-            inner = self.left[node] >= 0
-            if not inner.any():
-                break
-            go_left = x[rows, self.feature[node]] <= self.threshold[node]
-            node = np.where(inner, np.where(go_left, self.left[node], self.right[node]), node)
-        return self.value[node].mean(axis=0)
+        x = np.ascontiguousarray(np.asarray(x, np.float32), np.float64)
+        # trees are validated on load (children after their parent), so every walk ends at a leaf
+        return forest_mean(x, self.feature, self.threshold, self.left, self.right, self.value, self.roots)
 
     def save(self, path: str | Path) -> None:
         from maskio.atomic import atomic_open

@@ -1,23 +1,28 @@
 """Felzenszwalb-Huttenlocher graph segmentation at DRFI's levels.
 
-Two backends of the same algorithm (Gaussian pre-smoothing ``sigma``, colour-distance edges,
+Two variants of the same algorithm (Gaussian pre-smoothing ``sigma``, colour-distance edges,
 merge criterion ``k / |C|``, post-merging below ``min_size``, DRFI's 0-255 scaling):
 
-- ``opencv``: ``cv2.ximgproc`` from the opencv-contrib build, about twice as fast;
-- ``skimage``: ``skimage.segmentation.felzenszwalb``, always available.
+- ``opencv`` (the default): the variant of ``cv2.ximgproc.segmentation`` (4-neighbour edges,
+  float blur), computed by ``graphseg`` with the labels of ``cv2.ximgproc`` bit for bit; levels
+  that share sigma share the blur, the graph and its sort, so DRFI's three levels cost about
+  one OpenCV call plus two cheap passes;
+- ``skimage``: ``skimage.segmentation.felzenszwalb`` (8-neighbour edges), a different variant
+  with different regions, kept for comparison.
 
-The contrib build cannot be a hard dependency: pysodmetrics requires the plain
-``opencv-python-headless``, and the two wheels overwrite each other's ``cv2`` folder. So the
-fast backend is used when it is importable (``make install`` puts it in place) and the
-backend is recorded in the method's parameters.
+The backend is recorded in the method's parameters. Before ``graphseg`` the ``opencv`` variant
+needed the opencv-contrib build (which cannot be a dependency: pysodmetrics requires the plain
+``opencv-python-headless`` and both wheels own ``cv2/``); now it needs only numba, and the
+contrib build, where ``make install`` puts it, serves as the reference the tests compare with.
 """
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Sequence
 
-import cv2
 import numpy as np
+
+from maskgen.methods.drfi.graphseg import segment_levels as opencv_levels
 
 # (sigma, k, min_size). HARL ran DRFI with sigma 0.8 and min size 1000 (HARL §3.2, §5.3);
 # k is not stated: 300 is an assumption (DRFI's range is 100-600).
@@ -45,43 +50,42 @@ DRFI15_LEVELS: tuple[tuple[float, float, int], ...] = tuple(
 LEVEL_SETS = {"harl": HARL_LEVELS, "multi": MULTI_LEVELS, "drfi15": DRFI15_LEVELS}
 
 
-def opencv_available() -> bool:
-    return hasattr(getattr(cv2, "ximgproc", None), "segmentation")
-
-
-def default_backend() -> str:
-    return "opencv" if opencv_available() else "skimage"
+BACKENDS = ("opencv", "skimage")
+DEFAULT_BACKEND = "opencv"
 
 
 def resolve_backend(backend: str | None, who: str) -> str:
-    """The segmentation backend to use (``None``: the fastest installed); a clear error for
-    an unknown one or for opencv without the contrib build. ``who`` names the method."""
-    backend = backend or default_backend()
-    if backend not in ("opencv", "skimage"):
+    """The segmentation backend to use (``None``: the default); a clear error for an unknown
+    one. ``who`` names the method."""
+    backend = backend or DEFAULT_BACKEND
+    if backend not in BACKENDS:
         raise ValueError(f"{who}: backend must be 'opencv' or 'skimage', got {backend!r}")
-    if backend == "opencv" and not opencv_available():
-        raise ValueError(f"{who}: backend=opencv needs the opencv-contrib build (see docs/drfi.md)")
     return backend
-
-
-@functools.lru_cache(maxsize=32)
-def _segmenter(sigma: float, k: float, min_size: int):
-    return cv2.ximgproc.segmentation.createGraphSegmentation(sigma=sigma, k=k, min_size=min_size)
 
 
 def segment(rgb: np.ndarray, sigma: float, k: float, min_size: int, backend: str | None = None) -> np.ndarray:
     """Labels 0..R-1 (int32, every label present) of an H x W x 3 uint8 image."""
-    backend = backend or default_backend()
-    if backend == "opencv":
-        labels = _segmenter(float(sigma), float(k), int(min_size)).processImage(np.ascontiguousarray(rgb))
-    elif backend == "skimage":
-        from skimage.segmentation import felzenszwalb
+    return segment_levels(rgb, [(sigma, k, min_size)], backend)[0]
 
-        labels = felzenszwalb(rgb, scale=float(k), sigma=float(sigma), min_size=int(min_size)).astype(
-            np.int32
-        )
-    else:
-        raise ValueError(f"drfi: segmentation backend must be 'opencv' or 'skimage', got {backend!r}")
+
+def segment_levels(
+    rgb: np.ndarray, levels: Sequence[tuple[float, float, int]], backend: str | None = None
+) -> list[np.ndarray]:
+    """``segment`` at each ``(sigma, k, min_size)``; with ``opencv``, levels that share sigma
+    share the blurred graph and its sort."""
+    backend = resolve_backend(backend, "drfi")
+    if backend == "opencv":
+        return opencv_levels(rgb, levels)  # consecutive by construction (raster first appearance)
+    from skimage.segmentation import felzenszwalb
+
+    return [
+        _consecutive(felzenszwalb(rgb, scale=float(k), sigma=float(s), min_size=int(m)).astype(np.int32))
+        for s, k, m in levels
+    ]
+
+
+def _consecutive(labels: np.ndarray) -> np.ndarray:
+    """Labels renumbered 0..R-1 with every label present (already so for both backends today)."""
     n = int(labels.max()) + 1
     present = np.bincount(labels.ravel(), minlength=n) > 0
     if not present.all():  # relabel to consecutive ids

@@ -35,11 +35,13 @@ def make_inputs(folder: Path, n: int) -> None:
         Image.fromarray(rgb).save(folder / f"{i:06d}.jpg", quality=90)
 
 
-def timed_build(root: Path, out: Path, executor: str, workers: int, shard_size: int) -> tuple[float, dict]:
+def timed_build(
+    root: Path, out: Path, executor: str, workers: int, shard_size: int, method: str = "center"
+) -> tuple[float, dict]:
     """Seconds to build every shard (Ray already running: its start-up is not counted)."""
     shutil.rmtree(out, ignore_errors=True)
     (out / "shards").mkdir(parents=True)
-    opts = BuildOptions(source="folder", source_config={"root": str(root)}, method="center", out=str(out),
+    opts = BuildOptions(source="folder", source_config={"root": str(root)}, method=method, out=str(out),
                         shard_size=shard_size, workers=workers, executor=executor)  # fmt: skip
     plan = make_plan(opts)
     t0 = time.perf_counter()

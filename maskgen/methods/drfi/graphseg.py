@@ -319,7 +319,6 @@ def _segment_sorted(weight, src, dst, n_pixels, k, min_size, check_ties):
     size = np.ones(n_pixels, np.int32)
     kf = np.float32(k)
     threshold = np.full(n_pixels, kf, np.float32)
-    merged = np.zeros(weight.size, np.bool_)
     for e in range(weight.size):
         a = _find(parent, src[e])
         b = _find(parent, dst[e])
@@ -328,7 +327,12 @@ def _segment_sorted(weight, src, dst, n_pixels, k, min_size, check_ties):
             if w <= threshold[a] and w <= threshold[b]:
                 a = _join(parent, size, a, b)
                 threshold[a] = np.float32(w + np.float32(kf / np.float32(size[a])))
-                merged[e] = True
+    # Each pixel's set after the first pass. An edge inside one of these sets is one OpenCV
+    # skips in the min-size pass (it merged, so its weight was zeroed, or it joins a set to
+    # itself), so comparing two entries replaces two walks up the trees for most edges.
+    first = np.empty(n_pixels, np.int32)
+    for p in range(n_pixels):
+        first[p] = _find(parent, p)
     # min-size pass, one run of equal weights at a time: its live edges (two sets, one small)
     # are collected with the sets as they were when the run began, then merged in order
     run_a = np.empty(weight.size, np.int32)
@@ -342,9 +346,9 @@ def _segment_sorted(weight, src, dst, n_pixels, k, min_size, check_ties):
             end += 1
         live = 0
         for i in range(e, end):
-            if weight[i] > 0 and not merged[i]:
-                a = _find(parent, src[i])
-                b = _find(parent, dst[i])
+            if first[src[i]] != first[dst[i]]:
+                a = _find(parent, first[src[i]])
+                b = _find(parent, first[dst[i]])
                 if a != b and (size[a] < min_size or size[b] < min_size):
                     run_a[live], run_b[live] = a, b
                     live += 1
@@ -365,7 +369,7 @@ def _segment_sorted(weight, src, dst, n_pixels, k, min_size, check_ties):
     mapped = np.full(n_pixels, -1, np.int32)
     last = 0
     for p in range(n_pixels):
-        root = _find(parent, p)
+        root = _find(parent, first[p])
         if mapped[root] == -1:
             mapped[root] = last
             last += 1

@@ -122,19 +122,12 @@ def _heap_sort(key, first, last) -> None:
 
 @njit(cache=True)
 def _median_to_first(key, result, a, b, c) -> None:
+    """std::__move_median_to_first: the same comparisons in the same order."""
     if _less(key[a], key[b]):
-        if _less(key[b], key[c]):
-            _swap(key, result, b)
-        elif _less(key[a], key[c]):
-            _swap(key, result, c)
-        else:
-            _swap(key, result, a)
-    elif _less(key[a], key[c]):
-        _swap(key, result, a)
-    elif _less(key[b], key[c]):
-        _swap(key, result, c)
+        pick = b if _less(key[b], key[c]) else (c if _less(key[a], key[c]) else a)
     else:
-        _swap(key, result, b)
+        pick = a if _less(key[a], key[c]) else (c if _less(key[b], key[c]) else b)
+    _swap(key, result, pick)
 
 
 @njit(cache=True)

@@ -45,12 +45,14 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
 
 # What benchmarks/gpu_check.py needs on the GPU machine (Python 3.12, no network) besides what it
-# has: pure wheels plus pycocotools and scikit-learn (py_sod_metrics imports it) for CPython 3.12.
+# has: pure wheels plus pycocotools, scikit-learn (py_sod_metrics imports it) and numba (DRFI's loops,
+# imported with every method) for CPython 3.12.
 # There: pip install --no-index --no-deps .gpu-wheels/*.whl && python benchmarks/gpu_check.py
 gpu-wheels: $(STAMP)
 	$(BIN)/python -m pip download -q --only-binary=:all: --no-deps --python-version 3.12 \
 	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-	  -d .gpu-wheels pysodmetrics webdataset braceexpand pycocotools threadpoolctl scikit-learn joblib faiss-cpu
+	  -d .gpu-wheels pysodmetrics webdataset braceexpand pycocotools threadpoolctl scikit-learn joblib faiss-cpu \
+	  numba llvmlite
 
 clean:
 	rm -rf out .pytest_cache

@@ -321,6 +321,8 @@ def deep() -> None:
     help="linear: HARL's 1x1 conv; aspp: a small DeepLabv3-style ASPP decoder.",
 )
 @click.option("--gt", type=str, help="Ground-truth masks for validation (default: the build's own source's).")
+@click.option("--images", type=click.Path(exists=True, file_okay=False),
+              help="Image folder masks-only --shards were built from (json.path is relative to it).")  # fmt: skip
 @click.option(
     "--rounds",
     type=click.IntRange(min=0),

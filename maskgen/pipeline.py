@@ -42,6 +42,7 @@ from maskio.shard_format import (
     MANIFEST,
     REPORT_HTML,
     REPORT_JSON,
+    SHARD_FORMAT,
     SHARDS_DIR,
     shard_name,
     stats_name,
@@ -114,6 +115,7 @@ def make_plan(opts: BuildOptions) -> Plan:
     for it in items:
         listing.update(f"{it.key}\t{it.path}\t{it.label}\n".encode())
     plan_def = {
+        "shard_format": SHARD_FORMAT,
         "source": opts.source,
         "source_config": source.config(),
         "method": opts.method,

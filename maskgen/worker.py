@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import heapq
 import json
 import os
@@ -291,6 +292,7 @@ def _sample(
             "key": item.key,
             "source": spec.source,
             "path": item.path,
+            "source_sha256": hashlib.sha256(dec.data).hexdigest(),
             "width": w,
             "height": h,
             "label": item.label,

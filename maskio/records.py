@@ -9,15 +9,17 @@ reader). Nothing read here is unpickled: labels are ASCII integers and metadata 
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import os
+import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from maskio.atomic import atomic_open
 from maskio.errors import ShardError, ShardFormatError
@@ -97,6 +99,11 @@ class Records:
     labels: np.ndarray  # (n,) int64, -1 = unlabelled
     names: list[str] = field(default_factory=list)
     classes: list[str] | None = None  # label -> class name, when the source names its classes
+    # masks-only shards joined to the images they were built from (``index_shards(images=)``):
+    # the image folder, and per sample the sha256 its build recorded ('' = not recorded, or
+    # the sample's image is in its shard)
+    image_root: str | None = None
+    image_sha256: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.image)
@@ -106,7 +113,9 @@ class Records:
         idx = np.asarray(indices, np.int64)
         mask = self.mask[idx] if self.mask is not None else None
         names = [self.names[i] for i in idx] if self.names else []
-        return Records(self.files, self.image[idx], mask, self.labels[idx], names, self.classes)
+        shas = [self.image_sha256[i] for i in idx] if self.image_sha256 is not None else None
+        return replace(self, image=self.image[idx], mask=mask, labels=self.labels[idx], names=names,
+                       image_sha256=shas)  # fmt: skip
 
     @property
     def labelled(self) -> bool:
@@ -128,11 +137,20 @@ def shard_error(url: str, exc: BaseException) -> ShardError:
     return ShardError(text if text.startswith(f"{url}:") else f"{url}: unreadable shard ({text})")
 
 
-def index_shards(specs: Sequence[str], require_masks: bool) -> Records:
-    """Index every sample of the shards ``specs`` resolve to (see :func:`resolve_shards`)."""
+def index_shards(specs: Sequence[str], require_masks: bool, images: str | Path | None = None) -> Records:
+    """Index every sample of the shards ``specs`` resolve to (see :func:`resolve_shards`).
+
+    ``images``: the folder a masks-only build read (``--image-format none``, or a published
+    masks-only dataset). Each sample without an image is joined to ``images / json.path``; the
+    file must exist there, and when it is read it must have the sha256 its build recorded.
+    Samples that carry their own image keep it (a note says so).
+    """
     urls = resolve_shards(specs)
+    root = _image_root(images)
     reader = FileReader(urls)
-    image, mask, labels, names = [], [], [], []
+    files = list(urls)
+    image, mask, labels, names, shas = [], [], [], [], []
+    own = 0
     for fid, url in enumerate(urls):
         try:
             samples = index_tar(url)
@@ -140,27 +158,66 @@ def index_shards(specs: Sequence[str], require_masks: bool) -> Records:
             raise shard_error(url, exc) from None
         for key, fields in samples:
             img_field = next((f for f in IMAGE_FIELDS if f in fields), None)
-            if img_field is None:
-                raise ShardError(f"{url}: sample {key} has no image (built with --image-format none?)")
+            if img_field is not None:
+                own += 1
+                image.append((fid, *fields[img_field]))
+                shas.append("")
+            elif root is None:
+                raise ShardError(f"{url}: sample {key} has no image (a masks-only build); give the "
+                                 "folder it was built from with --images ROOT")  # fmt: skip
+            else:
+                with in_sample(url, key):
+                    meta = decode_meta(reader.read(fid, *fields[FIELD_META])) if FIELD_META in fields else {}
+                image.append((len(files), -1, 0))
+                files.append(str(_joined_file(root, meta.get("path"), url, key)))
+                shas.append(meta.get("source_sha256") or "")
             if FIELD_MASK not in fields and require_masks:
                 raise ShardError(f"{url}: sample {key} has no {FIELD_MASK}; this method needs masks")
-            image.append((fid, *fields[img_field]))
             mask.append((fid, *fields[FIELD_MASK]) if FIELD_MASK in fields else (fid, -2, 0))
             with in_sample(url, key):
                 labels.append(_label_of(reader.read, fields, fid))
             names.append(key)
     if not image:
         raise ShardError(f"{urls[0]}: the shards hold no samples")
+    if root is not None and own:
+        print(f"note: {own} of {len(image)} samples carry their own image in the shard; those bytes are "
+              f"used for them, not {root}", file=sys.stderr)  # fmt: skip
     mask_arr = np.asarray(mask, np.int64)
     has_mask = bool((mask_arr[:, 1] != -2).all())
+    joined = root is not None and own < len(image)
     return Records(
-        urls,
+        files,
         np.asarray(image, np.int64),
         mask_arr if has_mask else None,
         np.asarray(labels),
         names,
         build_class_names(urls),
+        str(root) if joined else None,
+        shas if joined else None,
     )
+
+
+def _image_root(images: str | Path | None) -> Path | None:
+    if images is None:
+        return None
+    root = Path(images).expanduser()
+    if not root.is_dir():
+        raise ShardError(f"--images {images}: no such folder")
+    return root.resolve()
+
+
+def _joined_file(root: Path, rel: object, url: str, key: str) -> Path:
+    """``root / rel`` for a masks-only sample, refusing a path that is missing, absolute or
+    climbs out of ``root`` (a shard names files; it may not name any file on the machine)."""
+    if not isinstance(rel, str) or not rel:
+        raise ShardError(f"{url}: sample {key}: no json.path to find its image under {root}")
+    parts = Path(rel).parts
+    if Path(rel).is_absolute() or ".." in parts:
+        raise ShardError(f"{url}: sample {key}: json.path {rel!r} leaves the image folder")
+    path = root.joinpath(*parts)
+    if not path.is_file():
+        raise ShardError(f"{url}: sample {key}: image {rel} not found under {root}")
+    return path
 
 
 def build_class_names(urls: Sequence[str]) -> list[str] | None:
@@ -200,7 +257,7 @@ def align_labels(train: Records, val: Records, val_spec: str = "--val") -> Recor
         raise ShardError(f"{val_spec}: class {missing!r} is not among the training split's classes")
     mapping = np.asarray([index[name] for name in val.classes], np.int64)
     labels = np.where(val.labels >= 0, mapping[np.clip(val.labels, 0, None)], val.labels)
-    return Records(val.files, val.image, val.mask, labels, val.names, train.classes)
+    return replace(val, labels=labels, classes=train.classes)
 
 
 def index_folder(root: str | Path) -> Records:
@@ -230,20 +287,46 @@ def _image_folder(spec: Sequence[str]) -> Path | None:
     return None
 
 
-def index_any(spec: Sequence[str], require_masks: bool = False) -> Records:
-    """Shards, or (one path to a folder of class folders without maskgen shards) an image folder."""
+@dataclass(frozen=True)
+class DataSpec(Sequence):
+    """One split as a command names it: its shard specs (or one class-folder tree), and the
+    image folder its masks-only shards are joined to (``--images``). Reads as the spec list."""
+
+    paths: tuple[str, ...]
+    images: str | None = None
+
+    def __getitem__(self, i):
+        return self.paths[i]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def index_any(
+    spec: Sequence[str] | DataSpec, require_masks: bool = False, images: str | Path | None = None
+) -> Records:
+    """Shards, or (one path to a folder of class folders without maskgen shards) an image folder.
+    ``images`` (or a :class:`DataSpec`'s): the folder masks-only shards are joined to."""
+    if isinstance(spec, DataSpec):
+        spec, images = list(spec.paths), images or spec.images
     folder = _image_folder(spec)
     if folder is None:
-        return index_shards(spec, require_masks)
+        return index_shards(spec, require_masks, images)
+    if images is not None:
+        raise ShardError(f"{folder}: an image folder holds its images; --images is for masks-only shards")
     if require_masks:
         raise ShardError(f"{folder}: an image folder has no masks; this method needs maskgen shards")
     return index_folder(folder)
 
 
-def _signature(files: Sequence[str]) -> list[list]:
-    """What the index depends on: each file's path, size and modification time."""
+def _signature(files: Sequence[str], image_root: str | None = None) -> list[list]:
+    """What the index depends on: each file's path, size and modification time. Images joined
+    from ``image_root`` are left out (a million stat calls; each read checks its hash instead)."""
     out = []
+    skip = None if image_root is None else os.path.join(image_root, "")
     for f in files:
+        if skip is not None and f.startswith(skip):
+            continue
         st = os.stat(f)
         out.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
     return out
@@ -254,12 +337,14 @@ def save_index(records: Records, path: Path) -> None:
     with atomic_open(path, "wb") as f:
         np.savez(
             f,
-            signature=np.asarray([json.dumps(_signature(records.files))]),
+            signature=np.asarray([json.dumps(_signature(records.files, records.image_root))]),
             files=np.asarray(records.files),
             image=records.image,
             mask=records.mask if records.mask is not None else np.zeros((0, 3), np.int64),
             labels=records.labels,
             names=np.asarray(records.names),
+            image_root=np.asarray([records.image_root or ""]),
+            image_sha256=np.asarray(records.image_sha256 or [], dtype=str),
         )
 
 
@@ -268,32 +353,42 @@ def load_index(path: Path) -> Records | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             files = [str(f) for f in z["files"]]
-            if json.loads(str(z["signature"][0])) != _signature(files):
+            root = str(z["image_root"][0]) if "image_root" in z.files else ""
+            if json.loads(str(z["signature"][0])) != _signature(files, root or None):
                 return None
             mask = z["mask"] if len(z["mask"]) else None
-            return Records(files, z["image"], mask, z["labels"], [str(n) for n in z["names"]])
+            shas = [str(h) for h in z["image_sha256"]] if root else None
+            return Records(files, z["image"], mask, z["labels"], [str(n) for n in z["names"]],
+                           image_root=root or None, image_sha256=shas)  # fmt: skip
     except (OSError, ValueError, KeyError):
         return None
 
 
-def index_cached(spec: Sequence[str], require_masks: bool, cache: Path) -> Records:
+def index_cached(
+    spec: Sequence[str], require_masks: bool, cache: Path, images: str | Path | None = None
+) -> Records:
     """:func:`index_any`, reusing ``cache`` when it was made from the same, unchanged files.
 
     Reading every tar header (and every label) of ImageNet takes minutes; a resumed run, and
     every process of a distributed one, reads the cache instead.
     """
     records = load_index(cache) if cache.exists() else None
+    root = _image_root(images)
     if records is not None:
         wanted = None if _image_folder(spec) else resolve_shards(spec)
-        if wanted is not None and [str(Path(f).resolve()) for f in wanted] == [
-            str(Path(f).resolve()) for f in records.files
-        ]:
+        shard_files = records.files[: len(wanted)] if wanted is not None else []
+        same_root = records.image_root == (str(root) if root is not None else None)
+        if (
+            wanted is not None
+            and same_root
+            and [str(Path(f).resolve()) for f in wanted] == [str(Path(f).resolve()) for f in shard_files]
+        ):
             if require_masks and records.mask is None:
                 raise ShardError(
                     f"{records.files[0]}: these shards have no mask.png; this method needs masks"
                 )
             return records
-    records = index_any(spec, require_masks)
+    records = index_any(spec, require_masks, images)
     cache.parent.mkdir(parents=True, exist_ok=True)
     save_index(records, cache)
     return records
@@ -320,10 +415,28 @@ class FileReader:
         return handle.read(size)
 
 
-def decode_rgb(data: bytes, name: str) -> Image.Image:
+def read_image(reader: FileReader, records: Records, index: int, name: str) -> Image.Image:
+    """Sample ``index``'s image as RGB. An image joined from an image folder must have the
+    sha256 its build recorded (so another copy of the dataset cannot pair other pixels with
+    the masks) and is turned upright by its EXIF orientation, as the build turned it."""
+    fid, offset, size = (int(v) for v in records.image[index])
+    data = reader.read(fid, offset, size)
+    joined = records.image_root is not None and offset == -1
+    want = records.image_sha256[index] if joined and records.image_sha256 is not None else ""
+    if want and hashlib.sha256(data).hexdigest() != want:
+        raise ShardError(
+            f"sample {records.names[index]}: {records.files[fid]} is not the image its mask was built "
+            f"from (sha256 differs from the build's); is {records.image_root} the folder the build read?"
+        )
+    return decode_rgb(data, name, upright=joined)
+
+
+def decode_rgb(data: bytes, name: str, upright: bool = False) -> Image.Image:
+    """RGB pixels of ``data``; with ``upright``, turned by its EXIF orientation (as builds store
+    images: a build's own images are already upright)."""
     try:
         with open_limited(data, name) as im:
-            return im.convert("RGB")
+            return (ImageOps.exif_transpose(im) if upright else im).convert("RGB")
     except ShardFormatError as exc:
         raise ShardError(str(exc)) from None
     except Exception as exc:  # PIL raises many types for corrupt data

@@ -37,11 +37,16 @@ FIELD_CLASS = "cls"
 FIELD_META = "json"
 FIELD_ORDER = (FIELD_IMAGE, FIELD_MASK, FIELD_SALIENCY, FIELD_CLASS, FIELD_META)
 
+# Version of what a shard holds: 2 added ``source_sha256`` (builds of version 1 lack it). The
+# plan's fingerprint includes it, so a build is never resumed into shards of two versions.
+SHARD_FORMAT = 2
+
 # Every sample's json carries exactly these keys.
 META_KEYS = (
     "key",
     "source",
     "path",
+    "source_sha256",
     "width",
     "height",
     "label",
@@ -99,6 +104,7 @@ _META_TYPES: dict[str, tuple[type, ...]] = {
     "key": (str,),
     "source": (str,),
     "path": (str,),
+    "source_sha256": (str,),
     "width": (int,),
     "height": (int,),
     "method": (str,),
@@ -328,6 +334,7 @@ def hf_features(
         "key": string,
         "source": string,
         "path": string,
+        "source_sha256": string,
         "width": i64,
         "height": i64,
         "label": i64,

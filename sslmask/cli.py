@@ -37,12 +37,21 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("shards", nargs=-1, required=True)
-def inspect(shards: tuple[str, ...]) -> None:
+@click.option("--images", type=click.Path(exists=True, file_okay=False),
+              help="Image folder masks-only SHARDS were built from: check that every sample's image is there.")  # fmt: skip
+def inspect(shards: tuple[str, ...], images: str | None) -> None:
     """Check that SHARDS can be trained on and print what they hold (JSON).
 
     SHARDS are maskgen build folders, shard files, globs or brace patterns.
     """
-    click.echo(dumps(summarize(resolve_shards(shards))))
+    summary = summarize(resolve_shards(shards))
+    if images is not None:
+        from maskio.records import index_shards
+
+        records = index_shards(shards, require_masks=False, images=images)
+        joined = 0 if records.image_root is None else int((records.image[:, 1] == -1).sum())
+        summary.update(images=True, image_root=records.image_root, images_joined=joined)
+    click.echo(dumps(summary))
 
 
 @cli.command()
@@ -67,7 +76,11 @@ def inspect(shards: tuple[str, ...]) -> None:
     "--deterministic", is_flag=True, help="Deterministic kernels; = --set train.deterministic=true."
 )
 @click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
-def train(shards, method, run, config_file, overrides, resume, seed, deterministic, print_config) -> None:
+@click.option("--images", type=click.Path(exists=True, file_okay=False),
+              help="Image folder masks-only SHARDS were built from; = --set data.images=DIR.")  # fmt: skip
+def train(
+    shards, method, run, config_file, overrides, resume, seed, deterministic, print_config, images
+) -> None:
     """Pretrain a backbone on SHARDS (maskgen builds, tars, globs, brace patterns).
 
     Multi-process: torchrun --nproc_per_node N -m sslmask.cli train ...
@@ -78,6 +91,8 @@ def train(shards, method, run, config_file, overrides, resume, seed, determinist
         ["train.deterministic=true"] if deterministic else []
     )
     cfg = load_config(method, config_file, [*overrides, *extra])
+    if images is not None:  # a path, whatever it looks like (--set would type "2024" as a number)
+        cfg["data"]["images"] = str(Path(images).resolve())
     if print_config:
         import yaml
 
@@ -132,25 +147,43 @@ def _loader_options(fn):
     ])  # fmt: skip
 
 
+IMAGES_HELP = "Image folder the masks-only shards of {} were built from (json.path is relative to it)."
+
+
+def _image_options(*splits: str):
+    """``--images`` (for --train or --data) and ``--val-images`` (for --val): where the images of
+    masks-only shards are (a published masks-only dataset plus your own copy of its images)."""
+    names = {"train": "--images", "data": "--images", "val": "--val-images"}
+    return [click.option(names[s], names[s][2:].replace("-", "_"), type=click.Path(exists=True, file_okay=False),
+                         help=IMAGES_HELP.format(f"--{s}")) for s in splits]  # fmt: skip
+
+
 def _eval_options(fn):
     """A backbone, a labelled training split, a labelled validation split, the loader options."""
     return _apply(fn, [
         _backbone_options,
         click.option("--train", "train_spec", required=True, multiple=True, help="Labelled shards or class folders."),
         click.option("--val", "val_spec", required=True, multiple=True, help="Labelled shards or class folders."),
+        *_image_options("train", "val"),
         _loader_options,
     ])  # fmt: skip
 
 
 def _reads_builds(fn):
     """Hold the builds an evaluation reads (``--train``, ``--val``, ``--data``) against a
-    rebuild for as long as it runs; refused in one line while a build is writing one."""
+    rebuild for as long as it runs; refused in one line while a build is writing one. Each
+    split reaches the command as a ``DataSpec`` carrying its ``--images`` folder."""
     import functools
 
     from maskio.buildlock import reading_builds
+    from maskio.records import DataSpec
 
     @functools.wraps(fn)
     def wrapper(**kwargs):
+        images, val_images = kwargs.pop("images", None), kwargs.pop("val_images", None)
+        for name, root in (("train_spec", images), ("data_spec", images), ("val_spec", val_images)):
+            if name in kwargs:
+                kwargs[name] = DataSpec(tuple(kwargs[name]), root)
         specs = [*kwargs.get("train_spec", ()), *kwargs.get("val_spec", ()), *kwargs.get("data_spec", ())]
         with reading_builds(specs):
             return fn(**kwargs)
@@ -215,6 +248,7 @@ def linear(
 @click.option(
     "--data", "data_spec", required=True, multiple=True, help="One labelled split: shards or class folders."
 )
+@_image_options("data")[0]
 @click.option("--features", "kind", type=click.Choice(FEATURE_KINDS), default="backbone", show_default=True,
               help="Pooled backbone feature (CLS/GAP), grid mean, or a run's predictor output.")  # fmt: skip
 @_loader_options
@@ -294,6 +328,8 @@ def occlusion(checkpoint, arch, branch, train_spec, val_spec, image_size, batch_
 @click.option(
     "--val", "val_spec", required=True, multiple=True, help="Shards or class folders to localise in."
 )
+@_image_options("train")[0]
+@_image_options("val")[0]
 @click.option(
     "--boxes", help="CUB root or bounding_boxes.txt, ImageNet val XML folder, or LOC_val_solution.csv."
 )
@@ -326,13 +362,13 @@ def localization(checkpoint, arch, branch, train_spec, val_spec, boxes, gt_masks
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backbone, scored = load_backbone_branch(checkpoint, arch, branch=branch)
     backbone = backbone.to(device)
-    val = index_any(list(val_spec))
+    val = index_any(val_spec)
     matched = match_boxes(record_keys(val), read_boxes(boxes, gt_masks))
     if not any(matched):
         raise ShardError(f"{val_spec[0]}: no sample matches a box of {boxes or gt_masks}")
     probe = None
     if not agnostic:
-        train = index_any(list(train_spec))
+        train = index_any(train_spec)
         for spec, records in ((train_spec, train), (val_spec, val)):
             if not records.labelled:
                 raise ShardError(f"{spec[0]}: some samples have no class label; use --agnostic")

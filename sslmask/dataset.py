@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from maskio.errors import ShardError, ShardFormatError
-from maskio.records import FileReader, Records, decode_rgb
+from maskio.records import FileReader, Records, read_image
 from maskio.shard_format import open_limited
 from sslmask.transforms import ViewSpec, eval_view, make_view, mask_integral
 
@@ -79,7 +79,7 @@ class ViewsDataset(Dataset):
         epoch, index = item
         rec = self.records
         name = f"{rec.files[rec.image[index, 0]]}:{rec.names[index]}"
-        image = decode_rgb(self.reader.read(*rec.image[index]), name)
+        image = read_image(self.reader, rec, index, name)
         mask = self._mask(index, name, image.size)
         integral = mask_integral(np.asarray(mask) > 0) if mask is not None and self.recrops else None
         g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
@@ -113,7 +113,7 @@ class EvalDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         rec = self.records
-        image = decode_rgb(self.reader.read(*rec.image[index]), rec.names[index])
+        image = read_image(self.reader, rec, index, rec.names[index])
         out = (eval_view(image, self.size), int(rec.labels[index]))
         if not self.masks:
             return out

@@ -198,11 +198,14 @@ def check_config(cfg: dict[str, Any], info: D.DistInfo) -> None:
 def load_records(shards: list[str], cfg: dict[str, Any], run: Path, info: D.DistInfo) -> Records:
     """Rank 0 indexes the shards (or reads its cache); the others then read that cache."""
     needs_masks = METHODS[cfg["method"]].uses_masks(cfg)
+    images = cfg["data"]["images"]
+    if images is not None and not isinstance(images, str):
+        raise ConfigError(f"data.images must be a folder path, got {images!r}")
     if info.main:
-        records = index_cached(shards, needs_masks, run / INDEX_CACHE)
+        records = index_cached(shards, needs_masks, run / INDEX_CACHE, images)
     D.barrier(info)
     if not info.main:
-        records = index_cached(shards, needs_masks, run / INDEX_CACHE)
+        records = index_cached(shards, needs_masks, run / INDEX_CACHE, images)
     return records
 
 

@@ -115,7 +115,7 @@ def labelled_splits(train_spec: Sequence[str], val_spec: Sequence[str]) -> tuple
 
     splits = []
     for spec in (train_spec, val_spec):
-        records = index_any(list(spec))
+        records = index_any(spec)
         if not records.labelled:
             raise ShardError(f"{spec[0]}: some samples have no class label; evaluation needs labels")
         splits.append(records)
@@ -182,7 +182,7 @@ def split_features(checkpoint: str, arch: str | None, spec, image_size: int, kin
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     module, embed, scored = embedder(checkpoint, arch, kind, branch)
-    records = index_any(list(spec))
+    records = index_any(spec)
     if not records.labelled:
         raise ShardError(f"{spec[0]}: some samples have no class label; evaluation needs labels")
     feats, labels = extract_features(

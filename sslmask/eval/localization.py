@@ -35,7 +35,7 @@ from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
 from maskio.errors import ShardError, ShardFormatError
-from maskio.records import IMAGE_EXTS, FileReader, Records, decode_rgb
+from maskio.records import IMAGE_EXTS, FileReader, Records, read_image
 from maskio.shard_format import open_limited, sanitize_key
 from sslmask.backbones import normalize
 from sslmask.pooling import channel_heatmap, normalise_per_image
@@ -151,7 +151,9 @@ def checked_boxes(boxes: dict[str, list[Box]], source: Path) -> dict[str, list[B
 
 def record_keys(records: Records) -> list[str]:
     """Each sample's key: its shard key, or for an image folder class/file as maskgen names it."""
-    if not (records.image[:, 1] == -1).all():  # shards (an image folder's samples are whole files)
+    if (
+        records.image_root is not None or not (records.image[:, 1] == -1).all()
+    ):  # shards (an image folder's samples are whole files)
         return list(records.names)
     return [path_key(f"{Path(records.files[int(i)]).parent.name}/{Path(records.files[int(i)]).name}")
             for i in records.image[:, 0]]  # fmt: skip
@@ -184,7 +186,7 @@ class ResizedDataset(Dataset):
 
     def __getitem__(self, i: int):
         rec, index = self.records, self.indices[i]
-        image = decode_rgb(self.reader.read(*rec.image[index]), rec.names[index])
+        image = read_image(self.reader, rec, index, rec.names[index])
         resized = np.asarray(image.resize((self.size, self.size), Image.BICUBIC), dtype=np.uint8)
         return (
             torch.from_numpy(resized.copy()).permute(2, 0, 1),

@@ -16,7 +16,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from maskio.errors import ShardError
-from maskio.records import FileReader, Records, decode_rgb
+from maskio.records import FileReader, Records, read_image
 from maskio.shard_format import decode_mask_png
 
 
@@ -46,9 +46,7 @@ class TeacherCrops(Dataset):
 
     def image(self, index: int) -> Image.Image:
         rec = self.records
-        return decode_rgb(
-            self.reader.read(*rec.image[index]), f"{rec.files[rec.image[index, 0]]}:{rec.names[index]}"
-        )
+        return read_image(self.reader, rec, index, f"{rec.files[rec.image[index, 0]]}:{rec.names[index]}")
 
     def mask(self, index: int) -> np.ndarray:
         """The teacher's mask as a bool array."""

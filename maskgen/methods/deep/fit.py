@@ -22,7 +22,7 @@ import math
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +86,10 @@ def _sample_paths(dataset: TeacherCrops, indices: list[int]) -> dict[int, str]:
     """The source ``path`` of each sample (from its json); only the tars involved are re-indexed
     (the records keep image and mask offsets, not the json's)."""
     rec = dataset.records
+    assert rec.mask is not None
     wanted: dict[int, dict[str, int]] = {}
-    for i in indices:
-        wanted.setdefault(int(rec.image[i][0]), {})[rec.names[i]] = i
+    for i in indices:  # the mask's file is the sample's shard (its image may be joined from a folder)
+        wanted.setdefault(int(rec.mask[i][0]), {})[rec.names[i]] = i
     out = {}
     for fid, keys in wanted.items():
         for key, fields in index_tar(rec.files[fid]):
@@ -177,7 +178,7 @@ def relabel(
                 png = encode_mask_png(binarize(sal, PostprocessConfig()).mask)
                 mask[i] = (fid, f.tell(), len(png))
                 f.write(png)
-    return Records([*rec.files, str(path)], rec.image, mask, rec.labels, rec.names)
+    return replace(rec, files=[*rec.files, str(path)], mask=mask)
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,7 @@ class FitConfig:
     decoder: str = "linear"
     val_fraction: float = 0.1
     gt: str | None = None
+    images: str | None = None  # image folder of masks-only shards
     rounds: int = 0
     iou_weight: float = 0.0
     info: tuple[tuple[str, Any], ...] = ()  # provenance recorded in the head file
@@ -269,7 +271,7 @@ def _fit_head(cfg: FitConfig, echo: Callable[[str], None]) -> dict[str, Any]:
     cfg.check()
     torch.manual_seed(cfg.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    records = index_shards(cfg.shards, require_masks=True)
+    records = index_shards(cfg.shards, require_masks=True, images=cfg.images)
     trunk = load_backbone(cfg.backbone, cfg.arch, cfg.out_stride)
     net = SaliencyNet(trunk, cfg.decoder).to(device)
     opt = torch.optim.AdamW(trainable_parameters(net, cfg.finetune), lr=cfg.lr, weight_decay=1e-4)

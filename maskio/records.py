@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 
 from maskio.atomic import atomic_open
 from maskio.errors import ShardError, ShardFormatError
+from maskio.hub import download_snapshot, is_hub_spec, published_manifest, snapshot_tars
 from maskio.shard_format import (
     FIELD_CLASS,
     FIELD_IMAGE,
@@ -43,13 +44,21 @@ def resolve_shards(specs: Sequence[str]) -> list[str]:
     """Expand build folders, shard folders, globs and brace patterns into tar paths.
 
     ``OUT`` (a maskgen build) and ``OUT/shards`` give the complete shards of that build;
-    ``data/maskgen-{000000..000009}.tar`` and ``data/*.tar`` work as in webdataset.
+    ``data/maskgen-{000000..000009}.tar`` and ``data/*.tar`` work as in webdataset; a published
+    dataset works as ``hf://datasets/OWNER/NAME[@REVISION]`` or as its downloaded snapshot
+    folder (``maskio.hub``).
     """
     import braceexpand
 
     urls: list[str] = []
     for spec in specs:
+        if is_hub_spec(spec):
+            urls.extend(str(p) for p in snapshot_tars(download_snapshot(spec)))
+            continue
         path = Path(spec)
+        if path.is_dir() and snapshot_tars(path):
+            urls.extend(str(p) for p in snapshot_tars(path))
+            continue
         if path.is_dir():
             build_dir = build_root(path)
             found = [str(p) for p in shard_paths(build_dir)]
@@ -224,11 +233,11 @@ def build_class_names(urls: Sequence[str]) -> list[str] | None:
     """The class names the builds of ``urls`` recorded (``manifest.json``'s ``class_names``,
     label i = name i), when every shard comes from a build that recorded the same list."""
     found: list[list[str] | None] = []
-    for root in {Path(u).resolve().parent.parent for u in urls}:
+    for root in {Path(u).absolute().parent.parent for u in urls}:
         try:
             names = json.loads((root / MANIFEST).read_text()).get("class_names")
-        except (OSError, ValueError, AttributeError):
-            names = None
+        except (OSError, ValueError, AttributeError):  # a published snapshot: data/train/x.tar
+            names = (published_manifest(root.parent) or {}).get("class_names")
         ok = isinstance(names, list) and all(isinstance(n, str) for n in names)
         found.append(names if ok else None)
     if not found or any(f is None or f != found[0] for f in found):
@@ -282,7 +291,7 @@ def _image_folder(spec: Sequence[str]) -> Path | None:
     """The folder when ``spec`` is one folder of class folders (no maskgen build, no tars)."""
     if len(spec) == 1 and Path(spec[0]).is_dir():
         path = Path(spec[0])
-        if not (path / "shards").is_dir() and not any(path.glob("*.tar")):
+        if not (path / "shards").is_dir() and not any(path.glob("*.tar")) and not snapshot_tars(path):
             return path
     return None
 

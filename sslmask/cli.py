@@ -45,6 +45,9 @@ def inspect(shards: tuple[str, ...], images: str | None) -> None:
     SHARDS are maskgen build folders, shard files, globs or brace patterns.
     """
     summary = summarize(resolve_shards(shards))
+    published = _published(shards)
+    if published:
+        summary["published"] = published
     if images is not None:
         from maskio.records import index_shards
 
@@ -52,6 +55,21 @@ def inspect(shards: tuple[str, ...], images: str | None) -> None:
         joined = 0 if records.image_root is None else int((records.image[:, 1] == -1).sum())
         summary.update(images=True, image_root=records.image_root, images_joined=joined)
     click.echo(dumps(summary))
+
+
+def _published(shards: tuple[str, ...]) -> list[dict]:
+    """What each published dataset among SHARDS says it is (its maskgen.json: method,
+    parameters, source, classes)."""
+    from maskio.hub import download_snapshot, is_hub_spec, published_manifest, snapshot_tars
+
+    out = []
+    for spec in shards:
+        folder = download_snapshot(spec) if is_hub_spec(spec) else Path(spec)
+        if is_hub_spec(spec) or snapshot_tars(folder):
+            manifest = published_manifest(folder) or {}
+            out.append({"dataset": spec, **{k: manifest.get(k) for k in ("source", "method", "method_params")},
+                        "classes": len(manifest.get("class_names") or [])})  # fmt: skip
+    return out
 
 
 @cli.command()

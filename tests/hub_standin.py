@@ -2,7 +2,8 @@
 
 Implements: whoami-v2, repo creation, branch creation, repo info, preupload (upload modes
 and the oids of files already committed), the LFS batch API (no upload action for objects it
-already stores), basic LFS PUT uploads, and NDJSON commits. ``fail_put_after`` makes the
+already stores), basic LFS PUT uploads, NDJSON commits, the file tree, and file downloads (HEAD and GET
+``/datasets/REPO/resolve/REVISION/PATH``, with the headers ``hf_hub_download`` reads). ``fail_put_after`` makes the
 n+1-th LFS upload fail with HTTP 403 (not retried by the client), to interrupt a publish.
 """
 
@@ -50,9 +51,11 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args: Any) -> None:  # keep test output clean
         pass
 
-    def _send(self, status: int, body: Any = None) -> None:
+    def _send(self, status: int, body: Any = None, error_code: str | None = None) -> None:
         data = json.dumps(body if body is not None else {}).encode()
         self.send_response(status)
+        if error_code:  # how the Hub tells a missing revision from a missing repo
+            self.send_header("X-Error-Code", error_code)
         if self.state.hostile == "warning":
             self.send_header("X-HF-Warning", f"leak; your token is {TOKEN}")
         self.send_header("Content-Type", "application/json")
@@ -67,9 +70,45 @@ class Handler(BaseHTTPRequestHandler):
         self.state.headers_seen.append(self.headers.get("Authorization", ""))
         return self.headers.get("Authorization") == f"Bearer {TOKEN}"
 
+    def _resolve(self, head_only: bool) -> bool:
+        """Serve ``/datasets/REPO/resolve/REVISION/PATH`` (REVISION: a branch or the head sha);
+        False when the path is not a download."""
+        m = re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", self.path.split("?")[0])
+        if not m:
+            return False
+        repo = self.state.repos.get(m.group(1))
+        revision = m.group(2)
+        if repo is None or (revision not in repo["branches"] and revision != repo["head"]):
+            self._send(404, {"error": "Repository or revision not found"})
+            return True
+        branch = repo["branches"].get(revision) or repo["branches"]["main"]
+        entry = branch.get(m.group(3))
+        if entry is None:
+            self._send(404, {"error": "Entry not found"})
+            return True
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", repo["head"])
+        self.send_header("ETag", f'"{entry["oid"]}"')
+        if len(entry["oid"]) == 64:  # an LFS file: the Hub reports the sha256 as the linked etag
+            self.send_header("X-Linked-Etag", f'"{entry["oid"]}"')
+            self.send_header("X-Linked-Size", str(entry["size"]))
+        self.send_header("Content-Length", str(len(entry["data"])))
+        self.end_headers()
+        if not head_only:
+            self.wfile.write(entry["data"])
+        return True
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        if not self._authorized():
+            return self._send(401, {"error": "Invalid credentials in Authorization header"})
+        if not self._resolve(head_only=True):
+            self._send(404, {"error": "not found"})
+
     def do_GET(self) -> None:  # noqa: N802
         if not self._authorized():
             return self._send(401, {"error": "Invalid credentials in Authorization header"})
+        if self._resolve(head_only=False):
+            return None
         if self.path == "/api/whoami-v2":
             if self.state.hostile == "whoami_list":
                 return self._send(200, ["tester", TOKEN])
@@ -77,13 +116,31 @@ class Handler(BaseHTTPRequestHandler):
             if self.state.hostile == "zero_width":
                 name = f"user-{TOKEN[:5]}\u200b{TOKEN[5:]}"
             return self._send(200, {"type": "user", "name": name, "auth": {"accessToken": {"role": "write"}}})
+        m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/tree/([^?]+)(\?.*)?", self.path)
+        if m and m.group(1) in self.state.repos:  # list_repo_tree, as snapshot_download asks it
+            repo = self.state.repos[m.group(1)]
+            files = repo["branches"].get(m.group(2)) or repo["branches"]["main"]
+            entries = []
+            for path, f in sorted(files.items()):
+                entry = {"type": "file", "path": path, "oid": f["oid"], "size": f["size"]}
+                if len(f["oid"]) == 64:
+                    entry.update(
+                        oid=git_sha1(f["data"]), lfs={"oid": f["oid"], "size": f["size"], "pointerSize": 134}
+                    )
+                entries.append(entry)
+            return self._send(200, entries)
         m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/revision/([^?]+)(\?.*)?", self.path)
         if m and m.group(1) in self.state.repos:
             repo = self.state.repos[m.group(1)]
-            files = repo["branches"].get(m.group(2), {})
+            revision = m.group(2).replace("%2F", "/")
+            if revision not in repo["branches"] and revision != repo["head"]:
+                return self._send(
+                    404, {"error": f"Invalid rev id: {revision}"}, error_code="RevisionNotFound"
+                )
+            files = repo["branches"].get(revision) or repo["branches"]["main"]
             return self._send(200, {"id": m.group(1), "sha": repo["head"], "private": repo["private"],
                                     "siblings": [{"rfilename": f} for f in sorted(files)]})  # fmt: skip
-        return self._send(404, {"error": "Repository not found"})
+        return self._send(404, {"error": "Repository not found"}, error_code="RepoNotFound")
 
     def do_PUT(self) -> None:  # noqa: N802
         m = re.fullmatch(r"/lfs-upload/([0-9a-f]{64})", self.path)

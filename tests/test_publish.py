@@ -199,3 +199,72 @@ def test_a_hostile_hub_never_gets_the_token_printed(build, hub, tmp_path, mode):
     else:
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 1 and lines[-1].startswith("maskgen: error:"), res.stderr
+
+
+def hub_cli(tool: str, *args: str, home: Path, endpoint: str, offline: bool = False):
+    """``sslmask``/``maskgen`` in a fresh process that sees the stand-in as the Hub."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env.update(HF_HOME=str(home), HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=str(REPO),
+               HF_TOKEN=TOKEN, HF_ENDPOINT=endpoint, **({"HF_HUB_OFFLINE": "1"} if offline else {}))  # fmt: skip
+    return subprocess.run([sys.executable, "-m", f"{tool}.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=600)  # fmt: skip
+
+
+def masks_by_key(tars) -> dict[str, bytes]:
+    from maskio.shard_format import iter_tar_samples
+
+    return {key: fields["mask.png"] for tar in tars for key, fields in iter_tar_samples(tar)}
+
+
+def test_round_trip_publish_masks_only_download_and_train_with_your_images(hub, tmp_path):
+    """build -> publish --masks-only -> hf:// and snapshot folder -> train with --images: the same
+    samples, byte-identical masks, and the weights of training on the local full-image build."""
+    import torch
+    from conftest import tiny_train_args
+    from test_masks_only import write_tree
+
+    from maskio.shard_format import shard_paths
+    from sslmask.cli import main as sslmask_main
+
+    state, base = hub
+    root = write_tree(tmp_path / "images")
+    local = tmp_path / "local"
+    assert main(["build", "--source", "folder", "--root", str(root), "--class-folders", "--method", "center",
+                 "--shard-size", "6", "--out", str(local), "--executor", "local", "--no-progress"]) == 0  # fmt: skip
+    home = tmp_path / "hf"
+    res = publish(local, "--repo", "org/in-masks", "--masks-only", endpoint=base, home=home)
+    assert res.returncode == 0, res.stderr
+
+    res = hub_cli("sslmask", "inspect", "hf://datasets/org/in-masks", "--images", str(root), home=home,
+                  endpoint=base)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["samples"] == 16 and summary["images_joined"] == 16
+    assert summary["published"][0]["method"] == "center" and summary["published"][0]["classes"] == 2
+    snapshot = next((home / "hub" / "datasets--org--in-masks" / "snapshots").iterdir())
+    tars = sorted(snapshot.glob("data/train/*.tar"))
+    assert masks_by_key(tars) == masks_by_key(shard_paths(local))  # same samples, byte-identical masks
+
+    sets = ["train.epochs=2", "train.deterministic=true", "data.batch_size=4"]
+    assert sslmask_main(tiny_train_args("harl", local, tmp_path / "a", *sets)) == 0
+    res = hub_cli("sslmask", *tiny_train_args("harl", "hf://datasets/org/in-masks", tmp_path / "b", *sets),
+                  "--images", str(root), home=home, endpoint=base)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert (
+        sslmask_main([*tiny_train_args("harl", snapshot, tmp_path / "c", *sets), "--images", str(root)]) == 0
+    )
+    weights = [torch.load(tmp_path / r / "checkpoint.pt", weights_only=True)["method"] for r in "abc"]
+    assert all(torch.equal(weights[0][k], w[k]) for w in weights[1:] for k in weights[0])
+
+    # offline from the cache; and one line for a revision, a repo or (offline) a download it lacks
+    res = hub_cli("sslmask", "inspect", "hf://datasets/org/in-masks", home=home, endpoint=base, offline=True)
+    assert res.returncode == 0 and json.loads(res.stdout)["samples"] == 16, res.stderr
+    for spec, message, offline in [
+        ("hf://datasets/org/in-masks@v9", "no revision 'v9'", False),
+        ("hf://datasets/org/nothing", "no such dataset repo", False),
+        ("hf://datasets/org/nothing", "not in the local Hugging Face cache", True),
+        ("hf://datasets/not-a-repo", "expected hf://datasets/OWNER/NAME", False),
+    ]:
+        res = hub_cli("sslmask", "inspect", spec, home=home, endpoint=base, offline=offline)
+        assert res.returncode != 0 and message in res.stderr, (spec, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1 and TOKEN not in res.stderr, res.stderr

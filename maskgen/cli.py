@@ -208,10 +208,21 @@ def build(**kw: Any) -> None:
 @click.argument("out", type=str)
 @click.option("--gt", type=str, help="Ground-truth folder (default: the build's own source).")
 def eval_cmd(out: str, gt: str | None) -> None:
-    """Recompute report.json and report.html of a finished build from its shards."""
-    from maskgen.evaluate import evaluate_build
+    """Recompute report.json and report.html of a finished build from its shards; or score a
+    published dataset (hf://datasets/OWNER/NAME, or its snapshot folder) against --gt."""
+    from pathlib import Path
 
-    report = evaluate_build(out, gt)
+    from maskgen.evaluate import evaluate_build, evaluate_shards
+    from maskio.hub import is_hub_spec, snapshot_tars
+
+    if is_hub_spec(out) or snapshot_tars(Path(out)):
+        if not gt:
+            raise click.UsageError(
+                "a published dataset names no source to find ground truth in: give --gt DIR"
+            )
+        report = evaluate_shards([out], gt)
+    else:
+        report = evaluate_build(out, gt)
     fields = ("n_images", "n_with_gt", "miou", "mae", "max_fbeta", "s_measure", "e_measure")
     click.echo(" ".join(f"{k}={report[k]:.4f}" if isinstance(report[k], float) else f"{k}={report[k]}"
                         for k in fields))  # fmt: skip

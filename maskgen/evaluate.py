@@ -50,6 +50,40 @@ def check_same_size(mask: np.ndarray, soft: np.ndarray, meta: dict[str, Any]) ->
                                f"{mask.shape[1]}x{mask.shape[0]}")  # fmt: skip
 
 
+def _scored_sample(shard, key: str, fields: dict[str, bytes], gt_of: GroundTruthLookup):
+    """``(mask, soft map, ground truth at the mask's size, soft map stored?)`` of one sample, or
+    None when it has no ground truth."""
+    with in_sample(shard, key):
+        if FIELD_META not in fields or FIELD_MASK not in fields:
+            raise ShardFormatError(f"no {FIELD_META if FIELD_META not in fields else FIELD_MASK}")
+        meta = decode_meta(fields[FIELD_META])
+        gt = gt_of(meta.get("path") or "")
+        if gt is None:
+            return None
+        mask = decode_mask_png(fields[FIELD_MASK])
+        has_sal = FIELD_SALIENCY in fields
+        soft = decode_gray_png(fields[FIELD_SALIENCY]) if has_sal else mask.astype(np.uint8) * 255
+        check_same_size(mask, soft, meta)
+    return mask, soft, fit_to_shape(gt, mask.shape), has_sal
+
+
+def evaluate_shards(specs: list[str], gt_dir: str) -> dict[str, Any]:
+    """Mask quality of any shards (a published dataset: ``hf://`` or its snapshot folder) against
+    the ground truth in ``gt_dir``; reads only, writes no report (the shards are not a build)."""
+    from maskio.records import resolve_shards
+
+    gt_of = GroundTruthLookup(gt_dir=gt_dir)
+    sums = MetricSums()
+    n = 0
+    for shard in resolve_shards(specs):
+        for key, fields in iter_tar_samples(shard, {FIELD_MASK, FIELD_SALIENCY, FIELD_META}):
+            n += 1
+            scored = _scored_sample(shard, key, fields, gt_of)
+            if scored is not None:
+                sums.add(*scored[:3])
+    return {"n_images": n, "n_with_gt": sums.n, **sums.results()}
+
+
 def evaluate_build(out: str | os.PathLike, gt_dir: str | None = None) -> dict[str, Any]:
     out = Path(out)
     manifest_path = out / MANIFEST
@@ -76,19 +110,12 @@ def evaluate_build(out: str | os.PathLike, gt_dir: str | None = None) -> dict[st
         fields_wanted = {FIELD_MASK, FIELD_SALIENCY, FIELD_META}
         shard = out / SHARDS_DIR / shard_name(i)
         for key, fields in iter_tar_samples(shard, fields_wanted):
-            with in_sample(shard, key):
-                if FIELD_META not in fields or FIELD_MASK not in fields:
-                    raise ShardFormatError(f"no {FIELD_META if FIELD_META not in fields else FIELD_MASK}")
-                meta = decode_meta(fields[FIELD_META])
-                gt = gt_of(meta.get("path") or "")
-                if gt is None:
-                    continue
-                mask = decode_mask_png(fields[FIELD_MASK])
-                has_sal = FIELD_SALIENCY in fields
-                soft = decode_gray_png(fields[FIELD_SALIENCY]) if has_sal else mask.astype(np.uint8) * 255
-                check_same_size(mask, soft, meta)
+            scored = _scored_sample(shard, key, fields, gt_of)
+            if scored is None:
+                continue
+            mask, soft, gt, has_sal = scored
             used_saliency = has_sal if used_saliency is None else used_saliency and has_sal
-            push_extremes(shard_best, shard_worst, sums.add(mask, soft, fit_to_shape(gt, mask.shape)), key)
+            push_extremes(shard_best, shard_worst, sums.add(mask, soft, gt), key)
         kept = shard_best + [(-v, k) for v, k in shard_worst]
         agg.shard_of_key.update((k, i) for _, k in kept)
         best.extend(shard_best)

@@ -9,8 +9,10 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hub_standin import TOKEN, start
+from PIL import Image
 
 from maskgen.cli import main
 
@@ -255,6 +257,24 @@ def test_round_trip_publish_masks_only_download_and_train_with_your_images(hub, 
     )
     weights = [torch.load(tmp_path / r / "checkpoint.pt", weights_only=True)["method"] for r in "abc"]
     assert all(torch.equal(weights[0][k], w[k]) for w in weights[1:] for k in weights[0])
+
+    # mask quality of the published dataset against ground truth = the local build's
+    gt = tmp_path / "gt"
+    for image in root.rglob("*.jpg"):
+        target = gt / image.relative_to(root).with_suffix(".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        h, w = Image.open(image).size[::-1]
+        Image.fromarray(
+            ((np.arange(w)[None, :] > w // 3) & (np.arange(h)[:, None] > h // 4)).astype(np.uint8) * 255
+        ).save(target)
+    scores = []
+    for out in (str(local), "hf://datasets/org/in-masks"):
+        res = hub_cli("maskgen", "eval", out, "--gt", str(gt), home=home, endpoint=base)
+        assert res.returncode == 0, res.stderr
+        scores.append(res.stdout.strip())
+    assert scores[0] == scores[1] and "n_with_gt=16" in scores[0]
+    res = hub_cli("maskgen", "eval", "hf://datasets/org/in-masks", home=home, endpoint=base)
+    assert res.returncode != 0 and "give --gt DIR" in res.stderr
 
     # offline from the cache; and one line for a revision, a repo or (offline) a download it lacks
     res = hub_cli("sslmask", "inspect", "hf://datasets/org/in-masks", home=home, endpoint=base, offline=True)

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from sslmask.methods.segas import hierarchical_kmeans, prototype_sizes
+from sslmask.prototypes import hierarchical_kmeans, prototype_sizes
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ def seed_prototypes(method, dim: int, n: int = 2600) -> None:
     ``n`` images), so the timed step pays for every SegAS term."""
     import numpy as np
 
-    from sslmask.methods.segas import hierarchical_kmeans, prototype_sizes
+    from sslmask.prototypes import hierarchical_kmeans, prototype_sizes
 
     x = torch.nn.functional.normalize(torch.randn(n, dim, generator=torch.Generator().manual_seed(1)), dim=1)
     cents, labels = hierarchical_kmeans(x.numpy(), prototype_sizes(None, n), niter=5, nredo=1)

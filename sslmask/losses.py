@@ -6,6 +6,8 @@ to the global term for samples whose mask is degenerate).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -90,3 +92,29 @@ def search_loss(
     ce = (-targets.detach() * F.log_softmax(student.float() / student_temp, dim=-1)).sum(-1)
     w = weights.to(ce.dtype)
     return (ce * w).sum() / w.sum().clamp_min(1.0)
+
+
+# SegAS (docs/methods.md §4): calibrated prototype targets and the prototype loss
+
+
+def confidence(p: torch.Tensor) -> torch.Tensor:
+    """Eq. 8: rho = max p (1 - H(p) / log M), in [0, 1]; B x M probabilities -> B."""
+    entropy = -torch.xlogy(p, p).sum(1)
+    return p.max(1).values * (1 - entropy / math.log(p.shape[1]))
+
+
+def calibrated_target(
+    sim: torch.Tensor, label: torch.Tensor, tau_k: float, tau_rho: float, mu: str = "mean"
+) -> torch.Tensor:
+    """Eqs. 6-9 for one level: B x M key-prototype cosines and B k-means labels -> B x M targets."""
+    # mean: per sample, over the prototypes; max: the batch mean of each sample's best match
+    threshold = sim.mean(1, keepdim=True) if mu == "mean" else sim.max(1).values.mean()
+    p = torch.softmax(torch.where(sim < threshold, torch.full_like(sim, -1.0), sim) / tau_k, dim=1)
+    rho = confidence(p).unsqueeze(1)
+    onehot = F.one_hot(label, sim.shape[1]).to(p.dtype)
+    return torch.where(rho < tau_rho, onehot, rho * p + (1 - rho) * onehot)
+
+
+def procr_loss(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Eq. 4 per sample: KL(target || softmax(logits)), with 0 log 0 = 0."""
+    return (torch.xlogy(target, target) - target * torch.log_softmax(logits, dim=1)).sum(1)

@@ -12,17 +12,11 @@ import torch.nn.functional as F
 from conftest import refused_train, tiny_train_args
 
 from sslmask.config import load_config
+from sslmask.losses import calibrated_target, confidence, procr_loss
 from sslmask.methods import build_method
-from sslmask.methods.segas import (
-    apfs_keep,
-    calibrated_target,
-    confidence,
-    hierarchical_kmeans,
-    procr_loss,
-    prototype_sizes,
-    random_cells_keep,
-)
+from sslmask.methods.segas import apfs_keep, random_cells_keep
 from sslmask.pooling import channel_heatmap
+from sslmask.prototypes import hierarchical_kmeans, prototype_sizes
 
 SMALL = ["model.arch=resnet_tiny", "model.proj_hidden=32", "model.proj_dim=16", "mocov2.queue=32",
          "data.image_size=32"]  # fmt: skip

@@ -31,7 +31,6 @@ prototypes are object-centric.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 
 from sslmask import distributed as D
 from sslmask.backbones import Backbone
-from sslmask.losses import embedding_std, info_nce
+from sslmask.losses import calibrated_target, confidence, embedding_std, info_nce, procr_loss
 from sslmask.methods.mocov2 import MoCoV2
 from sslmask.pooling import (
     channel_heatmap,
@@ -50,6 +49,7 @@ from sslmask.pooling import (
     normalise_per_image,
     usable_masks,
 )
+from sslmask.prototypes import hierarchical_kmeans, prototype_sizes
 from sslmask.transforms import ViewSpec, moco_v2_views
 
 if TYPE_CHECKING:
@@ -59,72 +59,6 @@ MASK_MODES = ("none", "salient")
 MU_MODES = ("mean", "max")
 DIVERSITY_ON = ("filtered", "all")
 CLUSTER_ON = ("image", "foreground")
-# ⟨A⟩ automatic prototype counts (segas.prototypes: null): ImageNet-1k's (30,000, 10,000, 1,000) per 1.28 M images
-AUTO_PER_IMAGE = (30_000 / 1_281_167, 10_000 / 1_281_167, 1_000 / 1_281_167)
-
-
-def prototype_sizes(spec: list[int] | None, n: int) -> list[int]:
-    """Clusters per level, bottom-up: an explicit list, or ``None`` (auto: ImageNet-1k's ratios to the
-    image count: 62 / 20 / 2 for Imagenette's 2,600 photos; at least 2, fewer than the level
-    below where the counts allow)."""
-    if spec is None:
-        sizes, below = [], n
-        for ratio in AUTO_PER_IMAGE:
-            below = max(2, min(below - 1, round(ratio * n)))
-            sizes.append(below)
-        return sizes
-    sizes, below = [int(m) for m in spec], n
-    for m in sizes:
-        if not 2 <= m <= below:
-            raise ValueError(f"segas.prototypes {list(spec)}: each level needs 2..{below} clusters here")
-        below = m
-    return sizes
-
-
-def hierarchical_kmeans(
-    x: np.ndarray, sizes: list[int], niter: int = 20, nredo: int = 5, seed: int = 0
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Bottom-up spherical k-means (faiss, as HCSC): level 1 clusters the L2-normalised
-    instances, level l the centroids of level l-1. Returns per level the L2-normalised
-    centroids (M_l x D) and each instance's label (n), propagated up through the levels."""
-    import faiss
-
-    points = np.ascontiguousarray(x, dtype=np.float32)
-    labels = np.arange(len(points))
-    centroids, instance_labels = [], []
-    for level, k in enumerate(sizes):
-        km = faiss.Kmeans(points.shape[1], k, niter=niter, nredo=nredo, seed=seed + level,
-                          spherical=True, verbose=False, min_points_per_centroid=1)  # fmt: skip
-        km.train(points)
-        _, assign = km.index.search(points, 1)
-        labels = assign[:, 0][labels]  # instance -> this level, through the levels below
-        centroids.append(km.centroids.copy())
-        instance_labels.append(labels.astype(np.int64))
-        points = km.centroids
-    return centroids, instance_labels
-
-
-def confidence(p: torch.Tensor) -> torch.Tensor:
-    """Eq. 8: rho = max p (1 - H(p) / log M), in [0, 1]; B x M probabilities -> B."""
-    entropy = -torch.xlogy(p, p).sum(1)
-    return p.max(1).values * (1 - entropy / math.log(p.shape[1]))
-
-
-def calibrated_target(
-    sim: torch.Tensor, label: torch.Tensor, tau_k: float, tau_rho: float, mu: str = "mean"
-) -> torch.Tensor:
-    """Eqs. 6-9 for one level: B x M key-prototype cosines and B k-means labels -> B x M targets."""
-    # mean: per sample, over the prototypes; max: the batch mean of each sample's best match
-    threshold = sim.mean(1, keepdim=True) if mu == "mean" else sim.max(1).values.mean()
-    p = torch.softmax(torch.where(sim < threshold, torch.full_like(sim, -1.0), sim) / tau_k, dim=1)
-    rho = confidence(p).unsqueeze(1)
-    onehot = F.one_hot(label, sim.shape[1]).to(p.dtype)
-    return torch.where(rho < tau_rho, onehot, rho * p + (1 - rho) * onehot)
-
-
-def procr_loss(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Eq. 4 per sample: KL(target || softmax(logits)), with 0 log 0 = 0."""
-    return (torch.xlogy(target, target) - target * torch.log_softmax(logits, dim=1)).sum(1)
 
 
 def apfs_keep(heat: torch.Tensor, omega: float, sigma: torch.Tensor | float) -> torch.Tensor:

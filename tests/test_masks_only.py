@@ -157,3 +157,18 @@ def test_an_exif_rotated_photo_is_read_upright_as_the_build_saw_it(tmp_path):
     rotated = records.names.index(next(n for n in records.names if "rotated" in n))
     image, label, mask = data[rotated]
     assert image.shape[-2:] == mask.shape[-2:] and label == 0
+
+
+def test_the_index_cache_keeps_the_join_and_notices_another_image_folder(builds, tmp_path):
+    from maskio.records import index_cached, load_index
+
+    root, _, masks = builds
+    cache = tmp_path / "index.npz"
+    first = index_cached([str(masks)], True, cache, images=root)
+    again = load_index(cache)
+    assert again is not None and again.image_root == first.image_root == str(root.resolve())
+    assert np.array_equal(again.image_sha256, first.image_sha256) and len(again.image_sha256) == 16
+    assert again.subset([3, 1]).image_sha256.tolist() == first.image_sha256[[3, 1]].tolist()
+    other = shutil.copytree(root, tmp_path / "other")
+    moved = index_cached([str(masks)], True, cache, images=other)
+    assert moved.image_root == str(other.resolve()) and moved.files[-1].startswith(str(other.resolve()))

@@ -381,23 +381,26 @@ def index_cached(
     Reading every tar header (and every label) of ImageNet takes minutes; a resumed run, and
     every process of a distributed one, reads the cache instead.
     """
-    records = load_index(cache) if cache.exists() else None
+    # shards are resolved once (an hf:// spec is a download, or at least a question to the Hub)
+    wanted = None if _image_folder(spec) else resolve_shards(spec)
+    records = load_index(cache) if cache.exists() and wanted is not None else None
     root = _image_root(images)
-    if records is not None:
-        wanted = None if _image_folder(spec) else resolve_shards(spec)
-        shard_files = records.files[: len(wanted)] if wanted is not None else []
+    if records is not None and wanted is not None:
+        shard_files = records.files[: len(wanted)]
         same_root = records.image_root == (str(root) if root is not None else None)
-        if (
-            wanted is not None
-            and same_root
-            and [str(Path(f).resolve()) for f in wanted] == [str(Path(f).resolve()) for f in shard_files]
-        ):
+        if same_root and [str(Path(f).resolve()) for f in wanted] == [
+            str(Path(f).resolve()) for f in shard_files
+        ]:
             if require_masks and records.mask is None:
                 raise ShardError(
                     f"{records.files[0]}: these shards have no mask.png; this method needs masks"
                 )
             return records
-    records = index_any(spec, require_masks, images)
+    records = (
+        index_any(spec, require_masks, images)
+        if wanted is None
+        else index_shards(wanted, require_masks, images)
+    )
     cache.parent.mkdir(parents=True, exist_ok=True)
     save_index(records, cache)
     return records

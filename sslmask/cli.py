@@ -44,29 +44,33 @@ def inspect(shards: tuple[str, ...], images: str | None) -> None:
 
     SHARDS are maskgen build folders, shard files, globs or brace patterns.
     """
-    summary = summarize(resolve_shards(shards))
-    published = _published(shards)
+    from maskio.hub import download_snapshot, is_hub_spec
+
+    # an hf:// dataset is fetched (or found in the cache) once; everything below reads the folder
+    local = {spec: str(download_snapshot(spec)) if is_hub_spec(spec) else spec for spec in shards}
+    urls = resolve_shards(list(local.values()))
+    summary = summarize(urls)
+    published = _published(local)
     if published:
         summary["published"] = published
     if images is not None:
         from maskio.records import index_shards
 
-        records = index_shards(shards, require_masks=False, images=images)
+        records = index_shards(urls, require_masks=False, images=images)
         joined = 0 if records.image_root is None else int((records.image[:, 1] == -1).sum())
         summary.update(images=True, image_root=records.image_root, images_joined=joined)
     click.echo(dumps(summary))
 
 
-def _published(shards: tuple[str, ...]) -> list[dict]:
-    """What each published dataset among SHARDS says it is (its maskgen.json: method,
-    parameters, source, classes)."""
-    from maskio.hub import download_snapshot, is_hub_spec, published_manifest, snapshot_tars
+def _published(local: dict[str, str]) -> list[dict]:
+    """What each published dataset among the specs says it is (its snapshot folder's
+    maskgen.json: method, parameters, source, classes); ``local``: spec -> local path."""
+    from maskio.hub import published_manifest, snapshot_tars
 
     out = []
-    for spec in shards:
-        folder = download_snapshot(spec) if is_hub_spec(spec) else Path(spec)
-        if is_hub_spec(spec) or snapshot_tars(folder):
-            manifest = published_manifest(folder) or {}
+    for spec, path in local.items():
+        if snapshot_tars(Path(path)):
+            manifest = published_manifest(Path(path)) or {}
             out.append({"dataset": spec, **{k: manifest.get(k) for k in ("source", "method", "method_params")},
                         "classes": len(manifest.get("class_names") or [])})  # fmt: skip
     return out
@@ -168,12 +172,12 @@ def _loader_options(fn):
 IMAGES_HELP = "Image folder the masks-only shards of {} were built from (json.path is relative to it)."
 
 
-def _image_options(*splits: str):
-    """``--images`` (for --train or --data) and ``--val-images`` (for --val): where the images of
+def _image_option(split: str):
+    """``--images`` (for --train or --data) or ``--val-images`` (for --val): where the images of
     masks-only shards are (a published masks-only dataset plus your own copy of its images)."""
-    names = {"train": "--images", "data": "--images", "val": "--val-images"}
-    return [click.option(names[s], names[s][2:].replace("-", "_"), type=click.Path(exists=True, file_okay=False),
-                         help=IMAGES_HELP.format(f"--{s}")) for s in splits]  # fmt: skip
+    flag = "--val-images" if split == "val" else "--images"
+    return click.option(flag, flag[2:].replace("-", "_"), type=click.Path(exists=True, file_okay=False),
+                        help=IMAGES_HELP.format(f"--{split}"))  # fmt: skip
 
 
 def _eval_options(fn):
@@ -182,7 +186,8 @@ def _eval_options(fn):
         _backbone_options,
         click.option("--train", "train_spec", required=True, multiple=True, help="Labelled shards or class folders."),
         click.option("--val", "val_spec", required=True, multiple=True, help="Labelled shards or class folders."),
-        *_image_options("train", "val"),
+        _image_option("train"),
+        _image_option("val"),
         _loader_options,
     ])  # fmt: skip
 
@@ -266,7 +271,7 @@ def linear(
 @click.option(
     "--data", "data_spec", required=True, multiple=True, help="One labelled split: shards or class folders."
 )
-@_image_options("data")[0]
+@_image_option("data")
 @click.option("--features", "kind", type=click.Choice(FEATURE_KINDS), default="backbone", show_default=True,
               help="Pooled backbone feature (CLS/GAP), grid mean, or a run's predictor output.")  # fmt: skip
 @_loader_options
@@ -346,8 +351,8 @@ def occlusion(checkpoint, arch, branch, train_spec, val_spec, image_size, batch_
 @click.option(
     "--val", "val_spec", required=True, multiple=True, help="Shards or class folders to localise in."
 )
-@_image_options("train")[0]
-@_image_options("val")[0]
+@_image_option("train")
+@_image_option("val")
 @click.option(
     "--boxes", help="CUB root or bounding_boxes.txt, ImageNet val XML folder, or LOC_val_solution.csv."
 )

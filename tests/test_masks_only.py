@@ -4,6 +4,7 @@ missing, replaced or escaping image is one line naming the sample."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -64,8 +65,6 @@ def test_masks_only_shards_record_the_source_hash_and_carry_no_image(builds):
             assert "jpg" not in fields
             meta = json.loads(fields["json"])
             data = (root / meta["path"]).read_bytes()
-            import hashlib
-
             assert meta["source_sha256"] == hashlib.sha256(data).hexdigest(), key
 
 

@@ -32,6 +32,7 @@ from ssl_compare import parse_variant
 from sslmask.config import default_config, load_config
 from sslmask.methods import METHODS, build_method
 from sslmask.optim import build_optimizer
+from sslmask.progress import Progress
 
 BASELINES = {"harl": "byol", "scfs": "dino", "lodisc": "mocov3", "segas": "mocov2"}
 
@@ -111,14 +112,14 @@ def engine_step(name: str, args):
 
     def step(i: int) -> None:
         with torch.autocast(args.device, dtype=dtype, enabled=dtype is not None):
-            loss = method(batch, i, 100)["loss"]
+            loss = method(batch, Progress(i, 100, 10))["loss"]
         if not torch.isfinite(loss):  # a step that produces NaN is not a step worth timing
             raise RuntimeError(f"{name}: loss is not finite at step {i}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        method.before_optimizer_step(i, 100)
+        method.before_optimizer_step(Progress(i, 100, 10))
         opt.step()
-        method.after_optimizer_step(i, 100)
+        method.after_optimizer_step(Progress(i, 100, 10))
 
     return step, method
 

@@ -18,14 +18,43 @@ and the offline demo.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet, conv3x3
 
-# A trunk of either kind (ResNetTrunk here, sslmask.vit.ViTTrunk): forward -> grid, pooled,
-# features, num_features.
-Backbone = nn.Module
+
+@runtime_checkable
+class Backbone(Protocol):
+    """What a method, an evaluation or ``deep``'s head may ask of a trunk, whichever kind it is
+    (``ResNetTrunk`` here, ``sslmask.vit.ViTTrunk``). Both are ``nn.Module``s as well; a caller
+    asks ``is_vit`` rather than probing for a ViT's attributes."""
+
+    is_vit: bool
+    num_features: int  # C of the last grid and of the pooled feature
+    out_stride: int  # input pixels per grid cell
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature grid, N x C x h x w."""
+        ...
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """N x C: a ResNet's grid mean, a ViT's CLS token."""
+        ...
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pooled, grid)`` from one pass."""
+        ...
+
+    def stage_features(self, x: torch.Tensor, taps: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(pooled, [grid of each tapped stage or block])`` from one pass."""
+        ...
+
+    def stage_channels(self, taps: Sequence[int]) -> list[int]:
+        """The channels of each tapped grid (ValueError for one that does not exist)."""
+        ...
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,6 +81,8 @@ class DilatedBasicBlock(BasicBlock):
 
 class ResNetTrunk(ResNet):
     """torchvision ResNet with configurable widths, no classifier; ``forward`` -> N x C x h x w."""
+
+    is_vit = False
 
     def __init__(self, block, layers: list[int], widths=(64, 128, 256, 512), out_stride: int = 32):
         if out_stride not in (16, 32):
@@ -117,7 +148,7 @@ VIT_NAMES = (
 BACKBONES = (*ARCHS, *VIT_NAMES)
 
 
-def build_backbone(arch: str, out_stride: int = 32) -> nn.Module:
+def build_backbone(arch: str, out_stride: int = 32) -> Backbone:
     """A randomly initialised trunk. ``out_stride`` (16 or 32) is a ResNet setting; a ViT's
     grid always has the patch stride, 16."""
     if arch in VIT_NAMES:

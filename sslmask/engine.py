@@ -36,10 +36,11 @@ from sslmask.checkpoint import (
 )
 from sslmask.config import ConfigError, diff, validate
 from sslmask.dataset import EpochBatchSampler, ViewsDataset, steps_per_epoch
-from sslmask.eval.features import extract_features_sharded
 from sslmask.eval.knn import knn_eval
+from sslmask.features import extract_features_sharded
 from sslmask.methods import METHODS, SSLMethod, build_method
 from sslmask.optim import OPTIMIZERS, build_optimizer, clip_gradients
+from sslmask.progress import Progress
 from sslmask.schedules import cosine, warmup_cosine
 
 TB_DIR = "tb"
@@ -229,6 +230,12 @@ class Loop:
     nan_skips: int = 0
     last_saved: int = 0
 
+    @property
+    def progress(self) -> Progress:
+        """What the method's hooks are told about this step."""
+        seed = self.cfg["train"]["seed"]
+        return Progress(self.step, self.total, self.steps_per_epoch, seed, self.info.rank)
+
 
 def build_loop(method: SSLMethod, cfg: dict[str, Any], info: D.DistInfo, spe: int) -> Loop:
     """Device, optimiser (with the method's parameter groups), AMP and the DDP wrapper."""
@@ -314,8 +321,9 @@ def train_step(loop: Loop, batch: dict[str, torch.Tensor]) -> dict[str, float] |
     """One optimiser step; None when the loss was not finite on some rank (the step is skipped)."""
     logged = apply_schedules(loop)
     inputs = device_inputs(loop, batch)
+    progress = loop.progress
     with torch.autocast(loop.info.device.type, dtype=loop.amp_dtype, enabled=loop.amp_dtype is not None):
-        out = loop.forward(inputs, loop.step, loop.total)
+        out = loop.forward(inputs, progress)
     loss = out["loss"]
     if not D.all_true(bool(torch.isfinite(loss)), loop.info):
         loop.nan_skips += 1
@@ -329,10 +337,10 @@ def train_step(loop: Loop, batch: dict[str, torch.Tensor]) -> dict[str, float] |
         loop.scaler.unscale_(loop.optimizer)
         params = [p for group in loop.optimizer.param_groups for p in group["params"]]
         clip_gradients(params, o_cfg["grad_clip"], o_cfg["clip_mode"])
-    loop.method.before_optimizer_step(loop.step, loop.total)
+    loop.method.before_optimizer_step(progress)
     loop.scaler.step(loop.optimizer)
     loop.scaler.update()
-    logged.update(loop.method.after_optimizer_step(loop.step, loop.total))
+    logged.update(loop.method.after_optimizer_step(progress))
     loop.step += 1
     return {**logged, **{k: float(v.detach()) for k, v in out.items()}}
 
@@ -477,7 +485,7 @@ def _train(shards: list[str], cfg: dict[str, Any], run: Path, resume: bool) -> P
     try:
         for epoch in range(loop.step // spe, t_cfg["epochs"]):
             if loop.step == epoch * spe:  # a fresh epoch, not a resume inside one
-                logged = loop.method.before_epoch(epoch, records, info)
+                logged = loop.method.before_epoch(loop.progress, records, info)
                 if logged and info.main:
                     log.write({"kind": "epoch", "step": loop.step, "epoch": epoch, **logged})
             run_epoch(loop, dataset, epoch, log, steps, run)

@@ -5,6 +5,7 @@ on), giving the same things a ResNet trunk gives.
   reshaped (stride 16), which is what HARL pools masks on and ``deep``'s head reads;
 - ``pooled(x)``: the CLS token (what k-NN, the linear probe and the projection heads use);
 - ``features(x)``: both from one pass;
+- ``stage_features(x, taps)``: the CLS token and the grids after the tapped blocks;
 - ``attention_maps(x)``: each block's self-attention averaged over heads, N x T x T with the
   CLS token first. Only this call pays for them: the normal forward keeps timm's fused kernel.
 
@@ -35,6 +36,8 @@ PATCH = 16
 
 class ViTTrunk(VisionTransformer):
     """timm's ViT-*/16 without a classifier; ``forward`` -> the patch-token grid."""
+
+    is_vit = True
 
     def __init__(self, embed_dim: int, depth: int, heads: int):
         super().__init__(img_size=224, patch_size=PATCH, embed_dim=embed_dim, depth=depth, num_heads=heads,

@@ -12,6 +12,7 @@ from ddp_reference import global_batch
 
 from sslmask.config import load_config
 from sslmask.methods import build_method
+from sslmask.progress import Progress
 
 SETS = ["model.proj_hidden=32", "model.pred_hidden=32", "model.proj_dim=16", "mocov2.queue=20"]
 
@@ -30,9 +31,9 @@ def main(name: str, out: str) -> None:
     batch = {k: v for k, v in global_batch().items() if k.startswith("view")}
     half = len(batch["view0"]) // world
     local = {k: v[rank * half : (rank + 1) * half] for k, v in batch.items()}
-    loss = model(local, 3, 10)["loss"]
+    loss = model(local, Progress(3, 10, 10, method.cfg["train"]["seed"], rank))["loss"]
     loss.backward()
-    method.after_optimizer_step(3, 10)
+    method.after_optimizer_step(Progress(3, 10, 10, method.cfg["train"]["seed"], rank))
     reduced = loss.detach().clone()
     dist.all_reduce(reduced)
     grads = {n: p.grad for n, p in method.named_parameters() if p.grad is not None}

@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from ddp_reference import global_batch, make_method
 
+from sslmask.progress import Progress
+
 
 def main(out: str) -> None:
     dist.init_process_group("gloo")
@@ -18,7 +20,7 @@ def main(out: str) -> None:
     batch = global_batch()
     half = len(batch["view0"]) // world
     local = {k: v[rank * half : (rank + 1) * half] for k, v in batch.items()}
-    loss = model(local, 3, 10)["loss"]
+    loss = model(local, Progress(3, 10, 10))["loss"]
     loss.backward()
     reduced = loss.detach().clone()
     dist.all_reduce(reduced)

@@ -21,6 +21,7 @@ from sslmask.config import load_config
 from sslmask.engine import decay_exclude
 from sslmask.methods import build_method
 from sslmask.optim import clip_gradients
+from sslmask.progress import Progress
 
 TINY = ["model.proj_hidden=32", "model.pred_hidden=24", "model.proj_dim=16"]
 
@@ -72,10 +73,10 @@ def test_stop_grad_conv1_freezes_the_vit_patch_embedding_only():
     assert not {id(p) for n, p in m.backbone.named_parameters() if n in frozen} & in_optimiser
     before = m.backbone.patch_embed.proj.weight.clone()
     opt = torch.optim.AdamW([p for g in m.param_groups(0.1, "none") for p in g["params"]], lr=0.1)
-    out = m({"view0": torch.randn(4, 3, 32, 32), "view1": torch.randn(4, 3, 32, 32)}, 0, 10)
+    out = m({"view0": torch.randn(4, 3, 32, 32), "view1": torch.randn(4, 3, 32, 32)}, Progress(0, 10, 10))
     out["loss"].backward()
     opt.step()
-    m.after_optimizer_step(0, 10)
+    m.after_optimizer_step(Progress(0, 10, 10))
     assert torch.equal(m.backbone.patch_embed.proj.weight, before)
     torch.testing.assert_close(m.key_backbone.patch_embed.proj.weight, before)  # the EMA of a constant
     unfrozen = _method("mocov3", "model.arch=vit_micro", "mocov3.stop_grad_conv1=false")
@@ -160,7 +161,7 @@ def test_dino_clips_per_tensor_and_cancels_the_last_layer_after_clipping(monkeyp
     calls = []
     monkeypatch.setattr(engine, "clip_gradients", lambda params, c, mode: calls.append(("clip", c, mode)))
     hook = method.before_optimizer_step
-    monkeypatch.setattr(method, "before_optimizer_step", lambda s, t: (calls.append(("cancel",)), hook(s, t)))
+    monkeypatch.setattr(method, "before_optimizer_step", lambda p: (calls.append(("cancel",)), hook(p)))
     g = torch.Generator().manual_seed(0)
     batch = {
         f"view{v}": torch.randint(

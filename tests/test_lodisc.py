@@ -16,6 +16,7 @@ from sslmask.eval.retrieval import retrieval_metrics
 from sslmask.losses import moco_v3_loss
 from sslmask.methods import build_method
 from sslmask.methods.lodisc import fused_attention, mask_patches, patch_saliency, select_patches
+from sslmask.progress import Progress
 
 
 def _method(*sets: str):
@@ -124,7 +125,7 @@ def _batch(size=48):
 def test_lodisc_loss_is_the_four_contrastive_terms(mode):
     m = _method(f"lodisc.mode={mode}").eval()  # eval: no dropout, running BN statistics
     batch = _batch()
-    out = m(batch, 0, 10)
+    out = m(batch, Progress(0, 10, 10))
     tau = m.cfg["mocov3"]["temperature"]
     with torch.no_grad():
         q = [m.predictor(m.projector(m.backbone.pooled(batch[f"view{v}"]))) for v in range(2)]
@@ -155,21 +156,21 @@ def test_saliency_mode_extracts_no_attention_unless_a_sample_falls_back(monkeypa
     calls = []
     original = m.key_backbone.pooled_and_attention
     monkeypatch.setattr(m.key_backbone, "pooled_and_attention", lambda x: calls.append(1) or original(x))
-    m(batch, 0, 10)
+    m(batch, Progress(0, 10, 10))
     assert calls == []
-    m(_batch(), 0, 10)  # one all-foreground sample per view: attention for its fallback
+    m(_batch(), Progress(0, 10, 10))  # one all-foreground sample per view: attention for its fallback
     assert len(calls) == 2
 
 
 def test_the_momentum_encoder_moves_once_per_step():
     m = _method()
     before = [p.clone() for p in m.key_backbone.parameters()]
-    m(_batch(), 0, 10)["loss"].backward()
+    m(_batch(), Progress(0, 10, 10))["loss"].backward()
     assert all(torch.equal(a, b) for a, b in zip(before, m.key_backbone.parameters(), strict=True))
     with torch.no_grad():
         for p in m.backbone.parameters():
             p.add_(0.1)
-    tau = m.after_optimizer_step(0, 10)["tau"]
+    tau = m.after_optimizer_step(Progress(0, 10, 10))["tau"]
     for p, old, s in zip(m.key_backbone.parameters(), before, m.backbone.parameters(), strict=True):
         torch.testing.assert_close(p, tau * old + (1 - tau) * s)
 

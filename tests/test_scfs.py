@@ -18,6 +18,7 @@ from sslmask.config import ConfigError, load_config
 from sslmask.losses import search_loss
 from sslmask.methods import build_method
 from sslmask.methods.scfs import SearchHead, search_attention, search_query
+from sslmask.progress import Progress
 
 B, GLOBAL, LOCAL, N_LOCAL = 4, 32, 16, 2
 
@@ -100,10 +101,10 @@ def _one(t: torch.Tensor, b: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def slow_scfs_loss(m, batch, step: int, total: int) -> dict[str, float]:
+def slow_scfs_loss(m, batch, progress: Progress) -> dict[str, float]:
     """The SCFS loss of ``m`` (in eval mode) with a loop over samples, crops, globals and cells."""
     s, d = m.cfg["scfs"], m.cfg["dino"]
-    tau_s, temp = d["student_temp"], m.teacher_temp(step, total)
+    tau_s, temp = d["student_temp"], m.teacher_temp(progress)
     views = [batch[f"view{v}"] for v in range(2 + N_LOCAL)]
     fg = [[float(batch[f"mask{v}"][b].mean()) for b in range(B)] for v in range(2 + N_LOCAL)]
     mode = s["mask_mode"]
@@ -190,8 +191,9 @@ def test_scfs_loss_equals_a_per_sample_loop(arch, mode, globals_, layer_global):
         p.add_(0.05 * torch.randn(p.shape, generator=g))
     m.eval()
     batch = _batch()
-    out = m(batch, 37, 100)
-    ref = slow_scfs_loss(m, batch, 37, 100)
+    at37 = Progress(37, 100, 100 // m.cfg["train"]["epochs"])  # as when the step came with train.epochs
+    out = m(batch, at37)
+    ref = slow_scfs_loss(m, batch, at37)
     assert float(out["loss_dino"]) == pytest.approx(ref["loss_dino"], rel=1e-5)
     assert float(out["loss"]) == pytest.approx(ref["loss"], rel=1e-5)
     if mode == "none":
@@ -261,7 +263,7 @@ def test_stage_features_end_with_the_backbones_own_grid(arch):
 
 def test_teacher_heads_follow_the_student_by_ema_and_get_no_gradient():
     m = _method("resnet_tiny", "scfs.mask_mode=key")
-    out = m(_batch(), 0, 10)
+    out = m(_batch(), Progress(0, 10, 10))
     out["loss"].backward()
     assert all(p.grad is None for p in m.teacher_search_heads.parameters())
     assert all(p.grad is not None for p in m.search_heads.parameters() if p.requires_grad)
@@ -270,7 +272,7 @@ def test_teacher_heads_follow_the_student_by_ema_and_get_no_gradient():
             p.add_(1.0)
     before = [p.clone() for p in m.teacher_search_heads.parameters()]
     centre = m.layer_center.clone()
-    tau = m.after_optimizer_step(0, 10)["tau"]
+    tau = m.after_optimizer_step(Progress(0, 10, 10))["tau"]
     for p, old, s in zip(
         m.teacher_search_heads.parameters(), before, m.search_heads.parameters(), strict=True
     ):

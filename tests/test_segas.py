@@ -16,6 +16,7 @@ from sslmask.losses import calibrated_target, confidence, procr_loss
 from sslmask.methods import build_method
 from sslmask.methods.segas import apfs_keep, random_cells_keep
 from sslmask.pooling import channel_heatmap
+from sslmask.progress import Progress
 from sslmask.prototypes import hierarchical_kmeans, prototype_sizes
 
 SMALL = ["model.arch=resnet_tiny", "model.proj_hidden=32", "model.proj_dim=16", "mocov2.queue=32",
@@ -170,7 +171,7 @@ def test_forward_equals_a_per_sample_reference(monkeypatch, mu_mode):
     x2 = batch["view2"] * 0.5
     fired = torch.tensor([True, False, True, True, False, False])
     monkeypatch.setattr(m, "filtered_view", lambda b, p, step: (x2, fired, {}))
-    out = m(batch, 0, 10)
+    out = m(batch, Progress(0, 10, 10))
     s, tau = m.s, m.cfg["mocov2"]["temperature"]
     total = 0.0
     terms = {"info": 0.0, "h1": 0.0, "h2": 0.0, "div": 0.0}
@@ -237,7 +238,7 @@ def test_diversity_on_filtered_averages_over_the_filtered_samples_only():
 
 def test_before_warmup_the_loss_is_moco_v2s():
     m = _method()
-    out = m(_batch(), 0, 10)
+    out = m(_batch(), Progress(0, 10, 10))
     assert float(out["loss"]) == pytest.approx(float(out["loss_info"]))
     assert "loss_hprocr1" not in out
 
@@ -252,7 +253,7 @@ def test_the_trigger_fires_with_the_query_confidence_and_half_of_it_is_apfs():
     fired = apfs = 0
     steps = 40
     for step in range(steps):
-        _, fire, info = m.filtered_view(batch, p, step)
+        _, fire, info = m.filtered_view(batch, p, Progress(step, 10, 10))
         fired += int(fire.sum())
         apfs += float(info["apfs"]) * b
     n = steps * b
@@ -260,7 +261,9 @@ def test_the_trigger_fires_with_the_query_confidence_and_half_of_it_is_apfs():
     assert abs(fired - n * rho) < 4 * sd
     assert abs(apfs - fired / 2) < 4 * math.sqrt(fired / 4)
     # the coins depend on (seed, step) only: the same step draws the same samples
-    assert torch.equal(m.filtered_view(batch, p, 3)[1], m.filtered_view(batch, p, 3)[1])
+    assert torch.equal(
+        m.filtered_view(batch, p, Progress(3, 10, 10))[1], m.filtered_view(batch, p, Progress(3, 10, 10))[1]
+    )
 
 
 def test_filtering_applies_apfs_or_random_cells_to_the_fired_samples():
@@ -268,7 +271,7 @@ def test_filtering_applies_apfs_or_random_cells_to_the_fired_samples():
     batch = _batch(b=16)
     p = torch.zeros(16, 4)
     p[:, 0] = 1.0  # rho = 1: every sample fires
-    x2, fire, info = m.filtered_view(batch, p, 0)
+    x2, fire, info = m.filtered_view(batch, p, Progress(0, 10, 10))
     assert fire.all() and float(info["filtered"]) == 1.0
     with torch.no_grad():
         heat = channel_heatmap(m.key_backbone(batch["view2"]), (32, 32))
@@ -297,7 +300,7 @@ def test_salient_filtering_only_erases_inside_the_mask():
     batch["mask2"] = mask
     p = torch.zeros(8, 4)
     p[:, 0] = 1.0
-    x2, _, info = m.filtered_view(batch, p, 1)
+    x2, _, info = m.filtered_view(batch, p, Progress(1, 10, 10))
     assert float(info["fallback"]) == pytest.approx(1 / 8)
     changed = (x2 != batch["view2"]).any(1)  # 8 x 32 x 32
     outside = mask[:, 0] == 0

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from sslmask.config import load_config
 from sslmask.losses import dino_loss, info_nce, moco_v3_loss
 from sslmask.methods import build_method
+from sslmask.progress import Progress
 
 SMALL = ["model.proj_hidden=32", "model.pred_hidden=32", "model.proj_dim=16", "data.image_size=32"]
 
@@ -93,11 +94,11 @@ def test_moco_v2_step_enqueues_its_keys_and_updates_the_key_encoder_at_0_999():
     method, cfg = _method("mocov2", "mocov2.queue=8", "ema.tau_base=0.999")
     batch = {f"view{v}": torch.randn(4, 3, 32, 32) for v in range(2)}
     before = method.key_projector[0].weight.clone()
-    out = method(batch, 0, 10)
+    out = method(batch, Progress(0, 10, 10))
     out["loss"].backward()
     with torch.no_grad():
         method.projector[0].weight.add_(1.0)  # what an optimiser step would do
-    assert method.after_optimizer_step(0, 10) == {"tau": 0.999}
+    assert method.after_optimizer_step(Progress(0, 10, 10)) == {"tau": 0.999}
     torch.testing.assert_close(method.key_projector[0].weight, before + 0.001)
     assert int(method.queue_ptr) == 4 and method.queue[:4].norm(dim=1).allclose(torch.ones(4))
     assert [v.scale for v in type(method).view_specs(cfg)] == [(0.2, 1.0)] * 2
@@ -113,27 +114,31 @@ def test_dino_head_prototypes_have_unit_norm_and_stay_frozen_in_the_first_epoch(
     views = type(method).view_specs(cfg)
     assert [v.size for v in views] == [32, 32, 16, 16] and views[2].scale == (0.05, 0.14)
     batch = {f"view{v}": torch.randn(2, 3, s.size, s.size) for v, s in enumerate(views)}
-    method(batch, 0, 40)["loss"].backward()
-    method.before_optimizer_step(9, 40)  # epoch 0 of 4: frozen
+    method(batch, Progress(0, 40, 10))["loss"].backward()
+    method.before_optimizer_step(Progress(9, 40, 10))  # epoch 0 of 4: frozen
     assert all(p.grad is None for p in last.parameters())
-    method(batch, 10, 40)["loss"].backward()
-    method.before_optimizer_step(10, 40)  # epoch 1: trains
+    method(batch, Progress(10, 40, 10))["loss"].backward()
+    method.before_optimizer_step(Progress(10, 40, 10))  # epoch 1: trains
     assert last.parametrizations.weight.original1.grad is not None
 
 
 def test_dino_centre_and_teacher_temperature():
     method, cfg = _method("dino", "dino.out_dim=12", "dino.local_crops=0", "train.epochs=10",
                           "dino.warmup_teacher_temp_epochs=5")  # fmt: skip
-    assert method.teacher_temp(0, 100) == pytest.approx(0.04)
-    assert method.teacher_temp(25, 100) == pytest.approx(0.055)
-    assert method.teacher_temp(50, 100) == method.teacher_temp(99, 100) == pytest.approx(0.07)
+    assert method.teacher_temp(Progress(0, 100, 10)) == pytest.approx(0.04)
+    assert method.teacher_temp(Progress(25, 100, 10)) == pytest.approx(0.055)
+    assert (
+        method.teacher_temp(Progress(50, 100, 10))
+        == method.teacher_temp(Progress(99, 100, 10))
+        == pytest.approx(0.07)
+    )
     batch = {f"view{v}": torch.randn(3, 3, 32, 32) for v in range(2)}
-    method(batch, 0, 100)
+    method(batch, Progress(0, 100, 10))
     with torch.no_grad():  # the teacher sees both global crops as one batch, as in forward
         teacher = method.teacher_head(
             method.teacher_backbone(torch.cat([batch["view0"], batch["view1"]])).mean(dim=(2, 3))
         )
-    method.after_optimizer_step(0, 100)
+    method.after_optimizer_step(Progress(0, 100, 10))
     expected = 0.1 * teacher.mean(0, keepdim=True)  # from a zero centre, momentum 0.9
     torch.testing.assert_close(method.center, expected, rtol=1e-4, atol=1e-6)
 
@@ -144,7 +149,7 @@ def test_moco_v3_views_are_byols_pair_and_the_key_encoder_has_no_predictor():
     assert [v.blur_p for v in views] == [1.0, 0.1] and [v.solarize_p for v in views] == [0.0, 0.2]
     assert not hasattr(method, "key_predictor")
     assert all(not p.requires_grad for p in method.key_backbone.parameters())
-    assert method.after_optimizer_step(0, 10)["tau"] == pytest.approx(0.99)
+    assert method.after_optimizer_step(Progress(0, 10, 10))["tau"] == pytest.approx(0.99)
 
 
 def _torchrun(name: str, out):

@@ -10,6 +10,7 @@ import torch
 from sslmask.config import load_config
 from sslmask.losses import embedding_std, harl_hybrid_loss, harl_mask_loss, regression_loss
 from sslmask.methods import build_method
+from sslmask.progress import Progress
 
 
 def _slow_l2_normalized(p, z):
@@ -81,7 +82,12 @@ def test_harl_object_term_with_full_masks_equals_byol():
     )
     harl.load_state_dict(byol.state_dict())
     batch = _batch()
-    torch.testing.assert_close(harl(batch, 0, 10)["loss"], byol(batch, 0, 10)["loss"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        harl(batch, Progress(0, 10, 10))["loss"],
+        byol(batch, Progress(0, 10, 10))["loss"],
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def _manual_pool(fmap: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
@@ -106,7 +112,7 @@ def test_harl_forward_matches_manual_per_sample_computation():
         masks.append(m)
     masks[0][3] = 0  # an empty mask: that sample falls back to the global term
     batch = _batch(masks, n, size)
-    out = harl(batch, 0, 10)
+    out = harl(batch, Progress(0, 10, 10))
 
     alpha, lam = 0.7, 0.7
     with torch.no_grad():

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from sslmask.cli import main
+from sslmask.progress import Progress
 from sslmask.schedules import cosine_ramp
 
 TINY = ["--config", "cpu-demo", "--set", "data.image_size=48", "--set", "data.batch_size=8",
@@ -286,7 +287,7 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     method = make_method()
     batch = global_batch()
     halves = [{k: v[i * 4 : (i + 1) * 4] for k, v in batch.items()} for i in range(2)]
-    loss = sum(method(h, 3, 10)["loss"] for h in halves) / 2
+    loss = sum(method(h, Progress(3, 10, 10))["loss"] for h in halves) / 2
     loss.backward()
     torch.testing.assert_close(ddp["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
     grads = {n: p.grad for n, p in method.named_parameters() if p.grad is not None}

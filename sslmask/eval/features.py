@@ -1,79 +1,16 @@
-"""Frozen-backbone features: GAP of the last map on centre-cropped images."""
+"""Features for evaluation: a checkpoint's trunk (or a whole run's query embedding) on labelled
+splits. The extractor itself is ``sslmask.features``, below the methods."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from functools import partial
 
 import torch
-from torch.utils.data import DataLoader
 
 from maskio.records import Records
-from sslmask.backbones import Backbone, normalize
-from sslmask.dataset import EvalDataset
-
-
-@torch.no_grad()
-def extract_features(
-    backbone: Backbone,
-    records: Records,
-    image_size: int,
-    batch_size: int = 128,
-    workers: int = 2,
-    device: torch.device | str = "cpu",
-    embed: Callable[..., torch.Tensor] | None = None,
-    masks: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(N x C float32 features, N labels)`` in record order; ``backbone`` (any module) runs in
-    eval mode, and ``embed`` (default: ``backbone.pooled``) maps a normalised batch to features;
-    with ``masks`` it is called as ``embed(x, m)``, m the centre-cropped masks in [0, 1]."""
-    embed = embed or backbone.pooled
-    was_training = backbone.training
-    backbone.eval()
-    loader = DataLoader(
-        EvalDataset(records, image_size, masks), batch_size=batch_size, num_workers=workers, shuffle=False
-    )
-    feats, labels = [], []
-    for images, y, *mask in loader:
-        x = normalize(images.to(device, non_blocking=True))
-        extra = [m.to(device).float() / 255 for m in mask]
-        feats.append(embed(x, *extra).float().cpu())
-        labels.append(y)
-    backbone.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
-
-
-def extract_features_sharded(
-    backbone: Backbone,
-    records: Records,
-    image_size: int,
-    info,
-    embed: Callable[..., torch.Tensor] | None = None,
-    workers: int = 0,
-    masks: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`extract_features` of all records on every rank, each rank embedding only its
-    own slice (``info``: a ``sslmask.distributed.DistInfo``), so no rank waits on another's
-    share. The result is in record order on every rank."""
-    import numpy as np
-
-    from sslmask import distributed as D
-
-    n = len(records)
-    mine = np.arange(info.rank, n, info.world_size)
-    feats, labels = extract_features(
-        backbone,
-        records.subset(mine),
-        image_size,
-        workers=workers,
-        device=info.device,
-        embed=embed,
-        masks=masks,
-    )
-    feats = D.all_gather_uneven(feats.to(info.device), info).cpu()
-    labels = D.all_gather_uneven(labels.to(info.device), info).cpu()
-    order = np.concatenate([np.arange(r, n, info.world_size) for r in range(info.world_size)])
-    back = np.argsort(order)
-    return feats[back], labels[back]
+from sslmask.features import TRUNK_EMBEDDINGS, extract_features, trunk_embedding
+from sslmask.methods.base import SSLMethod
 
 
 def labelled_features(
@@ -122,10 +59,10 @@ def labelled_splits(train_spec: Sequence[str], val_spec: Sequence[str]) -> tuple
     return splits[0], align_labels(splits[0], splits[1], str(val_spec[0]))
 
 
-FEATURE_KINDS = ("backbone", "gap", "predictor")
+FEATURE_KINDS = (*TRUNK_EMBEDDINGS, "predictor")
 
 
-def load_run_method(spec: str):
+def load_run_method(spec: str) -> SSLMethod:
     """The whole trained method of an sslmask run (folder or checkpoint.pt), in eval mode."""
     from pathlib import Path
 
@@ -149,28 +86,22 @@ def load_run_method(spec: str):
 def embedder(checkpoint: str, arch: str | None, kind: str, branch: str = "auto"):
     """``(module, embed, scored branch)``: what features a split gets. ``backbone``: the pooled
     feature (ResNet GAP, ViT CLS) of ``branch``; ``gap``: the mean of its feature grid (a ViT's
-    patch tokens); ``predictor``: a run's query embedding (MoCo v3's predictor(projector(CLS)),
-    LoDisc's predictor(CLS) with its code heads), the feature LoDisc retrieves with, always
-    from the online branch."""
+    patch tokens); ``predictor``: a run's query embedding (``SSLMethod.embed``: MoCo v3's
+    predictor(projector(CLS)), LoDisc's predictor(CLS) with its code heads), the feature LoDisc
+    retrieves with, always from the online branch."""
     from sslmask.checkpoint import CheckpointError, canonical_branch, load_backbone_branch
 
     if kind not in FEATURE_KINDS:
         raise ValueError(f"features must be one of {', '.join(FEATURE_KINDS)}, got {kind!r}")
-    if kind == "predictor":
-        if canonical_branch(branch) not in ("auto", "online"):
-            raise CheckpointError(
-                f"--features predictor: the predictor is the online branch's, not {branch}'s"
-            )
-        method = load_run_method(checkpoint)
-        if not hasattr(method, "predictor"):
-            raise CheckpointError(
-                f"{checkpoint}: a {method.name} run has no predictor; use --features backbone"
-            )
-        return method, method.query, "online"
-    backbone, scored = load_backbone_branch(checkpoint, arch, branch=branch)
-    if kind == "gap":
-        return backbone, lambda x: backbone(x).mean(dim=(2, 3)), scored
-    return backbone, backbone.pooled, scored
+    if kind in TRUNK_EMBEDDINGS:
+        backbone, scored = load_backbone_branch(checkpoint, arch, branch=branch)
+        return backbone, trunk_embedding(backbone, kind), scored
+    if canonical_branch(branch) not in ("auto", "online"):
+        raise CheckpointError(f"--features {kind}: the {kind} is the online branch's, not {branch}'s")
+    method = load_run_method(checkpoint)
+    if kind not in method.embeddings:
+        raise CheckpointError(f"{checkpoint}: a {method.name} run has no {kind}; use --features backbone")
+    return method, partial(method.embed, kind=kind), "online"
 
 
 def split_features(checkpoint: str, arch: str | None, spec, image_size: int, kind: str = "backbone",

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from maskio.records import Records
-from sslmask.eval.features import extract_features
 from sslmask.eval.knn import topk_accuracy
 from sslmask.eval.linear import fit_linear
+from sslmask.features import extract_features
 from sslmask.pooling import channel_heatmap
 
 RATIOS = (0.25, 0.5, 0.75)

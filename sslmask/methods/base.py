@@ -1,11 +1,13 @@
 """The method interface: a method owns its views, heads, losses and momentum encoders.
 
-``forward(batch, step, total_steps)`` takes the normalised views (``view0``, ``view1`` ...),
+``forward(batch, progress)`` takes the normalised views (``view0``, ``view1`` ...),
 their soft masks in [0, 1] (``mask0`` ..., for methods with ``needs_masks``), crop boxes and
 flips (``box0``, ``flip0`` ...) on the device and returns a dict of named terms; ``"loss"`` is
-what the engine back-propagates, the other entries are logged. Everything that changes during
-training (EMA rate, teacher temperature, HARL's alpha and lambda) is a function of
-``step / total_steps``, so a checkpoint needs only the step to restore it.
+what the engine back-propagates, the other entries are logged. Every hook gets the engine's
+``Progress`` (step, total steps, steps per epoch, seed, rank; ``sslmask.progress``) and reads
+nothing of the loop's config. Everything that changes during training (EMA rate, teacher
+temperature, HARL's alpha and lambda) is a function of the progress, so a checkpoint needs
+only the step to restore it.
 
 Hooks, in the order the engine calls them each step: ``forward``, backward,
 ``before_optimizer_step`` (e.g. DINO's frozen last layer), the optimiser step,
@@ -22,8 +24,10 @@ import torch
 from torch import nn
 
 from sslmask.backbones import Backbone
+from sslmask.features import TRUNK_EMBEDDINGS, trunk_embedding
 from sslmask.momentum import MomentumPairs, ema_rate
 from sslmask.optim import param_groups
+from sslmask.progress import Progress
 from sslmask.transforms import ViewSpec, byol_views
 
 if TYPE_CHECKING:
@@ -37,6 +41,9 @@ class SSLMethod(nn.Module):
     # the trunk the method's reference code evaluates and exports: "online" (BYOL, MoCo) or
     # "momentum" (DINO's teacher); a run checkpoint records it (sslmask.checkpoint.BRANCHES)
     eval_branch: ClassVar[str] = "online"
+    # what ``embed`` gives (``sslmask eval --features``); methods with a predictor add
+    # "predictor" and define ``query``
+    embeddings: ClassVar[tuple[str, ...]] = TRUNK_EMBEDDINGS
 
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__()
@@ -78,23 +85,32 @@ class SSLMethod(nn.Module):
             raise ValueError(f"{self.name} has no momentum encoder")
         return copies[0]
 
+    def embed(self, x: torch.Tensor, kind: str = "backbone", branch: str = "online") -> torch.Tensor:
+        """A normalised batch's ``kind`` embedding: the trunk's (``TRUNK_EMBEDDINGS``, of
+        ``branch``) or, where the method has one, the online branch's ``predictor`` query."""
+        if kind not in self.embeddings:
+            raise ValueError(f"a {self.name} run embeds as {', '.join(self.embeddings)}, not {kind!r}")
+        if kind == "predictor":
+            return self.query(x)
+        return trunk_embedding(self.branch_backbone(branch), kind)(x)
+
     def param_groups(self, weight_decay: float, exclude: str = "bias_norm") -> list[dict]:
         """Optimiser groups; ``exclude`` (``optim.decay_exclude``, resolved) names what gets no
         weight decay (and no LARS adaptation)."""
         return param_groups(self.online_modules(), weight_decay, exclude)
 
-    def before_epoch(self, epoch: int, records: Records, info: DistInfo) -> dict[str, float]:
-        """At the start of ``epoch`` (0-based), on every rank: e.g. re-cluster; returns values to log."""
+    def before_epoch(self, progress: Progress, records: Records, info: DistInfo) -> dict[str, float]:
+        """At the start of ``progress.epoch``, on every rank: e.g. re-cluster; returns values to log."""
         return {}
 
-    def before_optimizer_step(self, step: int, total_steps: int) -> None:
+    def before_optimizer_step(self, progress: Progress) -> None:
         """After backward, before the step: change gradients (e.g. freeze a layer)."""
 
-    def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
+    def after_optimizer_step(self, progress: Progress) -> dict[str, float]:
         """After the step: update momentum encoders, queues, centres; returns values to log."""
         return {}
 
-    def forward(self, batch: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
 
@@ -108,7 +124,7 @@ class MomentumMethod(SSLMethod):
     ema: MomentumPairs
 
     @torch.no_grad()
-    def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
-        tau = ema_rate(self.cfg, step, total_steps)
+    def after_optimizer_step(self, progress: Progress) -> dict[str, float]:
+        tau = ema_rate(self.cfg, progress.step, progress.total_steps)
         self.ema.update(tau)
         return {"tau": tau}

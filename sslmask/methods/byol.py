@@ -10,12 +10,14 @@ from torch import nn
 from sslmask.backbones import Backbone
 from sslmask.heads import MLPHead
 from sslmask.losses import embedding_std, regression_loss
-from sslmask.methods.base import MomentumMethod
+from sslmask.methods.base import MomentumMethod, SSLMethod
 from sslmask.momentum import MomentumPairs, frozen_copy
+from sslmask.progress import Progress
 
 
 class BYOL(MomentumMethod):
     name = "byol"
+    embeddings = (*SSLMethod.embeddings, "predictor")
 
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)
@@ -44,7 +46,7 @@ class BYOL(MomentumMethod):
     def target_project(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.target_projector(pooled)
 
-    def forward(self, batch: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
         p, z_online, z_target = [], [], []
         for v in range(2):
             x = batch[f"view{v}"]

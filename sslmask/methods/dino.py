@@ -26,6 +26,7 @@ from sslmask.backbones import Backbone
 from sslmask.losses import dino_loss, embedding_std
 from sslmask.methods.base import MomentumMethod
 from sslmask.momentum import MomentumPairs, frozen_copy
+from sslmask.progress import Progress
 from sslmask.schedules import linear_warmup
 from sslmask.transforms import ViewSpec, multi_crop_views
 
@@ -83,10 +84,10 @@ class DINO(MomentumMethod):
     def online_modules(self) -> list[nn.Module]:
         return [self.backbone, self.head]
 
-    def teacher_temp(self, step: int, total_steps: int) -> float:
+    def teacher_temp(self, progress: Progress) -> float:
         d = self.cfg["dino"]
-        warmup = d["warmup_teacher_temp_epochs"] * total_steps // max(self.cfg["train"]["epochs"], 1)
-        return linear_warmup(d["warmup_teacher_temp"], d["teacher_temp"], step, warmup)
+        warmup = d["warmup_teacher_temp_epochs"] * progress.steps_per_epoch
+        return linear_warmup(d["warmup_teacher_temp"], d["teacher_temp"], progress.step, warmup)
 
     def _embed(self, backbone: nn.Module, head: nn.Module, crops: list[torch.Tensor]) -> list[torch.Tensor]:
         """Crops of one size run as one batch (as DINO does); outputs per crop, in order."""
@@ -101,28 +102,27 @@ class DINO(MomentumMethod):
             start = end
         return out
 
-    def forward(self, batch: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
         n_views = 2 + self.cfg["dino"]["local_crops"]
         crops = [batch[f"view{v}"] for v in range(n_views)]
         student = self._embed(self.backbone, self.head, crops)
         with torch.no_grad():
             teacher = self._embed(self.teacher_backbone, self.teacher_head, crops[:2])
-            temp = self.teacher_temp(step, total_steps)
+            temp = self.teacher_temp(progress)
             targets = [F.softmax((t.float() - self.center) / temp, dim=-1) for t in teacher]
             self._batch_center = torch.cat(teacher).float().mean(0, keepdim=True)
         loss = dino_loss(student, targets, self.cfg["dino"]["student_temp"])
         return {"loss": loss, "teacher_temp": torch.tensor(temp), "z_std": embedding_std(student[0])}
 
-    def before_optimizer_step(self, step: int, total_steps: int) -> None:
+    def before_optimizer_step(self, progress: Progress) -> None:
         """DINO keeps the prototypes still for the first ``freeze_last_layer`` epochs."""
-        epoch = step * self.cfg["train"]["epochs"] // max(total_steps, 1)
-        if epoch < self.cfg["dino"]["freeze_last_layer"]:
+        if progress.epoch < self.cfg["dino"]["freeze_last_layer"]:
             for p in self.head.last_layer.parameters():
                 p.grad = None
 
     @torch.no_grad()
-    def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
-        out = super().after_optimizer_step(step, total_steps)  # the EMA first, then the centre
+    def after_optimizer_step(self, progress: Progress) -> dict[str, float]:
+        out = super().after_optimizer_step(progress)  # the EMA first, then the centre
         if self._batch_center is not None:
             update_center(self.center, self._batch_center, self.cfg["dino"]["center_momentum"])
             self._batch_center = None

@@ -23,6 +23,7 @@ from sslmask.backbones import Backbone
 from sslmask.losses import embedding_std, harl_hybrid_loss, harl_mask_loss, regression_loss
 from sslmask.methods.byol import BYOL
 from sslmask.pooling import DOWNSAMPLE_MODES, POOL_NORMS, downsample_mask, masked_average_pool, usable_masks
+from sslmask.progress import Progress
 from sslmask.schedules import cosine_ramp
 
 LOSS_MODES = ("hybrid", "mask")
@@ -65,7 +66,7 @@ class HARL(BYOL):
         self, backbone, x: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h_f, h_b on the feature grid; h_g the backbone's pooled feature (ResNet: GAP; ViT: CLS)."""
-        cls, fmap = backbone.features(x) if hasattr(backbone, "cls_token") else (None, backbone(x))
+        cls, fmap = backbone.features(x) if backbone.is_vit else (None, backbone(x))
         m = downsample_mask(mask, fmap.shape[-2:], self.h["mask_mode"])
         norm = self.h["pool_norm"]
         fg, bg = masked_average_pool(fmap, m, norm), masked_average_pool(fmap, 1 - m, norm)
@@ -73,8 +74,8 @@ class HARL(BYOL):
         # add up on the grid then stays the one HARL's weights are pinned with
         return fg, bg, cls if cls is not None else fmap.mean(dim=(2, 3))
 
-    def forward(self, batch: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, torch.Tensor]:
-        alpha, lam = self.coefficients(step, total_steps)
+    def forward(self, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
+        alpha, lam = self.coefficients(progress.step, progress.total_steps)
         online, target = [], []
         for v in range(2):
             x, mask = batch[f"view{v}"], batch[f"mask{v}"]

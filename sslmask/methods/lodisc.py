@@ -38,8 +38,9 @@ from torch import nn
 from sslmask import distributed as D
 from sslmask.backbones import Backbone
 from sslmask.losses import embedding_std, moco_v3_loss
-from sslmask.methods.mocov3 import MoCoV3, head_layout, is_vit, mlp
+from sslmask.methods.mocov3 import MoCoV3, head_layout, mlp
 from sslmask.pooling import usable_masks
+from sslmask.progress import Progress
 from sslmask.vit import PATCH
 
 MODES = ("attention", "saliency", "product")
@@ -107,7 +108,7 @@ class LoDisc(MoCoV3):
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)
         c = self.c = cfg["lodisc"]
-        if not is_vit(backbone):
+        if not backbone.is_vit:
             raise ValueError(f"lodisc needs a ViT backbone (model.arch vit_*), got {cfg['model']['arch']!r}")
         if c["mode"] not in MODES:
             raise ValueError(f"lodisc.mode must be one of {', '.join(MODES)}, got {c['mode']!r}")
@@ -168,7 +169,7 @@ class LoDisc(MoCoV3):
         masked = self.key_projector(self.key_backbone.pooled(mask_patches(x, keep, grid)))
         return key, masked, fallback
 
-    def forward(self, batch: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
         tau = self.cfg["mocov3"]["temperature"]
         q = [self.query(batch[f"view{v}"]) for v in range(2)]
         keys = [self._keys(batch[f"view{v}"], batch.get(f"mask{v}")) for v in range(2)]

@@ -21,6 +21,7 @@ from sslmask.backbones import Backbone
 from sslmask.losses import embedding_std, info_nce
 from sslmask.methods.base import MomentumMethod
 from sslmask.momentum import MomentumPairs, frozen_copy
+from sslmask.progress import Progress
 from sslmask.transforms import ViewSpec, moco_v2_views
 
 
@@ -68,12 +69,12 @@ class MoCoV2(MomentumMethod):
         return [self.backbone, self.projector]
 
     @torch.no_grad()
-    def keys(self, x: torch.Tensor, step: int) -> torch.Tensor:
+    def keys(self, x: torch.Tensor, progress: Progress) -> torch.Tensor:
         """L2-normalised keys of this process's images, with shuffled BatchNorm under DDP."""
         if D.world_size() == 1:
             return F.normalize(self.key_projector(self.key_backbone.pooled(x)), dim=1)
         everything = D.all_gather(x)
-        perm = shuffle_perm(everything.shape[0], self.cfg["train"]["seed"], step, x.device)
+        perm = shuffle_perm(everything.shape[0], progress.seed, progress.step, x.device)
         rank, n = D.rank(), x.shape[0]
         mine = everything[perm[rank * n : (rank + 1) * n]]
         shuffled = D.all_gather(F.normalize(self.key_projector(self.key_backbone.pooled(mine)), dim=1))
@@ -81,9 +82,9 @@ class MoCoV2(MomentumMethod):
         keys[perm] = shuffled  # undo the shuffle
         return keys[rank * n : (rank + 1) * n]
 
-    def forward(self, batch: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
         q = F.normalize(self.projector(self.backbone.pooled(batch["view0"])), dim=1)
-        k = self.keys(batch["view1"], step)
+        k = self.keys(batch["view1"], progress)
         loss = info_nce(q, k, self.queue, self.cfg["mocov2"]["temperature"]).mean()
         self._pending = k.detach()
         return {"loss": loss, "z_std": embedding_std(q)}
@@ -97,8 +98,8 @@ class MoCoV2(MomentumMethod):
         self.queue[idx] = keys.to(self.queue.dtype)
         self.queue_ptr.fill_((ptr + keys.shape[0]) % size)
 
-    def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
-        out = super().after_optimizer_step(step, total_steps)  # the EMA first, then the enqueue
+    def after_optimizer_step(self, progress: Progress) -> dict[str, float]:
+        out = super().after_optimizer_step(progress)  # the EMA first, then the enqueue
         if self._pending is not None:
             self.enqueue(D.all_gather(self._pending))
             self._pending = None

@@ -21,8 +21,9 @@ from torch import nn
 from sslmask import distributed as D
 from sslmask.backbones import Backbone
 from sslmask.losses import embedding_std, moco_v3_loss
-from sslmask.methods.base import MomentumMethod
+from sslmask.methods.base import MomentumMethod, SSLMethod
 from sslmask.momentum import MomentumPairs, frozen_copy
+from sslmask.progress import Progress
 from sslmask.vit import VIT_ARCHS
 
 
@@ -46,10 +47,6 @@ def mlp(
     return nn.Sequential(*mods)
 
 
-def is_vit(backbone: nn.Module) -> bool:
-    return hasattr(backbone, "cls_token")
-
-
 def head_layout(vit: bool) -> dict[str, tuple[int, bool]]:
     """``{"projector": (layers, last_bn), "predictor": (layers, last_bn)}`` of the official
     ``MoCo_ViT`` / ``MoCo_ResNet``."""
@@ -60,12 +57,13 @@ def head_layout(vit: bool) -> dict[str, tuple[int, bool]]:
 
 class MoCoV3(MomentumMethod):
     name = "mocov3"
+    embeddings = (*SSLMethod.embeddings, "predictor")
 
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)
         if cfg["mocov3"]["temperature"] <= 0:
             raise ValueError("mocov3.temperature must be > 0")
-        if is_vit(backbone) and cfg["mocov3"]["stop_grad_conv1"]:
+        if backbone.is_vit and cfg["mocov3"]["stop_grad_conv1"]:
             for p in backbone.patch_embed.parameters():  # vits.py: patch_embed.proj weight and bias
                 p.requires_grad_(False)
         self.projector, self.predictor = self.build_heads(backbone, cfg)
@@ -77,7 +75,7 @@ class MoCoV3(MomentumMethod):
     def build_heads(cls, backbone: Backbone, cfg: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
         """(projector, predictor) in the official layout for ``backbone``."""
         m, p = cfg["model"], cls.head_dropout(cfg)
-        layout = head_layout(is_vit(backbone))
+        layout = head_layout(backbone.is_vit)
         layers, last_bn = layout["projector"]
         projector = mlp(backbone.num_features, m["proj_hidden"], m["proj_dim"], layers, last_bn, p)
         layers, last_bn = layout["predictor"]
@@ -107,7 +105,7 @@ class MoCoV3(MomentumMethod):
         """The momentum encoder's key of x."""
         return self.key_projector(self.key_backbone.pooled(x))
 
-    def forward(self, batch: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
         tau = self.cfg["mocov3"]["temperature"]
         q = [self.query(batch[f"view{v}"]) for v in range(2)]
         k = [self.key(batch[f"view{v}"]) for v in range(2)]

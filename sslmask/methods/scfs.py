@@ -36,6 +36,7 @@ from sslmask.losses import dino_loss, search_loss
 from sslmask.methods.dino import DINO, update_center
 from sslmask.momentum import MomentumPairs, frozen_copy
 from sslmask.pooling import DOWNSAMPLE_MODES, downsample_mask, masked_average_pool, usable_masks
+from sslmask.progress import Progress
 
 MASK_MODES = ("none", "key", "key_query", "key_query_gate")
 SEARCH_GLOBALS = ("first", "both")
@@ -86,7 +87,7 @@ class SCFS(DINO):
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)
         s = self.s = cfg["scfs"]
-        self.taps = list(s["vit_blocks"] if hasattr(backbone, "cls_token") else s["layers"])
+        self.taps = list(s["vit_blocks"] if backbone.is_vit else s["layers"])
         _check(s, cfg["dino"]["local_crops"], self.taps)
         channels = backbone.stage_channels(self.taps)
         self.search_heads = nn.ModuleList(
@@ -152,14 +153,14 @@ class SCFS(DINO):
                 out.append(attn * key)
         return torch.cat(out).to(teacher_grids[0].dtype)
 
-    def forward(self, batch: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
         n_local = self.cfg["dino"]["local_crops"]
         crops = [batch[f"view{v}"] for v in range(2 + n_local)]
         plan = self._mask_plan(batch, n_local)
         pooled_g, grids_g = self.backbone.stage_features(torch.cat(crops[:2]), self.taps)
         pooled_l, grids_l = self.backbone.stage_features(torch.cat(crops[2:]), self.taps)
         student = [*self.head(pooled_g).chunk(2), *self.head(pooled_l).chunk(n_local)]
-        temp = self.teacher_temp(step, total_steps)
+        temp = self.teacher_temp(progress)
         with torch.no_grad():
             t_pooled, t_grids = self.teacher_backbone.stage_features(torch.cat(crops[:2]), self.taps)
             teacher = self.teacher_head(t_pooled).chunk(2)
@@ -209,8 +210,8 @@ class SCFS(DINO):
         return {"loss_layers": total, "loss_search": search_t, "loss_layer_global": torch.as_tensor(global_t)}
 
     @torch.no_grad()
-    def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
-        out = super().after_optimizer_step(step, total_steps)
+    def after_optimizer_step(self, progress: Progress) -> dict[str, float]:
+        out = super().after_optimizer_step(progress)
         if self._batch_layer_center is not None:
             update_center(self.layer_center, self._batch_layer_center, self.cfg["dino"]["center_momentum"])
             self._batch_layer_center = None

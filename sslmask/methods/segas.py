@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from sslmask import distributed as D
 from sslmask.backbones import Backbone
+from sslmask.features import extract_features_sharded
 from sslmask.losses import calibrated_target, confidence, embedding_std, info_nce, procr_loss
 from sslmask.methods.mocov2 import MoCoV2
 from sslmask.pooling import (
@@ -49,6 +50,7 @@ from sslmask.pooling import (
     normalise_per_image,
     usable_masks,
 )
+from sslmask.progress import Progress
 from sslmask.prototypes import hierarchical_kmeans, prototype_sizes
 from sslmask.transforms import ViewSpec, moco_v2_views
 
@@ -121,13 +123,12 @@ class SegAS(MoCoV2):
         self.prototypes = [c.to(device) for c in state["prototypes"]]
 
     @torch.no_grad()
-    def before_epoch(self, epoch: int, records: Records, info: D.DistInfo) -> dict[str, float]:
+    def before_epoch(self, progress: Progress, records: Records, info: D.DistInfo) -> dict[str, float]:
         """Re-cluster the momentum encoder's embeddings of centre crops (rank 0 clusters; the
         result is broadcast). Leaves the global RNG as it found it."""
+        epoch = progress.epoch
         if epoch < self.s["warmup_epochs"] or self.clustered_epoch == epoch:
             return {}
-        from sslmask.eval.features import extract_features_sharded
-
         t0 = time.perf_counter()
         foreground = self.s["cluster_on"] == "foreground"
         with torch.random.fork_rng(devices=[]):
@@ -138,7 +139,7 @@ class SegAS(MoCoV2):
         sizes = prototype_sizes(self.s["prototypes"], len(records))
         if info.main:
             cents, labels = hierarchical_kmeans(feats.numpy(), sizes, self.s["kmeans_iters"],
-                                                self.s["kmeans_redo"], self.cfg["train"]["seed"] + 1000 * epoch)  # fmt: skip
+                                                self.s["kmeans_redo"], progress.seed + 1000 * epoch)  # fmt: skip
             cents = [torch.from_numpy(c) for c in cents]
             labels = torch.from_numpy(np.stack(labels))
         else:
@@ -166,9 +167,9 @@ class SegAS(MoCoV2):
     def query(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.projector(self.backbone.pooled(x)), dim=1)
 
-    def forward(self, batch: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
         q1 = self.query(batch["view0"])
-        k = self.keys(batch["view1"], step)
+        k = self.keys(batch["view1"], progress)
         loss_i = info_nce(q1, k, self.queue, self.cfg["mocov2"]["temperature"]).mean()
         self._pending = k.detach()
         out = {"loss_info": loss_i.detach(), "z_std": embedding_std(q1)}
@@ -179,7 +180,7 @@ class SegAS(MoCoV2):
         targets = [calibrated_target(k @ c.T, y, s["tau_key"], s["tau_rho"], s["mu"])
                    for c, y in zip(self.prototypes, labels, strict=True)]  # fmt: skip
         logits1 = [q1 @ c.T / s["tau_query"] for c in self.prototypes]
-        x2, filtered, info = self.filtered_view(batch, torch.softmax(logits1[0].detach(), dim=1), step)
+        x2, filtered, info = self.filtered_view(batch, torch.softmax(logits1[0].detach(), dim=1), progress)
         q2 = self.query(x2)
         logits2 = [q2 @ c.T / s["tau_query"] for c in self.prototypes]
         hprocr1 = torch.stack(
@@ -209,13 +210,13 @@ class SegAS(MoCoV2):
 
     @torch.no_grad()
     def filtered_view(
-        self, batch: dict[str, torch.Tensor], p_q1: torch.Tensor, step: int
+        self, batch: dict[str, torch.Tensor], p_q1: torch.Tensor, progress: Progress
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """x^{q2}, which samples were filtered, and what to log. The coins come from a generator
         seeded by (seed, step, rank), so a resumed run draws what an uninterrupted one did."""
         x = batch["view2"]
         b, size = x.shape[0], x.shape[-2:]
-        g = torch.Generator().manual_seed((self.cfg["train"]["seed"] * 1_000_003 + step) * 257 + D.rank())
+        g = torch.Generator().manual_seed((progress.seed * 1_000_003 + progress.step) * 257 + progress.rank)
         fire = torch.rand(b, generator=g).to(x.device) < confidence(p_q1)  # Eq. 11
         use_apfs = torch.rand(b, generator=g).to(x.device) < self.s["apfs_prob"]
         grid = self.key_backbone(x)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -14,10 +13,9 @@ import yaml
 
 from maskio.errors import KeyValueError
 from maskio.keyvalue import parse_value, split_pair
+from sslmask.settings import MAX_IMAGE_SIZE, SHARED_SECTIONS, ConfigError, closest
 
-
-class ConfigError(Exception):
-    """A config that cannot be used (unknown method or key, wrong type, unreadable file)."""
+__all__ = ["MAX_IMAGE_SIZE", "ConfigError", "available_methods", "diff", "load_config", "validate"]
 
 
 BASE = "base"
@@ -82,7 +80,7 @@ def _merge(base: dict[str, Any], overlay: dict[str, Any], where: str, prefix: st
     for key, value in overlay.items():
         full = f"{prefix}{key}"
         if key not in base:
-            raise ConfigError(f"{where}: unknown config key {full!r}")
+            raise ConfigError(f"{where}: unknown config key {full!r}{closest(key, list(base), prefix)}")
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: {full} is a section, got {value!r}")
@@ -139,82 +137,16 @@ def _shared_overlay(overlay: dict[str, Any], cfg: dict[str, Any]) -> dict[str, A
     return {k: v for k, v in overlay.items() if k in cfg or k not in methods}
 
 
-# The largest view or evaluation side: 4096 px is 16x ImageNet's 224 and still fits in memory;
-# a mistyped 100000 would ask for tens of GB before failing.
-MAX_IMAGE_SIZE = 4096
-
-# The range of every shared numeric key: (low, high, low_open, high_open); None = unbounded.
-# Method sections check their own keys when the method is built.
-RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
-    "data.image_size": (16, MAX_IMAGE_SIZE, False, False),
-    "data.batch_size": (1, None, False, False),
-    "data.workers": (0, None, False, False),
-    "data.samples_per_epoch": (1, None, False, False),
-    "data.crop_min_scale": (0, 1, True, False),
-    "data.min_fg": (0, 1, False, True),
-    "model.proj_hidden": (1, None, False, False),
-    "model.proj_dim": (1, None, False, False),
-    "model.pred_hidden": (1, None, False, False),
-    "optim.lr": (0, None, True, False),
-    "optim.weight_decay": (0, None, False, False),
-    "optim.weight_decay_end": (0, None, False, False),
-    "optim.momentum": (0, 1, False, True),
-    "optim.warmup_epochs": (0, None, False, False),
-    "optim.final_lr": (0, None, False, False),
-    "optim.grad_clip": (0, None, False, False),
-    "ema.tau_base": (0, 1, False, False),
-    "train.epochs": (1, None, False, False),
-    "train.ckpt_every": (1, None, False, False),
-    "train.log_every": (1, None, False, False),
-    "train.max_nan_skips": (0, None, False, False),
-    "monitor.knn_every": (0, None, False, False),
-    "monitor.knn_k": (1, None, False, False),
-    "monitor.knn_holdout": (0, 1, True, True),
-}
-DECAY_EXCLUDE = ("auto", "none", "bias_norm", "bias_norm_tokens")  # sslmask.optim.param_groups
-CLIP_MODES = ("global", "per_tensor")  # sslmask.optim.clip_gradients
-CHOICES: dict[str, tuple[Any, ...]] = {
-    "model.out_stride": (16, 32),
-    "optim.decay_exclude": DECAY_EXCLUDE,
-    "optim.clip_mode": CLIP_MODES,
-    "ema.schedule": ("cosine", "constant"),
-}
-
-
-def _range_text(low, high, low_open: bool, high_open: bool) -> str:
-    if high is None:
-        return f"{'>' if low_open else '>='} {low:g}"
-    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-
-
 def validate(cfg: dict[str, Any]) -> None:
-    """One ConfigError line naming the first key outside its range (``RANGES``, ``CHOICES``)."""
+    """One ConfigError line naming the first bad value: every section is built as its typed
+    class (``sslmask.settings``: the shared ones, and those the method declares)."""
+    from sslmask.methods import METHODS
 
-    def get(key: str) -> Any:
-        section, name = key.split(".")
-        return cfg.get(section, {}).get(name)
-
-    for key, (low, high, low_open, high_open) in RANGES.items():
-        value = get(key)
-        if value is None:
-            continue
-        bad = not math.isfinite(value) or value < low or (low_open and value == low)
-        if high is not None:
-            bad = bad or value > high or (high_open and value == high)
-        if bad:
-            raise ConfigError(f"{key}={value}: must be {_range_text(low, high, low_open, high_open)}")
-    for key, choices in CHOICES.items():
-        if get(key) not in choices:
-            raise ConfigError(f"{key}={get(key)!r}: must be one of {', '.join(map(str, choices))}")
-    init = cfg.get("model", {}).get("init")
-    if init is not None and not (isinstance(init, str) and init):
-        raise ConfigError(f"model.init={init!r}: must be a checkpoint path or null")
-    snaps = cfg["train"].get("snapshot_epochs") or []
-    epochs = cfg["train"]["epochs"]
-    if not all(isinstance(e, int) and not isinstance(e, bool) and 1 <= e <= epochs for e in snaps):
-        raise ConfigError(
-            f"train.snapshot_epochs={snaps}: must be whole epochs in [1, train.epochs={epochs}]"
-        )
+    name = cfg.get("method")
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    for section in (*SHARED_SECTIONS, *METHODS[name].sections):
+        section.of(cfg)
 
 
 def diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

@@ -39,9 +39,10 @@ from sslmask.dataset import EpochBatchSampler, ViewsDataset, steps_per_epoch
 from sslmask.eval.knn import knn_eval
 from sslmask.features import extract_features_sharded
 from sslmask.methods import METHODS, SSLMethod, build_method
-from sslmask.optim import OPTIMIZERS, build_optimizer, clip_gradients
+from sslmask.optim import build_optimizer, clip_gradients
 from sslmask.progress import Progress
 from sslmask.schedules import cosine, warmup_cosine
+from sslmask.settings import OptimSettings, RunSettings, TrainSettings
 
 TB_DIR = "tb"
 
@@ -82,11 +83,11 @@ class RunLog:
             self.tb.close()
 
 
-def _set_determinism(cfg: dict[str, Any], info: D.DistInfo) -> None:
-    seed = cfg["train"]["seed"]
+def _set_determinism(train: TrainSettings, info: D.DistInfo) -> None:
+    seed = train.seed
     random.seed(seed + info.rank)
     torch.manual_seed(seed + info.rank)
-    if cfg["train"]["deterministic"]:
+    if train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
@@ -161,7 +162,7 @@ def _restore_rng(state: dict[str, Any]) -> None:
 
 
 def knn_monitor(
-    backbone: torch.nn.Module, records: Records, cfg: dict[str, Any], info: D.DistInfo
+    backbone: torch.nn.Module, records: Records, s: RunSettings, info: D.DistInfo
 ) -> dict[str, float] | None:
     """k-NN top-1 of held-out training samples against the rest (labels never train the model).
 
@@ -169,39 +170,32 @@ def knn_monitor(
     result is returned on rank 0 only, which logs it).
     """
     n = len(records)
-    feats, labels = extract_features_sharded(backbone, records, cfg["data"]["image_size"], info)
+    feats, labels = extract_features_sharded(backbone, records, s.data.image_size, info)
     if not info.main:
         return None
     held = torch.randperm(n, generator=torch.Generator().manual_seed(0))[
-        : max(1, int(n * cfg["monitor"]["knn_holdout"]))
+        : max(1, int(n * s.monitor.knn_holdout))
     ]
     is_query = torch.zeros(n, dtype=torch.bool)
     is_query[held] = True
-    k = cfg["monitor"]["knn_k"]
+    k = s.monitor.knn_k
     res = knn_eval(feats[~is_query], labels[~is_query], feats[is_query], labels[is_query], ks=(k,))
     return {"knn_top1": res[f"k={k}"]["top1"]}
 
 
-def check_config(cfg: dict[str, Any], info: D.DistInfo) -> None:
-    """Refuse what cannot run, before anything is read or written."""
-    t_cfg = cfg["train"]
+def check_config(cfg: dict[str, Any], info: D.DistInfo) -> RunSettings:
+    """Refuse what cannot run, before anything is read or written; the typed shared sections."""
     validate(cfg)
-    if cfg["method"] not in METHODS:
-        raise ConfigError(f"unknown method {cfg['method']!r}; choose from {', '.join(METHODS)}")
-    if cfg["optim"]["name"] not in OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer {cfg['optim']['name']!r}; choose from {', '.join(OPTIMIZERS)}")
-    if t_cfg["amp"] not in ("bf16", "fp16", "none"):
-        raise ConfigError(f"train.amp must be bf16, fp16 or none, got {t_cfg['amp']!r}")
-    if t_cfg["sync_bn"] and info.world_size > 1 and info.device.type != "cuda":
+    s = RunSettings.of(cfg)
+    if s.train.sync_bn and info.world_size > 1 and info.device.type != "cuda":
         raise ConfigError("train.sync_bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel)")
+    return s
 
 
 def load_records(shards: list[str], cfg: dict[str, Any], run: Path, info: D.DistInfo) -> Records:
     """Rank 0 indexes the shards (or reads its cache); the others then read that cache."""
     needs_masks = METHODS[cfg["method"]].uses_masks(cfg)
     images = cfg["data"]["images"]
-    if images is not None and not isinstance(images, str):
-        raise ConfigError(f"data.images must be a folder path, got {images!r}")
     if info.main:
         records = index_cached(shards, needs_masks, run / INDEX_CACHE, images)
     D.barrier(info)
@@ -218,7 +212,8 @@ class Loop:
     forward: Any  # what runs the batch: the method, DDP-wrapped and/or compiled
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    cfg: dict[str, Any]
+    cfg: dict[str, Any]  # as saved in the checkpoint
+    s: RunSettings  # its shared sections, typed
     info: D.DistInfo
     steps_per_epoch: int
     total: int
@@ -233,21 +228,20 @@ class Loop:
     @property
     def progress(self) -> Progress:
         """What the method's hooks are told about this step."""
-        seed = self.cfg["train"]["seed"]
-        return Progress(self.step, self.total, self.steps_per_epoch, seed, self.info.rank)
+        return Progress(self.step, self.total, self.steps_per_epoch, self.s.train.seed, self.info.rank)
 
 
 def build_loop(method: SSLMethod, cfg: dict[str, Any], info: D.DistInfo, spe: int) -> Loop:
     """Device, optimiser (with the method's parameter groups), AMP and the DDP wrapper."""
-    data_cfg, t_cfg, o_cfg = cfg["data"], cfg["train"], cfg["optim"]
-    if t_cfg["sync_bn"] and info.world_size > 1:
+    s = RunSettings.of(cfg)
+    if s.train.sync_bn and info.world_size > 1:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    memory_format = torch.channels_last if t_cfg["channels_last"] else torch.contiguous_format
+    memory_format = torch.channels_last if s.train.channels_last else torch.contiguous_format
     method = method.to(info.device, memory_format=memory_format)
-    base_lr = o_cfg["lr"] * data_cfg["batch_size"] * info.world_size / 256
-    groups = method.param_groups(o_cfg["weight_decay"], decay_exclude(method, cfg))
-    optimizer = build_optimizer(o_cfg["name"], groups, base_lr, o_cfg["momentum"])
-    amp = t_cfg["amp"] if info.device.type == "cuda" else "none"
+    base_lr = s.optim.lr * s.data.batch_size * info.world_size / 256
+    groups = method.param_groups(s.optim.weight_decay, decay_exclude(method, cfg))
+    optimizer = build_optimizer(s.optim.name, groups, base_lr, s.optim.momentum)
+    amp = s.train.amp if info.device.type == "cuda" else "none"
     model: torch.nn.Module = method
     if info.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -255,14 +249,15 @@ def build_loop(method: SSLMethod, cfg: dict[str, Any], info: D.DistInfo, spe: in
         )
     return Loop(
         method=method,
-        forward=torch.compile(model) if t_cfg["compile"] else model,
+        forward=torch.compile(model) if s.train.compile else model,
         optimizer=optimizer,
         scaler=torch.amp.GradScaler("cuda", enabled=amp == "fp16"),
         cfg=cfg,
+        s=s,
         info=info,
         steps_per_epoch=spe,
-        total=spe * t_cfg["epochs"],
-        warmup=spe * o_cfg["warmup_epochs"],
+        total=spe * s.train.epochs,
+        warmup=spe * s.optim.warmup_epochs,
         base_lr=base_lr,
         memory_format=memory_format,
         amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp),
@@ -271,7 +266,7 @@ def build_loop(method: SSLMethod, cfg: dict[str, Any], info: D.DistInfo, spe: in
 
 def decay_exclude(method: SSLMethod, cfg: dict[str, Any]) -> str:
     """``optim.decay_exclude`` with ``auto`` resolved to the method's reference rule."""
-    rule = cfg["optim"]["decay_exclude"]
+    rule = OptimSettings.of(cfg).decay_exclude
     return type(method).reference_decay_exclude(cfg) if rule == "auto" else rule
 
 
@@ -288,13 +283,12 @@ def restore(loop: Loop, ckpt: dict[str, Any], run: Path) -> None:
 
 def apply_schedules(loop: Loop) -> dict[str, float]:
     """Learning rate (warm-up, cosine) and weight decay (cosine to ``weight_decay_end``) of this step."""
-    o_cfg = loop.cfg["optim"]
-    final = o_cfg["final_lr"] * loop.cfg["data"]["batch_size"] * loop.info.world_size / 256
+    optim = loop.s.optim
+    final = optim.final_lr * loop.s.data.batch_size * loop.info.world_size / 256
     lr = warmup_cosine(loop.base_lr, loop.step, loop.total, loop.warmup, final)
     out = {"lr": lr}
-    wd_end = o_cfg.get("weight_decay_end")
-    if wd_end is not None:
-        out["wd"] = cosine(o_cfg["weight_decay"], wd_end, loop.step, loop.total)
+    if optim.weight_decay_end is not None:
+        out["wd"] = cosine(optim.weight_decay, optim.weight_decay_end, loop.step, loop.total)
     for group in loop.optimizer.param_groups:
         group["lr"] = lr
         if "wd" in out and group["weight_decay"] > 0:
@@ -332,11 +326,11 @@ def train_step(loop: Loop, batch: dict[str, torch.Tensor]) -> dict[str, float] |
     loop.nan_skips = 0
     loop.optimizer.zero_grad(set_to_none=True)
     loop.scaler.scale(loss).backward()
-    o_cfg = loop.cfg["optim"]
-    if o_cfg["grad_clip"] > 0:  # clip, then the method's hook (DINO's order: clip, cancel last layer)
+    optim = loop.s.optim
+    if optim.grad_clip > 0:  # clip, then the method's hook (DINO's order: clip, cancel last layer)
         loop.scaler.unscale_(loop.optimizer)
         params = [p for group in loop.optimizer.param_groups for p in group["params"]]
-        clip_gradients(params, o_cfg["grad_clip"], o_cfg["clip_mode"])
+        clip_gradients(params, optim.grad_clip, optim.clip_mode)
     loop.method.before_optimizer_step(progress)
     loop.scaler.step(loop.optimizer)
     loop.scaler.update()
@@ -411,26 +405,26 @@ class StepLog:
 
 def run_epoch(loop: Loop, dataset: ViewsDataset, epoch: int, log: RunLog, steps: StepLog, run: Path) -> None:
     """The rest of ``epoch`` from the loop's step: steps, NaN guard, logs, checkpoints."""
-    data_cfg, t_cfg, info = loop.cfg["data"], loop.cfg["train"], loop.info
-    sampler = EpochBatchSampler(len(dataset), data_cfg["batch_size"], epoch, t_cfg["seed"], info.world_size,
-                                info.rank, loop.steps_per_epoch * data_cfg["batch_size"] * info.world_size,
+    data, train, info = loop.s.data, loop.s.train, loop.info
+    sampler = EpochBatchSampler(len(dataset), data.batch_size, epoch, train.seed, info.world_size,
+                                info.rank, loop.steps_per_epoch * data.batch_size * info.world_size,
                                 start=loop.step - epoch * loop.steps_per_epoch)  # fmt: skip
     # the loader's own generator: drawing its worker base seed from the global RNG would shift
     # what dropout (LoDisc's heads) draws after a resume mid-epoch; views are seeded per sample
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=data_cfg["workers"],
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=data.workers,
                         pin_memory=info.device.type == "cuda", persistent_workers=False,
-                        generator=torch.Generator().manual_seed(t_cfg["seed"] * 1_000_003 + epoch))  # fmt: skip
+                        generator=torch.Generator().manual_seed(train.seed * 1_000_003 + epoch))  # fmt: skip
     for batch in loader:
         values = train_step(loop, batch)
         if values is None:
             log.write({"kind": "nan", "step": loop.step, "consecutive": loop.nan_skips})
-            if loop.nan_skips > t_cfg["max_nan_skips"]:
+            if loop.nan_skips > train.max_nan_skips:
                 raise TrainingError(
                     f"{run}: loss not finite for {loop.nan_skips} steps in a row at step {loop.step}"
                 )
             continue
         steps.add(values, len(batch["index"]), loop.step, epoch, loop.total)
-        if loop.step % t_cfg["ckpt_every"] == 0 or loop.step == loop.total:
+        if loop.step % train.ckpt_every == 0 or loop.step == loop.total:
             _save(loop, run)
 
 
@@ -443,32 +437,30 @@ def train(shards: list[str], cfg: dict[str, Any], run: str | Path, resume: bool 
 
 def _train(shards: list[str], cfg: dict[str, Any], run: Path, resume: bool) -> Path:
     info = D.init_distributed()
-    check_config(cfg, info)
-    _set_determinism(cfg, info)
+    s = check_config(cfg, info)
+    _set_determinism(s.train, info)
+    method_cls = METHODS[s.method]
     try:
         method = build_method(cfg, init=True)  # a resume then overwrites these weights
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     records = load_records(shards, cfg, run, info)
-    data_cfg, t_cfg = cfg["data"], cfg["train"]
-    spe = steps_per_epoch(
-        len(records), data_cfg["batch_size"], info.world_size, data_cfg["samples_per_epoch"]
-    )
+    spe = steps_per_epoch(len(records), s.data.batch_size, info.world_size, s.data.samples_per_epoch)
     if spe == 0:
         raise TrainingError(
             f"{shards[0]}: {len(records)} samples are fewer than one global batch "
-            f"({data_cfg['batch_size']} x {info.world_size} processes)"
+            f"({s.data.batch_size} x {info.world_size} processes)"
         )
     try:
-        METHODS[cfg["method"]].check_data(cfg, len(records))
+        method_cls.check_data(cfg, len(records))
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     ckpt = _prepare_run_dir(run, cfg, resume, info)
     loop = build_loop(method, cfg, info, spe)
     if ckpt is not None:
         restore(loop, ckpt, run)
-    views = METHODS[cfg["method"]].view_specs(cfg)
-    dataset = ViewsDataset(records, views, t_cfg["seed"], masks=METHODS[cfg["method"]].uses_masks(cfg))
+    views = method_cls.view_specs(cfg)
+    dataset = ViewsDataset(records, views, s.train.seed, masks=method_cls.uses_masks(cfg))
     log = RunLog(run, info.main)
     if info.main and loop.step == 0:
         log.write({"kind": "start", "step": 0, "samples": len(records), "steps_per_epoch": spe,
@@ -477,31 +469,36 @@ def _train(shards: list[str], cfg: dict[str, Any], run: Path, resume: bool) -> P
     if info.main:
         from tqdm import tqdm
 
-        progress = tqdm(
-            total=loop.total, initial=loop.step, unit="step", dynamic_ncols=True, desc=cfg["method"]
-        )
-    steps = StepLog(log, t_cfg["log_every"], info, progress)
-    loop.method.train()
+        progress = tqdm(total=loop.total, initial=loop.step, unit="step", dynamic_ncols=True, desc=s.method)
     try:
-        for epoch in range(loop.step // spe, t_cfg["epochs"]):
-            if loop.step == epoch * spe:  # a fresh epoch, not a resume inside one
-                logged = loop.method.before_epoch(loop.progress, records, info)
-                if logged and info.main:
-                    log.write({"kind": "epoch", "step": loop.step, "epoch": epoch, **logged})
-            run_epoch(loop, dataset, epoch, log, steps, run)
-            every = cfg["monitor"]["knn_every"]
-            if every and (epoch + 1) % every == 0 and records.labelled:
-                scored = loop.method.branch_backbone(loop.method.eval_branch)
-                result = knn_monitor(scored, records, cfg, info)
-                if result is not None:
-                    log.write({"kind": "monitor", "step": loop.step, "epoch": epoch, **result})
-            if epoch + 1 in t_cfg["snapshot_epochs"]:
-                save_snapshot(loop, run, epoch + 1)
-        if loop.last_saved != loop.step:
-            _save(loop, run)
+        _run_epochs(loop, records, dataset, log, StepLog(log, s.train.log_every, info, progress), run)
     finally:
         if progress is not None:
             progress.close()
         log.close()
     D.shutdown(info)
     return run_checkpoint_path(run)
+
+
+def _run_epochs(
+    loop: Loop, records: Records, dataset: ViewsDataset, log: RunLog, steps: StepLog, run: Path
+) -> None:
+    """From the loop's step to the end: each epoch's hook, steps, monitor and snapshot."""
+    s, info, spe = loop.s, loop.info, loop.steps_per_epoch
+    loop.method.train()
+    for epoch in range(loop.step // spe, s.train.epochs):
+        if loop.step == epoch * spe:  # a fresh epoch, not a resume inside one
+            logged = loop.method.before_epoch(loop.progress, records, info)
+            if logged and info.main:
+                log.write({"kind": "epoch", "step": loop.step, "epoch": epoch, **logged})
+        run_epoch(loop, dataset, epoch, log, steps, run)
+        every = s.monitor.knn_every
+        if every and (epoch + 1) % every == 0 and records.labelled:
+            scored = loop.method.branch_backbone(loop.method.eval_branch)
+            result = knn_monitor(scored, records, s, info)
+            if result is not None:
+                log.write({"kind": "monitor", "step": loop.step, "epoch": epoch, **result})
+        if epoch + 1 in s.train.snapshot_epochs:
+            save_snapshot(loop, run, epoch + 1)
+    if loop.last_saved != loop.step:
+        _save(loop, run)

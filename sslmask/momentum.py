@@ -4,18 +4,17 @@ online networks, and the one update they share."""
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 from torch import nn
 
 from sslmask.schedules import cosine_ramp
+from sslmask.settings import EMASettings
 
 
-def ema_rate(cfg: dict[str, Any], step: int, total: int) -> float:
+def ema_rate(ema: EMASettings, step: int, total: int) -> float:
     """``ema.tau_base``, constant or cosine up to 1 (``ema.schedule``)."""
-    ema = cfg["ema"]
-    return cosine_ramp(ema["tau_base"], step, total) if ema["schedule"] == "cosine" else ema["tau_base"]
+    return cosine_ramp(ema.tau_base, step, total) if ema.schedule == "cosine" else ema.tau_base
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

@@ -15,9 +15,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from sslmask.config import CLIP_MODES, DECAY_EXCLUDE
-
 OPTIMIZERS = ("lars", "sgd", "adamw")
+DECAY_EXCLUDE = ("auto", "none", "bias_norm", "bias_norm_tokens")  # optim.decay_exclude (param_groups)
+CLIP_MODES = ("global", "per_tensor")  # optim.clip_mode (clip_gradients)
 
 
 class LARS(torch.optim.Optimizer):

@@ -289,8 +289,8 @@ def test_lodisc_trains_and_retrieval_cli_reads_its_predictor(sample_build, tmp_p
 @pytest.mark.parametrize(
     ("sets", "message"),
     [
-        (["lodisc.mode=random"], "lodisc.mode must be one of attention, saliency, product"),
-        (["lodisc.mask_ratio=1.0"], "lodisc.mask_ratio must be in [0, 1)"),
+        (["lodisc.mode=random"], "lodisc.mode='random': must be one of attention, saliency, product"),
+        (["lodisc.mask_ratio=1.0"], "lodisc.mask_ratio=1.0: must be in [0, 1)"),
         (["model.arch=resnet_tiny"], "lodisc needs a ViT backbone"),
     ],
 )

@@ -283,14 +283,17 @@ def test_teacher_heads_follow_the_student_by_ema_and_get_no_gradient():
 @pytest.mark.parametrize(
     ("sets", "message"),
     [
-        (["scfs.mask_mode=foreground"], "scfs.mask_mode must be one of none, key"),
-        (["scfs.search_globals=all"], "scfs.search_globals must be first or both"),
+        (["scfs.mask_mode=foreground"], "scfs.mask_mode='foreground': must be one of none, key"),
+        (["scfs.search_globals=all"], "scfs.search_globals='all': must be one of first, both"),
         (["dino.local_crops=0"], "dino.local_crops must be >= 1"),
         (["scfs.layers=[4, 2]"], "increasing"),
         (["scfs.layers=[1, 5]"], "ResNet taps are stages 1..4"),
         (["model.arch=vit_micro", "scfs.vit_blocks=[4, 8, 12]"], "ViT taps are blocks 1..2"),
-        (["scfs.gate_min_fg=1.5"], "scfs.gate_min_fg must be in [0, 1)"),
-        (["scfs.fallback_min=0.9", "scfs.fallback_max=0.1"], "fallback_min < fallback_max"),
+        (["scfs.gate_min_fg=1.5"], "scfs.gate_min_fg=1.5: must be in [0, 1)"),
+        (
+            ["scfs.fallback_min=0.9", "scfs.fallback_max=0.1"],
+            "scfs.fallback_min=0.9 must be below fallback_max=0.1",
+        ),
     ],
 )
 def test_bad_scfs_values_are_one_clear_line(sets, message, tmp_path, sample_build, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -172,7 +173,7 @@ def test_forward_equals_a_per_sample_reference(monkeypatch, mu_mode):
     fired = torch.tensor([True, False, True, True, False, False])
     monkeypatch.setattr(m, "filtered_view", lambda b, p, step: (x2, fired, {}))
     out = m(batch, Progress(0, 10, 10))
-    s, tau = m.s, m.cfg["mocov2"]["temperature"]
+    s, tau = m.cfg["segas"], m.cfg["mocov2"]["temperature"]
     total = 0.0
     terms = {"info": 0.0, "h1": 0.0, "h2": 0.0, "div": 0.0}
     with torch.no_grad():
@@ -226,10 +227,10 @@ def test_diversity_on_filtered_averages_over_the_filtered_samples_only():
         F.normalize(torch.randn(4, 8, generator=g), dim=1),
     )
     fired = torch.tensor([True, False, False, True])
-    m.s["diversity_on"] = "all"
+    m.s = replace(m.s, diversity_on="all")
     each = [float(m.diversity(target[i : i + 1], l1[i : i + 1], l2[i : i + 1], q1[i : i + 1], q2[i : i + 1],
                               fired[i : i + 1])) for i in range(4)]  # fmt: skip
-    m.s["diversity_on"] = "filtered"
+    m.s = replace(m.s, diversity_on="filtered")
     assert float(m.diversity(target, l1, l2, q1, q2, fired)) == pytest.approx(
         (each[0] + each[3]) / 2, rel=1e-5
     )
@@ -275,7 +276,7 @@ def test_filtering_applies_apfs_or_random_cells_to_the_fired_samples():
     assert fire.all() and float(info["filtered"]) == 1.0
     with torch.no_grad():
         heat = channel_heatmap(m.key_backbone(batch["view2"]), (32, 32))
-    soft = apfs_keep(heat, m.s["omega"], m.s["sigma"])
+    soft = apfs_keep(heat, m.s.omega, m.s.sigma)
     x = batch["view2"]
     is_apfs = [torch.allclose(x2[i], x[i] * soft[i], atol=1e-6) for i in range(16)]
     for i in range(16):
@@ -316,8 +317,7 @@ def test_salient_filtering_only_erases_inside_the_mask():
 
 def test_the_guard_halves_the_filtered_area_when_little_foreground_would_remain():
     m = _masked_method()
-    m.s["apfs_prob"] = 0.0  # random cells: areas are counts of cells
-    m.s["random_grid"] = 4
+    m.s = replace(m.s, apfs_prob=0.0, random_grid=4)  # random cells: areas are counts of cells
     size, b = 32, 4
     heat = torch.zeros(b, 1, size, size)
     heat[:, :, :16, :] = 1.0  # {A > sigma}: the top half, 8 of 16 cells at a 4 x 4 grid
@@ -338,9 +338,9 @@ def test_the_guard_halves_the_filtered_area_when_little_foreground_would_remain(
 
 def test_refused_segas_values_give_one_line(sample_build, tmp_path, capsys):
     for item, text in [("segas.mask_mode=edges", "segas.mask_mode"), ("segas.tau_key=0", "segas.tau_key"),
-                       ("segas.prototypes=[]", "segas.prototypes"), ("segas.sigma=1.5", "segas.apfs_prob"),
+                       ("segas.prototypes=[]", "segas.prototypes"), ("segas.sigma=1.5", "segas.sigma=1.5: must be in (0, 1)"),
                        # issue 35: refused at the start, not at the first re-clustering epochs later
-                       ("segas.prototypes=[0]", "clusters here"), ("segas.prototypes=[100000]", "clusters here")]:  # fmt: skip
+                       ("segas.prototypes=[0]", "segas.prototypes=[0]: must be >= 1"), ("segas.prototypes=[100000]", "clusters here")]:  # fmt: skip
         err = refused_train("segas", sample_build, tmp_path / "run", [item], capsys)
         assert text in err, err
 

@@ -67,7 +67,7 @@ def test_init_that_does_not_fit_is_one_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="missing.pt: no such checkpoint"):
         build_method(cfg, init=True)
     cfg["model"]["init"] = 3
-    with pytest.raises(ConfigError, match="model.init=3: must be a checkpoint path or null"):
+    with pytest.raises(ConfigError, match="model.init must be str, got 3"):
         validate(cfg)
 
 

@@ -28,6 +28,7 @@ from sslmask.features import TRUNK_EMBEDDINGS, trunk_embedding
 from sslmask.momentum import MomentumPairs, ema_rate
 from sslmask.optim import param_groups
 from sslmask.progress import Progress
+from sslmask.settings import DataSettings, EMASettings, Section
 from sslmask.transforms import ViewSpec, byol_views
 
 if TYPE_CHECKING:
@@ -44,6 +45,9 @@ class SSLMethod(nn.Module):
     # what ``embed`` gives (``sslmask eval --features``); methods with a predictor add
     # "predictor" and define ``query``
     embeddings: ClassVar[tuple[str, ...]] = TRUNK_EMBEDDINGS
+    # the method's own config sections (typed, checked when the config is loaded); a method
+    # that extends another's config lists the parent's too
+    sections: ClassVar[tuple[type[Section], ...]] = ()
 
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__()
@@ -53,8 +57,8 @@ class SSLMethod(nn.Module):
     @classmethod
     def view_specs(cls, cfg: dict[str, Any]) -> list[ViewSpec]:
         """The views each sample gives (default: BYOL's asymmetric pair)."""
-        data = cfg["data"]
-        return list(byol_views(data["image_size"], data["min_fg"], data["crop_min_scale"]))
+        data = DataSettings.of(cfg)
+        return list(byol_views(data.image_size, data.min_fg, data.crop_min_scale))
 
     @classmethod
     def uses_masks(cls, cfg: dict[str, Any]) -> bool:
@@ -123,8 +127,12 @@ class MomentumMethod(SSLMethod):
 
     ema: MomentumPairs
 
+    def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
+        super().__init__(backbone, cfg)
+        self.ema_settings = EMASettings.of(cfg)
+
     @torch.no_grad()
     def after_optimizer_step(self, progress: Progress) -> dict[str, float]:
-        tau = ema_rate(self.cfg, progress.step, progress.total_steps)
+        tau = ema_rate(self.ema_settings, progress.step, progress.total_steps)
         self.ema.update(tau)
         return {"tau": tau}

@@ -13,6 +13,7 @@ from sslmask.losses import embedding_std, regression_loss
 from sslmask.methods.base import MomentumMethod, SSLMethod
 from sslmask.momentum import MomentumPairs, frozen_copy
 from sslmask.progress import Progress
+from sslmask.settings import ModelSettings
 
 
 class BYOL(MomentumMethod):
@@ -21,10 +22,10 @@ class BYOL(MomentumMethod):
 
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)
-        model = cfg["model"]
+        model = ModelSettings.of(cfg)
         dim = backbone.num_features
-        self.projector = MLPHead(dim, model["proj_hidden"], model["proj_dim"])
-        self.predictor = MLPHead(model["proj_dim"], model["pred_hidden"], model["proj_dim"])
+        self.projector = MLPHead(dim, model.proj_hidden, model.proj_dim)
+        self.predictor = MLPHead(model.proj_dim, model.pred_hidden, model.proj_dim)
         self.target_backbone = frozen_copy(backbone)
         self.target_projector = frozen_copy(self.projector)
         self.ema = MomentumPairs(

@@ -13,6 +13,7 @@ The teacher is what DINO evaluates and exports (``eval_branch``; docs/methods.md
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from sslmask.methods.base import MomentumMethod
 from sslmask.momentum import MomentumPairs, frozen_copy
 from sslmask.progress import Progress
 from sslmask.schedules import linear_warmup
+from sslmask.settings import DataSettings, ModelSettings, Section, setting
 from sslmask.transforms import ViewSpec, multi_crop_views
 
 
@@ -57,37 +59,60 @@ class DINOHead(nn.Module):
         return self.last_layer(F.normalize(self.mlp(x), dim=-1, p=2))
 
 
+@dataclass(frozen=True)
+class DINOSettings(Section):
+    """``dino:`` (configs/dino.yaml has each value's source)."""
+
+    section = "dino"
+    out_dim: int = setting(ge=1)
+    norm_last_layer: bool = setting()
+    freeze_last_layer: int = setting(ge=0)
+    global_scale: list[float] = setting(gt=0, le=1)
+    local_crops: int = setting(ge=0)
+    local_size: int = setting(ge=8)
+    local_scale: list[float] = setting(gt=0, le=1)
+    student_temp: float = setting(gt=0)
+    warmup_teacher_temp: float = setting(gt=0)
+    teacher_temp: float = setting(gt=0)
+    warmup_teacher_temp_epochs: int = setting(ge=0)
+    center_momentum: float = setting(ge=0, le=1)
+
+    def check(self) -> None:
+        for key in ("global_scale", "local_scale"):
+            scale = getattr(self, key)
+            if len(scale) != 2 or scale[0] > scale[1]:
+                raise ValueError(f"{key}={scale}: must be [low, high] with low <= high")
+
+
 class DINO(MomentumMethod):
     name = "dino"
     eval_branch = "momentum"  # eval_knn.py / eval_linear.py read --checkpoint_key teacher
+    sections = (DINOSettings,)
 
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)
-        m, d = cfg["model"], cfg["dino"]
-        if d["local_crops"] < 0 or d["out_dim"] < 1 or d["student_temp"] <= 0 or d["teacher_temp"] <= 0:
-            raise ValueError("dino: local_crops >= 0, out_dim >= 1 and positive temperatures are required")
-        self.head = DINOHead(
-            backbone.num_features, m["proj_hidden"], m["proj_dim"], d["out_dim"], d["norm_last_layer"]
-        )
+        m, d = ModelSettings.of(cfg), DINOSettings.of(cfg)
+        self.d = d
+        self.head = DINOHead(backbone.num_features, m.proj_hidden, m.proj_dim, d.out_dim, d.norm_last_layer)
         self.teacher_backbone = frozen_copy(backbone)
         self.teacher_head = frozen_copy(self.head)
         self.ema = MomentumPairs((self.backbone, self.teacher_backbone), (self.head, self.teacher_head))
-        self.register_buffer("center", torch.zeros(1, d["out_dim"]))
+        self.register_buffer("center", torch.zeros(1, d.out_dim))
         self._batch_center: torch.Tensor | None = None
 
     @classmethod
     def view_specs(cls, cfg: dict[str, Any]) -> list[ViewSpec]:
-        d = cfg["dino"]
-        return multi_crop_views(cfg["data"]["image_size"], tuple(d["global_scale"]), d["local_crops"],
-                                d["local_size"], tuple(d["local_scale"]))  # fmt: skip
+        d = DINOSettings.of(cfg)
+        return multi_crop_views(DataSettings.of(cfg).image_size, tuple(d.global_scale), d.local_crops,
+                                d.local_size, tuple(d.local_scale))  # fmt: skip
 
     def online_modules(self) -> list[nn.Module]:
         return [self.backbone, self.head]
 
     def teacher_temp(self, progress: Progress) -> float:
-        d = self.cfg["dino"]
-        warmup = d["warmup_teacher_temp_epochs"] * progress.steps_per_epoch
-        return linear_warmup(d["warmup_teacher_temp"], d["teacher_temp"], progress.step, warmup)
+        d = self.d
+        warmup = d.warmup_teacher_temp_epochs * progress.steps_per_epoch
+        return linear_warmup(d.warmup_teacher_temp, d.teacher_temp, progress.step, warmup)
 
     def _embed(self, backbone: nn.Module, head: nn.Module, crops: list[torch.Tensor]) -> list[torch.Tensor]:
         """Crops of one size run as one batch (as DINO does); outputs per crop, in order."""
@@ -103,7 +128,7 @@ class DINO(MomentumMethod):
         return out
 
     def forward(self, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
-        n_views = 2 + self.cfg["dino"]["local_crops"]
+        n_views = 2 + self.d.local_crops
         crops = [batch[f"view{v}"] for v in range(n_views)]
         student = self._embed(self.backbone, self.head, crops)
         with torch.no_grad():
@@ -111,12 +136,12 @@ class DINO(MomentumMethod):
             temp = self.teacher_temp(progress)
             targets = [F.softmax((t.float() - self.center) / temp, dim=-1) for t in teacher]
             self._batch_center = torch.cat(teacher).float().mean(0, keepdim=True)
-        loss = dino_loss(student, targets, self.cfg["dino"]["student_temp"])
+        loss = dino_loss(student, targets, self.d.student_temp)
         return {"loss": loss, "teacher_temp": torch.tensor(temp), "z_std": embedding_std(student[0])}
 
     def before_optimizer_step(self, progress: Progress) -> None:
         """DINO keeps the prototypes still for the first ``freeze_last_layer`` epochs."""
-        if progress.epoch < self.cfg["dino"]["freeze_last_layer"]:
+        if progress.epoch < self.d.freeze_last_layer:
             for p in self.head.last_layer.parameters():
                 p.grad = None
 
@@ -124,7 +149,7 @@ class DINO(MomentumMethod):
     def after_optimizer_step(self, progress: Progress) -> dict[str, float]:
         out = super().after_optimizer_step(progress)  # the EMA first, then the centre
         if self._batch_center is not None:
-            update_center(self.center, self._batch_center, self.cfg["dino"]["center_momentum"])
+            update_center(self.center, self._batch_center, self.d.center_momentum)
             self._batch_center = None
         return out
 

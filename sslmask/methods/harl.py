@@ -15,6 +15,7 @@ alone (docs/methods.md §6); the fraction of such samples is logged as ``fallbac
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,40 +26,42 @@ from sslmask.methods.byol import BYOL
 from sslmask.pooling import DOWNSAMPLE_MODES, POOL_NORMS, downsample_mask, masked_average_pool, usable_masks
 from sslmask.progress import Progress
 from sslmask.schedules import cosine_ramp
+from sslmask.settings import FallbackBand, setting
 
 LOSS_MODES = ("hybrid", "mask")
+SCHEDULES = ("cosine", "fixed")
+
+
+@dataclass(frozen=True)
+class HARLSettings(FallbackBand):
+    """``harl:`` (configs/harl.yaml has each value's source)."""
+
+    section = "harl"
+    loss: str = setting(choices=LOSS_MODES)
+    alpha_base: float = setting(ge=0, le=1)
+    alpha_schedule: str = setting(choices=SCHEDULES)
+    lambda_base: float = setting(ge=0, le=1)
+    lambda_schedule: str = setting(choices=SCHEDULES)
+    mask_mode: str = setting(choices=DOWNSAMPLE_MODES)
+    pool_norm: str = setting(choices=POOL_NORMS)
 
 
 class HARL(BYOL):
     name = "harl"
     needs_masks = True
+    sections = (HARLSettings,)
 
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)
-        h = cfg["harl"]
-        if h["loss"] not in LOSS_MODES:
-            raise ValueError(f"harl.loss must be one of {', '.join(LOSS_MODES)}, got {h['loss']!r}")
-        if h["mask_mode"] not in DOWNSAMPLE_MODES:
-            raise ValueError(
-                f"harl.mask_mode must be one of {', '.join(DOWNSAMPLE_MODES)}, got {h['mask_mode']!r}"
-            )
-        if h["pool_norm"] not in POOL_NORMS:
-            raise ValueError(f"harl.pool_norm must be one of {', '.join(POOL_NORMS)}, got {h['pool_norm']!r}")
-        self.h = h
+        self.h = HARLSettings.of(cfg)
 
     def coefficients(self, step: int, total_steps: int) -> tuple[float, float]:
         h = self.h
-        alpha = (
-            cosine_ramp(h["alpha_base"], step, total_steps)
-            if h["alpha_schedule"] == "cosine"
-            else h["alpha_base"]
-        )
-        if h["loss"] == "mask":
+        alpha = cosine_ramp(h.alpha_base, step, total_steps) if h.alpha_schedule == "cosine" else h.alpha_base
+        if h.loss == "mask":
             return alpha, 1.0
         lam = (
-            cosine_ramp(h["lambda_base"], step, total_steps)
-            if h["lambda_schedule"] == "cosine"
-            else h["lambda_base"]
+            cosine_ramp(h.lambda_base, step, total_steps) if h.lambda_schedule == "cosine" else h.lambda_base
         )
         return alpha, lam
 
@@ -67,8 +70,8 @@ class HARL(BYOL):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h_f, h_b on the feature grid; h_g the backbone's pooled feature (ResNet: GAP; ViT: CLS)."""
         cls, fmap = backbone.features(x) if backbone.is_vit else (None, backbone(x))
-        m = downsample_mask(mask, fmap.shape[-2:], self.h["mask_mode"])
-        norm = self.h["pool_norm"]
+        m = downsample_mask(mask, fmap.shape[-2:], self.h.mask_mode)
+        norm = self.h.pool_norm
         fg, bg = masked_average_pool(fmap, m, norm), masked_average_pool(fmap, 1 - m, norm)
         # a ResNet's GAP is taken after the masked pools: the order in which their gradients
         # add up on the grid then stays the one HARL's weights are pinned with
@@ -83,7 +86,7 @@ class HARL(BYOL):
             online.append([self.online_predict(t) for t in pooled])  # [(p, z)] for fg, bg, global
             with torch.no_grad():
                 target.append([self.target_project(t) for t in self._pool(self.target_backbone, x, mask)])
-        ok = usable_masks([batch["mask0"], batch["mask1"]], self.h["fallback_min"], self.h["fallback_max"])
+        ok = usable_masks([batch["mask0"], batch["mask1"]], self.h.fallback_min, self.h.fallback_max)
         total = fg_t = bg_t = glob_t = 0.0
         for a, b in ((0, 1), (1, 0)):
             (p_f, _), (p_b, _), (p_g, _) = online[a]

@@ -29,6 +29,7 @@ over 99 % of a view ranks that view by attention (plain LoDisc); ``fallback`` lo
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,6 +42,7 @@ from sslmask.losses import embedding_std, moco_v3_loss
 from sslmask.methods.mocov3 import MoCoV3, head_layout, mlp
 from sslmask.pooling import usable_masks
 from sslmask.progress import Progress
+from sslmask.settings import FallbackBand, ModelSettings, setting
 from sslmask.vit import PATCH
 
 MODES = ("attention", "saliency", "product")
@@ -102,45 +104,50 @@ def mask_patches(x: torch.Tensor, keep: torch.Tensor, grid: tuple[int, int]) -> 
     return x * pixels[..., : x.shape[-2], : x.shape[-1]]
 
 
+@dataclass(frozen=True)
+class LoDiscSettings(FallbackBand):
+    """``lodisc:`` (configs/lodisc.yaml has each value's source)."""
+
+    section = "lodisc"
+    heads: str = setting(choices=HEADS)
+    mask_ratio: float = setting(ge=0, lt=1)
+    mode: str = setting(choices=MODES)
+    gamma: float = setting(ge=0)
+    salient_min: float = setting(ge=0, lt=1)
+    mlp_dropout: float = setting(ge=0, lt=1)
+
+
 class LoDisc(MoCoV3):
     name = "lodisc"
+    sections = (*MoCoV3.sections, LoDiscSettings)
 
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
-        super().__init__(backbone, cfg)
-        c = self.c = cfg["lodisc"]
         if not backbone.is_vit:
-            raise ValueError(f"lodisc needs a ViT backbone (model.arch vit_*), got {cfg['model']['arch']!r}")
-        if c["mode"] not in MODES:
-            raise ValueError(f"lodisc.mode must be one of {', '.join(MODES)}, got {c['mode']!r}")
-        if not 0 <= c["mask_ratio"] < 1:
-            raise ValueError(f"lodisc.mask_ratio must be in [0, 1), got {c['mask_ratio']}")
-        if not 0 <= c["fallback_min"] < c["fallback_max"] <= 1:
-            raise ValueError("lodisc: 0 <= fallback_min < fallback_max <= 1 is required")
-        if c["gamma"] < 0 or not 0 <= c["salient_min"] < 1 or not 0 <= c["mlp_dropout"] < 1:
             raise ValueError(
-                "lodisc: gamma >= 0, salient_min in [0, 1) and mlp_dropout in [0, 1) are required"
+                f"lodisc needs a ViT backbone (model.arch vit_*), got {ModelSettings.of(cfg).arch!r}"
             )
+        super().__init__(backbone, cfg)
+        self.c = LoDiscSettings.of(cfg)
 
     @classmethod
     def uses_masks(cls, cfg: dict[str, Any]) -> bool:
-        return cfg["lodisc"]["mode"] != "attention"
+        return LoDiscSettings.of(cfg).mode != "attention"
 
     @classmethod
     def build_heads(cls, backbone: Backbone, cfg: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
         """``paper``: MoCo v3's ViT heads; ``code``: no projector, a predictor CLS -> CLS width."""
-        heads = cfg["lodisc"]["heads"]
-        if heads not in HEADS:
-            raise ValueError(f"lodisc.heads must be one of {', '.join(HEADS)}, got {heads!r}")
-        if heads == "paper":
+        if LoDiscSettings.of(cfg).heads == "paper":
             return super().build_heads(backbone, cfg)
         width = backbone.num_features
         layers, last_bn = head_layout(vit=True)["predictor"]
-        predictor = mlp(width, cfg["model"]["pred_hidden"], width, layers, last_bn, cls.head_dropout(cfg))
+        predictor = mlp(
+            width, ModelSettings.of(cfg).pred_hidden, width, layers, last_bn, cls.head_dropout(cfg)
+        )
         return nn.Identity(), predictor
 
     @classmethod
     def head_dropout(cls, cfg: dict[str, Any]) -> float:
-        return cfg["lodisc"]["mlp_dropout"]
+        return LoDiscSettings.of(cfg).mlp_dropout
 
     @torch.no_grad()
     def _keys(
@@ -148,12 +155,12 @@ class LoDisc(MoCoV3):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(key of x, key of its masked view, which samples fell back to attention)."""
         grid = (-(-x.shape[-2] // PATCH), -(-x.shape[-1] // PATCH))
-        n_keep = max(1, math.floor(grid[0] * grid[1] * (1 - self.c["mask_ratio"])))
-        mode = self.c["mode"]
+        n_keep = max(1, math.floor(grid[0] * grid[1] * (1 - self.c.mask_ratio)))
+        mode = self.c.mode
         fallback = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         saliency = None
         if mode != "attention":
-            fallback = ~usable_masks([mask], self.c["fallback_min"], self.c["fallback_max"])
+            fallback = ~usable_masks([mask], self.c.fallback_min, self.c.fallback_max)
             saliency = patch_saliency(mask, grid)
         attention = None
         if mode == "saliency" and not fallback.any():
@@ -161,7 +168,7 @@ class LoDisc(MoCoV3):
         else:
             pooled, maps = self.key_backbone.pooled_and_attention(x)
             attention = fused_attention(maps)
-        keep = select_patches(n_keep, grid, attention, saliency, mode, self.c["gamma"], self.c["salient_min"])
+        keep = select_patches(n_keep, grid, attention, saliency, mode, self.c.gamma, self.c.salient_min)
         if mode != "attention" and fallback.any():
             plain = select_patches(n_keep, grid, attention, None, "attention")
             keep = torch.where(fallback.view(-1, 1), plain, keep)
@@ -170,7 +177,7 @@ class LoDisc(MoCoV3):
         return key, masked, fallback
 
     def forward(self, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
-        tau = self.cfg["mocov3"]["temperature"]
+        tau = self.moco.temperature
         q = [self.query(batch[f"view{v}"]) for v in range(2)]
         keys = [self._keys(batch[f"view{v}"], batch.get(f"mask{v}")) for v in range(2)]
         offset = D.rank() * q[0].shape[0]
@@ -179,7 +186,7 @@ class LoDisc(MoCoV3):
         glob = moco_v3_loss(q[0], k[1], tau, offset) + moco_v3_loss(q[1], k[0], tau, offset)
         local = moco_v3_loss(q[0], k_m[1], tau, offset) + moco_v3_loss(q[1], k_m[0], tau, offset)
         out = {"loss": glob + local, "loss_global": glob.detach(), "loss_local": local.detach()}
-        if self.c["mode"] != "attention":
+        if self.c.mode != "attention":
             out["fallback"] = torch.cat([f for _, _, f in keys]).float().mean()
         out["z_std"] = embedding_std(q[0])
         return out

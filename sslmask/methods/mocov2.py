@@ -10,6 +10,7 @@ permutation comes from ``(train.seed, step)``: a resumed run shuffles as an unin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from sslmask.losses import embedding_std, info_nce
 from sslmask.methods.base import MomentumMethod
 from sslmask.momentum import MomentumPairs, frozen_copy
 from sslmask.progress import Progress
+from sslmask.settings import DataSettings, ModelSettings, Section, setting
 from sslmask.transforms import ViewSpec, moco_v2_views
 
 
@@ -36,19 +38,29 @@ def shuffle_perm(n: int, seed: int, step: int, device: torch.device) -> torch.Te
     return torch.randperm(n, generator=g).to(device)
 
 
+@dataclass(frozen=True)
+class MoCoV2Settings(Section):
+    """``mocov2:`` (configs/mocov2.yaml has each value's source)."""
+
+    section = "mocov2"
+    queue: int = setting(ge=1)
+    temperature: float = setting(gt=0)
+    weak_key: bool = setting()
+
+
 class MoCoV2(MomentumMethod):
     name = "mocov2"
+    sections = (MoCoV2Settings,)
 
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)
-        m, c = cfg["model"], cfg["mocov2"]
-        self.projector = moco_mlp(backbone.num_features, m["proj_hidden"], m["proj_dim"])
+        m, c = ModelSettings.of(cfg), MoCoV2Settings.of(cfg)
+        self.moco = c
+        self.projector = moco_mlp(backbone.num_features, m.proj_hidden, m.proj_dim)
         self.key_backbone = frozen_copy(backbone)
         self.key_projector = frozen_copy(self.projector)
         self.ema = MomentumPairs((self.backbone, self.key_backbone), (self.projector, self.key_projector))
-        if c["queue"] < 1 or c["temperature"] <= 0:
-            raise ValueError("mocov2.queue must be >= 1 and mocov2.temperature > 0")
-        queue = F.normalize(torch.randn(c["queue"], m["proj_dim"]), dim=1)
+        queue = F.normalize(torch.randn(c.queue, m.proj_dim), dim=1)
         self.register_buffer("queue", queue)
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self._pending: torch.Tensor | None = None
@@ -56,9 +68,8 @@ class MoCoV2(MomentumMethod):
     @classmethod
     def view_specs(cls, cfg: dict[str, Any]) -> list[ViewSpec]:
         """Query ("aug+") first, then the key (``mocov2.weak_key``: crop and flip only)."""
-        return moco_v2_views(
-            cfg["data"]["image_size"], cfg["data"]["crop_min_scale"], cfg["mocov2"]["weak_key"]
-        )
+        data = DataSettings.of(cfg)
+        return moco_v2_views(data.image_size, data.crop_min_scale, MoCoV2Settings.of(cfg).weak_key)
 
     @classmethod
     def reference_decay_exclude(cls, cfg: dict[str, Any]) -> str:
@@ -85,7 +96,7 @@ class MoCoV2(MomentumMethod):
     def forward(self, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
         q = F.normalize(self.projector(self.backbone.pooled(batch["view0"])), dim=1)
         k = self.keys(batch["view1"], progress)
-        loss = info_nce(q, k, self.queue, self.cfg["mocov2"]["temperature"]).mean()
+        loss = info_nce(q, k, self.queue, self.moco.temperature).mean()
         self._pending = k.detach()
         return {"loss": loss, "z_std": embedding_std(q)}
 

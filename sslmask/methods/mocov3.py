@@ -13,6 +13,7 @@ Views: BYOL's asymmetric pair.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from sslmask.losses import embedding_std, moco_v3_loss
 from sslmask.methods.base import MomentumMethod, SSLMethod
 from sslmask.momentum import MomentumPairs, frozen_copy
 from sslmask.progress import Progress
+from sslmask.settings import ModelSettings, Section, setting
 from sslmask.vit import VIT_ARCHS
 
 
@@ -55,15 +57,24 @@ def head_layout(vit: bool) -> dict[str, tuple[int, bool]]:
     return {"projector": (2, True), "predictor": (2, False)}
 
 
+@dataclass(frozen=True)
+class MoCoV3Settings(Section):
+    """``mocov3:`` (configs/mocov3.yaml has each value's source)."""
+
+    section = "mocov3"
+    stop_grad_conv1: bool = setting()
+    temperature: float = setting(gt=0)
+
+
 class MoCoV3(MomentumMethod):
     name = "mocov3"
     embeddings = (*SSLMethod.embeddings, "predictor")
+    sections = (MoCoV3Settings,)
 
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)
-        if cfg["mocov3"]["temperature"] <= 0:
-            raise ValueError("mocov3.temperature must be > 0")
-        if backbone.is_vit and cfg["mocov3"]["stop_grad_conv1"]:
+        self.moco = MoCoV3Settings.of(cfg)
+        if backbone.is_vit and self.moco.stop_grad_conv1:
             for p in backbone.patch_embed.parameters():  # vits.py: patch_embed.proj weight and bias
                 p.requires_grad_(False)
         self.projector, self.predictor = self.build_heads(backbone, cfg)
@@ -74,12 +85,12 @@ class MoCoV3(MomentumMethod):
     @classmethod
     def build_heads(cls, backbone: Backbone, cfg: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
         """(projector, predictor) in the official layout for ``backbone``."""
-        m, p = cfg["model"], cls.head_dropout(cfg)
+        m, p = ModelSettings.of(cfg), cls.head_dropout(cfg)
         layout = head_layout(backbone.is_vit)
         layers, last_bn = layout["projector"]
-        projector = mlp(backbone.num_features, m["proj_hidden"], m["proj_dim"], layers, last_bn, p)
+        projector = mlp(backbone.num_features, m.proj_hidden, m.proj_dim, layers, last_bn, p)
         layers, last_bn = layout["predictor"]
-        predictor = mlp(m["proj_dim"], m["pred_hidden"], m["proj_dim"], layers, last_bn, p)
+        predictor = mlp(m.proj_dim, m.pred_hidden, m.proj_dim, layers, last_bn, p)
         return projector, predictor
 
     @classmethod
@@ -91,7 +102,7 @@ class MoCoV3(MomentumMethod):
     def reference_decay_exclude(cls, cfg: dict[str, Any]) -> str:
         """ResNet recipe: LARS, which neither decays nor adapts 1-D tensors; ViT recipe:
         ``AdamW(model.parameters(), weight_decay=0.1)``, every parameter decayed."""
-        return "none" if cfg["model"]["arch"] in VIT_ARCHS else "bias_norm"
+        return "none" if ModelSettings.of(cfg).arch in VIT_ARCHS else "bias_norm"
 
     def online_modules(self) -> list[nn.Module]:
         return [self.backbone, self.projector, self.predictor]
@@ -106,7 +117,7 @@ class MoCoV3(MomentumMethod):
         return self.key_projector(self.key_backbone.pooled(x))
 
     def forward(self, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
-        tau = self.cfg["mocov3"]["temperature"]
+        tau = self.moco.temperature
         q = [self.query(batch[f"view{v}"]) for v in range(2)]
         k = [self.key(batch[f"view{v}"]) for v in range(2)]
         offset = D.rank() * q[0].shape[0]

@@ -25,6 +25,7 @@ either global view uses plain SCFS; ``fallback`` and ``gated`` log how often.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ from sslmask.methods.dino import DINO, update_center
 from sslmask.momentum import MomentumPairs, frozen_copy
 from sslmask.pooling import DOWNSAMPLE_MODES, downsample_mask, masked_average_pool, usable_masks
 from sslmask.progress import Progress
+from sslmask.settings import FallbackBand, setting
 
 MASK_MODES = ("none", "key", "key_query", "key_query_gate")
 SEARCH_GLOBALS = ("first", "both")
@@ -81,17 +83,43 @@ def search_attention(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nc,nchw->nhw", query, F.normalize(keys.float(), dim=1)).unsqueeze(1)
 
 
+@dataclass(frozen=True)
+class SCFSSettings(FallbackBand):
+    """``scfs:`` (configs/scfs.yaml has each value's source)."""
+
+    section = "scfs"
+    layers: list[int] = setting(ge=1)
+    vit_blocks: list[int] = setting(ge=1)
+    head_bottleneck: int = setting(ge=1)
+    head_hidden: int = setting(ge=1)
+    head_dim: int = setting(ge=1)
+    search_globals: str = setting(choices=SEARCH_GLOBALS)
+    layer_global_term: bool = setting()
+    mask_mode: str = setting(choices=MASK_MODES)
+    mask_downsample: str = setting(choices=DOWNSAMPLE_MODES)
+    gate_min_fg: float = setting(ge=0, lt=1)
+
+    def check(self) -> None:
+        super().check()
+        for key in ("layers", "vit_blocks"):
+            taps = getattr(self, key)
+            if not taps or sorted(set(taps)) != taps:
+                raise ValueError(f"{key}={taps}: the tapped stages must be increasing and distinct")
+
+
 class SCFS(DINO):
     name = "scfs"
+    sections = (*DINO.sections, SCFSSettings)
 
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)
-        s = self.s = cfg["scfs"]
-        self.taps = list(s["vit_blocks"] if backbone.is_vit else s["layers"])
-        _check(s, cfg["dino"]["local_crops"], self.taps)
+        s = self.s = SCFSSettings.of(cfg)
+        if self.d.local_crops < 1:
+            raise ValueError("scfs: dino.local_crops must be >= 1 (the search runs from the local crops)")
+        self.taps = list(s.vit_blocks if backbone.is_vit else s.layers)
         channels = backbone.stage_channels(self.taps)
         self.search_heads = nn.ModuleList(
-            SearchHead(c, s["head_bottleneck"], s["head_hidden"], s["head_dim"]) for c in channels
+            SearchHead(c, s.head_bottleneck, s.head_hidden, s.head_dim) for c in channels
         )
         self.teacher_search_heads = frozen_copy(self.search_heads)
         self.ema = MomentumPairs(
@@ -99,12 +127,12 @@ class SCFS(DINO):
             (self.head, self.teacher_head),
             (self.search_heads, self.teacher_search_heads),
         )
-        self.register_buffer("layer_center", torch.zeros(len(self.taps), s["head_dim"]))
+        self.register_buffer("layer_center", torch.zeros(len(self.taps), s.head_dim))
         self._batch_layer_center: torch.Tensor | None = None
 
     @classmethod
     def uses_masks(cls, cfg: dict[str, Any]) -> bool:
-        return cfg["scfs"]["mask_mode"] != "none"
+        return SCFSSettings.of(cfg).mask_mode != "none"
 
     def online_modules(self) -> list[nn.Module]:
         return [self.backbone, self.head, self.search_heads]
@@ -112,28 +140,28 @@ class SCFS(DINO):
     def _mask_plan(self, batch: dict[str, torch.Tensor], n_local: int) -> dict[str, torch.Tensor] | None:
         """Which samples use their masks (``use``, B) and which local crops stay in the search
         loss (``keep``, n_local x B); None in plain SCFS."""
-        mode = self.s["mask_mode"]
+        mode = self.s.mask_mode
         if mode == "none":
             return None
-        use = usable_masks([batch["mask0"], batch["mask1"]], self.s["fallback_min"], self.s["fallback_max"])
+        use = usable_masks([batch["mask0"], batch["mask1"]], self.s.fallback_min, self.s.fallback_max)
         keep = torch.ones(n_local, use.shape[0], dtype=torch.bool, device=use.device)
         if mode == "key_query_gate":
             for n in range(n_local):
-                small = batch[f"mask{2 + n}"].float().mean(dim=(1, 2, 3)) < self.s["gate_min_fg"]
+                small = batch[f"mask{2 + n}"].float().mean(dim=(1, 2, 3)) < self.s.gate_min_fg
                 keep[n] = ~(use & small)
         return {"use": use, "keep": keep}
 
     def _weights(self, batch: dict[str, torch.Tensor], view: int, size, use: torch.Tensor) -> torch.Tensor:
         """View ``view``'s mask on a grid of ``size``; all ones for samples that fall back."""
-        m = downsample_mask(batch[f"mask{view}"], size, self.s["mask_downsample"])
+        m = downsample_mask(batch[f"mask{view}"], size, self.s.mask_downsample)
         return torch.where(use.view(-1, 1, 1, 1), m, torch.ones_like(m))
 
     @torch.no_grad()
     def _search_inputs(self, local_grids: list[torch.Tensor], teacher_grids: list[torch.Tensor],
                        batch: dict[str, torch.Tensor], plan) -> torch.Tensor:  # fmt: skip
         """The teacher's augmented maps A ⊙ F'_g for every (global g, local n), g-major."""
-        n_globals = 2 if self.s["search_globals"] == "both" else 1
-        mode = self.s["mask_mode"]
+        n_globals = 2 if self.s.search_globals == "both" else 1
+        mode = self.s.mask_mode
         queries = []
         for n, grid in enumerate(local_grids):
             if mode in ("key_query", "key_query_gate"):
@@ -154,7 +182,7 @@ class SCFS(DINO):
         return torch.cat(out).to(teacher_grids[0].dtype)
 
     def forward(self, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
-        n_local = self.cfg["dino"]["local_crops"]
+        n_local = self.d.local_crops
         crops = [batch[f"view{v}"] for v in range(2 + n_local)]
         plan = self._mask_plan(batch, n_local)
         pooled_g, grids_g = self.backbone.stage_features(torch.cat(crops[:2]), self.taps)
@@ -166,7 +194,7 @@ class SCFS(DINO):
             teacher = self.teacher_head(t_pooled).chunk(2)
             targets = [F.softmax((t.float() - self.center) / temp, dim=-1) for t in teacher]
             self._batch_center = torch.cat(teacher).float().mean(0, keepdim=True)
-        loss_dino = dino_loss(student, targets, self.cfg["dino"]["student_temp"])
+        loss_dino = dino_loss(student, targets, self.d.student_temp)
         terms = self._stage_terms(grids_g, grids_l, t_grids, batch, plan, temp)
         out = {"loss": loss_dino + terms.pop("loss_layers"), "loss_dino": loss_dino.detach(), **terms}
         out["teacher_temp"] = torch.tensor(temp)
@@ -177,9 +205,9 @@ class SCFS(DINO):
 
     def _stage_terms(self, grids_g, grids_l, t_grids, batch, plan, temp: float) -> dict[str, torch.Tensor]:
         """Σ_i of each stage's loss: the local search term and, optionally, the global term."""
-        n_local = self.cfg["dino"]["local_crops"]
-        n_globals = 2 if self.s["search_globals"] == "both" else 1
-        tau_s = self.cfg["dino"]["student_temp"]
+        n_local = self.d.local_crops
+        n_globals = 2 if self.s.search_globals == "both" else 1
+        tau_s = self.d.student_temp
         keep = plan["keep"] if plan is not None else None
         weights = keep.float() if keep is not None else torch.ones(n_local, grids_l[0].shape[0] // n_local)
         weights = weights.reshape(-1).repeat(n_globals).to(grids_l[0].device)
@@ -193,7 +221,7 @@ class SCFS(DINO):
                 target_local = F.softmax(t_local.float() / temp, dim=-1)
             local = search_loss(s_local.repeat(n_globals, 1), target_local, weights, tau_s)
             layer = local
-            if self.s["layer_global_term"]:
+            if self.s.layer_global_term:
                 s_glob = head(grids_g[i]).chunk(2)
                 with torch.no_grad():
                     t_glob = t_head(t_grids[i])
@@ -213,29 +241,6 @@ class SCFS(DINO):
     def after_optimizer_step(self, progress: Progress) -> dict[str, float]:
         out = super().after_optimizer_step(progress)
         if self._batch_layer_center is not None:
-            update_center(self.layer_center, self._batch_layer_center, self.cfg["dino"]["center_momentum"])
+            update_center(self.layer_center, self._batch_layer_center, self.d.center_momentum)
             self._batch_layer_center = None
         return out
-
-
-def _check(s: dict[str, Any], n_local: int, taps: list[int]) -> None:
-    """One ValueError line (the engine shows it as a config error) per bad ``scfs`` value."""
-    if s["mask_mode"] not in MASK_MODES:
-        raise ValueError(f"scfs.mask_mode must be one of {', '.join(MASK_MODES)}, got {s['mask_mode']!r}")
-    if s["search_globals"] not in SEARCH_GLOBALS:
-        raise ValueError(f"scfs.search_globals must be first or both, got {s['search_globals']!r}")
-    if s["mask_downsample"] not in DOWNSAMPLE_MODES:
-        raise ValueError(
-            f"scfs.mask_downsample must be one of {', '.join(DOWNSAMPLE_MODES)}, got {s['mask_downsample']!r}"
-        )
-    if n_local < 1:
-        raise ValueError("scfs: dino.local_crops must be >= 1 (the search runs from the local crops)")
-    if not taps or sorted(set(taps)) != taps:
-        raise ValueError(f"scfs: the tapped stages must be increasing and distinct, got {taps}")
-    if not 0 <= s["fallback_min"] < s["fallback_max"] <= 1:
-        raise ValueError("scfs: 0 <= fallback_min < fallback_max <= 1 is required")
-    if not 0 <= s["gate_min_fg"] < 1:
-        raise ValueError(f"scfs.gate_min_fg must be in [0, 1), got {s['gate_min_fg']}")
-    for key in ("head_bottleneck", "head_hidden", "head_dim"):
-        if s[key] < 1:
-            raise ValueError(f"scfs.{key} must be >= 1, got {s[key]}")

@@ -32,6 +32,7 @@ prototypes are object-centric.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -52,7 +53,8 @@ from sslmask.pooling import (
 )
 from sslmask.progress import Progress
 from sslmask.prototypes import hierarchical_kmeans, prototype_sizes
-from sslmask.transforms import ViewSpec, moco_v2_views
+from sslmask.settings import DataSettings, FallbackBand, setting
+from sslmask.transforms import ViewSpec
 
 if TYPE_CHECKING:
     from maskio.records import Records
@@ -82,13 +84,47 @@ def random_cells_keep(
     return 1 - F.interpolate(erased, size=size, mode="nearest")
 
 
+@dataclass(frozen=True)
+class SegASSettings(FallbackBand):
+    """``segas:`` (configs/segas.yaml has each value's source)."""
+
+    section = "segas"
+    warmup_epochs: int = setting(ge=0)
+    prototypes: list[int] | None = setting(ge=1)  # per level, bottom-up; null: scaled to the data
+    kmeans_iters: int = setting(ge=1)
+    kmeans_redo: int = setting(ge=1)
+    tau_key: float = setting(gt=0)
+    tau_query: float = setting(gt=0)
+    tau_rho: float = setting(ge=0, le=1)
+    mu: str = setting(choices=MU_MODES)
+    alpha: float = setting(ge=0)
+    beta: float = setting(ge=0)
+    lambda_diver: float = setting(ge=0)
+    margin: float = setting(ge=0)
+    diversity_on: str = setting(choices=DIVERSITY_ON)
+    apfs_prob: float = setting(ge=0, le=1)
+    omega: float = setting(gt=0)
+    sigma: float = setting(gt=0, lt=1)
+    random_grid: int = setting(ge=1)
+    mask_mode: str = setting(choices=MASK_MODES)
+    guard_min: float = setting(ge=0, lt=1)
+    cluster_on: str = setting(choices=CLUSTER_ON)
+
+    def check(self) -> None:
+        super().check()
+        if self.prototypes == []:
+            raise ValueError(
+                "prototypes=[]: must be null (auto) or a list of cluster counts, bottom level first"
+            )
+
+
 class SegAS(MoCoV2):
     name = "segas"
+    sections = (*MoCoV2.sections, SegASSettings)
 
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)
-        self.s = cfg["segas"]
-        check_segas(self.s)
+        self.s = SegASSettings.of(cfg)
         self.prototypes: list[torch.Tensor] = []  # per level, M_l x D (empty before clustering)
         self.instance_labels = torch.zeros(0, 0, dtype=torch.long)  # L x n
         self.clustered_epoch = -1
@@ -96,21 +132,20 @@ class SegAS(MoCoV2):
     @classmethod
     def view_specs(cls, cfg: dict[str, Any]) -> list[ViewSpec]:
         """x^{q1} (aug+), the key x^k and a second aug+ view that x^{q2} is filtered from."""
-        query, key = moco_v2_views(
-            cfg["data"]["image_size"], cfg["data"]["crop_min_scale"], cfg["mocov2"]["weak_key"]
-        )
+        query, key = MoCoV2.view_specs(cfg)
         return [query, key, query]
 
     @classmethod
     def uses_masks(cls, cfg: dict[str, Any]) -> bool:
-        return cfg["segas"]["mask_mode"] != "none" or cfg["segas"]["cluster_on"] == "foreground"
+        s = SegASSettings.of(cfg)
+        return s.mask_mode != "none" or s.cluster_on == "foreground"
 
     # the prototypes live outside DDP's buffers (their shape is set by the data, and DDP would
     # broadcast n labels every step); they travel in the checkpoint as extra state
     @classmethod
     def check_data(cls, cfg: dict[str, Any], n_images: int) -> None:
         """The prototype counts must fit the training set (checked again at each re-clustering)."""
-        prototype_sizes(cfg["segas"]["prototypes"], n_images)
+        prototype_sizes(SegASSettings.of(cfg).prototypes, n_images)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"epoch": self.clustered_epoch, "labels": self.instance_labels.cpu(),
@@ -127,19 +162,19 @@ class SegAS(MoCoV2):
         """Re-cluster the momentum encoder's embeddings of centre crops (rank 0 clusters; the
         result is broadcast). Leaves the global RNG as it found it."""
         epoch = progress.epoch
-        if epoch < self.s["warmup_epochs"] or self.clustered_epoch == epoch:
+        if epoch < self.s.warmup_epochs or self.clustered_epoch == epoch:
             return {}
         t0 = time.perf_counter()
-        foreground = self.s["cluster_on"] == "foreground"
+        foreground = self.s.cluster_on == "foreground"
         with torch.random.fork_rng(devices=[]):
             feats, _ = extract_features_sharded(
-                self.key_backbone, records, self.cfg["data"]["image_size"], info,
+                self.key_backbone, records, DataSettings.of(self.cfg).image_size, info,
                 embed=self.embed_foreground if foreground else self.embed_keys, masks=foreground,
             )  # fmt: skip
-        sizes = prototype_sizes(self.s["prototypes"], len(records))
+        sizes = prototype_sizes(self.s.prototypes, len(records))
         if info.main:
-            cents, labels = hierarchical_kmeans(feats.numpy(), sizes, self.s["kmeans_iters"],
-                                                self.s["kmeans_redo"], progress.seed + 1000 * epoch)  # fmt: skip
+            cents, labels = hierarchical_kmeans(feats.numpy(), sizes, self.s.kmeans_iters,
+                                                self.s.kmeans_redo, progress.seed + 1000 * epoch)  # fmt: skip
             cents = [torch.from_numpy(c) for c in cents]
             labels = torch.from_numpy(np.stack(labels))
         else:
@@ -170,19 +205,19 @@ class SegAS(MoCoV2):
     def forward(self, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
         q1 = self.query(batch["view0"])
         k = self.keys(batch["view1"], progress)
-        loss_i = info_nce(q1, k, self.queue, self.cfg["mocov2"]["temperature"]).mean()
+        loss_i = info_nce(q1, k, self.queue, self.moco.temperature).mean()
         self._pending = k.detach()
         out = {"loss_info": loss_i.detach(), "z_std": embedding_std(q1)}
         if not self.prototypes:
             return {"loss": loss_i, **out}
         s = self.s
         labels = self.instance_labels[:, batch["index"]]
-        targets = [calibrated_target(k @ c.T, y, s["tau_key"], s["tau_rho"], s["mu"])
+        targets = [calibrated_target(k @ c.T, y, s.tau_key, s.tau_rho, s.mu)
                    for c, y in zip(self.prototypes, labels, strict=True)]  # fmt: skip
-        logits1 = [q1 @ c.T / s["tau_query"] for c in self.prototypes]
+        logits1 = [q1 @ c.T / s.tau_query for c in self.prototypes]
         x2, filtered, info = self.filtered_view(batch, torch.softmax(logits1[0].detach(), dim=1), progress)
         q2 = self.query(x2)
-        logits2 = [q2 @ c.T / s["tau_query"] for c in self.prototypes]
+        logits2 = [q2 @ c.T / s.tau_query for c in self.prototypes]
         hprocr1 = torch.stack(
             [procr_loss(t, lg).mean() for t, lg in zip(targets, logits1, strict=True)]
         ).mean()
@@ -190,7 +225,7 @@ class SegAS(MoCoV2):
             [procr_loss(t, lg).mean() for t, lg in zip(targets, logits2, strict=True)]
         ).mean()
         diver = self.diversity(targets[0], logits1[0], logits2[0], q1, q2, filtered)
-        loss = loss_i + s["alpha"] * hprocr1 + s["beta"] * hprocr2 + s["lambda_diver"] * diver
+        loss = loss_i + s.alpha * hprocr1 + s.beta * hprocr2 + s.lambda_diver * diver
         out.update(
             loss_hprocr1=hprocr1.detach(), loss_hprocr2=hprocr2.detach(), loss_diver=diver.detach(), **info
         )
@@ -202,8 +237,8 @@ class SegAS(MoCoV2):
         c = target.argmax(1, keepdim=True)
         p1 = torch.softmax(logits1, dim=1).gather(1, c)[:, 0]
         p2 = torch.softmax(logits2, dim=1).gather(1, c)[:, 0]
-        per_sample = F.relu(p2 - p1 + self.s["margin"]) + (q1 * q2).sum(1)
-        if self.s["diversity_on"] == "all":
+        per_sample = F.relu(p2 - p1 + self.s.margin) + (q1 * q2).sum(1)
+        if self.s.diversity_on == "all":
             return per_sample.mean()
         weight = filtered.to(per_sample.dtype)
         return (per_sample * weight).sum() / weight.sum().clamp_min(1.0)
@@ -218,19 +253,19 @@ class SegAS(MoCoV2):
         b, size = x.shape[0], x.shape[-2:]
         g = torch.Generator().manual_seed((progress.seed * 1_000_003 + progress.step) * 257 + progress.rank)
         fire = torch.rand(b, generator=g).to(x.device) < confidence(p_q1)  # Eq. 11
-        use_apfs = torch.rand(b, generator=g).to(x.device) < self.s["apfs_prob"]
+        use_apfs = torch.rand(b, generator=g).to(x.device) < self.s.apfs_prob
         grid = self.key_backbone(x)
         heat = channel_heatmap(grid, size)
         mask = batch.get("mask2")
         salient = torch.zeros(b, dtype=torch.bool, device=x.device)
-        if self.s["mask_mode"] == "salient":
-            salient = usable_masks([mask], self.s["fallback_min"], self.s["fallback_max"])
+        if self.s.mask_mode == "salient":
+            salient = usable_masks([mask], self.s.fallback_min, self.s.fallback_max)
             heat = torch.where(salient.view(-1, 1, 1, 1), normalise_per_image(heat * mask), heat)
         keep = self.filter_weights(heat, mask, salient, use_apfs, g)
         x2 = torch.where(fire.view(-1, 1, 1, 1), x * keep.to(x.dtype), x)
         info = {"filtered": fire.float().mean(), "apfs": (fire & use_apfs).float().mean(),
                 "rho_q1": confidence(p_q1).mean()}  # fmt: skip
-        if self.s["mask_mode"] == "salient":
+        if self.s.mask_mode == "salient":
             info["fallback"] = 1 - salient.float().mean()
         return x2, fire, info
 
@@ -240,9 +275,9 @@ class SegAS(MoCoV2):
         salient samples the random cells are drawn among those the mask touches and erase only
         its pixels, and the guard halves the area when less than ``guard_min`` of the
         foreground would remain."""
-        b, grid_size = heat.shape[0], (self.s["random_grid"], self.s["random_grid"])
-        sigma = torch.full((b, 1, 1, 1), self.s["sigma"], device=heat.device)
-        area = (heat > self.s["sigma"]).float().mean(dim=(1, 2, 3))
+        b, grid_size = heat.shape[0], (self.s.random_grid, self.s.random_grid)
+        sigma = torch.full((b, 1, 1, 1), self.s.sigma, device=heat.device)
+        area = (heat > self.s.sigma).float().mean(dim=(1, 2, 3))
         n_cells = (area * grid_size[0] * grid_size[1]).round().long()
         allowed = torch.ones((b, *grid_size), dtype=torch.bool, device=heat.device)
         within = torch.ones_like(heat)  # what random filtering may erase
@@ -252,13 +287,13 @@ class SegAS(MoCoV2):
             within = torch.where(salient.view(-1, 1, 1, 1), mask.float(), within)
         state = g.get_state()
         keep = self._keep(heat, sigma, n_cells, allowed, within, use_apfs, g)
-        if mask is not None and self.s["mask_mode"] == "salient":
+        if mask is not None and self.s.mask_mode == "salient":
             fg = mask.float().sum(dim=(1, 2, 3)).clamp_min(1e-6)
             remaining = (mask.float() * keep).sum(dim=(1, 2, 3)) / fg
-            halve = salient & (remaining < self.s["guard_min"])
+            halve = salient & (remaining < self.s.guard_min)
             if halve.any():  # sigma at the median heat above it halves the ApFS area
                 above = torch.where(heat > sigma, heat, torch.full_like(heat, float("nan")))
-                median = above.flatten(1).nanquantile(0.5, dim=1).nan_to_num(self.s["sigma"])
+                median = above.flatten(1).nanquantile(0.5, dim=1).nan_to_num(self.s.sigma)
                 sigma = torch.where(halve.view(-1, 1, 1, 1), median.view(-1, 1, 1, 1), sigma)
                 n_cells = torch.where(halve, n_cells // 2, n_cells)
                 g.set_state(state)  # the same random cells, fewer of them
@@ -266,32 +301,6 @@ class SegAS(MoCoV2):
         return keep
 
     def _keep(self, heat, sigma, n_cells, allowed, within, use_apfs, g) -> torch.Tensor:
-        soft = apfs_keep(heat, self.s["omega"], sigma)
+        soft = apfs_keep(heat, self.s.omega, sigma)
         hard = 1 - (1 - random_cells_keep(n_cells, allowed, heat.shape[-2:], g)) * within
         return torch.where(use_apfs.view(-1, 1, 1, 1), soft, hard)
-
-
-def check_segas(s: dict[str, Any]) -> None:
-    """One ValueError line for the first bad ``segas`` value."""
-    checks = [
-        (s["mask_mode"] in MASK_MODES, f"mask_mode must be one of {', '.join(MASK_MODES)}"),
-        (s["mu"] in MU_MODES, f"mu must be one of {', '.join(MU_MODES)}"),
-        (s["cluster_on"] in CLUSTER_ON, f"cluster_on must be one of {', '.join(CLUSTER_ON)}"),
-        (s["diversity_on"] in DIVERSITY_ON, f"diversity_on must be one of {', '.join(DIVERSITY_ON)}"),
-        (s["prototypes"] is None or (isinstance(s["prototypes"], list) and len(s["prototypes"]) > 0),
-         "prototypes must be null (auto) or a list of cluster counts, bottom level first"),
-        (min(s["tau_key"], s["tau_query"]) > 0, "tau_key and tau_query must be > 0"),
-        (0 <= s["tau_rho"] <= 1, "tau_rho must be in [0, 1]"),
-        (min(s["alpha"], s["beta"], s["lambda_diver"], s["margin"]) >= 0,
-         "alpha, beta, lambda_diver and margin must be >= 0"),
-        (0 <= s["apfs_prob"] <= 1 and 0 < s["sigma"] < 1 and s["omega"] > 0,
-         "apfs_prob must be in [0, 1], sigma in (0, 1) and omega > 0"),
-        (0 <= s["guard_min"] < 1, "guard_min must be in [0, 1)"),
-        (s["random_grid"] >= 1, "random_grid must be >= 1"),
-        (0 <= s["fallback_min"] < s["fallback_max"] <= 1, "0 <= fallback_min < fallback_max <= 1 is required"),
-        (s["warmup_epochs"] >= 0 and s["kmeans_iters"] >= 1 and s["kmeans_redo"] >= 1,
-         "warmup_epochs must be >= 0, kmeans_iters and kmeans_redo >= 1"),
-    ]  # fmt: skip
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(f"segas.{message}")

@@ -1,0 +1,98 @@
+"""Typed config sections (sslmask.settings): each check against the values it must let through
+and those it must refuse, and every packaged config against its sections."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import pytest
+
+from sslmask.config import ConfigError, available_methods, load_config
+from sslmask.methods import METHODS
+from sslmask.settings import SHARED_SECTIONS, FallbackBand, Section, setting
+
+
+@dataclass(frozen=True)
+class Toy(FallbackBand):
+    section = "toy"
+    count: int = setting(ge=1)
+    rate: float = setting(gt=0, lt=1)
+    mode: str = setting(choices=("a", "b"))
+    sizes: list[int] | None = setting(ge=2)
+    flag: bool = setting()
+
+
+GOOD = {
+    "count": 3,
+    "rate": 0.5,
+    "mode": "a",
+    "sizes": [2, 5],
+    "flag": True,
+    "fallback_min": 0.0,
+    "fallback_max": 1,
+}
+
+
+def test_a_good_section_is_typed_and_frozen():
+    toy = Toy.from_dict(GOOD)
+    assert toy.fallback_max == 1.0 and isinstance(toy.fallback_max, float) and toy.sizes == [2, 5]
+    assert Toy.from_dict({**GOOD, "sizes": None}).sizes is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        toy.count = 4
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"count": 0}, "toy.count=0: must be >= 1"),
+        ({"rate": 1.0}, r"toy.rate=1.0: must be in \(0, 1\)"),
+        ({"rate": 0}, r"toy.rate=0.0: must be in \(0, 1\)"),
+        ({"rate": float("nan")}, "toy.rate=nan: must be in"),
+        ({"mode": "c"}, "toy.mode='c': must be one of a, b"),
+        ({"sizes": [2, 1]}, r"toy.sizes=\[2, 1\]: must be >= 2"),
+        ({"sizes": 3}, "toy.sizes must be a list, got 3"),
+        ({"count": 2.5}, "toy.count must be int, got 2.5"),
+        ({"count": True}, "toy.count must be int, got True"),
+        ({"flag": 1}, "toy.flag must be bool, got 1"),
+        ({"mode": None}, "toy.mode must be str, got None"),
+        ({"fallback_min": 0.9, "fallback_max": 0.1}, "toy.fallback_min=0.9 must be below fallback_max=0.1"),
+        ({"cuont": 3}, "unknown config key 'toy.cuont'; did you mean 'toy.count'"),
+    ],
+)
+def test_each_bad_value_is_one_line_naming_its_key(change, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        Toy.from_dict({**GOOD, **change})
+    assert "\n" not in str(info.value)
+
+
+def test_a_missing_key_is_named():
+    with pytest.raises(ConfigError, match="toy.flag: missing from the config"):
+        Toy.from_dict({k: v for k, v in GOOD.items() if k != "flag"})
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_every_packaged_config_fits_its_sections_exactly(method):
+    cfg = load_config(method)
+    sections = (*SHARED_SECTIONS, *METHODS[method].sections)
+    assert sorted(s.section for s in sections) == sorted(k for k in cfg if k != "method")
+    for s in sections:
+        assert sorted(f.name for f in dataclasses.fields(s)) == sorted(cfg[s.section]), s.section
+        assert isinstance(s.of(cfg), Section)
+
+
+def test_a_misspelt_key_names_its_section_and_the_closest_key():
+    with pytest.raises(ConfigError, match="unknown config key 'optim.lrr'; did you mean 'optim.lr'"):
+        load_config("byol", None, ["optim.lrr=0.1"])
+    with pytest.raises(ConfigError, match="unknown config key 'harl.alpha'; did you mean 'harl.alpha_base'"):
+        load_config("harl", None, ["harl.alpha=0.5"])
+    with pytest.raises(ConfigError, match="unknown config key 'trian'; did you mean 'train'"):
+        load_config("byol", None, ["trian.epochs=3"])
+
+
+def test_a_value_the_merge_cannot_type_is_refused_by_its_section():
+    """A key whose default is null takes any type at the merge; its section still checks it."""
+    with pytest.raises(ConfigError, match="segas.prototypes must be a list, got 'many'"):
+        load_config("segas", None, ["segas.prototypes=many"])
+    with pytest.raises(ConfigError, match="data.samples_per_epoch=0: must be >= 1"):
+        load_config("byol", None, ["data.samples_per_epoch=0"])

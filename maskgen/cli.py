@@ -11,7 +11,7 @@ import click
 from maskgen.imaging import DEFAULT_MAX_PIXELS
 from maskgen.methods import METHODS
 from maskgen.methods.drfi.scoring import ModelError
-from maskgen.pipeline import BuildError, BuildOptions, run_build
+from maskgen.pipeline import IMAGE_FORMATS, BuildError, BuildOptions, run_build
 from maskgen.recipe import RecipeError
 from maskgen.sources import SOURCES, SourceError
 from maskgen.sources.sample import DEFAULT_LABELS, DEFAULT_SAMPLE_SIZE, LABELINGS, MAX_SAMPLE_SIZE
@@ -168,7 +168,7 @@ def cli() -> None:
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N images (sorted order).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing build in OUT and start over.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and what is already done; write nothing.")
-@click.option("--image-format", type=click.Choice(["keep", "jpg", "none"]), default="keep",
+@click.option("--image-format", type=click.Choice(IMAGE_FORMATS), default="keep",
               help="keep: original JPEG bytes when possible; jpg: always re-encode; none: masks only.")  # fmt: skip
 @click.option("--seed", type=int, default=0, help="Seed for every random choice (sample scenes, methods).")
 @click.option(
@@ -180,26 +180,10 @@ def cli() -> None:
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def build(**kw: Any) -> None:
     """Generate masks for every image of a source and write WebDataset shards plus a report."""
-    opts = BuildOptions(
-        source=kw["source"],
+    opts = BuildOptions.from_cli(
+        kw,
         source_config=source_config(kw["source"], kw, kw["seed"]),
-        method=kw["method"],
         method_params={**parse_params(kw["params"]), **({"head": kw["head"]} if kw["head"] else {})},
-        out=kw["out"],
-        threshold=kw["threshold"],
-        fallback=kw["fallback"],
-        save_saliency=kw["save_saliency"],
-        shard_size=kw["shard_size"],
-        workers=kw["workers"],
-        ray_address=kw["ray_address"],
-        executor=kw["executor"],
-        limit=kw["limit"],
-        overwrite=kw["overwrite"],
-        dry_run=kw["dry_run"],
-        image_format=kw["image_format"],
-        seed=kw["seed"],
-        max_pixels=kw["max_pixels"],
-        progress=kw["progress"],
     )
     run_build(opts)
 

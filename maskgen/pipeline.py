@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -56,8 +56,16 @@ class BuildError(Exception):
     """A problem that stops the whole build; printed as one line."""
 
 
+IMAGE_FORMATS = ("keep", "jpg", "none")
+# the options besides source and method that decide what a build writes: each is part of the
+# plan's fingerprint, of the workers' BuildSpec and of the manifest, from this one list
+OUTPUT_OPTIONS = ("image_format", "save_saliency", "max_pixels")
+
+
 @dataclass
 class BuildOptions:
+    """One build's options (``maskgen build``'s flags, or a Python caller's), checked on creation."""
+
     source: str
     source_config: dict[str, Any]
     method: str
@@ -78,6 +86,30 @@ class BuildOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise BuildError(
+                f"--method {self.method}: unknown method; choose from {', '.join(sorted(METHODS))}"
+            )
+        for name in ("shard_size", "workers", "max_pixels", "limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise BuildError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.image_format not in IMAGE_FORMATS:
+            raise BuildError(
+                f"--image-format must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}"
+            )
+
+    @classmethod
+    def from_cli(cls, flags: dict[str, Any], **derived: Any) -> BuildOptions:
+        """The options from ``maskgen build``'s flags (named as the fields), with ``derived``
+        (source_config, method_params) built from the flags that are not fields."""
+        names = {f.name for f in fields(cls)} - set(derived)
+        return cls(**{k: v for k, v in flags.items() if k in names}, **derived)
+
+    def output_options(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in OUTPUT_OPTIONS}
+
 
 @dataclass
 class Plan:
@@ -91,12 +123,6 @@ class Plan:
 
 def make_plan(opts: BuildOptions) -> Plan:
     """List the source and split it into shards; nothing is written."""
-    if opts.method not in METHODS:
-        raise BuildError(f"--method {opts.method}: unknown method; choose from {', '.join(sorted(METHODS))}")
-    if opts.shard_size < 1:
-        raise BuildError(f"--shard-size must be >= 1, got {opts.shard_size}")
-    if opts.image_format not in ("keep", "jpg", "none"):
-        raise BuildError(f"--image-format must be keep, jpg or none, got {opts.image_format!r}")
     try:
         post = PostprocessConfig(threshold=opts.threshold, fallback=opts.fallback)
         method = make_method(opts.method, opts.method_params)
@@ -108,8 +134,6 @@ def make_plan(opts: BuildOptions) -> Plan:
     except TypeError as exc:
         raise BuildError(f"--source {opts.source}: {exc}") from None
     if opts.limit is not None:
-        if opts.limit < 1:
-            raise BuildError(f"--limit must be >= 1, got {opts.limit}")
         items = items[: opts.limit]
     listing = hashlib.sha256()
     for it in items:
@@ -121,9 +145,7 @@ def make_plan(opts: BuildOptions) -> Plan:
         "method": opts.method,
         "method_params": method.params,
         "postprocess": asdict(post),
-        "image_format": opts.image_format,
-        "save_saliency": opts.save_saliency,
-        "max_pixels": opts.max_pixels,
+        **opts.output_options(),
         "shard_size": opts.shard_size,
         "items_sha256": listing.hexdigest(),
     }
@@ -136,9 +158,7 @@ def make_plan(opts: BuildOptions) -> Plan:
         method_args=METHODS[opts.method].canonical_args(opts.method_params),
         method_params=method.params,
         postprocess=post,
-        image_format=opts.image_format,
-        save_saliency=opts.save_saliency,
-        max_pixels=opts.max_pixels,
+        **opts.output_options(),
         fingerprint=fingerprint,
     )
     jobs = [
@@ -245,9 +265,7 @@ def _manifest(plan: Plan, opts: BuildOptions, old: dict[str, Any] | None) -> dic
         "task_resources": asdict(plan.method.resources),
         "postprocess": asdict(plan.spec.postprocess),
         "threshold": opts.threshold,
-        "image_format": opts.image_format,
-        "save_saliency": opts.save_saliency,
-        "max_pixels": opts.max_pixels,
+        **opts.output_options(),
         "seed": opts.seed,
         "shard_size": opts.shard_size,
         "limit": opts.limit,

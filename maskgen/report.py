@@ -7,7 +7,6 @@ for thumbnails), so a resumed build reports exactly what an uninterrupted one wo
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 from collections import Counter
@@ -15,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 from PIL import Image
 
@@ -249,26 +249,26 @@ def _collect_thumbnails(
     return first, found
 
 
-def _fig(thumb: str, meta: dict[str, Any]) -> str:
-    iou = meta.get("iou")
-    caption = f"{html.escape(meta['key'])}<br>fg {meta['fg_fraction']:.2f}"
-    if iou is not None:
-        caption += f" · IoU {iou:.2f}"
-    if meta.get("status", "ok") != "ok":
-        caption += f"<br><span class=warn>{html.escape(meta['status'])}</span>"
-    return f'<figure><img src="{thumb}" alt="{html.escape(meta["key"])}"><figcaption>{caption}</figcaption></figure>'
+def _figure(thumb: str, meta: dict[str, Any]) -> dict[str, Any]:
+    return {"src": thumb, "key": meta["key"], "fg": meta["fg_fraction"], "iou": meta.get("iou"),
+            "status": meta.get("status", "ok")}  # fmt: skip
 
 
-def _histogram_svg(hist: list[int]) -> str:
-    top = max(hist) or 1
-    w, h, n = 400, 120, len(hist)
-    bars = "".join(
-        f'<rect x="{i * w / n:.1f}" y="{h - c / top * (h - 15):.1f}" width="{w / n - 2:.1f}" '
-        f'height="{c / top * (h - 15):.1f}" fill="#4a78c2"><title>{i / n:.2f}-{(i + 1) / n:.2f}: {c}</title></rect>'
-        for i, c in enumerate(hist)
-    )
-    return (f'<svg width="{w}" height="{h + 15}" role="img" aria-label="foreground fraction histogram">{bars}'
-            f'<text x="0" y="{h + 12}" font-size="10">0</text><text x="{w - 12}" y="{h + 12}" font-size="10">1</text></svg>')  # fmt: skip
+def _histogram(hist: list[int], width: int = 400, height: int = 120) -> dict[str, Any]:
+    """The foreground-fraction histogram's bars, in SVG coordinates."""
+    top, n = max(hist) or 1, len(hist)
+    bars = [{"x": i * width / n, "y": height - c / top * (height - 15), "w": width / n - 2,
+             "h": c / top * (height - 15), "low": i / n, "high": (i + 1) / n, "count": c}
+            for i, c in enumerate(hist)]  # fmt: skip
+    return {"width": width, "height": height, "bars": bars}
+
+
+def _template() -> jinja2.Template:
+    """report.html's template; autoescaping, so no path, key or error text from a build
+    (a file may be named ``<script>``) reaches the page unescaped."""
+    env = jinja2.Environment(loader=jinja2.PackageLoader("maskgen", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined)  # fmt: skip
+    return env.get_template("report.html")
 
 
 def render_html(
@@ -280,7 +280,7 @@ def render_html(
     def fmt(v: Any) -> str:
         if v is None:
             return "n/a"
-        return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
 
     rows = [
         ("images", report["n_images"]),
@@ -297,54 +297,27 @@ def render_html(
         ("images / second", report["images_per_second"]),
         ("SOD metrics computed on", report["sod_input"]),
     ]
-    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{fmt(v)}</td></tr>" for k, v in rows)
-    status = "".join(f"<li>{html.escape(k)}: {v}</li>" for k, v in report["status_counts"].items())
-    grid = "".join(_fig(*thumbs[k]) for k in first if k in thumbs)
-    best = "".join(_fig(*thumbs[k]) for _, k in agg.best if k in thumbs)
-    worst = "".join(_fig(*thumbs[k]) for _, k in agg.worst if k in thumbs)
-    err_rows = "".join(
-        f"<tr><td>{html.escape(e['path'])}</td><td>{html.escape(e['stage'])}</td>"
-        f"<td>{html.escape(e['reason'])}</td><td>{html.escape(e.get('detail', ''))}</td></tr>"
-        for e in agg.errors[:MAX_ERRORS_SHOWN]
+    return (
+        _template().render(
+            name=out.name,
+            thumb=THUMB,
+            source=f"{manifest['source']} {json.dumps(manifest.get('source_config', {}))}",
+            method=f"{manifest['method']} {json.dumps(manifest['method_params'])}",
+            threshold=str(manifest.get("threshold")),
+            ran_on=describe_runtime(report) if report.get("ran_on") else "",
+            fallback_shards=gpu_fallback_shards(report) if report.get("ran_on") else 0,
+            version=manifest["versions"]["maskgen"],
+            commit=str(manifest.get("git_commit")),
+            rows=[(label, fmt(value)) for label, value in rows],
+            status_counts=list(report["status_counts"].items()),
+            hist=_histogram(report["fg_fraction_hist"]),
+            first=[_figure(*thumbs[k]) for k in first if k in thumbs],
+            best=[_figure(*thumbs[k]) for _, k in agg.best if k in thumbs],
+            worst=[_figure(*thumbs[k]) for _, k in agg.worst if k in thumbs],
+            n_errors=len(agg.errors),
+            errors=agg.errors[:MAX_ERRORS_SHOWN],
+            more=max(0, len(agg.errors) - MAX_ERRORS_SHOWN),
+            errors_file=ERRORS,
+        )
+        + "\n"
     )
-    more = (
-        f"<p>… and {len(agg.errors) - MAX_ERRORS_SHOWN} more in {ERRORS}</p>"
-        if len(agg.errors) > MAX_ERRORS_SHOWN
-        else ""
-    )
-    src = html.escape(f"{manifest['source']} {json.dumps(manifest.get('source_config', {}))}")
-    meth = html.escape(f"{manifest['method']} {json.dumps(manifest['method_params'])}")
-    ran_on = ""
-    if report.get("ran_on"):
-        ran_on = f"<br>Ran on <code>{html.escape(describe_runtime(report))}</code>"
-        if gpu_fallback_shards(report):
-            ran_on += (f" <span class=warn>(a GPU share was asked for each task, but "
-                       f"{gpu_fallback_shards(report)} shard(s) ran on the CPU)</span>")  # fmt: skip
-    comparison = ""
-    if best:
-        comparison = f"<h2>Best by IoU</h2><div class=grid>{best}</div><h2>Worst by IoU</h2><div class=grid>{worst}</div>"
-    errors_html = (
-        f"<table class=errors><tr><th>path</th><th>stage</th><th>reason</th><th>detail</th></tr>{err_rows}</table>{more}"
-        if agg.errors
-        else "<p>None.</p>"
-    )
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>maskgen report: {html.escape(str(out.name))}</title>
-<style>
-body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}}
-table{{border-collapse:collapse}} th,td{{padding:3px 10px;border-bottom:1px solid #ddd;text-align:left;font-size:14px}}
-.grid{{display:flex;flex-wrap:wrap;gap:8px}} figure{{margin:0;width:{THUMB}px;font-size:11px}}
-figure img{{display:block;max-width:{THUMB}px}} .warn{{color:#b45309}} code{{background:#f3f3f3;padding:1px 4px}}
-</style></head><body>
-<h1>maskgen report</h1>
-<p>Source <code>{src}</code><br>Method <code>{meth}</code>, threshold <code>{html.escape(str(manifest.get("threshold")))}</code>{ran_on}<br>
-Built with maskgen {html.escape(manifest["versions"]["maskgen"])}, commit <code>{html.escape(str(manifest.get("git_commit")))}</code></p>
-<h2>Summary</h2><table>{table}</table>
-<h3>Mask status</h3><ul>{status}</ul>
-<h3>Foreground fraction</h3>{_histogram_svg(report["fg_fraction_hist"])}
-<h2>Samples</h2><p>The first {len(first)} samples: the mask in red with a yellow outline; the ground truth's outline, where there is one, in green.</p>
-<div class=grid>{grid}</div>
-{comparison}
-<h2>Skipped inputs ({len(agg.errors)})</h2>{errors_html}
-</body></html>
-"""

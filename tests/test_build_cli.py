@@ -310,3 +310,25 @@ def test_a_second_build_of_the_same_out_stops_with_one_line_and_loses_nothing(tm
     assert main(["eval", str(out)]) == 0
     again = subprocess.run(maskgen_cmd(*args), capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stderr  # the lock went with the first process
+
+
+def test_report_html_escapes_what_the_build_read(tmp_path):
+    """File names and error texts reach report.html escaped (the template autoescapes): a photo
+    named like markup shows as text, never as an element."""
+    from PIL import Image
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(
+        root / "<img src=x onerror=alert(1)>.png"
+    )
+    (root / "<svg onload=alert(2)>.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "b"
+    assert main(["build", "--source", "folder", "--root", str(root), "--method", "center", "--out", str(out),
+                 "--executor", "local", "--no-progress"]) == 0  # fmt: skip
+    page = (out / "report.html").read_text()
+    assert "<img src=x" not in page and "<svg onload" not in page
+    assert "<td>&lt;svg onload=alert(2)&gt;.jpg</td>" in page  # the skipped file's path, as text
+    assert "<figcaption>img_src_x_onerror_alert_1<br>" in page  # keys are sanitised names
+    assert page.count("<figure>") == 1 and "<h2>Skipped inputs (1)</h2>" in page

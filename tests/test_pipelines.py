@@ -139,9 +139,8 @@ TINY_LOOP = {
     "train_source": "--source sample --sample-size 24 --no-photos",
     "val_source": "--source sample --seed 1 --sample-size 12 --no-photos",
     "executor": "local",
-    "ssl_config": "cpu-demo",
-    "ssl_sets": "--set data.image_size=32 --set train.epochs=1 --set data.batch_size=8 --set data.workers=0",
-    "ssl2_sets": "--set data.image_size=32 --set train.epochs=1 --set data.batch_size=8 --set data.workers=0",
+    "ssl_sets": "--config cpu-demo --set data.image_size=32 --set train.epochs=1 --set data.batch_size=8 --set data.workers=0",
+    "ssl2_sets": "--config cpu-demo --set data.image_size=32 --set train.epochs=1 --set data.batch_size=8 --set data.workers=0",
     "fit_sets": "--out-stride 16 --epochs 1 --batch-size 8 --short-side 32 --finetune all --decoder aspp --workers 0",
     "eval_size": "32",
 }

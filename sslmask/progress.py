@@ -26,11 +26,3 @@ class Progress:
     def epoch(self) -> int:
         """The 0-based epoch this step belongs to."""
         return self.step // self.steps_per_epoch
-
-    @property
-    def epochs(self) -> int:
-        return self.total_steps // self.steps_per_epoch
-
-    def at(self, step: int) -> Progress:
-        """The same run at another step."""
-        return Progress(step, self.total_steps, self.steps_per_epoch, self.seed, self.rank)

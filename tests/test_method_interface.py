@@ -68,3 +68,11 @@ def test_only_methods_with_a_predictor_embed_through_it(name):
 def test_trunk_embedding_refuses_an_unknown_kind():
     with pytest.raises(ValueError, match="not 'cls'"):
         trunk_embedding(build_backbone("resnet_tiny"), "cls")
+
+
+def test_progress_gives_the_epoch_of_a_step_and_refuses_an_impossible_one():
+    from sslmask.progress import Progress
+
+    assert [Progress(s, 40, 10).epoch for s in (0, 9, 10, 39)] == [0, 0, 1, 3]
+    with pytest.raises(ValueError, match="not a run's progress"):
+        Progress(0, 40, 0)

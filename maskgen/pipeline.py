@@ -135,6 +135,11 @@ def make_plan(opts: BuildOptions) -> Plan:
         raise BuildError(f"--source {opts.source}: {exc}") from None
     if opts.limit is not None:
         items = items[: opts.limit]
+    if method.reads_ground_truth and items and all(it.gt is None for it in items):
+        raise BuildError(
+            f"--method {opts.method}: --source {opts.source} has no ground-truth masks for these "
+            "images (folder and imagenet sources take them from --gt DIR)"
+        )
     listing = hashlib.sha256()
     for it in items:
         listing.update(f"{it.key}\t{it.path}\t{it.label}\n".encode())

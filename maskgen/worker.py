@@ -111,6 +111,7 @@ class _Decoded:
     item: ItemRef
     data: bytes
     image: DecodedImage
+    truth: np.ndarray | None = None  # read before the method only for a method that copies it
 
 
 @dataclass
@@ -186,6 +187,10 @@ def process_shard(spec: BuildSpec, shard_index: int, items: list[ItemRef]) -> di
             batch = _read_batch(source, items[start : start + method.batch_size], spec, pixels, stats)
             if not batch:
                 continue
+            if method.reads_ground_truth:
+                with stats.timer("ground_truth"):
+                    for dec in batch:
+                        dec.truth = _ground_truth(source, dec.item, stats.warning)
             with stats.timer("method"):
                 maps = _predict(method, batch, stats.error)
             stats.runtime = method.runtime_params()
@@ -267,7 +272,7 @@ def _sample(
     stats.add_mask(fg_fraction, result.status)
     sample_iou = None
     with stats.timer("metrics"):
-        gt = _ground_truth(source, item, stats.warning)
+        gt = dec.truth if dec.truth is not None else _ground_truth(source, item, stats.warning)
         if gt is not None:
             stats.gt_resized += gt.shape != (h, w)
             sample_iou = stats.sums.add(fg, result.saliency_u8, fit_to_shape(gt, (h, w)))
@@ -324,7 +329,9 @@ def _predict(method: SaliencyMethod, batch: list[_Decoded], record_error) -> lis
     """Batched prediction; on failure retry one image at a time so one bad input costs one image."""
 
     def run(decoded: list[_Decoded]) -> list[np.ndarray | None]:
-        if method.decodes_jpeg:
+        if method.reads_ground_truth:
+            maps = method.predict_with_truth([d.image.rgb for d in decoded], [d.truth for d in decoded])
+        elif method.decodes_jpeg:
             maps = method.predict_encoded([d.data if d.image.rgb is None else d.image.rgb for d in decoded])
         else:
             maps = method.predict([d.image.rgb for d in decoded])

@@ -332,3 +332,49 @@ def test_report_html_escapes_what_the_build_read(tmp_path):
     assert "<td>&lt;svg onload=alert(2)&gt;.jpg</td>" in page  # the skipped file's path, as text
     assert "<figcaption>img_src_x_onerror_alert_1<br>" in page  # keys are sanitised names
     assert page.count("<figure>") == 1 and "<h2>Skipped inputs (1)</h2>" in page
+
+
+def test_method_gt_shards_the_source_masks_exactly(tmp_path):
+    """The oracle arm: each stored mask is the source's own (one stored at half size comes back
+    at full size), an image without one is recorded and skipped, and a source with none at all
+    is refused before anything is written."""
+    import cv2
+    from PIL import Image
+
+    from maskgen.sources.synthetic import render_scene
+
+    root, gt = tmp_path / "img", tmp_path / "gt"
+    root.mkdir()
+    gt.mkdir()
+    masks = {}
+    for i in range(4):
+        rgb, mask, _ = render_scene(7, i)
+        Image.fromarray(rgb).save(root / f"{i}.jpg", quality=95)
+        if i == 3:
+            continue  # no mask for this one
+        stored = Image.fromarray(mask.astype(np.uint8) * 255)
+        if i == 2:  # stored at half size: OpenCV's nearest neighbour back to the image's
+            stored = stored.resize((mask.shape[1] // 2, mask.shape[0] // 2), Image.NEAREST)
+            mask = cv2.resize(np.asarray(stored), mask.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
+        stored.save(gt / f"{i}.png")
+        masks[f"{i}.jpg"] = mask
+    out = tmp_path / "out"
+    assert main(["build", "--source", "folder", "--root", str(root), "--gt", str(gt), "--method", "gt",
+                 "--out", str(out), "--executor", "local", "--no-progress"]) == 0  # fmt: skip
+    got = {
+        s["json"]["path"]: s["mask.png"] > 127
+        for s in wds.WebDataset([str(p) for p in shard_paths(out)], shardshuffle=False).decode("l8")
+    }
+    assert sorted(got) == sorted(masks)
+    for path, mask in masks.items():
+        np.testing.assert_array_equal(got[path], mask, err_msg=path)
+    report = json.loads((out / "report.json").read_text())
+    assert report["miou"] == 1.0 and report["n_errors"] == 1
+    error = json.loads((out / "errors.jsonl").read_text())
+    assert error["path"] == "3.jpg" and "no ground-truth mask" in error["detail"]
+
+    refused = run(
+        "build", "--source", "folder", "--root", str(root), "--method", "gt", "--out", str(tmp_path / "x")
+    )
+    assert refused.returncode != 0 and "has no ground-truth masks" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()

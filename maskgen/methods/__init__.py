@@ -9,11 +9,13 @@ from maskgen.methods.base import Resources, SaliencyMethod
 from maskgen.methods.center import CenterPrior
 from maskgen.methods.deep import DeepSaliency
 from maskgen.methods.drfi import DRFI
+from maskgen.methods.truth import SourceMasks
 
 METHODS: dict[str, type[SaliencyMethod]] = {
     CenterPrior.name: CenterPrior,
     DRFI.name: DRFI,
     DeepSaliency.name: DeepSaliency,
+    SourceMasks.name: SourceMasks,
 }
 
 
@@ -26,7 +28,8 @@ def make_method(name: str, params: dict[str, Any] | None = None) -> SaliencyMeth
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise ValueError(
-            f"--param {unknown[0]}: {name} has no such parameter; it takes {', '.join(accepted)}"
+            f"--param {unknown[0]}: {name} has no such parameter; "
+            + (f"it takes {', '.join(accepted)}" if accepted else "it takes none")
         )
     return cls(**cls.canonical_args(params))
 

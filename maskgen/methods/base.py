@@ -33,6 +33,9 @@ class SaliencyMethod(ABC):
     resources: Resources = Resources()
     batch_size: int = 16
     decodes_jpeg: bool = False
+    # True for a method whose map is the source's own ground truth (``gt``): the worker then
+    # reads each item's mask and calls ``predict_with_truth`` instead of ``predict``.
+    reads_ground_truth: bool = False
 
     @classmethod
     def canonical_args(cls, args: dict[str, Any]) -> dict[str, Any]:
@@ -58,6 +61,13 @@ class SaliencyMethod(ABC):
         """As ``predict``, for a batch that mixes plain JPEG bytes (for a method with
         ``decodes_jpeg``) and images the worker decoded (every other file)."""
         raise NotImplementedError(f"{self.name} decodes no JPEG bytes itself")
+
+    def predict_with_truth(
+        self, images: Sequence[np.ndarray], truths: Sequence[np.ndarray | None]
+    ) -> list[np.ndarray]:
+        """As ``predict``, given each image's ground truth (bool H x W, or None when it has
+        none), for a method with ``reads_ground_truth``."""
+        raise NotImplementedError(f"{self.name} reads no ground truth")
 
 
 def param_number(

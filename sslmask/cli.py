@@ -124,6 +124,19 @@ def train(
     click.echo(f"sslmask: trained {method} -> {ckpt}", err=True)
 
 
+def _scored_backbone(checkpoint: str, arch: str | None, branch: str):
+    """``(backbone, scored branch)`` for an evaluation that loads it itself. ``random`` is drawn
+    from seed 0, as `eval knn|linear|retrieval` draw it, so every evaluation of the random
+    baseline scores the same network (unseeded, occlusion's clean probe and the linear probe
+    disagreed)."""
+    import torch
+
+    from sslmask.checkpoint import load_backbone_branch
+
+    torch.manual_seed(0)
+    return load_backbone_branch(checkpoint, arch, branch=branch)
+
+
 def _features(checkpoint: str, arch: str | None, branch: str, train_spec, val_spec, image_size: int,
               batch_size: int, workers: int):  # fmt: skip
     """``((train_feats, train_labels, val_feats, val_labels), scored branch)``."""
@@ -320,7 +333,6 @@ def occlusion(checkpoint, arch, branch, train_spec, val_spec, image_size, batch_
     maskgen masks) foreground / background occlusion (SegAS's protocol)."""
     import torch
 
-    from sslmask.checkpoint import load_backbone_branch
     from sslmask.eval.features import labelled_splits
     from sslmask.eval.occlusion import conditions, occlusion_eval
 
@@ -330,7 +342,7 @@ def occlusion(checkpoint, arch, branch, train_spec, val_spec, image_size, batch_
         )
     train, val = labelled_splits(train_spec, val_spec)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backbone, scored = load_backbone_branch(checkpoint, arch, branch=branch)
+    backbone, scored = _scored_backbone(checkpoint, arch, branch)
     backbone = backbone.to(device)
     plan = conditions(backbone, ratios, thetas, grid, seed, saliency=val.mask is not None)
     loader = {"batch_size": batch_size, "workers": workers, "device": device}
@@ -368,7 +380,6 @@ def localization(checkpoint, arch, branch, train_spec, val_spec, boxes, gt_masks
     import torch
 
     from maskio.records import align_labels, index_any
-    from sslmask.checkpoint import load_backbone_branch
     from sslmask.eval.linear import fit_linear
     from sslmask.eval.localization import (
         localization_eval,
@@ -383,7 +394,7 @@ def localization(checkpoint, arch, branch, train_spec, val_spec, boxes, gt_masks
     if not agnostic and not train_spec:
         raise click.UsageError("--train is needed for class activation maps (or use --agnostic)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backbone, scored = load_backbone_branch(checkpoint, arch, branch=branch)
+    backbone, scored = _scored_backbone(checkpoint, arch, branch)
     backbone = backbone.to(device)
     val = index_any(val_spec)
     matched = match_boxes(record_keys(val), read_boxes(boxes, gt_masks))

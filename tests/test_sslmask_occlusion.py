@@ -78,9 +78,15 @@ def test_occlusion_cli_writes_json_and_skips_saliency_without_masks(sample_build
     out = tmp_path / "occ.json"
     args = ["eval", "occlusion", "--checkpoint", "random", "--arch", "resnet_tiny", "--image-size", "32",
             "--workers", "0", "--ratios", "0.5", "--thetas", "0.6"]  # fmt: skip
+    torch.manual_seed(1234)  # whatever the caller's generator holds, `random` is one network
     assert main([*args, "--train", str(sample_build), "--val", str(sample_build), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["eval"] == "occlusion" and set(result["top1"]["saliency"]) == {"foreground", "background"}
+    linear = tmp_path / "linear.json"
+    assert main(["eval", "linear", "--checkpoint", "random", "--arch", "resnet_tiny", "--image-size", "32",
+                 "--workers", "0", "--train", str(sample_build), "--val", str(sample_build),
+                 "--out", str(linear)]) == 0  # fmt: skip
+    assert result["top1"]["clean"] == json.loads(linear.read_text())["accuracy"]["top1"]
     assert set(result["top1"]["random"]) == {"0.5"} and set(result["top1"]["attention"]) == {"0.6"}
     folder = tmp_path / "folders"
     for c in range(2):
@@ -101,3 +107,14 @@ def test_occlusion_cli_refuses_bad_values_in_one_line(bad, sample_build, capsys)
             "--val", str(sample_build), *bad]  # fmt: skip
     assert main(args) != 0
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_every_evaluation_of_random_scores_the_same_network():
+    from sslmask.cli import _scored_backbone
+
+    torch.manual_seed(1)
+    first, _ = _scored_backbone("random", "resnet_tiny", "auto")
+    torch.manual_seed(2)
+    second, _ = _scored_backbone("random", "resnet_tiny", "auto")
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from maskio.errors import ShardError
+from maskio.hubtoken import Scrub, first_line, hub_guard
 
 HF_PREFIX = "hf://datasets/"
 PUBLISHED_MANIFEST = "maskgen.json"
@@ -41,6 +42,16 @@ def download_snapshot(spec: str) -> Path:
     repo, _, revision = spec[len(HF_PREFIX) :].partition("@")
     if not _REPO_ID.fullmatch(repo):
         raise ShardError(f"{spec}: expected hf://datasets/OWNER/NAME[@REVISION]")
+    with hub_guard() as scrub:
+        folder = _snapshot(spec, repo, revision, scrub)
+    if not snapshot_tars(Path(folder)):
+        raise ShardError(f"{spec}: the repo has no data/*/*.tar (not a maskgen dataset?)")
+    return Path(folder)
+
+
+def _snapshot(spec: str, repo: str, revision: str, scrub: Scrub) -> str:
+    """``snapshot_download`` with each failure as one ShardError line, scrubbed of the token: a
+    hostile endpoint may echo it in an error header or a redirect URL."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         LocalEntryNotFoundError,
@@ -49,7 +60,7 @@ def download_snapshot(spec: str) -> Path:
     )
 
     try:
-        folder = snapshot_download(
+        return snapshot_download(
             repo_id=repo, repo_type="dataset", revision=revision or None, allow_patterns=SNAPSHOT_FILES
         )
     except RevisionNotFoundError:
@@ -57,16 +68,14 @@ def download_snapshot(spec: str) -> Path:
     except RepositoryNotFoundError:
         raise ShardError(f"{spec}: no such dataset repo on the Hub (or no access to it)") from None
     except LocalEntryNotFoundError as exc:
-        cause = str(exc.__cause__ or "").splitlines()[0] if exc.__cause__ else "offline, or HF_HUB_OFFLINE=1"
+        cause = first_line(exc.__cause__, scrub) if exc.__cause__ else "offline, or HF_HUB_OFFLINE=1"
         raise ShardError(
             f"{spec}: not in the local Hugging Face cache, and the Hub cannot be reached ({cause})"
         ) from None
     except Exception as exc:  # the client raises many types (HTTP, OS, timeouts)
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise ShardError(f"{spec}: download failed ({type(exc).__name__}: {first})") from None
-    if not snapshot_tars(Path(folder)):
-        raise ShardError(f"{spec}: the repo has no data/*/*.tar (not a maskgen dataset?)")
-    return Path(folder)
+        raise ShardError(
+            f"{spec}: download failed ({type(exc).__name__}: {first_line(exc, scrub)})"
+        ) from None
 
 
 def published_manifest(folder: Path) -> dict[str, Any] | None:

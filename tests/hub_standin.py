@@ -40,7 +40,13 @@ class HubState:
         # hostile modes (issue 35): "zero_width" (whoami's name is the token with a zero-width
         # space inside), "whoami_list" (whoami answers a JSON list), "repo_url" (create_repo's
         # URL is not a Hub URL and holds the token), "warning" (every answer carries an
-        # X-HF-Warning header with the token, which huggingface_hub logs itself)
+        # X-HF-Warning header with the token, which huggingface_hub logs itself);
+        # issue 44, the read path: "error_message" (every download answers 403 with the token in
+        # X-Error-Message), "redirect" (every download redirects to a URL holding the token, which
+        # answers 404); issue 47, disguised tokens: "combining" and "filler" (whoami's name is the
+        # token with U+034F or U+3164 inside), "nested_name" (the name is a list holding the token
+        # with a zero-width space), "percent_url" (create_repo's URL holds the token
+        # percent-encoded)
         self.hostile: str | None = None
 
 
@@ -58,6 +64,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("X-Error-Code", error_code)
         if self.state.hostile == "warning":
             self.send_header("X-HF-Warning", f"leak; your token is {TOKEN}")
+        if self.state.hostile == "error_message" and status >= 400:
+            self.send_header("X-Error-Message", f"token {TOKEN} is not valid")
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -98,13 +106,34 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(entry["data"])
         return True
 
+    def _hostile_read(self) -> bool:
+        """The read-path modes: True when the request was answered by one of them."""
+        if self.path.startswith("/leak/"):
+            self._send(404, {"error": "gone"})
+            return True
+        download = "/resolve/" in self.path or "/revision/" in self.path
+        if self.state.hostile == "error_message" and download:
+            self._send(403, {"error": "Forbidden"})
+            return True
+        if self.state.hostile == "redirect" and download:
+            self.send_response(302)
+            self.send_header("Location", f"{self.base}/leak/{TOKEN}/x")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return True
+        return False
+
     def do_HEAD(self) -> None:  # noqa: N802
+        if self._hostile_read():
+            return None
         if not self._authorized():
             return self._send(401, {"error": "Invalid credentials in Authorization header"})
         if not self._resolve(head_only=True):
             self._send(404, {"error": "not found"})
 
     def do_GET(self) -> None:  # noqa: N802
+        if self._hostile_read():
+            return None
         if not self._authorized():
             return self._send(401, {"error": "Invalid credentials in Authorization header"})
         if self._resolve(head_only=False):
@@ -113,8 +142,11 @@ class Handler(BaseHTTPRequestHandler):
             if self.state.hostile == "whoami_list":
                 return self._send(200, ["tester", TOKEN])
             name = f"user-{self.headers.get('Authorization')}" if self.state.echo_token else "tester"
-            if self.state.hostile == "zero_width":
-                name = f"user-{TOKEN[:5]}\u200b{TOKEN[5:]}"
+            disguise = {"zero_width": "\u200b", "combining": "\u034f", "filler": "\u3164"}
+            if self.state.hostile in disguise:
+                name = f"user-{TOKEN[:5]}{disguise[self.state.hostile]}{TOKEN[5:]}"
+            if self.state.hostile == "nested_name":
+                name = ["user", f"{TOKEN[:5]}\u200b{TOKEN[5:]}"]
             return self._send(200, {"type": "user", "name": name, "auth": {"accessToken": {"role": "write"}}})
         m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/tree/([^?]+)(\?.*)?", self.path)
         if m and m.group(1) in self.state.repos:  # list_repo_tree, as snapshot_download asks it
@@ -230,6 +262,11 @@ class Handler(BaseHTTPRequestHandler):
                 }
             if st.hostile == "repo_url":
                 return self._send(200, {"url": f"weird://{TOKEN}/{repo_id}", "name": repo_id})
+            if st.hostile == "percent_url":
+                encoded = "".join(f"%{ord(c):02X}" if c == "_" else c for c in TOKEN)
+                return self._send(
+                    200, {"url": f"{self.base}/datasets/{repo_id}?t={encoded}", "name": repo_id}
+                )
             return self._send(200, {"url": f"{self.base}/datasets/{repo_id}", "name": repo_id})
         m = re.fullmatch(r"/datasets/([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)
         if m:
@@ -266,3 +303,17 @@ def start() -> tuple[ThreadingHTTPServer, HubState, str]:
     server.RequestHandlerClass = handler
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, state, base
+
+
+def seed(state: HubState, repo_id: str, folder) -> None:
+    """Put a staged folder into ``repo_id`` as if it had been published (tars as LFS files)."""
+    from pathlib import Path
+
+    files = {}
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        lfs = path.suffix == ".tar"
+        oid = hashlib.sha256(data).hexdigest() if lfs else git_sha1(data)
+        files[path.relative_to(folder).as_posix()] = {"oid": oid, "size": len(data), "data": data}
+    head = hashlib.sha1(json.dumps(sorted(files)).encode()).hexdigest()
+    state.repos[repo_id] = {"private": False, "branches": {"main": files}, "head": head}

@@ -9,16 +9,13 @@ login cache); it is passed only in request headers and never printed, logged or 
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import logging
-import unicodedata
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from maskgen.pipeline import BuildError
 from maskgen.publish.stage import Staged
+from maskio.hubtoken import first_line, hub_guard
 
 
 @dataclass
@@ -40,42 +37,6 @@ def network_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def scrubber(token: str | None) -> Callable[[str], str]:
-    """Replaces the token in any text that is printed: a hostile endpoint may echo it back, in
-    an error, a warning header or whoami's user name. The text is normalised first (NFKC, and
-    invisible format characters such as zero-width spaces removed), so a token with one of
-    those inside is still found."""
-    if not token:
-        return lambda text: text
-
-    def scrub(text: str) -> str:
-        text = "".join(c for c in unicodedata.normalize("NFKC", str(text)) if unicodedata.category(c) != "Cf")
-        return text.replace(token, "***")
-
-    return scrub
-
-
-@contextlib.contextmanager
-def scrubbed_hub_output(say: Callable[[str], None]) -> Iterator[None]:
-    """While the block runs, whatever ``huggingface_hub`` would write itself (its logging, e.g.
-    the server's ``X-HF-Warning`` headers, and Python warnings) goes through ``say``, which
-    scrubs the token, instead of straight to stderr."""
-
-    class Echo(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            say(f"huggingface_hub: {record.getMessage()}")
-
-    lib = logging.getLogger("huggingface_hub")
-    saved = lib.handlers[:], lib.propagate
-    lib.handlers, lib.propagate = [Echo()], False
-    try:
-        with warnings.catch_warnings():
-            warnings.showwarning = lambda message, *args, **kwargs: say(f"warning: {message}")
-            yield
-    finally:
-        lib.handlers, lib.propagate = saved
-
-
 def _hub_error(exc: BaseException, what: str, scrub: Callable[[str], str]) -> BuildError:
     """One line, status code first, with the token scrubbed in case a server echoed it.
 
@@ -86,8 +47,9 @@ def _hub_error(exc: BaseException, what: str, scrub: Callable[[str], str]) -> Bu
     while cause is not None and status is None:
         status = getattr(getattr(cause, "response", None), "status_code", None)
         cause = cause.__cause__
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return BuildError(scrub(f"{what} failed{f' (HTTP {status})' if status else ''}: {text}"))
+    return BuildError(
+        scrub(f"{what} failed{f' (HTTP {status})' if status else ''}: {first_line(exc, scrub)}")
+    )
 
 
 def upload(
@@ -107,12 +69,12 @@ def upload(
     token = get_token()
     if not token:
         raise BuildError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
-    scrub = scrubber(token)
-    say = lambda text: echo(scrub(text))  # noqa: E731 -- nothing printed below bypasses the scrub
-    with scrubbed_hub_output(say):
+    with hub_guard(echo) as scrub:
+        say = lambda text: echo(scrub(text))  # noqa: E731 -- nothing printed below bypasses the scrub
         api = HfApi(endpoint=endpoint, token=token)
         user = _whoami(api, scrub)
-        say(f"maskgen: publishing to {repo} as {user.get('name', '?')}")
+        name = user.get("name")  # printed only as plain text: a repr would show escapes the scrub cannot see
+        say(f"maskgen: publishing to {repo} as {name if isinstance(name, str) else '?'}")
         try:
             url = str(api.create_repo(repo, repo_type="dataset", private=private, exist_ok=True))
             if revision and revision != "main":

@@ -30,7 +30,7 @@ from maskgen.distribute import ShardJob, run_jobs
 from maskgen.groundtruth import GroundTruthLookup
 from maskgen.imaging import DEFAULT_MAX_PIXELS
 from maskgen.methods import METHODS, SaliencyMethod, make_method
-from maskgen.postprocess import PostprocessConfig
+from maskgen.postprocess import EXACT_POSTPROCESS, PostprocessConfig
 from maskgen.report import aggregate, describe_runtime, gpu_fallback_shards, throughput, write_build_outputs
 from maskgen.sources import ItemRef, Source, SourceError, make_source
 from maskgen.worker import BuildSpec
@@ -124,8 +124,12 @@ class Plan:
 def make_plan(opts: BuildOptions) -> Plan:
     """List the source and split it into shards; nothing is written."""
     try:
-        post = PostprocessConfig(threshold=opts.threshold, fallback=opts.fallback)
         method = make_method(opts.method, opts.method_params)
+        post = (
+            EXACT_POSTPROCESS
+            if method.exact_masks
+            else PostprocessConfig(opts.threshold, fallback=opts.fallback)
+        )
     except (ValueError, TypeError) as exc:
         raise BuildError(str(exc)) from None
     try:

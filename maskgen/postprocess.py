@@ -37,6 +37,12 @@ class PostprocessConfig:
             raise ValueError(f"fallback must be 'center' or 'keep', got {self.fallback!r}")
 
 
+# a method's final masks, kept as they are: binarised at 0.5, nothing dropped, no fallback
+EXACT_POSTPROCESS = PostprocessConfig(
+    threshold=0.5, min_component_fraction=0.0, min_fg_fraction=0.0, max_fg_fraction=1.0, fallback="keep"
+)
+
+
 @dataclass
 class MaskResult:
     mask: np.ndarray  # uint8, 0 or 255

@@ -37,6 +37,12 @@ class SaliencyMethod(ABC):
     # reads each item's mask and calls ``predict_with_truth`` instead of ``predict``.
     reads_ground_truth: bool = False
 
+    @property
+    def exact_masks(self) -> bool:
+        """True when the method's maps are final masks that the shared post-processing must not
+        change (no component filter, no fallback): ``gt`` with ``exact`` or ``quality``."""
+        return False
+
     @classmethod
     def canonical_args(cls, args: dict[str, Any]) -> dict[str, Any]:
         """Constructor arguments that rebuild the same method in any worker process (e.g. with

@@ -54,16 +54,25 @@ class ViewsDataset(Dataset):
     Per view ``v``: ``view{v}`` (uint8 image), ``mask{v}`` (uint8 soft mask; all foreground for
     an image-only set), ``box{v}`` (the crop in the source image: top, left, height, width, and
     the source's height and width) and ``flip{v}``. With ``masks=False`` (methods that ignore
-    them) no mask is decoded or resized and no ``mask{v}`` is returned; the views are the same.
+    them) no ``mask{v}`` is returned, and no mask is decoded unless ``crop_masks`` asks for the
+    mask-guided re-crop (``ViewSpec.min_fg``); the random draws, and so the views, are the same
+    whether masks are returned or not.
     """
 
-    def __init__(self, records: Records, views: Sequence[ViewSpec], seed: int, masks: bool = True):
+    def __init__(
+        self,
+        records: Records,
+        views: Sequence[ViewSpec],
+        seed: int,
+        masks: bool = True,
+        crop_masks: bool | None = None,
+    ):
         self.records = records
         self.views = list(views)
         self.masks = masks
-        self.recrops = masks and any(
-            v.min_fg > 0 for v in self.views
-        )  # only then is the summed-area table used
+        crop_masks = masks if crop_masks is None else crop_masks
+        # only then is the summed-area table used
+        self.recrops = crop_masks and any(v.min_fg > 0 for v in self.views)
         self.seed = int(seed)
         self.reader = FileReader(records.files)
 
@@ -71,7 +80,7 @@ class ViewsDataset(Dataset):
         return len(self.records)
 
     def _mask(self, index: int, name: str, size: tuple[int, int]) -> Image.Image | None:
-        if not self.masks:
+        if not (self.masks or self.recrops):
             return None
         return read_mask(self.reader, self.records, index, name, size)
 
@@ -88,7 +97,7 @@ class ViewsDataset(Dataset):
             "label": torch.tensor(rec.labels[index]),
         }
         for v, spec in enumerate(self.views):
-            view = make_view(g, spec, image, mask, integral)
+            view = make_view(g, spec, image, mask if self.masks else None, integral)
             out[f"view{v}"] = view.image
             if self.masks:
                 full = torch.full((1, spec.size, spec.size), 255, dtype=torch.uint8)

@@ -194,7 +194,7 @@ def check_config(cfg: dict[str, Any], info: D.DistInfo) -> RunSettings:
 
 def load_records(shards: list[str], cfg: dict[str, Any], run: Path, info: D.DistInfo) -> Records:
     """Rank 0 indexes the shards (or reads its cache); the others then read that cache."""
-    needs_masks = METHODS[cfg["method"]].uses_masks(cfg)
+    needs_masks = METHODS[cfg["method"]].reads_masks(cfg)
     images = cfg["data"]["images"]
     if info.main:
         records = index_cached(shards, needs_masks, run / INDEX_CACHE, images)
@@ -460,7 +460,8 @@ def _train(shards: list[str], cfg: dict[str, Any], run: Path, resume: bool) -> P
     if ckpt is not None:
         restore(loop, ckpt, run)
     views = method_cls.view_specs(cfg)
-    dataset = ViewsDataset(records, views, s.train.seed, masks=method_cls.uses_masks(cfg))
+    dataset = ViewsDataset(records, views, s.train.seed, masks=method_cls.uses_masks(cfg),
+                           crop_masks=method_cls.reads_masks(cfg))  # fmt: skip
     log = RunLog(run, info.main)
     if info.main and loop.step == 0:
         log.write({"kind": "start", "step": 0, "samples": len(records), "steps_per_epoch": spe,

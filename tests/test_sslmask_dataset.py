@@ -166,3 +166,32 @@ def test_eval_dataset_crops_each_mask_with_its_image(sample_build, tmp_path):
     Image.new("RGB", (40, 30), (10, 20, 30)).save(folder / "cls" / "a.png")
     plain = EvalDataset(index_any([str(folder)]), 16, masks=True)[0]
     assert torch.equal(plain[2], torch.full((1, 16, 16), 255, dtype=torch.uint8))
+
+
+def test_a_mask_free_twin_gets_the_mask_aware_methods_crops(sample_build):
+    """Issue 41 item 1: BYOL given ``data.min_fg`` reads masks only to place its crops, and then
+    sees exactly HARL's views (same seed); without it the re-crop moves some crops."""
+    records = index_shards([str(sample_build)], require_masks=True)
+    views = byol_views(48, min_fg=0.6)
+    harl = ViewsDataset(records, views, seed=0, masks=True)
+    twin = ViewsDataset(records, views, seed=0, masks=False, crop_masks=True)
+    plain = ViewsDataset(records, views, seed=0, masks=False)
+    moved = 0
+    for i in range(len(records)):
+        a, b, c = harl[(1, i)], twin[(1, i)], plain[(1, i)]
+        assert "mask0" in a and "mask0" not in b and "mask0" not in c
+        for k in ("view0", "view1", "box0", "box1", "flip0", "flip1"):
+            assert torch.equal(a[k], b[k]), (i, k)
+        moved += not torch.equal(a["box0"], c["box0"])
+    assert moved > 0
+
+
+def test_which_runs_read_masks():
+    from sslmask.config import load_config
+    from sslmask.methods import METHODS
+
+    byol, harl = load_config("byol"), load_config("harl")
+    assert harl["data"]["min_fg"] == 0.0  # the paper's plain random crops; the re-crop is opt-in
+    assert not METHODS["byol"].reads_masks(byol) and METHODS["harl"].reads_masks(harl)
+    byol["data"]["min_fg"] = 0.2
+    assert METHODS["byol"].reads_masks(byol) and not METHODS["byol"].uses_masks(byol)

@@ -62,8 +62,15 @@ class SSLMethod(nn.Module):
 
     @classmethod
     def uses_masks(cls, cfg: dict[str, Any]) -> bool:
-        """Whether this run reads masks (a method with a mask-free mode overrides this)."""
+        """Whether this run's method uses masks (a method with a mask-free mode overrides this)."""
         return cls.needs_masks
+
+    @classmethod
+    def reads_masks(cls, cfg: dict[str, Any]) -> bool:
+        """Whether this run reads masks at all: for the method, or only to place its crops
+        (``data.min_fg`` > 0, the mask-guided re-crop, which a mask-free twin such as BYOL can
+        share with HARL so that the two differ only in how the method uses masks)."""
+        return cls.uses_masks(cfg) or DataSettings.of(cfg).min_fg > 0
 
     @classmethod
     def reference_decay_exclude(cls, cfg: dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from typing import Any
@@ -145,7 +146,7 @@ def cli() -> None:
               help="Method parameter, repeatable (drfi: scorer=forest|heuristic|rbd|mr or several joined "
                    "by '+', model=default|unsupervised|FILE, levels=harl|multi|drfi15, refine=0|1, "
                    "sigma=, k=, min_size=; deep: refine=1, precision=auto|fp32|bf16, "
-                   "gpu_share=, short_side=).")  # fmt: skip
+                   "gpu_share=, short_side=; gt: exact=true, quality=Q in (0, 1], seed=).")  # fmt: skip
 @click.option(
     "--threshold", default="0.5", callback=lambda c, p, v: _threshold(v), help="Number in [0,1] or 'otsu'."
 )
@@ -191,14 +192,24 @@ def build(**kw: Any) -> None:
 @cli.command("eval")
 @click.argument("out", type=str)
 @click.option("--gt", type=str, help="Ground-truth folder (default: the build's own source).")
-def eval_cmd(out: str, gt: str | None) -> None:
+@click.option("--boxes", type=click.Path(exists=True, dir_okay=False),
+              help="Score the masks against object boxes instead (CSV: path,x0,y0,x1,y1 in image pixels, "
+                   "e.g. imagenette-224/boxes.csv): box precision, recall and IoU; writes nothing.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="With --boxes: print the scores as JSON.")
+def eval_cmd(out: str, gt: str | None, boxes: str | None, as_json: bool) -> None:
     """Recompute report.json and report.html of a finished build from its shards; or score a
-    published dataset (hf://datasets/OWNER/NAME, or its snapshot folder) against --gt."""
+    published dataset (hf://datasets/OWNER/NAME, or its snapshot folder) against --gt; or score
+    any of them against --boxes."""
     from pathlib import Path
 
     from maskgen.evaluate import evaluate_build, evaluate_shards
     from maskio.hub import is_hub_spec, snapshot_tars
 
+    if boxes:
+        if gt:
+            raise click.UsageError("--boxes and --gt score against different truths: give one")
+        _eval_boxes(out, boxes, as_json)
+        return
     if is_hub_spec(out) or snapshot_tars(Path(out)):
         if not gt:
             raise click.UsageError(
@@ -210,6 +221,19 @@ def eval_cmd(out: str, gt: str | None) -> None:
     fields = ("n_images", "n_with_gt", "miou", "mae", "max_fbeta", "s_measure", "e_measure")
     click.echo(" ".join(f"{k}={report[k]:.4f}" if isinstance(report[k], float) else f"{k}={report[k]}"
                         for k in fields))  # fmt: skip
+
+
+def _eval_boxes(out: str, boxes: str, as_json: bool) -> None:
+    from pathlib import Path
+
+    from maskgen.boxscore import read_box_csv, score_against_boxes
+    from maskio.records import resolve_shards
+
+    scores = score_against_boxes([Path(p) for p in resolve_shards([out])], read_box_csv(boxes))
+    if as_json:
+        click.echo(json.dumps(scores))
+        return
+    click.echo(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in scores.items()))
 
 
 @cli.group()

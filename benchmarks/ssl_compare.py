@@ -11,7 +11,9 @@ backbone each method's reference evaluates (``--branches auto``: DINO's and SCFS
 the online network otherwise; ``--branches online momentum`` scores both trunks as two rows,
 ``LABEL@online`` and ``LABEL@momentum``) with `sslmask eval`'s k-NN (k = 20, T = 0.07) and
 linear probe on the held-out set, and `sslmask eval retrieval`'s leave-one-out Rank-1/5 and mAP within the held-out set
-(backbone features), and prints per-seed numbers and medians. --val may be a class-folder
+(backbone features; LoDisc's rows retrieve with its normalised predictor output, as its own
+``validate`` does, with the backbone CLS figures beside them as ``rank1_cls`` ...), and prints
+per-seed numbers and medians. --val may be a class-folder
 tree (Imagenette, Caltech-101). SegAS's evaluations on request: ``--occlusion`` adds the
 probe's top-1 with half of a 7 x 7 grid hidden and with the foreground / background of
 --val's masks hidden (`sslmask eval occlusion`); ``--loc-val BUILD --loc-masks DIR`` adds
@@ -29,7 +31,7 @@ from pathlib import Path
 
 from sslmask.config import default_config, load_config
 from sslmask.engine import train
-from sslmask.eval.features import labelled_features
+from sslmask.eval.features import labelled_features, split_features
 from sslmask.eval.knn import knn_eval
 from sslmask.eval.linear import linear_probe
 from sslmask.eval.retrieval import retrieval_metrics
@@ -88,13 +90,26 @@ def variant_config(spec: str, config: str | None, overrides: list[str], seed: in
 
 
 def evaluate(checkpoint: str, arch: str, train_spec, val_spec, size: int, seed: int,
-             branch: str = "auto") -> dict[str, float]:  # fmt: skip
+             branch: str = "auto", retrieval: str = "backbone") -> dict[str, float]:  # fmt: skip
+    """k-NN and linear probe on the backbone; retrieval on ``retrieval`` features (LoDisc's
+    ``validate`` retrieves with its normalised predictor output, so its rows use
+    ``predictor`` and give the backbone's CLS retrieval beside it as ``*_cls``)."""
     (ftr, ytr, fva, yva), _ = labelled_features(checkpoint, arch, train_spec, val_spec, size, seed=seed,
                                                 branch=branch)  # fmt: skip
     knn = knn_eval(ftr, ytr, fva, yva, ks=(20,))["k=20"]["top1"]
     lin = linear_probe(ftr, ytr, fva, yva)["top1"]
     ret = retrieval_metrics(fva, yva)
-    return {"knn20": knn, "linear": lin, "rank1": ret["rank1"], "rank5": ret["rank5"], "mAP": ret["mAP"]}
+    row = {"knn20": knn, "linear": lin, "rank1": ret["rank1"], "rank5": ret["rank5"], "mAP": ret["mAP"]}
+    if retrieval != "backbone":
+        feats, labels, _ = split_features(checkpoint, arch, val_spec, size, retrieval, branch=branch)
+        own = retrieval_metrics(feats, labels)
+        row.update({f"{k}_cls": row[k] for k in ("rank1", "rank5", "mAP")})
+        row.update({k: own[k] for k in ("rank1", "rank5", "mAP")})
+    return row
+
+
+# what each method's own validation retrieves with (LoDisc: main.py validate -> inference())
+RETRIEVAL_FEATURES = {"lodisc": "predictor"}
 
 
 def main() -> None:
@@ -129,7 +144,8 @@ def main() -> None:
             train(args.train, cfg, run, resume=True)
             minutes = (time.perf_counter() - t0) / 60
             for branch in args.branches:
-                row = evaluate(str(run), arch, bank, args.val, args.image_size, seed, branch)
+                kind = RETRIEVAL_FEATURES.get(cfg["method"], "backbone")
+                row = evaluate(str(run), arch, bank, args.val, args.image_size, seed, branch, kind)
                 row.update(segas_evaluations(str(run), arch, args, seed, branch))
                 rows[label + suffix(branch)].append(row)
                 print(json.dumps({"method": label, "branch": branch, "seed": seed, **row,

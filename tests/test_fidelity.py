@@ -85,6 +85,15 @@ def test_stop_grad_conv1_freezes_the_vit_patch_embedding_only():
     assert resnet.backbone.conv1.weight.requires_grad
 
 
+def test_lodisc_trains_its_patch_embedding():
+    """Issue 42 item 1: LoDisc's builder.py builds its own ViT (vit_b_16), which main.py's
+    stop-grad partial never reaches, so the reference trains the patch embedding."""
+    m = _method("lodisc", "model.arch=vit_micro")
+    assert all(p.requires_grad for p in m.backbone.parameters())
+    assert load_config("lodisc")["mocov3"]["stop_grad_conv1"] is False
+    assert load_config("mocov3")["mocov3"]["stop_grad_conv1"] is True  # MoCo v3's own recipe keeps it
+
+
 # ---- optimiser: weight-decay rules and clipping -------------------------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,7 +163,10 @@ def test_saliency_mode_extracts_no_attention_unless_a_sample_falls_back(monkeypa
     assert len(calls) == 2
 
 
-def test_the_momentum_encoder_moves_once_per_step():
+def test_the_momentum_encoder_moves_as_the_references_four_updates_per_step():
+    """builder.py moves the momentum encoder four times per training step (forward, twice in
+    m_extract_attention, images() for the logged accuracy), each towards the same online
+    weights: the step here must land where four such updates at m land (issue 42 item 2)."""
     m = _method()
     before = [p.clone() for p in m.key_backbone.parameters()]
     m(_batch(), Progress(0, 10, 10))["loss"].backward()
@@ -170,9 +174,15 @@ def test_the_momentum_encoder_moves_once_per_step():
     with torch.no_grad():
         for p in m.backbone.parameters():
             p.add_(0.1)
-    tau = m.after_optimizer_step(Progress(0, 10, 10))["tau"]
+    tau = m.after_optimizer_step(Progress(3, 10, 10))["tau"]
+    base = m.cfg["ema"]["tau_base"]
+    m_step = 1 - 0.5 * (1 + math.cos(math.pi * 3 / 10)) * (1 - base)  # main.py adjust_moco_momentum
+    assert tau == pytest.approx(m_step**4)
     for p, old, s in zip(m.key_backbone.parameters(), before, m.backbone.parameters(), strict=True):
-        torch.testing.assert_close(p, tau * old + (1 - tau) * s)
+        four = old
+        for _ in range(4):  # _update_momentum_encoder, four times with the same base weights
+            four = four * m_step + s * (1 - m_step)
+        torch.testing.assert_close(p, four)
 
 
 def _layout(seq) -> list[str]:
@@ -279,6 +289,18 @@ def test_lodisc_trains_and_retrieval_cli_reads_its_predictor(sample_build, tmp_p
         result = json.loads(out.read_text())
         assert result["features"] == kind and result["images"] == 42
         assert 0 <= result["rank1"] <= result["rank5"] <= 100 and 0 < result["mAP"] <= 100
+    # ssl_compare scores LoDisc's retrieval on the predictor, as LoDisc's validate() does (issue 42
+    # item 3), with the backbone's CLS retrieval beside it
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from ssl_compare import RETRIEVAL_FEATURES, evaluate
+
+    row = evaluate(str(run), "vit_micro", [str(sample_build)], [str(sample_build)], 48, 0,
+                   retrieval=RETRIEVAL_FEATURES["lodisc"])  # fmt: skip
+    cli = {kind: json.loads((tmp_path / f"{kind}.json").read_text()) for kind in ("predictor", "backbone")}
+    assert (row["rank1"], row["mAP"]) == (cli["predictor"]["rank1"], cli["predictor"]["mAP"])
+    assert (row["rank1_cls"], row["mAP_cls"]) == (cli["backbone"]["rank1"], cli["backbone"]["mAP"])
     capsys.readouterr()
     assert main(["eval", "retrieval", "--checkpoint", "random", "--arch", "vit_micro", "--data", str(sample_build),
                  "--features", "predictor", "--image-size", "48", "--workers", "0"]) != 0  # fmt: skip

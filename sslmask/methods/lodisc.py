@@ -40,6 +40,7 @@ from sslmask import distributed as D
 from sslmask.backbones import Backbone
 from sslmask.losses import embedding_std, moco_v3_loss
 from sslmask.methods.mocov3 import MoCoV3, head_layout, mlp
+from sslmask.momentum import ema_rate
 from sslmask.pooling import usable_masks
 from sslmask.progress import Progress
 from sslmask.settings import FallbackBand, ModelSettings, setting
@@ -115,6 +116,7 @@ class LoDiscSettings(FallbackBand):
     gamma: float = setting(ge=0)
     salient_min: float = setting(ge=0, lt=1)
     mlp_dropout: float = setting(ge=0, lt=1)
+    momentum_updates: int = setting(ge=1, le=16)
 
 
 class LoDisc(MoCoV3):
@@ -132,6 +134,15 @@ class LoDisc(MoCoV3):
     @classmethod
     def uses_masks(cls, cfg: dict[str, Any]) -> bool:
         return LoDiscSettings.of(cfg).mode != "attention"
+
+    @torch.no_grad()
+    def after_optimizer_step(self, progress: Progress) -> dict[str, float]:
+        """The reference moves its momentum encoder ``momentum_updates`` times a step (4), each
+        time towards the same online weights: exactly one move at m ** 4."""
+        m = ema_rate(self.ema_settings, progress.step, progress.total_steps)
+        tau = m**self.c.momentum_updates
+        self.ema.update(tau)
+        return {"tau": tau}
 
     @classmethod
     def build_heads(cls, backbone: Backbone, cfg: dict[str, Any]) -> tuple[nn.Module, nn.Module]:

@@ -139,6 +139,16 @@ class ResNetTrunk(ResNet):
         return [self.stage_widths[t - 1] for t in taps]
 
 
+def zero_init_residual(trunk: nn.Module) -> None:
+    """torchvision's ``zero_init_residual=True``: the last BN of every residual block starts at
+    gamma 0, so each block starts as its identity (MoCo v3 builds its ResNets so)."""
+    for m in trunk.modules():
+        if isinstance(m, Bottleneck):
+            nn.init.constant_(m.bn3.weight, 0)
+        elif isinstance(m, BasicBlock):
+            nn.init.constant_(m.bn2.weight, 0)
+
+
 VIT_NAMES = (
     "vit_micro",
     "vit_tiny",

@@ -113,6 +113,19 @@ BRANCHES = ("auto", "online", "momentum")
 BRANCH_ALIASES = {"student": "online", "query": "online", "teacher": "momentum", "key": "momentum",
                   "target": "momentum"}  # fmt: skip
 DINO_BRANCH = {"online": "student", "momentum": "teacher"}  # DINO's own checkpoint keys
+# each method's SSLMethod.eval_branch, for runs saved before checkpoints recorded it (a test keeps
+# the two equal; the classes cannot be imported here without a cycle)
+METHOD_EVAL_BRANCH = {"dino": "momentum", "scfs": "momentum"}  # every other method: "online"
+
+
+def recorded_branch(run: dict[str, Any]) -> str:
+    """The branch a run checkpoint says its method's protocol scores: ``eval_branch``, or for a
+    run saved before that key existed, the branch of the method its config names."""
+    if isinstance(run.get("eval_branch"), str):
+        return run["eval_branch"]
+    config = run.get("config")
+    method = config.get("method") if isinstance(config, dict) else None
+    return METHOD_EVAL_BRANCH.get(method, "online") if isinstance(method, str) else "online"
 
 
 def canonical_branch(branch: str) -> str:
@@ -148,7 +161,7 @@ def resolve_branch(obj: Any, branch: str = "auto") -> str | None:
     or ``teacher`` for DINO's own checkpoints, None for a single-trunk file."""
     branch = canonical_branch(branch)
     if isinstance(obj, dict) and isinstance(obj.get("method"), dict):
-        return obj.get("eval_branch", "online") if branch == "auto" else branch
+        return recorded_branch(obj) if branch == "auto" else branch
     if isinstance(obj, dict) and isinstance(obj.get("teacher"), dict):
         return "teacher" if branch == "auto" else DINO_BRANCH[branch]
     if branch != "auto":

@@ -85,6 +85,18 @@ def test_stop_grad_conv1_freezes_the_vit_patch_embedding_only():
     assert resnet.backbone.conv1.weight.requires_grad
 
 
+def test_mocov3_resnets_start_with_zero_init_residual_blocks():
+    """Issue 42 item 8: main_moco.py builds its ResNets with zero_init_residual=True (every
+    block's last BN gamma 0); the other methods' references use torchvision's default."""
+    m = _method("mocov3")
+    gammas = [b.bn2.weight for layer in (m.backbone.layer1, m.backbone.layer4) for b in layer]
+    assert all(torch.count_nonzero(g) == 0 for g in gammas)
+    assert torch.equal(m.key_backbone.layer1[0].bn2.weight, m.backbone.layer1[0].bn2.weight)
+    assert torch.count_nonzero(m.backbone.bn1.weight) > 0  # the stem's BN is not a block's last
+    byol = _method("byol")
+    assert torch.count_nonzero(byol.backbone.layer1[0].bn2.weight) > 0
+
+
 def test_lodisc_trains_its_patch_embedding():
     """Issue 42 item 1: LoDisc's builder.py builds its own ViT (vit_b_16), which main.py's
     stop-grad partial never reaches, so the reference trains the patch embedding."""
@@ -223,7 +235,10 @@ def test_runs_are_scored_on_the_trunk_their_reference_evaluates(tmp_path, name, 
 
 def test_branch_of_legacy_runs_dino_files_and_plain_state_dicts(tmp_path):
     run, m = _run(tmp_path, "dino", "dino.out_dim=64", eval_branch=None)  # saved before eval_branch
-    assert load_backbone_branch(str(run))[1] == "online"
+    backbone, branch = load_backbone_branch(str(run))  # issue 42 item 8: by method, DINO's teacher
+    assert branch == "momentum" and _same(backbone, m.branch_backbone("momentum"))
+    byol_run, _ = _run(tmp_path, "byol", eval_branch=None)
+    assert load_backbone_branch(str(byol_run))[1] == "online"
     student, teacher = (
         backbone_state({"method": m.state_dict()}, "online"),
         backbone_state({"method": m.state_dict()}, "momentum"),
@@ -238,6 +253,13 @@ def test_branch_of_legacy_runs_dino_files_and_plain_state_dicts(tmp_path):
         backbone_state(student, "momentum")
     with pytest.raises(CheckpointError, match="must be one of"):
         backbone_state(dino_file, "ema")
+
+
+def test_the_legacy_branch_table_is_each_methods_eval_branch():
+    from sslmask.checkpoint import METHOD_EVAL_BRANCH
+    from sslmask.methods import METHODS
+
+    assert {n: c.eval_branch for n, c in METHODS.items() if c.eval_branch != "online"} == METHOD_EVAL_BRANCH
 
 
 def test_eval_and_export_say_which_branch_they_scored(tmp_path, sample_build, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -125,13 +126,14 @@ def test_dino_head_prototypes_have_unit_norm_and_stay_frozen_in_the_first_epoch(
 def test_dino_centre_and_teacher_temperature():
     method, cfg = _method("dino", "dino.out_dim=12", "dino.local_crops=0", "train.epochs=10",
                           "dino.warmup_teacher_temp_epochs=5")  # fmt: skip
-    assert method.teacher_temp(Progress(0, 100, 10)) == pytest.approx(0.04)
-    assert method.teacher_temp(Progress(25, 100, 10)) == pytest.approx(0.055)
-    assert (
-        method.teacher_temp(Progress(50, 100, 10))
-        == method.teacher_temp(Progress(99, 100, 10))
-        == pytest.approx(0.07)
-    )
+    # main_dino.py: np.concatenate((np.linspace(0.04, 0.07, W), ones * 0.07))[epoch]: the same at
+    # every epoch's start (issue 42 item 8: here it reached 0.07 one epoch late)
+    reference = np.concatenate((np.linspace(0.04, 0.07, 5), np.full(5, 0.07)))
+    for epoch in range(10):
+        assert method.teacher_temp(Progress(epoch * 10, 100, 10)) == pytest.approx(reference[epoch])
+    assert method.teacher_temp(Progress(25, 100, 10)) == pytest.approx(0.04 + 0.03 * 25 / 40)
+    one, _ = _method("dino", "dino.out_dim=12", "dino.local_crops=0", "dino.warmup_teacher_temp_epochs=1")
+    assert [one.teacher_temp(Progress(s, 100, 10)) for s in (0, 9, 10)] == pytest.approx([0.04, 0.04, 0.07])
     batch = {f"view{v}": torch.randn(3, 3, 32, 32) for v in range(2)}
     method(batch, Progress(0, 100, 10))
     with torch.no_grad():  # the teacher sees both global crops as one batch, as in forward

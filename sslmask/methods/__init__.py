@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sslmask.backbones import build_backbone
+from sslmask.backbones import build_backbone, zero_init_residual
 from sslmask.checkpoint import init_backbone
 from sslmask.methods.base import SSLMethod
 from sslmask.methods.byol import BYOL
@@ -32,6 +32,8 @@ def build_method(cfg: dict[str, Any], init: bool = False) -> SSLMethod:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     model = cfg["model"]
     backbone = build_backbone(model["arch"], model["out_stride"])
+    if METHODS[name].zero_init_residual and not backbone.is_vit:
+        zero_init_residual(backbone)
     if init and model.get("init"):
         init_backbone(backbone, model["init"], model["arch"])
     return METHODS[name](backbone, cfg)

@@ -48,6 +48,8 @@ class SSLMethod(nn.Module):
     # the method's own config sections (typed, checked when the config is loaded); a method
     # that extends another's config lists the parent's too
     sections: ClassVar[tuple[type[Section], ...]] = ()
+    # whether the reference builds its ResNet with torchvision's zero_init_residual=True
+    zero_init_residual: ClassVar[bool] = False
 
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__()

@@ -7,7 +7,8 @@ The teacher sees the two global crops, the student every crop; the loss is the c
 of each student crop with each teacher crop but its own (``sslmask.losses.dino_loss``). The
 teacher's output is centred (the centre an EMA, rate ``center_momentum``, of the batch mean
 over every process) and sharpened by a temperature that warms up linearly from
-``warmup_teacher_temp`` to ``teacher_temp``; here per step, where DINO steps it per epoch.
+``warmup_teacher_temp`` to ``teacher_temp``; here per step, where DINO steps it per epoch
+(the same values at each epoch's start).
 The teacher is what DINO evaluates and exports (``eval_branch``; docs/methods.md §0, §3).
 """
 
@@ -110,8 +111,13 @@ class DINO(MomentumMethod):
         return [self.backbone, self.head]
 
     def teacher_temp(self, progress: Progress) -> float:
-        d = self.d
-        warmup = d.warmup_teacher_temp_epochs * progress.steps_per_epoch
+        """DINO's ``np.linspace(warmup_teacher_temp, teacher_temp, W)`` indexed by epoch, which
+        reaches ``teacher_temp`` at epoch W - 1, sampled per step: equal at every epoch start
+        (a one-epoch warm-up keeps ``warmup_teacher_temp`` for that epoch, as linspace's one value)."""
+        d, spe = self.d, progress.steps_per_epoch
+        if d.warmup_teacher_temp_epochs == 1:
+            return d.warmup_teacher_temp if progress.step < spe else d.teacher_temp
+        warmup = max(d.warmup_teacher_temp_epochs - 1, 0) * spe
         return linear_warmup(d.warmup_teacher_temp, d.teacher_temp, progress.step, warmup)
 
     def _embed(self, backbone: nn.Module, head: nn.Module, crops: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -70,6 +70,7 @@ class MoCoV3(MomentumMethod):
     name = "mocov3"
     embeddings = (*SSLMethod.embeddings, "predictor")
     sections = (MoCoV3Settings,)
+    zero_init_residual = True  # main_moco.py: torchvision_models.__dict__[arch](zero_init_residual=True)
 
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)

@@ -103,12 +103,25 @@ def confidence(p: torch.Tensor) -> torch.Tensor:
     return p.max(1).values * (1 - entropy / math.log(p.shape[1]))
 
 
+def mu_threshold(sim: torch.Tensor, mu: str) -> torch.Tensor:
+    """Eq. 6's mu_s from B x M key-prototype cosines, in one of its readings (docs/methods.md §4):
+    ``sample_max`` (``max``, its old name) the batch mean of each sample's best prototype ⟨A⟩;
+    ``prototype_max`` Eq. 6 as printed, the mean over the M prototypes of each one's best
+    sample; ``mean`` per sample, the mean over prototypes (B x 1)."""
+    if mu == "mean":
+        return sim.mean(1, keepdim=True)
+    if mu == "prototype_max":
+        return sim.max(0).values.mean()
+    if mu in ("sample_max", "max"):
+        return sim.max(1).values.mean()
+    raise ValueError(f"segas.mu={mu!r}: must be one of sample_max, prototype_max, mean")
+
+
 def calibrated_target(
     sim: torch.Tensor, label: torch.Tensor, tau_k: float, tau_rho: float, mu: str = "mean"
 ) -> torch.Tensor:
     """Eqs. 6-9 for one level: B x M key-prototype cosines and B k-means labels -> B x M targets."""
-    # mean: per sample, over the prototypes; max: the batch mean of each sample's best match
-    threshold = sim.mean(1, keepdim=True) if mu == "mean" else sim.max(1).values.mean()
+    threshold = mu_threshold(sim, mu)
     p = torch.softmax(torch.where(sim < threshold, torch.full_like(sim, -1.0), sim) / tau_k, dim=1)
     rho = confidence(p).unsqueeze(1)
     onehot = F.one_hot(label, sim.shape[1]).to(p.dtype)

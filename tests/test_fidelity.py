@@ -327,5 +327,13 @@ def test_localisation_probe_features_use_the_test_preprocessing(sample_build):
         assert int(labels[i]) == int(records.labels[i])
 
 
-def test_segas_default_mu_is_eq_6_as_printed():
-    assert load_config("segas")["segas"]["mu"] == "max"
+def test_segas_offers_both_readings_of_eq_6_and_names_them():
+    """Issue 42 item 4: the default is the batch mean of each sample's max (a reading ⟨A⟩);
+    Eq. 6 as printed averages each prototype's max over the batch, and is offered."""
+    from sslmask.losses import mu_threshold
+
+    assert load_config("segas")["segas"]["mu"] == "sample_max"
+    sim = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.3, 0.1]])  # 2 samples x 3 prototypes
+    assert float(mu_threshold(sim, "sample_max")) == pytest.approx((0.9 + 0.3) / 2)
+    assert float(mu_threshold(sim, "prototype_max")) == pytest.approx((0.9 + 0.3 + 0.1) / 3)
+    assert float(mu_threshold(sim, "max")) == float(mu_threshold(sim, "sample_max"))  # saved configs

@@ -56,7 +56,7 @@ def test_confidence_is_max_times_one_minus_normalised_entropy():
     assert float(got[0]) == pytest.approx(1.0) and float(got[1]) == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("mu_mode", ["mean", "max"])
+@pytest.mark.parametrize("mu_mode", ["mean", "sample_max", "prototype_max", "max"])
 @pytest.mark.parametrize("tau_rho", [0.0, 0.2, 1.0])
 def test_calibrated_target_matches_a_per_sample_loop(mu_mode, tau_rho):
     g = torch.Generator().manual_seed(1)
@@ -67,9 +67,14 @@ def test_calibrated_target_matches_a_per_sample_loop(mu_mode, tau_rho):
     sim[0] = torch.tensor([0.9, 0.1, 0.0, -0.2, 0.05])  # one confident sample
     label = torch.randint(0, 5, (8,), generator=g)
     got = calibrated_target(sim, label, 0.1, tau_rho, mu_mode)
-    batch_mu = sum(max(row) for row in sim.tolist()) / 8
+    rows = sim.tolist()
+    batch_mu = {
+        "sample_max": sum(max(row) for row in rows) / 8,  # each sample's best prototype, averaged
+        "max": sum(max(row) for row in rows) / 8,
+        "prototype_max": sum(max(row[c] for row in rows) for c in range(5)) / 5,  # Eq. 6 as printed
+    }
     for i in range(8):
-        mu = sum(sim[i].tolist()) / 5 if mu_mode == "mean" else batch_mu
+        mu = sum(rows[i]) / 5 if mu_mode == "mean" else batch_mu[mu_mode]
         want = _slow_target(sim[i].tolist(), int(label[i]), 0.1, tau_rho, mu)
         assert got[i].tolist() == pytest.approx(want, abs=1e-6)
         assert float(got[i].sum()) == pytest.approx(1.0, abs=1e-6)

@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from maskio.records import Records
 
 MASK_MODES = ("none", "salient")
-MU_MODES = ("mean", "max")
+MU_MODES = ("sample_max", "prototype_max", "mean", "max")  # max: sample_max's name in saved configs
 DIVERSITY_ON = ("filtered", "all")
 CLUSTER_ON = ("image", "foreground")
 

@@ -16,7 +16,7 @@ from maskgen.pipeline import IMAGE_FORMATS, BuildError, BuildOptions, run_build
 from maskgen.recipe import RecipeError
 from maskgen.sources import SOURCES, SourceError
 from maskgen.sources.sample import DEFAULT_LABELS, DEFAULT_SAMPLE_SIZE, LABELINGS, MAX_SAMPLE_SIZE
-from maskio.errors import CheckpointError, KeyValueError, ShardError, describe_os_error
+from maskio.errors import CheckpointError, KeyValueError, ShardError, describe_os_error, error_line
 from maskio.keyvalue import parse_pairs
 
 # Which source uses which option; anything else given with that source is an error.
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"{where}: error: {exc.format_message()}", err=True)
         return exc.exit_code
     except (BuildError, SourceError, ModelError, RecipeError, ShardError, CheckpointError) as exc:
-        click.echo(f"{prog}: error: {exc}", err=True)
+        click.echo(f"{prog}: error: {error_line(exc)}", err=True)
         return 1
     except OSError as exc:  # a full disk, an unwritable --out, a vanished file
         click.echo(f"{prog}: error: {describe_os_error(exc)}", err=True)

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
+# torch re-raises an exception from a DataLoader worker as the same type with the worker's whole
+# traceback as its message ("Caught ShardError in DataLoader worker process 1.\nOriginal
+# Traceback ...\nmaskio.errors.ShardError: <the message>")
+_WORKER_PREFIX = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
+_LAST_LINE = re.compile(r"[\w.]+: (.+)")
+
 
 class ShardError(Exception):
     """Shards that cannot be used (missing, empty, or without the fields a method needs)."""
@@ -24,3 +32,14 @@ def describe_os_error(exc: OSError) -> str:
     ``[Errno 28] No space left on device: 'PATH'`` (and no chained traceback)."""
     reason = (exc.strerror or str(exc) or type(exc).__name__).lower()
     return f"{exc.filename}: {reason}" if exc.filename else reason
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line to print for an expected failure: its message, or, for one raised inside a
+    DataLoader worker (whatever ``data.workers`` is), the original message torch wrapped."""
+    text = str(exc)
+    if _WORKER_PREFIX.match(text):
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        match = _LAST_LINE.fullmatch(last)
+        text = match.group(1) if match else last
+    return text

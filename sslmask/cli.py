@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from maskio.errors import ShardError, describe_os_error
+from maskio.errors import ShardError, describe_os_error, error_line
 from maskio.records import resolve_shards
 from sslmask.checkpoint import CheckpointError
 from sslmask.config import MAX_IMAGE_SIZE, ConfigError, available_methods, load_config
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"{ctx.command_path if ctx else 'sslmask'}: error: {exc.format_message()}", err=True)
         return exc.exit_code
     except (ShardError, ConfigError, CheckpointError, TrainingError) as exc:
-        click.echo(f"sslmask: error: {exc}", err=True)
+        click.echo(f"sslmask: error: {error_line(exc)}", err=True)
         return 1
     except OSError as exc:  # a full disk, an unwritable --out, a vanished file
         click.echo(f"sslmask: error: {describe_os_error(exc)}", err=True)

@@ -171,3 +171,88 @@ def test_the_index_cache_keeps_the_join_and_notices_another_image_folder(builds,
     other = shutil.copytree(root, tmp_path / "other")
     moved = index_cached([str(masks)], True, cache, images=other)
     assert moved.image_root == str(other.resolve()) and moved.files[-1].startswith(str(other.resolve()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["train", "knn", "linear", "retrieval", "occlusion", "deep fit"])
+def test_an_error_inside_a_dataloader_worker_is_still_one_line(builds, tmp_path, capsys, command):
+    """Issue 44 item 2: with DataLoader workers, torch re-raised the worker's ShardError with its
+    whole traceback as the message (17-42 lines); the one line inside is what the user sees."""
+    from maskgen.cli import main as maskgen_main
+    from sslmask.cli import main
+
+    root, _, masks = builds
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    for name in ("cats/001.jpg", "dogs/003.jpg"):  # swapped under the masks-only build
+        Image.open(copy / name).transpose(Image.FLIP_LEFT_RIGHT).save(copy / name)
+    common = ["--checkpoint", "random", "--arch", "resnet_tiny", "--image-size", "32", "--workers", "2"]
+    args = {
+        "train": [
+            *tiny_train_args("byol", masks, tmp_path / "r", "train.epochs=1", "data.workers=2"),
+            "--images",
+            str(copy),
+        ],  # fmt: skip
+        "knn": [
+            "eval",
+            "knn",
+            *common,
+            "--train",
+            str(masks),
+            "--images",
+            str(copy),
+            "--val",
+            str(masks),
+            "--val-images",
+            str(copy),
+        ],  # fmt: skip
+        "linear": [
+            "eval",
+            "linear",
+            *common,
+            "--train",
+            str(masks),
+            "--images",
+            str(copy),
+            "--val",
+            str(masks),
+            "--val-images",
+            str(copy),
+        ],  # fmt: skip
+        "retrieval": ["eval", "retrieval", *common, "--data", str(masks), "--images", str(copy)],
+        "occlusion": [
+            "eval",
+            "occlusion",
+            *common,
+            "--train",
+            str(masks),
+            "--images",
+            str(copy),
+            "--val",
+            str(masks),
+            "--val-images",
+            str(copy),
+        ],  # fmt: skip
+        "deep fit": [
+            "deep",
+            "fit",
+            "--shards",
+            str(masks),
+            "--images",
+            str(copy),
+            "--backbone",
+            "random",
+            "--arch",
+            "resnet_tiny",
+            "--out",
+            str(tmp_path / "h.safetensors"),
+            "--epochs",
+            "1",
+            "--short-side",
+            "32",
+            "--workers",
+            "2",
+        ],  # fmt: skip
+    }[command]
+    err = one_line_error(maskgen_main if command == "deep fit" else main, args, capsys)
+    assert "is not the image its mask was built from" in err and "DataLoader worker" not in err, err

@@ -18,6 +18,7 @@ from maskgen.sources import SOURCES, SourceError
 from maskgen.sources.sample import DEFAULT_LABELS, DEFAULT_SAMPLE_SIZE, LABELINGS, MAX_SAMPLE_SIZE
 from maskio.errors import CheckpointError, KeyValueError, ShardError, describe_os_error, error_line
 from maskio.keyvalue import parse_pairs
+from maskio.metadata import read_manifest
 
 # Which source uses which option; anything else given with that source is an error.
 SOURCE_OPTIONS = {
@@ -425,7 +426,7 @@ def publish_cmd(
     )
     if dry_run:
         meta = validate_card(staged.folder / "README.md")
-        manifest = json.loads((staged.folder / "maskgen.json").read_text())
+        manifest = read_manifest(staged.folder / "maskgen.json")
         loaded = validate_shards(staged.folder, manifest, masks_only)
         click.echo(json.dumps({"staged": str(staged.folder), "files": staged.files, "card": meta, "loader": loaded},
                               indent=2))  # fmt: skip

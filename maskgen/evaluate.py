@@ -8,7 +8,6 @@ binary mask; ``report.json`` says which in ``sod_input``.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from maskgen.report import aggregate, throughput, write_build_outputs
 from maskgen.sources import SourceError
 from maskgen.worker import N_EXTREMES, push_extremes
 from maskio.errors import ShardFormatError
+from maskio.metadata import read_manifest
 from maskio.shard_format import (
     FIELD_MASK,
     FIELD_META,
@@ -89,7 +89,7 @@ def evaluate_build(out: str | os.PathLike, gt_dir: str | None = None) -> dict[st
     manifest_path = out / MANIFEST
     if not manifest_path.is_file():
         raise BuildError(f"{out}: not a maskgen build (no {MANIFEST})")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(manifest_path)
     if not manifest.get("complete"):
         raise BuildError(f"{out}: the build is not complete; run maskgen build again to finish it")
     try:

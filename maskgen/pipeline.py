@@ -36,6 +36,8 @@ from maskgen.sources import ItemRef, Source, SourceError, make_source
 from maskgen.worker import BuildSpec
 from maskio.atomic import remove_stale_temps, write_json
 from maskio.buildlock import LOCK
+from maskio.errors import ShardError, error_line
+from maskio.metadata import read_manifest, read_shard_stats
 from maskio.shard_format import (
     ERRORS,
     INDEX,
@@ -185,9 +187,9 @@ def completed_shards(out: Path, fingerprint: str, n_shards: int) -> set[int]:
         stats, tar = shards_dir / stats_name(i), shards_dir / shard_name(i)
         if stats.exists() and tar.exists():
             try:
-                if json.loads(stats.read_text()).get("fingerprint") == fingerprint:
+                if read_shard_stats(stats).get("fingerprint") == fingerprint:
                     done.add(i)
-            except (OSError, json.JSONDecodeError):
+            except (OSError, ShardError):  # unreadable or doctored: the shard is made again
                 pass
     return done
 
@@ -202,9 +204,9 @@ def _prepare_out(out: Path, plan: Plan, overwrite: bool) -> None:
             (out / name).unlink(missing_ok=True)
     elif manifest.exists():
         try:
-            old = json.loads(manifest.read_text())
-        except (OSError, json.JSONDecodeError):
-            raise BuildError(f"{manifest}: unreadable manifest; use --overwrite to start over") from None
+            old = read_manifest(manifest)
+        except (OSError, ShardError) as exc:
+            raise BuildError(f"{error_line(exc)}; use --overwrite to start over") from None
         if old.get("fingerprint") != plan.fingerprint:
             raise BuildError(
                 f"--out {out}: holds a build with other inputs or options; "
@@ -360,7 +362,7 @@ def _run_locked(plan: Plan, opts: BuildOptions, out: Path, stream: TextIO) -> di
     """The build proper, under the OUT lock: nothing another build wrote can change under it."""
     _prepare_out(out, plan, opts.overwrite)
     done = set() if opts.overwrite else completed_shards(out, plan.fingerprint, len(plan.jobs))
-    old_manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).exists() else None
+    old_manifest = read_manifest(out / MANIFEST) if (out / MANIFEST).exists() else None
     manifest = _manifest(plan, opts, old_manifest)
     write_json(out / MANIFEST, manifest)
 

@@ -23,6 +23,7 @@ from maskgen.metrics import MetricSums
 from maskgen.worker import N_EXTREMES
 from maskio.atomic import atomic_open, write_json
 from maskio.errors import ShardFormatError
+from maskio.metadata import read_shard_stats
 from maskio.shard_format import (
     ERRORS,
     FIELD_IMAGE,
@@ -75,7 +76,7 @@ def aggregate(out: Path, n_shards: int) -> Aggregate:
     """Add up the stats files of shards 0 .. n_shards-1 (in order: deterministic output)."""
     agg = Aggregate(n_shards=n_shards)
     for i in range(n_shards):
-        st = json.loads((out / SHARDS_DIR / stats_name(i)).read_text())
+        st = read_shard_stats(out / SHARDS_DIR / stats_name(i))
         agg.n_samples += st["nsamples"]
         agg.n_errors += st["n_errors"]
         agg.errors.extend(st["errors"])

@@ -10,13 +10,13 @@ names). Downloads go through huggingface_hub's cache, so a second run reads the 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from maskio.errors import ShardError
 from maskio.hubtoken import Scrub, first_line, hub_guard
+from maskio.metadata import read_manifest
 
 HF_PREFIX = "hf://datasets/"
 PUBLISHED_MANIFEST = "maskgen.json"
@@ -79,9 +79,6 @@ def _snapshot(spec: str, repo: str, revision: str, scrub: Scrub) -> str:
 
 
 def published_manifest(folder: Path) -> dict[str, Any] | None:
-    """A snapshot's ``maskgen.json`` (None when absent or unreadable)."""
-    try:
-        data = json.loads((folder / PUBLISHED_MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    """A snapshot's ``maskgen.json`` (None when absent; one ShardError line when doctored)."""
+    path = folder / PUBLISHED_MANIFEST
+    return read_manifest(path) if path.is_file() else None

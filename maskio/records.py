@@ -24,6 +24,7 @@ from PIL import Image, ImageOps
 from maskio.atomic import atomic_open
 from maskio.errors import ShardError, ShardFormatError
 from maskio.hub import download_snapshot, is_hub_spec, published_manifest, snapshot_tars
+from maskio.metadata import read_manifest
 from maskio.shard_format import (
     FIELD_CLASS,
     FIELD_IMAGE,
@@ -83,11 +84,10 @@ def resolve_shards(specs: Sequence[str]) -> list[str]:
 def _refuse_incomplete(spec: str, build_dir: Path, n_found: int) -> None:
     """A build folder whose manifest says the build has not finished (still running, killed,
     or with failed shards) is not read as if it were the whole set; its shard files can be."""
-    try:
-        manifest = json.loads((build_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return  # shards without a readable manifest: a folder of shards, taken as it is
-    if isinstance(manifest, dict) and manifest.get("complete") is False:
+    if not (build_dir / MANIFEST).is_file():
+        return  # shards without a manifest: a folder of shards, taken as it is
+    manifest = read_manifest(build_dir / MANIFEST)
+    if manifest.get("complete") is False:
         total = manifest.get("n_shards", "?")
         raise ShardError(f"{spec}: the build is not complete ({n_found} of {total} shards); re-run maskgen "
                          f"build to finish it, or name its shards ({build_dir}/shards/*.tar) to read those")  # fmt: skip
@@ -234,12 +234,11 @@ def build_class_names(urls: Sequence[str]) -> list[str] | None:
     label i = name i), when every shard comes from a build that recorded the same list."""
     found: list[list[str] | None] = []
     for root in {Path(u).absolute().parent.parent for u in urls}:
-        try:
-            names = json.loads((root / MANIFEST).read_text()).get("class_names")
-        except (OSError, ValueError, AttributeError):  # a published snapshot: data/train/x.tar
+        if (root / MANIFEST).is_file():
+            names = read_manifest(root / MANIFEST).get("class_names")
+        else:  # a published snapshot: data/train/x.tar
             names = (published_manifest(root.parent) or {}).get("class_names")
-        ok = isinstance(names, list) and all(isinstance(n, str) for n in names)
-        found.append(names if ok else None)
+        found.append(names)
     if not found or any(f is None or f != found[0] for f in found):
         return None
     return found[0]

@@ -8,7 +8,6 @@ files and the Hub's content hashes let it skip what already arrived.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from maskgen.pipeline import BuildError
 from maskgen.publish.card import render_card
 from maskgen.tarwriter import DeterministicTarWriter
 from maskio.atomic import atomic_open, write_json
+from maskio.metadata import read_manifest, read_report
 from maskio.shard_format import (
     FIELD_IMAGE,
     FIELD_ORDER,
@@ -42,15 +42,12 @@ class Staged:
 
 def load_build(out: Path) -> tuple[dict[str, Any], dict[str, Any], list[Path]]:
     """Manifest, report and shards of a finished build, or a one-line error."""
-    try:
-        manifest = json.loads((out / MANIFEST).read_text())
-        report = json.loads((out / REPORT_JSON).read_text())
-    except FileNotFoundError as exc:
-        raise BuildError(f"{out}: not a finished maskgen build (no {Path(exc.filename).name})") from None
-    except ValueError as exc:
-        raise BuildError(f"{out}: unreadable build metadata ({exc})") from None
+    for name in (MANIFEST, REPORT_JSON):
+        if not (out / name).is_file():
+            raise BuildError(f"{out}: not a finished maskgen build (no {name})")
+    manifest, report = read_manifest(out / MANIFEST), read_report(out / REPORT_JSON)
     shards = shard_paths(out)
-    if not manifest.get("complete") or len(shards) != int(manifest.get("n_shards", -1)):
+    if not manifest.get("complete") or len(shards) != manifest.get("n_shards", -1):
         raise BuildError(
             f"{out}: the build is not complete ({len(shards)} of {manifest.get('n_shards')} shards)"
         )

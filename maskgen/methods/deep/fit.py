@@ -17,7 +17,6 @@ epoch.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from maskgen.methods.deep.model import SaliencyNet, predict_maps, save_head
 from maskgen.metrics import iou
 from maskgen.postprocess import PostprocessConfig, binarize
 from maskio.buildlock import reading_builds
+from maskio.metadata import read_manifest
 from maskio.records import Records, index_shards
 from maskio.shard_format import FIELD_META, MANIFEST, decode_meta, in_sample, index_tar
 from sslmask.backbones import normalize
@@ -106,7 +106,7 @@ def _ground_truth_lookup(shards: list[str], gt_dir: str | None) -> GroundTruthLo
     if gt_dir:
         return GroundTruthLookup(gt_dir=gt_dir)
     manifest = Path(shards[0]) / MANIFEST
-    return safe_lookup(json.loads(manifest.read_text())) if manifest.is_file() else None
+    return safe_lookup(read_manifest(manifest)) if manifest.is_file() else None
 
 
 def _load_val(

@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from maskio.atomic import write_json
+from maskio.safeload import UnsafeDocument, safe_yaml
 
 ENTRY_POINTS = {"maskgen": "maskgen.cli", "sslmask": "sslmask.cli", "torchrun": "torch.distributed.run"}
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -68,8 +69,8 @@ def _substitute(text: str, variables: dict[str, str], where: str) -> str:
 def load_recipe(path: str | Path, overrides: dict[str, str] | None = None) -> Recipe:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        data = safe_yaml(path.read_text())
+    except (OSError, yaml.YAMLError, UnsafeDocument) as exc:
         raise RecipeError(f"{path}: cannot read recipe ({exc})".replace("\n", " ")) from exc
     if not isinstance(data, dict) or not isinstance(data.get("stages"), list) or not data["stages"]:
         raise RecipeError(f"{path}: a recipe is a mapping with a non-empty 'stages' list")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from typing import Any
 
 from maskio.errors import KeyValueError
+from maskio.safeload import UnsafeDocument, loads_json
 
 _WORDS = {"true": True, "false": False, "null": None}
 
@@ -35,7 +35,9 @@ def parse_value(raw: str) -> Any:
         return _WORDS[text]
     if text.startswith(("[", "{")):
         try:
-            return json.loads(text)
+            return loads_json(text)
+        except UnsafeDocument as exc:
+            raise KeyValueError(f"{text[:40]}...: {exc}") from None
         except ValueError:
             pass
     return raw

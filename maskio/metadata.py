@@ -9,12 +9,12 @@ the fields some reader uses are checked; others pass through untouched.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from maskio.errors import ShardError
+from maskio.safeload import UnsafeDocument, loads_json
 
 MAX_BYTES = 256 * 2**20  # an ImageNet build's manifest with its run history is a few MB
 MAX_DEPTH = 32  # the deepest real file nests about 6 levels
@@ -81,34 +81,19 @@ STATS_FIELDS: dict[str, tuple[Check, str]] = {
 STATS_REQUIRED = tuple(k for k in STATS_FIELDS if k not in ("warnings", "fingerprint"))
 
 
-def _depth_ok(obj: Any) -> bool:
-    """Whether ``obj`` nests at most MAX_DEPTH containers deep (iteratively: no recursion)."""
-    stack = [(obj, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            if depth > MAX_DEPTH:
-                return False
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
-    return True
-
-
 def read_json_object(path: str | Path) -> dict[str, Any]:
     """``path`` as a JSON object, or one ShardError line saying what is wrong with it."""
     path = Path(path)
     try:
         if path.stat().st_size > MAX_BYTES:
             raise ShardError(f"{path}: {path.stat().st_size:,} bytes, more than any build metadata file")
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except RecursionError:
-        raise ShardError(f"{path}: nested too deeply to be build metadata") from None
+        data = loads_json(path.read_bytes().decode("utf-8"), MAX_DEPTH)
+    except UnsafeDocument as exc:
+        raise ShardError(f"{path}: {exc}") from None
     except (UnicodeDecodeError, ValueError):
         raise ShardError(f"{path}: not valid UTF-8 JSON") from None
     if not isinstance(data, dict):
         raise ShardError(f"{path}: must be a JSON object, got {type(data).__name__}")
-    if not _depth_ok(data):
-        raise ShardError(f"{path}: nested more than {MAX_DEPTH} levels deep")
     return data
 
 

@@ -240,6 +240,18 @@ def _unreadable(path: str | Path, exc: BaseException) -> ShardFormatError:
     return ShardFormatError(f"{path}: not a readable tar ({reason})")
 
 
+def _check_extent(path: str | Path, member, file_size: int) -> None:
+    """A member whose payload would end past the end of the file: a declared size larger than
+    the whole file is a doctored header (one line saying so); a payload cut short, a truncated
+    shard (EOFError, reported as such)."""
+    if member.size > file_size:
+        raise ShardFormatError(
+            f"{path}: member {member.name!r} declares {member.size:,} bytes in a {file_size:,}-byte file"
+        )
+    if member.offset_data + member.size > file_size:
+        raise EOFError
+
+
 def iter_tar_samples(path: str | Path, fields: set[str] | None = None):
     """Yield ``(key, {field: bytes})`` from a maskgen shard, in tar order.
 
@@ -253,10 +265,12 @@ def iter_tar_samples(path: str | Path, fields: set[str] | None = None):
     current_key: str | None = None
     current: dict[str, bytes] = {}
     try:
+        size = Path(path).stat().st_size
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
                 if not member.isfile():
                     raise ShardFormatError(f"{path}: member {member.name!r} is not a regular file")
+                _check_extent(path, member, size)  # from the header, before anything is allocated
                 key, ext = _split_member(member.name)
                 if key != current_key:
                     if current_key is not None:
@@ -290,8 +304,7 @@ def index_tar(path: str | Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
             for member in tar:
                 if not member.isfile():
                     raise ShardFormatError(f"{path}: member {member.name!r} is not a regular file")
-                if member.offset_data + member.size > size:
-                    raise EOFError
+                _check_extent(path, member, size)
                 key, ext = _split_member(member.name)
                 if not out or out[-1][0] != key:
                     out.append((key, {}))

@@ -13,6 +13,7 @@ import yaml
 
 from maskio.errors import KeyValueError
 from maskio.keyvalue import parse_value, split_pair
+from maskio.safeload import UnsafeDocument, safe_yaml
 from sslmask.settings import MAX_IMAGE_SIZE, SHARED_SECTIONS, ConfigError, closest
 
 __all__ = ["MAX_IMAGE_SIZE", "ConfigError", "available_methods", "diff", "load_config", "validate"]
@@ -114,8 +115,8 @@ def load_config(
         if not path.is_file() and packaged_overlay(config_file) is not None:
             path = packaged_overlay(config_file)
         try:
-            overlay = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
+            overlay = safe_yaml(path.read_text()) or {}
+        except (OSError, yaml.YAMLError, UnsafeDocument) as exc:
             raise ConfigError(f"{config_file}: cannot read config ({exc})".replace("\n", " ")) from exc
         if not isinstance(overlay, dict):
             raise ConfigError(f"{config_file}: a config file must be a mapping")

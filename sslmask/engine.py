@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from maskio.buildlock import reading_builds
 from maskio.records import Records, index_cached
+from maskio.safeload import UnsafeDocument, check_depth
 from sslmask import distributed as D
 from sslmask.backbones import normalize
 from sslmask.checkpoint import (
@@ -107,6 +108,7 @@ def _prepare_run_dir(run: Path, cfg: dict[str, Any], resume: bool, info: D.DistI
         missing = [k for k in RUN_CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
         if missing:
             raise CheckpointError(f"{ckpt_path}: not an sslmask run checkpoint (no {', '.join(missing)})")
+        check_resume_state(ckpt, ckpt_path)
         changed = [k for k in diff(ckpt["config"], cfg) if k != "train.epochs"]
         if changed:
             raise TrainingError(f"{run}: the config differs from the run's on {', '.join(changed)}")
@@ -124,6 +126,43 @@ def _prepare_run_dir(run: Path, cfg: dict[str, Any], resume: bool, info: D.DistI
         tmp.replace(saved_cfg)
     D.barrier(info)
     return None
+
+
+MAX_STEP = 10**12  # far past any real run (ImageNet-1k, 800 epochs at batch 1: 10^9 steps)
+
+
+def check_resume_state(ckpt: dict[str, Any], path: Path) -> None:
+    """The fields a resume uses, of the types it uses them as: a doctored or corrupted run
+    checkpoint is one CheckpointError line naming the field, before anything is restored."""
+    problems = {
+        "step": not (
+            isinstance(ckpt["step"], int)
+            and not isinstance(ckpt["step"], bool)
+            and 0 <= ckpt["step"] <= MAX_STEP
+        ),  # fmt: skip
+        "config": not isinstance(ckpt["config"], dict),
+        "method": not isinstance(ckpt["method"], dict),
+        "optimizer": not isinstance(ckpt["optimizer"], dict),
+        "scaler": not isinstance(ckpt["scaler"], dict),
+        "rng": not (
+            isinstance(ckpt["rng"], dict)
+            and isinstance(ckpt["rng"].get("torch"), torch.Tensor)
+            and ckpt["rng"]["torch"].dtype == torch.uint8
+            and isinstance(ckpt["rng"].get("python"), (list, tuple))
+            and len(ckpt["rng"]["python"]) == 625
+            and all(isinstance(v, int) for v in ckpt["rng"]["python"])
+        ),  # fmt: skip
+        "eval_branch": "eval_branch" in ckpt and ckpt["eval_branch"] not in ("online", "momentum"),
+    }
+    bad = [name for name, wrong in problems.items() if wrong]
+    if bad:
+        value = ckpt[bad[0]]
+        shown = repr(value)[:40] if isinstance(value, (int, str, float)) else type(value).__name__
+        raise CheckpointError(f"{path}: corrupt resume state: {bad[0]} is {shown}")
+    try:
+        check_depth(ckpt["config"])
+    except UnsafeDocument as exc:
+        raise CheckpointError(f"{path}: corrupt resume state: config {exc}") from None
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -275,8 +314,9 @@ def restore(loop: Loop, ckpt: dict[str, Any], run: Path) -> None:
         loop.method.load_state_dict(ckpt["method"])
         loop.optimizer.load_state_dict(ckpt["optimizer"])
         loop.scaler.load_state_dict(ckpt["scaler"])
-    except (KeyError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"{run_checkpoint_path(run)}: does not fit this run ({exc})") from exc
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        said = " ".join(str(exc).split())[:300] or type(exc).__name__  # one line, however torch put it
+        raise CheckpointError(f"{run_checkpoint_path(run)}: does not fit this run ({said})") from None
     loop.step = loop.last_saved = int(ckpt["step"])
     _restore_rng(ckpt["rng"])
 

@@ -115,3 +115,139 @@ def test_a_doctored_published_snapshot_is_one_line(build, tmp_path, capsys, doct
         shutil.copy(tar, snapshot / "data" / "train" / tar.name)
     (snapshot / "maskgen.json").write_text(DOCTORED[doctored])
     one_line_failure(capsys, sslmask_main(["inspect", str(snapshot)]), "maskgen.json")
+
+
+# ---- item 4: nesting in every carrier; item 5: billion laughs ---------------------------------
+
+BUILD_ONE = ["build", "--source", "sample", "--sample-size", "2", "--no-photos", "--executor", "local",
+             "--no-progress"]  # fmt: skip
+
+
+def test_a_deep_head_with_nested_metadata_is_one_line(tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shipped = next(
+        (Path(__file__).resolve().parents[1] / "maskgen" / "methods" / "deep").glob("*.safetensors")
+    )
+    with safe_open(str(shipped), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file(tensors, str(tmp_path / "h.safetensors"), {**meta, "decoder": DEEP})
+    rc = maskgen_main([*BUILD_ONE, "--method", "deep", "--head", str(tmp_path / "h.safetensors"),
+                       "--out", str(tmp_path / "out")])  # fmt: skip
+    one_line_failure(capsys, rc, "h.safetensors", "nested more than")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_drfi_model_with_nested_info_is_one_line(tmp_path, capsys):
+    import numpy as np
+
+    shipped = next((Path(__file__).resolve().parents[1] / "maskgen" / "methods" / "drfi").glob("*.npz"))
+    arrays = dict(np.load(shipped))
+    arrays["info"] = np.array(DEEP)
+    np.savez(tmp_path / "m.npz", **arrays)
+    rc = maskgen_main([*BUILD_ONE, "--method", "drfi", "--param", f"model={tmp_path / 'm.npz'}",
+                       "--out", str(tmp_path / "out")])  # fmt: skip
+    one_line_failure(capsys, rc, "m.npz", "nested more than")
+
+
+def billion_laughs() -> str:
+    text = "vars:\n  a: &a [" + ", ".join(['"lol"'] * 9) + "]\n"
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        text += f"  {name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]\n"
+    return text + "stages:\n  - {name: x, run: 'maskgen --help', outputs: [x]}\n"
+
+
+def test_a_billion_laughs_recipe_is_refused_in_well_under_a_second(tmp_path, capsys):
+    import time
+
+    (tmp_path / "bomb.yaml").write_text(billion_laughs())
+    started = time.perf_counter()
+    rc = maskgen_main(["pipeline", str(tmp_path / "bomb.yaml"), "--dry-run"])
+    assert time.perf_counter() - started < 1.0
+    one_line_failure(capsys, rc, "bomb.yaml", "expands to more than")
+
+
+@pytest.mark.parametrize("kind", ["recipe", "config"])
+def test_yaml_nested_twenty_thousand_deep_is_one_line(tmp_path, capsys, sample_build, kind):
+    deep = "[" * 20_000 + "]" * 20_000
+    if kind == "recipe":
+        (tmp_path / "r.yaml").write_text(f"vars:\n  x: {deep}\nstages: []\n")
+        one_line_failure(
+            capsys, maskgen_main(["pipeline", str(tmp_path / "r.yaml"), "--dry-run"]), "nested more than"
+        )
+    else:
+        (tmp_path / "c.yaml").write_text(f"train:\n  epochs: {deep}\n")
+        rc = sslmask_main(["train", str(sample_build), "--method", "byol", "--config", str(tmp_path / "c.yaml"),
+                           "--out", str(tmp_path / "run")])  # fmt: skip
+        one_line_failure(capsys, rc, "c.yaml", "nested more than")
+        assert not (tmp_path / "run").exists()
+
+
+def test_yaml_aliases_within_bounds_still_load():
+    from maskio.safeload import safe_yaml
+
+    assert safe_yaml("base: &b {lr: 0.1}\nrun: *b\n") == {"base": {"lr": 0.1}, "run": {"lr": 0.1}}
+
+
+# ---- item 6: corrupted resume state ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, sample_build) -> Path:
+    from conftest import tiny_train_args
+
+    run = tmp_path_factory.mktemp("resume") / "run"
+    assert sslmask_main(tiny_train_args("byol", sample_build, run, "train.epochs=1")) == 0
+    return run
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("step", -3, "step is -3"),
+        ("step", "12", "step is '12'"),
+        ("step", True, "step is True"),
+        ("step", 10**30, "step is 1000000000"),
+        ("config", "method: byol", "config is 'method: byol'"),
+        ("method", [1, 2], "method is list"),
+        ("rng", {"torch": "x"}, "rng is dict"),
+        ("eval_branch", 7, "eval_branch is 7"),
+    ],
+)
+def test_a_corrupted_resume_state_is_one_line(
+    finished_run, tmp_path, capsys, sample_build, field, value, needle
+):
+    import torch
+    from conftest import tiny_train_args
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt[field] = value
+    torch.save(ckpt, run / "checkpoint.pt")
+    before = (run / "checkpoint.pt").read_bytes()
+    rc = sslmask_main([*tiny_train_args("byol", sample_build, run, "train.epochs=1"), "--resume", "auto"])
+    one_line_failure(capsys, rc, "checkpoint.pt", "corrupt resume state", needle)
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+# ---- item 7: a tar member with a huge declared size -----------------------------------------
+
+
+def test_a_member_declaring_a_huge_size_is_refused_from_its_header(tmp_path, capsys):
+    import io
+    import tarfile
+
+    path = tmp_path / "huge.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        data = b"{}"
+        info = tarfile.TarInfo("s0.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    raw = bytearray(path.read_bytes())
+    raw[124:136] = b"%011o\0" % 2**32  # the header's size field: 4 GiB (11 octal digits)
+    raw[148:156] = b"        "
+    raw[148:155] = b"%06o\0" % sum(raw[:512])  # the header checksum, recomputed
+    path.write_bytes(bytes(raw))
+    one_line_failure(capsys, sslmask_main(["inspect", str(path)]), "huge.tar", "declares 4,294,967,296 bytes")

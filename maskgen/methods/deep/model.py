@@ -21,6 +21,7 @@ from PIL import Image
 from torch import nn
 
 from maskio.atomic import atomic_open
+from maskio.safeload import loads_json
 from sslmask.backbones import Backbone, build_backbone, normalize
 
 HEAD_FORMAT = "maskgen-deep-head/1"
@@ -238,8 +239,8 @@ def _read_head(path: str | Path, tensors: bool) -> tuple[dict[str, Any], dict[st
     if raw.get("format") != HEAD_FORMAT:
         raise HeadFileError(f"{path}: not a maskgen deep head (format {raw.get('format')!r})")
     try:
-        meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
-    except ValueError as exc:
+        meta = {k: loads_json(v) for k, v in raw.items() if k != "format"}
+    except ValueError as exc:  # not JSON, or nested past the limit
         raise HeadFileError(f"{path}: bad head metadata ({exc})") from None
     meta.setdefault("decoder", "linear")
     missing = [k for k in ("arch", "out_stride") if k not in meta]

@@ -24,6 +24,7 @@ import numpy as np
 
 from maskgen.methods.drfi.features import BACKGROUND, CONTRAST, CUE_NAMES, N_FEATURES, RegionStats, minmax
 from maskgen.methods.drfi.kernels import forest_mean
+from maskio.safeload import loads_json
 
 N_CUES = len(CUE_NAMES)
 FEATURE_SETS = {"drfi": N_FEATURES, "drfi+cues": N_FEATURES + N_CUES}  # name -> descriptor width
@@ -154,9 +155,9 @@ class Forest:
         if not np.isfinite(data["value"]).all():
             raise ModelError(f"{path}: non-finite leaf values")
         try:
-            info = json.loads(str(data["info"]))
-        except json.JSONDecodeError:
-            raise ModelError(f"{path}: unreadable model info") from None
+            info = loads_json(str(data["info"]))
+        except ValueError as exc:  # not JSON, or nested past the limit
+            raise ModelError(f"{path}: unreadable model info ({str(exc).splitlines()[0]})") from None
         return cls(
             feature=data["feature"].astype(np.int32),
             threshold=data["threshold"].astype(np.float64),

@@ -19,6 +19,7 @@ from maskgen.sources.sample import DEFAULT_LABELS, DEFAULT_SAMPLE_SIZE, LABELING
 from maskio.errors import CheckpointError, KeyValueError, ShardError, describe_os_error, error_line
 from maskio.keyvalue import parse_pairs
 from maskio.metadata import read_manifest
+from maskio.outputs import refuse_protected
 
 # Which source uses which option; anything else given with that source is an error.
 SOURCE_OPTIONS = {
@@ -130,6 +131,14 @@ def source_config(source: str, opts: dict[str, Any], seed: int) -> dict[str, Any
                 "val_labels": opts.get("val_labels"), "classes": opts.get("classes")}  # fmt: skip
     cats = [c.strip() for c in (opts.get("categories") or "").split(",") if c.strip()]
     return {"root": opts["root"], "annotations": opts.get("annotations"), "categories": cats}
+
+
+def _unprotected_out(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--out may not name a build's, run's or published dataset's own file (checked before any
+    work is done; maskio.outputs)."""
+    if value:
+        refuse_protected(value, "--out")
+    return value
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -244,7 +253,7 @@ def drfi() -> None:
 
 @drfi.command("fit", epilog="Example: maskgen drfi fit --source folder --root photos/ --out drfi.npz")
 @source_options
-@click.option("--out", required=True, type=str, help="Model file to write (.npz).")
+@click.option("--out", required=True, type=str, callback=_unprotected_out, help="Model file to write (.npz).")
 @click.option("--labels", type=click.Choice(["auto", "pseudo", "gt"]), default="auto",
               help="Region labels: boundary-prior pseudo labels or ground truth (auto: gt when --gt is given).")  # fmt: skip
 @click.option("--levels", type=click.Choice(["harl", "multi", "drfi15"]), default="multi",
@@ -318,7 +327,8 @@ def deep() -> None:
 @click.option(
     "--out-stride", type=click.Choice(["32", "16"]), default="32", help="16 dilates the last stage."
 )
-@click.option("--out", required=True, type=str, help="Head file to write (.safetensors).")
+@click.option("--out", required=True, type=str, callback=_unprotected_out,
+              help="Head file to write (.safetensors).")  # fmt: skip
 @click.option("--epochs", type=click.IntRange(min=1), default=10)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32)
 @click.option(

@@ -19,9 +19,18 @@ import torch
 
 from maskio.atomic import atomic_open
 from maskio.errors import CheckpointError
+
+# a run folder's files (written by sslmask.engine), named in maskio.outputs beside the guard that
+# keeps every writer's --out off them
+from maskio.outputs import CHECKPOINT, CONFIG_FILE, INDEX_CACHE, LOG_FILE, RUN_FILES
 from sslmask.backbones import ARCHS, Backbone, build_backbone
 
 __all__ = [
+    "CHECKPOINT",
+    "CONFIG_FILE",
+    "INDEX_CACHE",
+    "LOG_FILE",
+    "RUN_FILES",
     "CheckpointError",
     "backbone_state",
     "infer_arch",
@@ -32,12 +41,6 @@ __all__ = [
     "save_atomic",
 ]
 
-CHECKPOINT = "checkpoint.pt"
-# the rest of a run folder (written by sslmask.engine): none of it may be overwritten by an export
-CONFIG_FILE = "config.yaml"
-LOG_FILE = "log.jsonl"
-INDEX_CACHE = "shard-index.npz"
-RUN_FILES = (CHECKPOINT, CONFIG_FILE, LOG_FILE, INDEX_CACHE)
 BACKBONE_PREFIX = "backbone."
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from maskio.errors import ShardError, describe_os_error, error_line
+from maskio.outputs import refuse_protected
 from maskio.records import resolve_shards
 from sslmask.checkpoint import CheckpointError
 from sslmask.config import MAX_IMAGE_SIZE, ConfigError, available_methods, load_config
@@ -27,6 +28,14 @@ class Finite(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return number
+
+
+def _unprotected_out(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--out may not name a build's, run's or published dataset's own file (checked before any
+    work is done; maskio.outputs)."""
+    if value:
+        refuse_protected(value, "--out")
+    return value
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -178,7 +187,8 @@ def _loader_options(fn):
                      help="Centre-crop size (localisation: the resize side)."),
         click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True),
         click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True),
-        click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Write the result JSON here too."),
+        click.option("--out", "out_file", type=click.Path(dir_okay=False), callback=_unprotected_out,
+                     help="Write the result JSON here too."),  # fmt: skip
     ])  # fmt: skip
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from maskio.errors import ShardError
+from maskio.outputs import refuse_protected
 from sslmask.checkpoint import (
     RUN_FILES,
     CheckpointError,
@@ -27,6 +29,10 @@ def export_backbone(run: str | Path, out: str | Path, branch: str = "auto") -> d
     run_dir = path if path.is_dir() else path.parent
     if out.resolve() in {f.resolve() for f in (path, *(run_dir / name for name in RUN_FILES))}:
         raise CheckpointError(f"--out {out}: is a file of the run {run_dir} itself; export to another path")
+    try:
+        refuse_protected(out)
+    except ShardError as exc:
+        raise CheckpointError(str(exc)) from None
     ckpt = load_file(run_checkpoint_path(path) if path.is_dir() else path)
     if not isinstance(ckpt, dict) or "method" not in ckpt:
         raise CheckpointError(f"{run}: not an sslmask run checkpoint")

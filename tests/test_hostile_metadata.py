@@ -251,3 +251,38 @@ def test_a_member_declaring_a_huge_size_is_refused_from_its_header(tmp_path, cap
     raw[148:155] = b"%06o\0" % sum(raw[:512])  # the header checksum, recomputed
     path.write_bytes(bytes(raw))
     one_line_failure(capsys, sslmask_main(["inspect", str(path)]), "huge.tar", "declares 4,294,967,296 bytes")
+
+
+# ---- issue 47 item 1: --out never overwrites a build's, run's or dataset's own file ----------
+
+
+@pytest.mark.parametrize(
+    ("writer", "target"),
+    [
+        ("knn", "run/checkpoint.pt"),
+        ("knn", "run/log.jsonl"),
+        ("linear", "build/shards/maskgen-000000.tar"),
+        ("retrieval", "build/report.json"),
+        ("deep fit", "run/checkpoint.pt"),
+        ("drfi fit", "build/manifest.json"),
+        ("export", "build/shards/maskgen-000001.stats.json"),
+    ],
+)
+def test_no_writer_overwrites_a_file_of_a_build_or_run(build, finished_run, tmp_path, capsys, writer, target):
+    b, run = tmp_path / "build", tmp_path / "run"
+    shutil.copytree(build, b)
+    shutil.copytree(finished_run, run)
+    path = tmp_path / target
+    before = path.read_bytes()
+    model = ["--checkpoint", "random", "--arch", "resnet_tiny", "--workers", "0", "--out", str(path)]
+    main, args = {
+        "knn": (sslmask_main, ["eval", "knn", *model, "--train", str(b), "--val", str(b)]),
+        "linear": (sslmask_main, ["eval", "linear", *model, "--train", str(b), "--val", str(b)]),
+        "retrieval": (sslmask_main, ["eval", "retrieval", *model, "--data", str(b)]),
+        "deep fit": (maskgen_main, ["deep", "fit", "--shards", str(b), "--backbone", "random", "--arch",
+                                    "resnet_tiny", "--out", str(path)]),  # fmt: skip
+        "drfi fit": (maskgen_main, ["drfi", "fit", "--source", "sample", "--sample-size", "2", "--out", str(path)]),
+        "export": (sslmask_main, ["export", str(run), "--out", str(path)]),
+    }[writer]
+    one_line_failure(capsys, main(args), str(path), "is a file of the")
+    assert path.read_bytes() == before

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import os
 import re
 import sys
 import unicodedata
@@ -26,6 +28,7 @@ from urllib.parse import unquote
 Scrub = Callable[[str], str]
 
 MASK = "***"
+DEFAULT_HUB_TIMEOUT = 15.0
 MAX_GAP = 3  # characters of anything allowed between two of the token's characters
 # letters by Unicode category that render as blank space (Hangul fillers, the blank Braille cell)
 _BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
@@ -126,10 +129,40 @@ def _stderr(text: str) -> None:
     print(text, file=sys.stderr)
 
 
+def hub_timeout() -> float:
+    """Seconds one Hub request may wait for an answer: ``MASKGEN_HUB_TIMEOUT`` (default 15).
+    huggingface_hub's shared client waits forever by default, so an endpoint that accepts the
+    connection and never answers hung a command for good."""
+    try:
+        value = float(os.environ.get("MASKGEN_HUB_TIMEOUT", DEFAULT_HUB_TIMEOUT))
+    except ValueError:
+        value = DEFAULT_HUB_TIMEOUT
+    return value if math.isfinite(value) and value > 0 else DEFAULT_HUB_TIMEOUT
+
+
+def _bound_timeout(request) -> None:
+    """An httpx request hook: every phase of the request waits at most ``hub_timeout()``,
+    whatever the call passed (huggingface_hub passes ``timeout=None``, no limit, to its API
+    calls, which a client-wide default cannot override)."""
+    limit = hub_timeout()
+    given = request.extensions.get("timeout") or {}
+    request.extensions["timeout"] = {
+        phase: limit if given.get(phase) is None else min(given[phase], limit)
+        for phase in ("connect", "read", "write", "pool")
+    }
+
+
 @contextlib.contextmanager
 def hub_guard(echo: Callable[[str], None] = _stderr) -> Iterator[Scrub]:
-    """Run a block that talks to the Hub: yields the scrubber for the current token, and prints
-    the library's own output through it (with ``echo``)."""
+    """Run a block that talks to the Hub: yields the scrubber for the current token, prints the
+    library's own output through it (with ``echo``), and bounds every request's wait."""
+    from huggingface_hub import get_session
+
+    session = get_session()
+    hooks = session.event_hooks
+    if _bound_timeout not in hooks["request"]:
+        hooks["request"].append(_bound_timeout)
+        session.event_hooks = hooks
     scrub = scrubber(current_token())
     with scrubbed_hub_output(lambda text: echo(scrub(text))):
         yield scrub

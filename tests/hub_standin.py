@@ -317,3 +317,34 @@ def seed(state: HubState, repo_id: str, folder) -> None:
         files[path.relative_to(folder).as_posix()] = {"oid": oid, "size": len(data), "data": data}
     head = hashlib.sha1(json.dumps(sorted(files)).encode()).hexdigest()
     state.repos[repo_id] = {"private": False, "branches": {"main": files}, "head": head}
+
+
+def start_silent() -> tuple[object, str]:
+    """An endpoint on 127.0.0.1 that accepts every connection and never answers (issue 47 item 4);
+    ``stop()`` on the returned object closes it."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    listener.settimeout(0.2)
+    held: list[socket.socket] = []
+    stopping = threading.Event()
+
+    def accept() -> None:
+        while not stopping.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    threading.Thread(target=accept, daemon=True).start()
+
+    class Silent:
+        def stop(self) -> None:
+            stopping.set()
+            for conn in held:
+                conn.close()
+            listener.close()
+
+    return Silent(), f"http://127.0.0.1:{listener.getsockname()[1]}"

@@ -279,9 +279,25 @@ def test_no_writer_overwrites_a_file_of_a_build_or_run(build, finished_run, tmp_
         "knn": (sslmask_main, ["eval", "knn", *model, "--train", str(b), "--val", str(b)]),
         "linear": (sslmask_main, ["eval", "linear", *model, "--train", str(b), "--val", str(b)]),
         "retrieval": (sslmask_main, ["eval", "retrieval", *model, "--data", str(b)]),
-        "deep fit": (maskgen_main, ["deep", "fit", "--shards", str(b), "--backbone", "random", "--arch",
-                                    "resnet_tiny", "--out", str(path)]),  # fmt: skip
-        "drfi fit": (maskgen_main, ["drfi", "fit", "--source", "sample", "--sample-size", "2", "--out", str(path)]),
+        "deep fit": (
+            maskgen_main,
+            [
+                "deep",
+                "fit",
+                "--shards",
+                str(b),
+                "--backbone",
+                "random",
+                "--arch",
+                "resnet_tiny",
+                "--out",
+                str(path),
+            ],
+        ),  # fmt: skip
+        "drfi fit": (
+            maskgen_main,
+            ["drfi", "fit", "--source", "sample", "--sample-size", "2", "--out", str(path)],
+        ),
         "export": (sslmask_main, ["export", str(run), "--out", str(path)]),
     }[writer]
     one_line_failure(capsys, main(args), str(path), "is a file of the")

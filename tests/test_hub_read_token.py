@@ -146,3 +146,40 @@ def test_the_scrubber_leaves_other_text_alone():
     # a long hostile text of the token's first characters stays fast and unchanged in length order
     noise = ("hf_st" * 20_000) + "end"
     assert scrub(noise).endswith("end")
+
+
+@pytest.mark.slow
+def test_a_silent_endpoint_is_a_bounded_wait_then_one_line(tmp_path):
+    """Issue 47 item 4: an endpoint that accepts and never answers hung hf:// reads and publish
+    for good (the client's API calls pass no timeout); now each request waits at most
+    MASKGEN_HUB_TIMEOUT seconds."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from hub_standin import start_silent
+    from test_publish import REPO
+
+    silent, base = start_silent()
+    out = tmp_path / "b"
+    assert main(["build", "--source", "sample", "--sample-size", "3", "--no-photos", "--method", "center",
+                 "--out", str(out), "--executor", "local", "--no-progress"]) == 0  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=base, HF_TOKEN=TOKEN, HF_HUB_DISABLE_XET="1",
+               MASKGEN_HUB_TIMEOUT="1", PYTHONPATH=str(REPO))  # fmt: skip
+    try:
+        for args in (
+            ["sslmask.cli", "inspect", SPEC],
+            ["maskgen.cli", "publish", str(out), "--repo", "org/x"],
+        ):
+            started = time.perf_counter()
+            res = subprocess.run(
+                [sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=120
+            )
+            assert time.perf_counter() - started < 60, args
+            lines = [line for line in res.stderr.splitlines() if "error" in line]
+            assert res.returncode == 1 and len(lines) == 1 and "timed out" in lines[0], res.stderr
+            assert "Traceback" not in res.stderr
+    finally:
+        silent.stop()

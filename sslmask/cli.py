@@ -337,8 +337,11 @@ def retrieval(checkpoint, arch, branch, data_spec, kind, image_size, batch_size,
     "--grid", type=click.IntRange(1, 256), default=7, show_default=True, help="Random occlusion grid side."
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random occlusions.")
+@click.option("--probe", "probe_schedule", type=click.Choice(["segas", "cosine"]), default="segas", show_default=True,
+              help="The clean probe: SegAS's (60 epochs, lr 5.0, /10 at 30, 40, 50, raw features) or "
+                   "`eval linear`'s (100 epochs, cosine from 0.1, standardised features).")  # fmt: skip
 def occlusion(checkpoint, arch, branch, train_spec, val_spec, image_size, batch_size, workers, out_file, ratios,
-              thetas, grid, seed) -> None:  # fmt: skip
+              thetas, grid, seed, probe_schedule) -> None:  # fmt: skip
     """Top-1 of a linear head trained on clean images, under random, attention and (when VAL has
     maskgen masks) foreground / background occlusion (SegAS's protocol)."""
     import torch
@@ -356,11 +359,20 @@ def occlusion(checkpoint, arch, branch, train_spec, val_spec, image_size, batch_
     backbone = backbone.to(device)
     plan = conditions(backbone, ratios, thetas, grid, seed, saliency=val.mask is not None)
     loader = {"batch_size": batch_size, "workers": workers, "device": device}
-    result = occlusion_eval(backbone, train, val, image_size, plan, loader)
+    result = occlusion_eval(backbone, train, val, image_size, plan, loader, probe_schedule)
     if val.mask is None:
         result["saliency"] = f"skipped: {val_spec[0]} has no masks"
     _report(
-        "occlusion", checkpoint, scored, train.labels, val.labels, out_file, grid=grid, seed=seed, top1=result
+        "occlusion",
+        checkpoint,
+        scored,
+        train.labels,
+        val.labels,
+        out_file,
+        grid=grid,
+        seed=seed,
+        probe=probe_schedule,
+        top1=result,
     )
 
 

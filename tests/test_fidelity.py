@@ -337,3 +337,29 @@ def test_segas_offers_both_readings_of_eq_6_and_names_them():
     assert float(mu_threshold(sim, "sample_max")) == pytest.approx((0.9 + 0.3) / 2)
     assert float(mu_threshold(sim, "prototype_max")) == pytest.approx((0.9 + 0.3 + 0.1) / 3)
     assert float(mu_threshold(sim, "max")) == float(mu_threshold(sim, "sample_max"))  # saved configs
+
+
+def test_segas_occlusion_probe_is_its_papers_schedule():
+    """Issue 42 item 6: SegAS §4.2 trains the FC layer 60 epochs at lr 5.0, dividing by 10 at
+    epochs 30, 40 and 50 (torch's MultiStepLR), on raw features; the occlusion eval uses it."""
+    import inspect
+
+    from sslmask.eval.linear import PROBES, fit_linear
+    from sslmask.eval.occlusion import occlusion_eval
+
+    segas = PROBES["segas"]
+    layer = nn.Linear(2, 2)
+    opt = torch.optim.SGD(layer.parameters(), lr=5.0)
+    steps = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[30, 40, 50], gamma=0.1)
+    per_epoch = 3
+    for epoch in range(60):
+        for i in range(per_epoch):
+            step = epoch * per_epoch + i
+            assert segas.lr_at(step, 60 * per_epoch, per_epoch) == pytest.approx(opt.param_groups[0]["lr"])
+        opt.step()
+        steps.step()
+    assert segas.epochs == 60 and not segas.standardise
+    feats = torch.randn(40, 6) * 3 + 2
+    probe = fit_linear(feats, torch.arange(40) % 4, schedule=segas)
+    assert torch.equal(probe.mean, torch.zeros(6)) and torch.equal(probe.std, torch.ones(6))
+    assert inspect.signature(occlusion_eval).parameters["probe_schedule"].default == "segas"

@@ -86,7 +86,11 @@ def test_occlusion_cli_writes_json_and_skips_saliency_without_masks(sample_build
     assert main(["eval", "linear", "--checkpoint", "random", "--arch", "resnet_tiny", "--image-size", "32",
                  "--workers", "0", "--train", str(sample_build), "--val", str(sample_build),
                  "--out", str(linear)]) == 0  # fmt: skip
-    assert result["top1"]["clean"] == json.loads(linear.read_text())["accuracy"]["top1"]
+    assert result["probe"] == "segas"  # SegAS's own probe schedule by default
+    cosine = tmp_path / "cosine.json"
+    assert main([*args, "--train", str(sample_build), "--val", str(sample_build), "--probe", "cosine",
+                 "--out", str(cosine)]) == 0  # fmt: skip
+    assert json.loads(cosine.read_text())["top1"]["clean"] == json.loads(linear.read_text())["accuracy"]["top1"]
     assert set(result["top1"]["random"]) == {"0.5"} and set(result["top1"]["attention"]) == {"0.6"}
     folder = tmp_path / "folders"
     for c in range(2):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from maskio.records import Records
 from sslmask.eval.knn import topk_accuracy
-from sslmask.eval.linear import fit_linear
+from sslmask.eval.linear import PROBES, fit_linear
 from sslmask.features import extract_features
 from sslmask.pooling import channel_heatmap
 
@@ -95,13 +95,15 @@ def occlusion_eval(
     image_size: int,
     plan: dict[str, dict[str, tuple[KeepFn, bool]]],
     loader: dict,
+    probe_schedule: str = "segas",
 ) -> dict:
     """Clean top-1 and top-1 under each occlusion of ``plan`` (see :func:`conditions`), all with
-    one linear head fitted on the clean training features. ``loader``: batch_size, workers, device."""
+    one linear head fitted on the clean training features by ``probe_schedule`` (``PROBES``:
+    SegAS's own by default). ``loader``: batch_size, workers, device."""
     ftr, ytr = extract_features(backbone, train, image_size, **loader)
     fva, yva = extract_features(backbone, val, image_size, **loader)
     with torch.enable_grad():
-        probe = fit_linear(ftr, ytr, torch.unique(torch.cat([ytr, yva])))
+        probe = fit_linear(ftr, ytr, torch.unique(torch.cat([ytr, yva])), schedule=PROBES[probe_schedule])
     target = probe.index(yva)
     result: dict = {"clean": topk_accuracy(probe.logits(fva), target, (1,))["top1"]}
     for family, settings in plan.items():

@@ -212,6 +212,20 @@ def test_moco_v2_two_processes_equal_one_with_the_doubled_batch(tmp_path):
     torch.testing.assert_close(ddp["queue"][:8], keys, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ddp["queue"][8:], queue[8:])
 
+    # issue 42 item 7: one process emulating two (mocov2.shuffle_bn_batch=4 on the batch of 8)
+    # is the two real processes: the same loss, gradients and queue, in one forward
+    from ddp_baselines_worker import SETS
+
+    torch.manual_seed(0)
+    emulated = build_method(load_config("mocov2", "cpu-demo", [*SETS, "mocov2.shuffle_bn_batch=4"]))
+    progress = Progress(3, 10, 10, emulated.cfg["train"]["seed"], 0)
+    out = emulated({k: v for k, v in batch.items() if k.startswith("view")}, progress)
+    out["loss"].backward()
+    emulated.after_optimizer_step(progress)
+    torch.testing.assert_close(ddp["loss"], out["loss"].detach(), rtol=1e-5, atol=1e-6)
+    _assert_grads(emulated, ddp)
+    torch.testing.assert_close(ddp["queue"], emulated.queue, rtol=1e-5, atol=1e-6)
+
 
 @pytest.mark.slow
 def test_moco_v3_two_processes_equal_one_with_the_doubled_batch(tmp_path):

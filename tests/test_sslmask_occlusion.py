@@ -90,7 +90,9 @@ def test_occlusion_cli_writes_json_and_skips_saliency_without_masks(sample_build
     cosine = tmp_path / "cosine.json"
     assert main([*args, "--train", str(sample_build), "--val", str(sample_build), "--probe", "cosine",
                  "--out", str(cosine)]) == 0  # fmt: skip
-    assert json.loads(cosine.read_text())["top1"]["clean"] == json.loads(linear.read_text())["accuracy"]["top1"]
+    assert (
+        json.loads(cosine.read_text())["top1"]["clean"] == json.loads(linear.read_text())["accuracy"]["top1"]
+    )
     assert set(result["top1"]["random"]) == {"0.5"} and set(result["top1"]["attention"]) == {"0.6"}
     folder = tmp_path / "folders"
     for c in range(2):

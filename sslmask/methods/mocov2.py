@@ -6,6 +6,13 @@ keys are computed with MoCo's shuffled BatchNorm (the global key batch is permut
 processes, so no process normalises its own queries' keys together) and every process
 enqueues the keys of all processes, in rank order, so the queue is the same everywhere. The
 permutation comes from ``(train.seed, step)``: a resumed run shuffles as an uninterrupted one.
+
+On one process there is no other process to shuffle with, and BatchNorm would normalise each key
+with its own query's batch, the leak shuffled BN exists to stop. ``mocov2.shuffle_bn_batch``
+emulates the reference's GPUs instead: the batch is split into groups of that size (MoCo's 32
+images per GPU), queries run BatchNorm over their own group, keys over a group of the shuffled
+batch, then the keys are put back in order: what the same global batch gives on
+``B / shuffle_bn_batch`` processes (a test compares it with two real gloo processes).
 """
 
 from __future__ import annotations
@@ -46,6 +53,12 @@ class MoCoV2Settings(Section):
     queue: int = setting(ge=1)
     temperature: float = setting(gt=0)
     weak_key: bool = setting()
+    shuffle_bn_batch: int = setting(ge=0)  # 0: off (one BatchNorm batch on one process)
+
+
+def in_groups(fn, x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``fn`` over ``groups`` consecutive slices of ``x`` (each its own BatchNorm batch), joined."""
+    return fn(x) if groups <= 1 else torch.cat([fn(part) for part in x.chunk(groups)])
 
 
 class MoCoV2(MomentumMethod):
@@ -79,11 +92,30 @@ class MoCoV2(MomentumMethod):
     def online_modules(self) -> list[nn.Module]:
         return [self.backbone, self.projector]
 
+    def bn_groups(self, batch: int) -> int:
+        """How many emulated processes one process's batch stands for (1 under DDP, which
+        shuffles across its real processes, or with the emulation off)."""
+        size = self.moco.shuffle_bn_batch
+        return max(1, batch // size) if size and D.world_size() == 1 else 1
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised queries, BatchNorm over each emulated process's own slice."""
+        embed = lambda part: F.normalize(self.projector(self.backbone.pooled(part)), dim=1)  # noqa: E731
+        return in_groups(embed, x, self.bn_groups(x.shape[0]))
+
     @torch.no_grad()
     def keys(self, x: torch.Tensor, progress: Progress) -> torch.Tensor:
-        """L2-normalised keys of this process's images, with shuffled BatchNorm under DDP."""
+        """L2-normalised keys of this process's images, with shuffled BatchNorm under DDP (or
+        emulated on one process)."""
+        embed = lambda part: F.normalize(self.key_projector(self.key_backbone.pooled(part)), dim=1)  # noqa: E731
         if D.world_size() == 1:
-            return F.normalize(self.key_projector(self.key_backbone.pooled(x)), dim=1)
+            groups = self.bn_groups(x.shape[0])
+            if groups == 1:
+                return embed(x)
+            perm = shuffle_perm(x.shape[0], progress.seed, progress.step, x.device)
+            keys = torch.empty(x.shape[0], self.queue.shape[1], device=x.device, dtype=self.queue.dtype)
+            keys[perm] = in_groups(embed, x[perm], groups).to(keys.dtype)  # undo the shuffle
+            return keys
         everything = D.all_gather(x)
         perm = shuffle_perm(everything.shape[0], progress.seed, progress.step, x.device)
         rank, n = D.rank(), x.shape[0]
@@ -94,7 +126,7 @@ class MoCoV2(MomentumMethod):
         return keys[rank * n : (rank + 1) * n]
 
     def forward(self, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
-        q = F.normalize(self.projector(self.backbone.pooled(batch["view0"])), dim=1)
+        q = self.query(batch["view0"])
         k = self.keys(batch["view1"], progress)
         loss = info_nce(q, k, self.queue, self.moco.temperature).mean()
         self._pending = k.detach()

@@ -199,9 +199,6 @@ class SegAS(MoCoV2):
         pooled = masked_average_pool(grid, downsample_mask(mask, grid.shape[-2:]))
         return F.normalize(self.key_projector(pooled), dim=1)
 
-    def query(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.projector(self.backbone.pooled(x)), dim=1)
-
     def forward(self, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
         q1 = self.query(batch["view0"])
         k = self.keys(batch["view1"], progress)

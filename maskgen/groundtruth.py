@@ -12,7 +12,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from maskgen.imaging import load_binary_mask
+from maskgen.imaging import ImageDecodeError, load_binary_mask
 from maskgen.sources import ItemRef, Source, SourceError, make_source
 from maskgen.sources.base import index_masks, read_file, require_dir
 
@@ -41,13 +41,23 @@ class GroundTruthLookup:
         if self.gt_dir is not None:
             stem = os.path.splitext(path)[0]
             rel = self._masks.get(stem) or self._by_stem.get(os.path.basename(stem))
-            return load_binary_mask(read_file(self.gt_dir / rel)) if rel else None
+            if not rel:
+                return None
+            try:
+                return load_binary_mask(read_file(self.gt_dir / rel))
+            except ImageDecodeError as exc:  # a decompression bomb, not an image: one line naming it
+                raise SourceError(f"{self.gt_dir / rel}: ground-truth mask: {exc}") from None
         if self.source is None:
             return None
         if self._by_path is None:
             self._by_path = {it.path: it for it in self.source.list_items()}
         item = self._by_path.get(path)
-        return self.source.ground_truth(item) if item is not None else None
+        if item is None:
+            return None
+        try:
+            return self.source.ground_truth(item)
+        except ImageDecodeError as exc:
+            raise SourceError(f"{path}: its ground-truth mask: {exc}") from None
 
 
 def fit_to_shape(gt: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

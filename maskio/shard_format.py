@@ -136,9 +136,19 @@ MAX_PIXELS = 89_478_485
 def open_limited(source, name: str, max_pixels: int = MAX_PIXELS):
     """``PIL.Image.open(source)`` that refuses, from the header alone, an image of more than
     ``max_pixels`` pixels (ShardFormatError naming ``name``) whatever PIL's global setting."""
+    import warnings
+
     from PIL import Image
 
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+    try:
+        with warnings.catch_warnings():  # PIL's own bomb check, at its global limit, warns or raises
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except Image.DecompressionBombError as exc:
+        raise ShardFormatError(
+            f"{name}: {str(exc).split('.')[0]}, past the limit of {max_pixels} pixels"
+        ) from None
+    with opened as im:
         if im.width * im.height > max_pixels:
             raise ShardFormatError(f"{name}: {im.width}x{im.height} pixels exceeds the limit of {max_pixels}")
         yield im

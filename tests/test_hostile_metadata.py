@@ -302,3 +302,39 @@ def test_no_writer_overwrites_a_file_of_a_build_or_run(build, finished_run, tmp_
     }[writer]
     one_line_failure(capsys, main(args), str(path), "is a file of the")
     assert path.read_bytes() == before
+
+
+# ---- issue 47 item 6: ground-truth bombs outside maskgen build -------------------------------
+
+
+def bomb_png(path: Path) -> Path:
+    """A 30000 x 30000 black PNG: under 1 MB on disk, 900 M pixels when decoded."""
+    import zlib
+
+    width = height = 30_000
+    raw = zlib.compress(b"".join(b"\x00" + bytes(width // 8) for _ in range(height)), 9)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([1, 0, 0, 0, 0])  # 1-bit grey
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def test_a_ground_truth_bomb_is_one_line_in_eval_and_localisation(build, tmp_path, capsys):
+    gt = tmp_path / "gt"
+    for sample in ("scenes", "photos"):
+        (gt / sample).mkdir(parents=True)
+    from maskio.shard_format import FIELD_META, decode_meta, iter_tar_samples, shard_paths
+
+    paths = [decode_meta(f[FIELD_META])["path"] for t in shard_paths(build) for _, f in iter_tar_samples(t)]
+    target = gt / Path(paths[0]).with_suffix(".png")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    bomb_png(target)
+    one_line_failure(capsys, maskgen_main(["eval", str(build), "--gt", str(gt)]), str(target), "pixels")
+    rc = sslmask_main(["eval", "localization", "--checkpoint", "random", "--arch", "resnet_tiny", "--val",
+                       str(build), "--gt-masks", str(gt), "--agnostic", "--workers", "0", "--image-size", "32"])  # fmt: skip
+    one_line_failure(capsys, rc, "pixels")

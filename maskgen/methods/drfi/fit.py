@@ -73,7 +73,10 @@ def extract_levels(
         except (OSError, ImageDecodeError):
             skipped += 1
             continue
-        gt = source.ground_truth(item) if need_gt else None
+        try:
+            gt = source.ground_truth(item) if need_gt else None
+        except (OSError, ImageDecodeError):  # an unreadable or bomb mask: skipped, as a bad image is
+            gt = None
         if need_gt and (gt is None or gt.shape != rgb.shape[:2]):
             skipped += 1
             continue

@@ -16,6 +16,7 @@ from maskgen.pipeline import IMAGE_FORMATS, BuildError, BuildOptions, run_build
 from maskgen.recipe import RecipeError
 from maskgen.sources import SOURCES, SourceError
 from maskgen.sources.sample import DEFAULT_LABELS, DEFAULT_SAMPLE_SIZE, LABELINGS, MAX_SAMPLE_SIZE
+from maskio.clitypes import Finite
 from maskio.errors import CheckpointError, KeyValueError, ShardError, describe_os_error, error_line
 from maskio.keyvalue import parse_pairs
 from maskio.metadata import read_manifest
@@ -337,7 +338,7 @@ def deep() -> None:
     default=224,
     help="Training crop size and inference short side.",
 )
-@click.option("--lr", type=float, default=1e-3)
+@click.option("--lr", type=Finite(min=0, min_open=True), default=1e-3)
 @click.option(
     "--finetune",
     type=click.Choice(["none", "layer4", "layer3", "all"]),
@@ -361,7 +362,7 @@ def deep() -> None:
 )
 @click.option(
     "--iou-weight",
-    type=float,
+    type=Finite(min=0),
     default=0.0,
     help="Add this times a soft-IoU loss (BASNet's) to the class-balanced BCE; 0: BCE alone (HARL's).",
 )

@@ -292,7 +292,11 @@ def _read_trunk(spec: str, branch: str = "auto") -> tuple[Any, dict[str, torch.T
 
 
 def _fill(backbone: torch.nn.Module, state: dict[str, torch.Tensor], spec: str, arch: str) -> None:
-    """Copy ``state`` into ``backbone``, or one line saying why it does not fit."""
+    """Copy ``state`` into ``backbone``, or one line saying why it does not fit (a NaN or
+    infinite weight included: such a trunk scored 25 % k-NN instead of being refused)."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{spec}: {name} holds non-finite values (NaN or inf)")
     try:
         result = backbone.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # a tensor of the wrong shape

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from maskio.clitypes import Finite
 from maskio.errors import ShardError, describe_os_error, error_line
 from maskio.outputs import refuse_protected
 from maskio.records import resolve_shards
@@ -15,19 +16,6 @@ from sslmask.checkpoint import CheckpointError
 from sslmask.config import MAX_IMAGE_SIZE, ConfigError, available_methods, load_config
 from sslmask.data import dumps, summarize
 from sslmask.eval.features import FEATURE_KINDS
-
-
-class Finite(click.FloatRange):
-    """A float range that also refuses NaN and infinities (which compare false with every
-    bound, so click's own range lets them through and the JSON result ends up invalid)."""
-
-    def convert(self, value, param, ctx):
-        import math
-
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number.", param, ctx)
-        return number
 
 
 def _unprotected_out(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -266,6 +254,8 @@ def knn(
     (ftr, ytr, fva, yva), scored = _features(
         checkpoint, arch, branch, train_spec, val_spec, image_size, batch_size, workers
     )
+    if max(ks) > len(ytr):  # the neighbours would include every sample: a top-1 of 0.0, not an answer
+        raise click.UsageError(f"--k {max(ks)}: more neighbours than the {len(ytr)} samples of --train")
     result = knn_eval(ftr, ytr, fva, yva, tuple(ks), temperature)
     _report("knn", checkpoint, scored, ytr, yva, out_file, temperature=temperature, accuracy=result)
 

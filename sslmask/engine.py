@@ -362,6 +362,7 @@ def train_step(loop: Loop, batch: dict[str, torch.Tensor]) -> dict[str, float] |
     if not D.all_true(bool(torch.isfinite(loss)), loop.info):
         loop.nan_skips += 1
         loop.optimizer.zero_grad(set_to_none=True)
+        loop.step += 1  # a step without an update: the sampler's epochs and the schedules stay on course
         return None
     loop.nan_skips = 0
     loop.optimizer.zero_grad(set_to_none=True)
@@ -518,6 +519,11 @@ def _train(shards: list[str], cfg: dict[str, Any], run: Path, resume: bool) -> P
             progress.close()
         log.close()
     D.shutdown(info)
+    if loop.nan_skips:  # the run ended inside a run of non-finite losses: it did not train to the end
+        raise TrainingError(
+            f"{run}: the last {loop.nan_skips} of {loop.total} steps were skipped (loss not finite): "
+            f"no update since step {loop.step - loop.nan_skips}"
+        )
     return run_checkpoint_path(run)
 
 

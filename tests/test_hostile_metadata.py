@@ -338,3 +338,39 @@ def test_a_ground_truth_bomb_is_one_line_in_eval_and_localisation(build, tmp_pat
     rc = sslmask_main(["eval", "localization", "--checkpoint", "random", "--arch", "resnet_tiny", "--val",
                        str(build), "--gt-masks", str(gt), "--agnostic", "--workers", "0", "--image-size", "32"])  # fmt: skip
     one_line_failure(capsys, rc, "pixels")
+
+
+# ---- issue 47 item 3: exit 0 on input that is wrong ------------------------------------------
+
+
+def test_wrong_inputs_that_exited_0_are_one_line(build, finished_run, sample_build, tmp_path, capsys):
+    import torch
+    from conftest import tiny_train_args
+
+    model = ["--checkpoint", "random", "--arch", "resnet_tiny", "--workers", "0", "--image-size", "32"]
+    rc = sslmask_main(["eval", "knn", *model, "--train", str(build), "--val", str(build), "--k", "1000"])
+    one_line_failure(capsys, rc, "--k 1000", "more neighbours than the 9 samples")
+
+    nan_run = tmp_path / "nan"
+    shutil.copytree(finished_run, nan_run)
+    ckpt = torch.load(nan_run / "checkpoint.pt", weights_only=True)
+    key = next(k for k in ckpt["method"] if k.startswith("backbone.") and k.endswith("conv1.weight"))
+    ckpt["method"][key][0, 0, 0, 0] = float("nan")
+    torch.save(ckpt, nan_run / "checkpoint.pt")
+    model[1] = str(nan_run)
+    rc = sslmask_main(["eval", "knn", *model[:2], "--workers", "0", "--image-size", "32", "--train", str(build),
+                       "--val", str(build)])  # fmt: skip
+    one_line_failure(capsys, rc, "conv1.weight holds non-finite values")
+
+    rc = sslmask_main(
+        tiny_train_args("byol", sample_build, tmp_path / "lr", "optim.lr=1e30", "train.epochs=2")
+    )
+    err = capsys.readouterr().err  # the progress bar precedes the error line
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert rc != 0 and len(lines) == 1 and "Traceback" not in err, err
+    assert "steps were skipped (loss not finite)" in lines[0], lines[0]
+
+    rc = maskgen_main(["deep", "fit", "--shards", str(build), "--backbone", "random", "--arch", "resnet_tiny",
+                       "--out", str(tmp_path / "h.safetensors"), "--iou-weight", "nan"])  # fmt: skip
+    one_line_failure(capsys, rc, "--iou-weight", "not a finite number")
+    assert not (tmp_path / "h.safetensors").exists()

@@ -182,7 +182,12 @@ def cli() -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan and what is already done; write nothing.")
 @click.option("--image-format", type=click.Choice(IMAGE_FORMATS), default="keep",
               help="keep: original JPEG bytes when possible; jpg: always re-encode; none: masks only.")  # fmt: skip
-@click.option("--seed", type=int, default=0, help="Seed for every random choice (sample scenes, methods).")
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**32 - 1),
+    default=0,
+    help="Seed for every random choice (sample scenes, methods).",
+)
 @click.option(
     "--max-pixels",
     type=click.IntRange(min=1),
@@ -279,7 +284,7 @@ def drfi() -> None:
               help="Fewest training regions in a leaf: larger makes a smaller, faster forest.")  # fmt: skip
 @click.option("--jobs", type=int, default=1,
               help="Threads that build the trees (-1: all cores); the forest is the same for any count.")  # fmt: skip
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0)
 def drfi_fit(**kw: Any) -> None:
     """Fit DRFI's random-forest region regressor and save it (plain arrays, no pickle)."""
     from maskgen.methods.drfi.fit import fit_drfi
@@ -369,7 +374,7 @@ def deep() -> None:
 @click.option("--info", "info", multiple=True, metavar="KEY=VALUE",
               help="Provenance stored in the head's metadata (e.g. teacher=..., data=...).")  # fmt: skip
 @click.option("--workers", type=click.IntRange(min=0), default=2, help="DataLoader workers.")
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0)
 def deep_fit(**kw: Any) -> None:
     """Train the 1x1-conv saliency head (frozen backbone by default) with class-balanced BCE."""
     from maskgen.methods.deep.fit import FitConfig, describe, fit_head

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -69,6 +70,8 @@ def resolve_shards(specs: Sequence[str]) -> list[str]:
             urls.extend(found)
             continue
         expanded = []
+        if brace_count(spec) > MAX_PATTERN_SHARDS:  # braceexpand builds {0..99999999} before yielding
+            raise ShardError(f"{spec}: expands to more than {MAX_PATTERN_SHARDS:,} shard names")
         for pattern in braceexpand.braceexpand(spec):
             matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
             expanded.extend(matches)
@@ -91,6 +94,50 @@ def _refuse_incomplete(spec: str, build_dir: Path, n_found: int) -> None:
         total = manifest.get("n_shards", "?")
         raise ShardError(f"{spec}: the build is not complete ({n_found} of {total} shards); re-run maskgen "
                          f"build to finish it, or name its shards ({build_dir}/shards/*.tar) to read those")  # fmt: skip
+
+
+MAX_PATTERN_SHARDS = 100_000  # ImageNet-21k in 1,000-image shards is 14,197
+_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?|([a-zA-Z])\.\.([a-zA-Z])")
+
+
+def _split_top(text: str, sep: str = ",") -> list[str]:
+    """``text`` split at ``sep`` outside any braces."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        depth += (c == "{") - (c == "}")
+        if c == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
+
+
+def brace_count(pattern: str) -> int:
+    """How many names a brace pattern expands to, counted from its text (no expansion): a
+    product over its groups of each range's length or each list's summed alternatives."""
+    total, i = 1, 0
+    while i < len(pattern):
+        if pattern[i] != "{":
+            i += 1
+            continue
+        depth, j = 0, i
+        while j < len(pattern):
+            depth += (pattern[j] == "{") - (pattern[j] == "}")
+            if depth == 0:
+                break
+            j += 1
+        if j == len(pattern):  # an unclosed brace is literal
+            return total
+        inner = pattern[i + 1 : j]
+        m = _RANGE.fullmatch(inner)
+        if m and m.group(1) is not None:
+            step = abs(int(m.group(3) or 1)) or 1
+            total *= abs(int(m.group(2)) - int(m.group(1))) // step + 1
+        elif m:
+            total *= abs(ord(m.group(5)) - ord(m.group(4))) + 1
+        elif "," in inner:
+            total *= sum(brace_count(alt) for alt in _split_top(inner))
+        i = j + 1
+    return total
 
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")

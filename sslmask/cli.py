@@ -89,7 +89,9 @@ def _published(local: dict[str, str]) -> list[dict]:
     help="auto: continue from RUN/checkpoint.pt when it exists.",
 )
 @click.option(
-    "--seed", type=int, help="Run seed (data order, augmentations, initialisation); = --set train.seed=N."
+    "--seed",
+    type=click.IntRange(0, 2**32 - 1),
+    help="Run seed (data order, augmentations, initialisation); = --set train.seed=N.",
 )
 @click.option(
     "--deterministic", is_flag=True, help="Deterministic kernels; = --set train.deterministic=true."
@@ -326,7 +328,13 @@ def retrieval(checkpoint, arch, branch, data_spec, kind, image_size, batch_size,
 @click.option(
     "--grid", type=click.IntRange(1, 256), default=7, show_default=True, help="Random occlusion grid side."
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random occlusions.")
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**32 - 1),
+    default=0,
+    show_default=True,
+    help="Seed of the random occlusions.",
+)
 @click.option("--probe", "probe_schedule", type=click.Choice(["segas", "cosine"]), default="segas", show_default=True,
               help="The clean probe: SegAS's (60 epochs, lr 5.0, /10 at 30, 40, 50, raw features) or "
                    "`eval linear`'s (100 epochs, cosine from 0.1, standardised features).")  # fmt: skip

@@ -204,7 +204,7 @@ class EMASettings(Section):
 class TrainSettings(Section):
     section = "train"
     epochs: int = setting(ge=1)
-    seed: int = setting()
+    seed: int = setting(ge=0, le=2**32 - 1)  # numpy's and torch's generators take 32 or 64 bits
     amp: str = setting(choices=("bf16", "fp16", "none"))
     channels_last: bool = setting()
     compile: bool = setting()

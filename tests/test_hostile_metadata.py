@@ -374,3 +374,39 @@ def test_wrong_inputs_that_exited_0_are_one_line(build, finished_run, sample_bui
                        "--out", str(tmp_path / "h.safetensors"), "--iou-weight", "nan"])  # fmt: skip
     one_line_failure(capsys, rc, "--iou-weight", "not a finite number")
     assert not (tmp_path / "h.safetensors").exists()
+
+
+# ---- issue 47 item 7: arguments bounded before anything is allocated --------------------------
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**70)])
+def test_out_of_range_seeds_are_one_line(build, sample_build, tmp_path, capsys, seed):
+    rc = maskgen_main(["build", "--source", "sample", "--sample-size", "2", "--method", "center", "--seed", seed,
+                       "--out", str(tmp_path / "b"), "--executor", "local"])  # fmt: skip
+    one_line_failure(capsys, rc, "--seed")
+    rc = sslmask_main(
+        ["train", str(sample_build), "--method", "byol", "--out", str(tmp_path / "r"), "--seed", seed]
+    )
+    one_line_failure(capsys, rc, "--seed")
+    assert not (tmp_path / "b").exists() and not (tmp_path / "r").exists()
+
+
+def test_a_brace_pattern_of_a_hundred_million_shards_is_refused_quickly(build, capsys):
+    import time
+
+    started = time.perf_counter()
+    rc = sslmask_main(["inspect", str(build / "shards" / "maskgen-{00000000..99999999}.tar")])
+    one_line_failure(capsys, rc, "expands to more than 100,000 shard names")
+    assert time.perf_counter() - started < 30
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    ["a-{000..999}.tar", "x{a,b{1..3}}y{1..2}", "plain.tar", "{a..e}{0..10..2}", "a{b,c}d{e,f,g}", "{5..1}"],
+)
+def test_brace_count_is_the_length_of_the_expansion(pattern):
+    import braceexpand
+
+    from maskio.records import brace_count
+
+    assert brace_count(pattern) == len(list(braceexpand.braceexpand(pattern)))

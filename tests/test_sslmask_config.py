@@ -19,7 +19,7 @@ def test_methods_and_overlay_precedence(tmp_path):
     assert scfs["dino"]["local_scale"] == [0.05, 0.25] and scfs["dino"]["student_temp"] == 0.1
     assert scfs["optim"]["lr"] == 0.1 and scfs["model"]["arch"] == "resnet50"
     segas = load_config("segas")  # extends mocov2: MoCo v2's recipe with HCSC's queue and a weak key
-    assert segas["mocov2"] == {"queue": 16384, "temperature": 0.2, "weak_key": True}
+    assert segas["mocov2"] == {"queue": 16384, "temperature": 0.2, "weak_key": True, "shuffle_bn_batch": 32}
     assert segas["optim"]["lr"] == 0.03 and segas["ema"]["schedule"] == "constant"
 
 

@@ -17,7 +17,7 @@ from maskgen.recipe import RecipeError
 from maskgen.sources import SOURCES, SourceError
 from maskgen.sources.sample import DEFAULT_LABELS, DEFAULT_SAMPLE_SIZE, LABELINGS, MAX_SAMPLE_SIZE
 from maskio.clitypes import Finite
-from maskio.errors import CheckpointError, KeyValueError, ShardError, describe_os_error, error_line
+from maskio.errors import CheckpointError, KeyValueError, ShardError, describe_os_error, error_line, printable
 from maskio.keyvalue import parse_pairs
 from maskio.metadata import read_manifest
 from maskio.outputs import refuse_protected
@@ -396,7 +396,10 @@ def deep_fit(**kw: Any) -> None:
 @click.option("--force", multiple=True, metavar="STAGE", help="Run this stage even if it is complete.")
 @click.option("--dry-run", is_flag=True, help="Say which stages would run; run nothing.")
 def pipeline_cmd(recipe: str, variables: tuple[str, ...], force: tuple[str, ...], dry_run: bool) -> None:
-    """Run a YAML recipe of maskgen/sslmask stages, skipping the complete ones."""
+    """Run a YAML recipe of maskgen/sslmask stages, skipping the complete ones.
+
+    A recipe runs whatever commands it lists, like a Makefile (maskgen, sslmask and torchrun
+    under this Python, anything else as written): run only recipes you trust."""
     from maskgen.recipe import load_recipe, run_recipe
 
     overrides = parse_params(variables, "--var", typed=False)
@@ -470,13 +473,13 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         ctx = getattr(exc, "ctx", None)
         where = ctx.command_path if ctx is not None else prog
-        click.echo(f"{where}: error: {exc.format_message()}", err=True)
+        click.echo(f"{where}: error: {printable(exc.format_message())}", err=True)
         return exc.exit_code
     except (BuildError, SourceError, ModelError, RecipeError, ShardError, CheckpointError) as exc:
         click.echo(f"{prog}: error: {error_line(exc)}", err=True)
         return 1
     except OSError as exc:  # a full disk, an unwritable --out, a vanished file
-        click.echo(f"{prog}: error: {describe_os_error(exc)}", err=True)
+        click.echo(f"{prog}: error: {printable(describe_os_error(exc))}", err=True)
         return 1
     except KeyboardInterrupt:
         click.echo(

@@ -15,6 +15,11 @@ skipped. Commands are split with ``shlex`` and run without a shell; ``maskgen``,
 ``sslmask`` and ``torchrun`` run under this Python (so a recipe works from a venv without activating it).
 The record, written atomically after every stage, says what ran, when, for how long and
 with which exit status.
+
+A recipe is a program: its stages may run any command (``run: bash -c "..."`` works), like a
+Makefile's rules, so run only recipes you trust. What the loader guarantees is about parsing,
+not intent: a recipe is read with limits on nesting and alias expansion
+(``maskio.safeload``), and nothing in it runs under a shell unless a stage asks for one.
 """
 
 from __future__ import annotations

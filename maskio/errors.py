@@ -9,6 +9,7 @@ import re
 # Traceback ...\nmaskio.errors.ShardError: <the message>")
 _WORKER_PREFIX = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
 _LAST_LINE = re.compile(r"[\w.]+: (.+)")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class ShardError(Exception):
@@ -42,4 +43,11 @@ def error_line(exc: BaseException) -> str:
         last = [line for line in text.splitlines() if line.strip()][-1].strip()
         match = _LAST_LINE.fullmatch(last)
         text = match.group(1) if match else last
-    return text
+    return printable(text)
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped: a message may quote untrusted text (a
+    json.path, a member name, an option's value), whose newline or terminal escape would forge
+    a second line or rewrite the screen."""
+    return _CONTROL.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), text)

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from maskio.clitypes import Finite
-from maskio.errors import ShardError, describe_os_error, error_line
+from maskio.errors import ShardError, describe_os_error, error_line, printable
 from maskio.outputs import refuse_protected
 from maskio.records import resolve_shards
 from sslmask.checkpoint import CheckpointError
@@ -467,13 +467,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except click.ClickException as exc:
         ctx = getattr(exc, "ctx", None)
-        click.echo(f"{ctx.command_path if ctx else 'sslmask'}: error: {exc.format_message()}", err=True)
+        click.echo(
+            f"{ctx.command_path if ctx else 'sslmask'}: error: {printable(exc.format_message())}", err=True
+        )
         return exc.exit_code
     except (ShardError, ConfigError, CheckpointError, TrainingError) as exc:
         click.echo(f"sslmask: error: {error_line(exc)}", err=True)
         return 1
     except OSError as exc:  # a full disk, an unwritable --out, a vanished file
-        click.echo(f"sslmask: error: {describe_os_error(exc)}", err=True)
+        click.echo(f"sslmask: error: {printable(describe_os_error(exc))}", err=True)
         return 1
 
 

@@ -256,3 +256,30 @@ def test_an_error_inside_a_dataloader_worker_is_still_one_line(builds, tmp_path,
     }[command]
     err = one_line_error(maskgen_main if command == "deep fit" else main, args, capsys)
     assert "is not the image its mask was built from" in err and "DataLoader worker" not in err, err
+
+
+def test_a_json_path_with_a_newline_cannot_forge_a_second_error_line(builds, tmp_path, capsys):
+    """Issue 47 item 8: untrusted text quoted in a message prints with its control characters
+    escaped, so one error is one line whatever the shard says."""
+    import io
+    import json
+    import tarfile
+
+    from sslmask.cli import main
+
+    root, _, masks = builds
+    forged = tmp_path / "forged.tar"
+    with (
+        tarfile.open(shard_paths(masks)[0]) as src,
+        tarfile.open(forged, "w", format=tarfile.GNU_FORMAT) as dst,
+    ):
+        for member in src:
+            data = src.extractfile(member).read()
+            if member.name.endswith(".json"):
+                meta = json.loads(data)
+                meta["path"] = "cats/000.jpg\nsslmask: all fine\x1b[2J"
+                data = json.dumps(meta).encode()
+            member.size = len(data)
+            dst.addfile(member, io.BytesIO(data))
+    err = one_line_error(main, ["inspect", str(forged), "--images", str(root)], capsys)
+    assert "\\n" in err and "\x1b" not in err and "all fine" in err

@@ -41,46 +41,19 @@ def doctored_copy(build: Path, tmp_path: Path, name: str, text: str) -> Path:
 
 
 def reader_commands(build: Path, tmp_path: Path) -> dict[str, tuple]:
+    random = ["--backbone", "random", "--arch", "resnet_tiny"]
+    knn = ["eval", "knn", "--checkpoint", "random", "--arch", "resnet_tiny", "--workers", "0"]
+    train = ["train", str(build), "--method", "byol", "--config", "cpu-demo", "--out", str(tmp_path / "run")]
     return {
         "maskgen eval": (maskgen_main, ["eval", str(build)]),
         "publish --dry-run": (maskgen_main, ["publish", str(build), "--repo", "me/x", "--dry-run"]),
         "sslmask inspect": (sslmask_main, ["inspect", str(build)]),
-        "sslmask train": (
-            sslmask_main,
-            ["train", str(build), "--method", "byol", "--config", "cpu-demo", "--out", str(tmp_path / "run")],
-        ),  # fmt: skip
-        "eval knn": (
-            sslmask_main,
-            [
-                "eval",
-                "knn",
-                "--checkpoint",
-                "random",
-                "--arch",
-                "resnet_tiny",
-                "--train",
-                str(build),
-                "--val",
-                str(build),
-                "--workers",
-                "0",
-            ],
-        ),  # fmt: skip
+        "sslmask train": (sslmask_main, train),
+        "eval knn": (sslmask_main, [*knn, "--train", str(build), "--val", str(build)]),
         "deep fit": (
             maskgen_main,
-            [
-                "deep",
-                "fit",
-                "--shards",
-                str(build),
-                "--backbone",
-                "random",
-                "--arch",
-                "resnet_tiny",
-                "--out",
-                str(tmp_path / "h.safetensors"),
-            ],
-        ),  # fmt: skip
+            ["deep", "fit", "--shards", str(build), *random, "--out", str(tmp_path / "h.safetensors")],
+        ),
     }
 
 

@@ -187,72 +187,18 @@ def test_an_error_inside_a_dataloader_worker_is_still_one_line(builds, tmp_path,
     for name in ("cats/001.jpg", "dogs/003.jpg"):  # swapped under the masks-only build
         Image.open(copy / name).transpose(Image.FLIP_LEFT_RIGHT).save(copy / name)
     common = ["--checkpoint", "random", "--arch", "resnet_tiny", "--image-size", "32", "--workers", "2"]
+    split = ["--train", str(masks), "--images", str(copy), "--val", str(masks), "--val-images", str(copy)]
+    train = tiny_train_args("byol", masks, tmp_path / "r", "train.epochs=1", "data.workers=2")
+    fit = ["deep", "fit", "--shards", str(masks), "--images", str(copy), "--backbone", "random", "--arch",
+           "resnet_tiny", "--out", str(tmp_path / "h.safetensors"), "--epochs", "1", "--short-side", "32",
+           "--workers", "2"]  # fmt: skip
     args = {
-        "train": [
-            *tiny_train_args("byol", masks, tmp_path / "r", "train.epochs=1", "data.workers=2"),
-            "--images",
-            str(copy),
-        ],  # fmt: skip
-        "knn": [
-            "eval",
-            "knn",
-            *common,
-            "--train",
-            str(masks),
-            "--images",
-            str(copy),
-            "--val",
-            str(masks),
-            "--val-images",
-            str(copy),
-        ],  # fmt: skip
-        "linear": [
-            "eval",
-            "linear",
-            *common,
-            "--train",
-            str(masks),
-            "--images",
-            str(copy),
-            "--val",
-            str(masks),
-            "--val-images",
-            str(copy),
-        ],  # fmt: skip
+        "train": [*train, "--images", str(copy)],
+        "knn": ["eval", "knn", *common, *split],
+        "linear": ["eval", "linear", *common, *split],
         "retrieval": ["eval", "retrieval", *common, "--data", str(masks), "--images", str(copy)],
-        "occlusion": [
-            "eval",
-            "occlusion",
-            *common,
-            "--train",
-            str(masks),
-            "--images",
-            str(copy),
-            "--val",
-            str(masks),
-            "--val-images",
-            str(copy),
-        ],  # fmt: skip
-        "deep fit": [
-            "deep",
-            "fit",
-            "--shards",
-            str(masks),
-            "--images",
-            str(copy),
-            "--backbone",
-            "random",
-            "--arch",
-            "resnet_tiny",
-            "--out",
-            str(tmp_path / "h.safetensors"),
-            "--epochs",
-            "1",
-            "--short-side",
-            "32",
-            "--workers",
-            "2",
-        ],  # fmt: skip
+        "occlusion": ["eval", "occlusion", *common, *split],
+        "deep fit": fit,
     }[command]
     err = one_line_error(maskgen_main if command == "deep fit" else main, args, capsys)
     assert "is not the image its mask was built from" in err and "DataLoader worker" not in err, err

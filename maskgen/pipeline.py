@@ -35,7 +35,7 @@ from maskgen.report import aggregate, describe_runtime, gpu_fallback_shards, thr
 from maskgen.sources import ItemRef, Source, SourceError, make_source
 from maskgen.worker import BuildSpec
 from maskio.atomic import remove_stale_temps, write_json
-from maskio.buildlock import LOCK
+from maskio.buildlock import LOCK, shared_holders
 from maskio.errors import ShardError, error_line
 from maskio.metadata import read_manifest, read_shard_stats
 from maskio.shard_format import (
@@ -349,7 +349,8 @@ def build_lock(out: Path) -> Iterator[None]:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
                 raise BuildError(f"--out {out}: another maskgen build (pid {holder}) is writing here; "
                                  "wait for it to finish, then re-run to resume") from None  # fmt: skip
-            raise BuildError(f"--out {out}: an sslmask run or evaluation is reading it; "
+            readers = ", ".join(map(str, shared_holders(out / LOCK))) or "?"
+            raise BuildError(f"--out {out}: an sslmask run or evaluation (pid {readers}) is reading it; "
                              "wait for it to finish") from None  # fmt: skip
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # read by whoever is refused the lock

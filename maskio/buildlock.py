@@ -17,18 +17,25 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from maskio.errors import ShardError
-from maskio.shard_format import MANIFEST, build_root
+from maskio.shard_format import MANIFEST, SHARDS_DIR, build_root
 
 LOCK = ".lock"  # in a build folder: held by the build writing it, shared by its readers
 
 
 def build_dirs(specs: Sequence[str]) -> list[Path]:
-    """The maskgen build folders among ``specs`` (``OUT`` or ``OUT/shards``)."""
-    out = []
+    """The maskgen build folders ``specs`` read: ``OUT``, ``OUT/shards``, or shard files and
+    patterns inside ``OUT/shards`` (a trainer given ``OUT/shards/*.tar`` reads the build too)."""
+    out: list[Path] = []
     for spec in specs:
         path = Path(spec)
-        if path.is_dir() and (build_root(path) / MANIFEST).is_file():
-            out.append(build_root(path))
+        if path.is_dir():
+            root = build_root(path)
+        elif path.parent.name == SHARDS_DIR:  # a shard, a glob or a brace pattern of shards
+            root = path.parent.parent
+        else:
+            continue
+        if (root / MANIFEST).is_file() and root not in out:
+            out.append(root)
     return out
 
 
@@ -57,3 +64,23 @@ def reading_builds(specs: Sequence[str]) -> Iterator[None]:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def shared_holders(lock: Path) -> list[int]:
+    """PIDs holding a shared ``flock`` on ``lock``, from Linux's ``/proc/locks`` (empty
+    elsewhere, or when it cannot be read): so a refused rebuild can name its readers."""
+    try:
+        inode = os.stat(lock).st_ino
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    pids = []
+    for line in lines:  # "1: FLOCK  ADVISORY  READ 1234 08:01:5678 0 EOF"
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[3] == "READ":
+            try:
+                if int(fields[5].rsplit(":", 1)[-1]) == inode:
+                    pids.append(int(fields[4]))
+            except ValueError:
+                continue
+    return sorted(set(pids))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -708,10 +709,12 @@ def test_readers_and_a_rebuild_never_overlap(tmp_path, capsys, sample_build):
     assert sslmask_main(knn) == 0
     capsys.readouterr()
     before = sorted(p.name for p in (build / "shards").iterdir())
-    with reading_builds([str(build)]):  # a trainer is reading it
-        rc = maskgen_main(["build", "--source", "sample", "--sample-size", "30", "--method", "center", "--out",
-                           str(build), "--overwrite", "--executor", "local", "--no-progress"])  # fmt: skip
-        one_line_failure(capsys, rc, str(build), "reading it")
+    rebuild = ["build", "--source", "sample", "--sample-size", "30", "--method", "center", "--out", str(build),
+               "--overwrite", "--executor", "local", "--no-progress"]  # fmt: skip
+    # a trainer reading the folder, or (issue 47 item 2) its shards by glob or by name, which took no lock
+    for spec in (build, build / "shards" / "*.tar", build / "shards" / "maskgen-000001.tar"):
+        with reading_builds([str(spec)]):
+            one_line_failure(capsys, maskgen_main(rebuild), str(build), "reading it", f"pid {os.getpid()}")
     assert sorted(p.name for p in (build / "shards").iterdir()) == before
 
 

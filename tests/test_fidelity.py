@@ -363,3 +363,26 @@ def test_segas_occlusion_probe_is_its_papers_schedule():
     probe = fit_linear(feats, torch.arange(40) % 4, schedule=segas)
     assert torch.equal(probe.mean, torch.zeros(6)) and torch.equal(probe.std, torch.ones(6))
     assert inspect.signature(occlusion_eval).parameters["probe_schedule"].default == "segas"
+
+
+def test_segas_offers_the_papers_x_q2_from_x_q1():
+    """Issue 42 item 5: the paper fits x^{q2} = ApFS(x^{q1}) on the same crop; offered next to
+    today's second aug+ view. With ``q2_from: q1`` the run has two views, and the filtered view
+    is view 0 weighted by the momentum encoder's heatmap of view 0."""
+    from sslmask.config import load_config as load
+    from sslmask.methods.segas import SegAS, apfs_keep
+    from sslmask.pooling import channel_heatmap
+
+    cfg = load("segas", "cpu-demo", [*TINY, "segas.q2_from=q1", "segas.apfs_prob=1.0"])
+    assert len(SegAS.view_specs(cfg)) == 2 and len(SegAS.view_specs(load("segas"))) == 3
+    assert load("segas")["segas"]["q2_from"] == "second_view"
+    torch.manual_seed(0)
+    m = build_method(cfg).eval()
+    x = torch.randn(4, 3, 32, 32)
+    p = torch.zeros(4, 5)
+    p[:, 0] = 1.0  # confident: every sample fires
+    x2, fired, _ = m.filtered_view({"view0": x, "view1": torch.randn(4, 3, 32, 32)}, p, Progress(0, 10, 10))
+    with torch.no_grad():
+        keep = apfs_keep(channel_heatmap(m.key_backbone(x), (32, 32)), m.s.omega, m.s.sigma)
+    assert fired.all()
+    torch.testing.assert_close(x2, x * keep)

@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from maskio.records import Records
 
 MASK_MODES = ("none", "salient")
+Q2_SOURCES = ("second_view", "q1")  # x^{q2} filtered from a second aug+ view ⟨A⟩, or from x^{q1} itself
 MU_MODES = ("sample_max", "prototype_max", "mean", "max")  # max: sample_max's name in saved configs
 DIVERSITY_ON = ("filtered", "all")
 CLUSTER_ON = ("image", "foreground")
@@ -109,6 +110,7 @@ class SegASSettings(FallbackBand):
     mask_mode: str = setting(choices=MASK_MODES)
     guard_min: float = setting(ge=0, lt=1)
     cluster_on: str = setting(choices=CLUSTER_ON)
+    q2_from: str = setting(choices=Q2_SOURCES)
 
     def check(self) -> None:
         super().check()
@@ -131,9 +133,10 @@ class SegAS(MoCoV2):
 
     @classmethod
     def view_specs(cls, cfg: dict[str, Any]) -> list[ViewSpec]:
-        """x^{q1} (aug+), the key x^k and a second aug+ view that x^{q2} is filtered from."""
+        """x^{q1} (aug+), the key x^k and, with ``q2_from: second_view``, a second aug+ view that
+        x^{q2} is filtered from (with ``q1``, x^{q2} is x^{q1} filtered: the same crop)."""
         query, key = MoCoV2.view_specs(cfg)
-        return [query, key, query]
+        return [query, key] if SegASSettings.of(cfg).q2_from == "q1" else [query, key, query]
 
     @classmethod
     def uses_masks(cls, cfg: dict[str, Any]) -> bool:
@@ -246,14 +249,15 @@ class SegAS(MoCoV2):
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """x^{q2}, which samples were filtered, and what to log. The coins come from a generator
         seeded by (seed, step, rank), so a resumed run draws what an uninterrupted one did."""
-        x = batch["view2"]
+        source = 0 if self.s.q2_from == "q1" else 2  # x^{q2} = ApFS(x^{q1}) on the same crop, or a 2nd view
+        x = batch[f"view{source}"]
         b, size = x.shape[0], x.shape[-2:]
         g = torch.Generator().manual_seed((progress.seed * 1_000_003 + progress.step) * 257 + progress.rank)
         fire = torch.rand(b, generator=g).to(x.device) < confidence(p_q1)  # Eq. 11
         use_apfs = torch.rand(b, generator=g).to(x.device) < self.s.apfs_prob
         grid = self.key_backbone(x)
         heat = channel_heatmap(grid, size)
-        mask = batch.get("mask2")
+        mask = batch.get(f"mask{source}")
         salient = torch.zeros(b, dtype=torch.bool, device=x.device)
         if self.s.mask_mode == "salient":
             salient = usable_masks([mask], self.s.fallback_min, self.s.fallback_max)

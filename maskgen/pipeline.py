@@ -15,8 +15,10 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -97,6 +99,8 @@ class BuildOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise BuildError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.ray_address is not None:
+            check_ray_address(self.ray_address)
         if self.image_format not in IMAGE_FORMATS:
             raise BuildError(
                 f"--image-format must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}"
@@ -111,6 +115,30 @@ class BuildOptions:
 
     def output_options(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in OUTPUT_OPTIONS}
+
+
+_RAY_ADDRESS = re.compile(r"(?:ray://)?(\[[0-9a-fA-F:]+\]|[\w.-]+):(\d{1,5})")
+RAY_PROBE_S = 5.0
+
+
+def check_ray_address(address: str) -> None:
+    """``--ray-address``: ``auto``, or ``[ray://]HOST:PORT`` on which something answers within a
+    few seconds; one line otherwise (Ray itself retried a dead address for minutes, printing
+    GCS time-outs)."""
+    if address == "auto":
+        return
+    match = _RAY_ADDRESS.fullmatch(address)
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise BuildError(f"--ray-address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
+    host, port = match.group(1).strip("[]"), int(match.group(2))
+    try:
+        socket.create_connection((host, port), timeout=RAY_PROBE_S).close()
+    except OSError as exc:
+        reason = (
+            "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__).lower()
+        )
+        raise BuildError(f"--ray-address {address}: nothing answers there ({reason}); is the cluster "
+                         "up (`ray start --head`)?") from None  # fmt: skip
 
 
 @dataclass

@@ -383,3 +383,16 @@ def test_brace_count_is_the_length_of_the_expansion(pattern):
     from maskio.records import brace_count
 
     assert brace_count(pattern) == len(list(braceexpand.braceexpand(pattern)))
+
+
+@pytest.mark.parametrize(("address", "needle"), [("not-an-address", "expected HOST:PORT"),
+                                                 ("127.0.0.1:1", "nothing answers there")])  # fmt: skip
+def test_a_bad_or_dead_ray_address_is_one_line_in_seconds(tmp_path, capsys, address, needle):
+    """Issue 47 items 4 and 7: Ray retried a dead address for 120 s+ printing GCS time-outs."""
+    import time
+
+    started = time.perf_counter()
+    rc = maskgen_main(["build", "--source", "sample", "--sample-size", "2", "--method", "center", "--out",
+                       str(tmp_path / "b"), "--ray-address", address, "--no-progress"])  # fmt: skip
+    one_line_failure(capsys, rc, "--ray-address", needle)
+    assert time.perf_counter() - started < 20

@@ -24,9 +24,12 @@ not intent: a recipe is read with limits on nesting and alias expansion
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -117,6 +120,21 @@ def _argv(command: str) -> list[str]:
     return argv
 
 
+def _die_with_parent(parent: int) -> None:
+    """In the stage's process, before it runs: ask Linux to SIGTERM it when the pipeline dies
+    (a SIGKILLed pipeline left its build running, holding the build's lock). A build stopped so
+    resumes like any interrupted one. Elsewhere a no-op."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the pipeline died before prctl took effect
+        os._exit(1)
+
+
 def _read_record(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -161,7 +179,8 @@ def run_recipe(recipe: Recipe, force: tuple[str, ...] = (), dry_run: bool = Fals
         record["stages"][stage.name] = entry
         _write_record(recipe.record, record)
         try:
-            rc = subprocess.run(_argv(stage.command)).returncode
+            guard = functools.partial(_die_with_parent, os.getpid())
+            rc = subprocess.run(_argv(stage.command), preexec_fn=guard).returncode
         except FileNotFoundError as exc:
             rc = 127
             echo(f"pipeline {recipe.name}: {stage.name}: {exc.strerror}: {exc.filename}")

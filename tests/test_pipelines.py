@@ -166,3 +166,41 @@ def test_bootstrap_loop_runs_every_stage_and_resumes(tmp_path):
     assert json.loads((out / "r2-ssl" / "knn.json").read_text())["train"] == 24
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "ran 0 of 13 stages" in again.stderr
+
+
+def test_a_killed_pipeline_takes_its_running_stage_with_it(tmp_path):
+    """Issue 47 item 8: after a SIGKILL of `maskgen pipeline` the running stage (a build) kept
+    running and holding its lock; the stage now gets SIGTERM when the pipeline dies."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "stage.pid"
+    stage = f"import os, pathlib, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(120)"
+    recipe = tmp_path / "slow.yaml"
+    recipe.write_text(f"stages:\n  - name: slow\n    run: {sys.executable} -c \"{stage}\"\n"
+                      f"    outputs: [{tmp_path / 'never'}]\n")  # fmt: skip
+    pipeline = subprocess.Popen([sys.executable, "-m", "maskgen.cli", "pipeline", str(recipe)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.time() + 60
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.time() < deadline and pipeline.poll() is None
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        pipeline.send_signal(signal.SIGKILL)
+        pipeline.wait()
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(child, signal.SIGKILL)
+            raise AssertionError("the stage outlived its pipeline")
+    finally:
+        pipeline.kill()

@@ -178,13 +178,12 @@ class Records:
         return bool(len(self.labels)) and bool((self.labels >= 0).all())
 
 
-def _label_of(read, fields: dict[str, tuple[int, int]], fid: int) -> int:
+def _label_of(read, fields: dict[str, tuple[int, int]], fid: int, meta: dict) -> int:
+    """The sample's ``cls``, else its (already decoded and checked) json's label, else -1."""
     if FIELD_CLASS in fields:
         return decode_class(read(fid, *fields[FIELD_CLASS]))
-    if FIELD_META in fields:
-        label = decode_meta(read(fid, *fields[FIELD_META])).get("label")
-        return -1 if label is None else label
-    return -1
+    label = meta.get("label")
+    return -1 if label is None else label
 
 
 def shard_error(url: str, exc: BaseException) -> ShardError:
@@ -213,6 +212,10 @@ def index_shards(specs: Sequence[str], require_masks: bool, images: str | Path |
         except (OSError, ShardFormatError, EOFError) as exc:
             raise shard_error(url, exc) from None
         for key, fields in samples:
+            # every sample's json is read and checked here, once per index (the index is cached):
+            # a malformed one is refused by train and every eval as by inspect and maskgen eval
+            with in_sample(url, key):
+                meta = decode_meta(reader.read(fid, *fields[FIELD_META])) if FIELD_META in fields else {}
             img_field = next((f for f in IMAGE_FIELDS if f in fields), None)
             if img_field is not None:
                 own += 1
@@ -222,8 +225,6 @@ def index_shards(specs: Sequence[str], require_masks: bool, images: str | Path |
                 raise ShardError(f"{url}: sample {key} has no image (a masks-only build); give the "
                                  "folder it was built from with --images ROOT")  # fmt: skip
             else:
-                with in_sample(url, key):
-                    meta = decode_meta(reader.read(fid, *fields[FIELD_META])) if FIELD_META in fields else {}
                 image.append((len(files), -1, 0))
                 files.append(str(_joined_file(root, meta.get("path"), url, key)))
                 shas.append(meta.get("source_sha256") or "")
@@ -231,7 +232,7 @@ def index_shards(specs: Sequence[str], require_masks: bool, images: str | Path |
                 raise ShardError(f"{url}: sample {key} has no {FIELD_MASK}; this method needs masks")
             mask.append((fid, *fields[FIELD_MASK]) if FIELD_MASK in fields else (fid, -2, 0))
             with in_sample(url, key):
-                labels.append(_label_of(reader.read, fields, fid))
+                labels.append(_label_of(reader.read, fields, fid, meta))
             names.append(key)
     if not image:
         raise ShardError(f"{urls[0]}: the shards hold no samples")

@@ -396,3 +396,51 @@ def test_a_bad_or_dead_ray_address_is_one_line_in_seconds(tmp_path, capsys, addr
                        str(tmp_path / "b"), "--ray-address", address, "--no-progress"])  # fmt: skip
     one_line_failure(capsys, rc, "--ray-address", needle)
     assert time.perf_counter() - started < 20
+
+
+@pytest.mark.parametrize("data", [b"[1, 2]", b"{not json", b'"a string"', b"[" * 5000 + b"]" * 5000,
+                                  b'{"label": "abc"}', b'{"path": 7}'])  # fmt: skip
+@pytest.mark.parametrize("command", ["train", "knn", "deep fit"])
+def test_a_malformed_sample_json_is_refused_by_every_reader(sample_build, tmp_path, capsys, data, command):
+    """Issue 47 item 3: train, the evals and deep fit accepted a malformed KEY.json (exit 0)
+    that inspect and maskgen eval refused; the index now reads and checks every sample's json."""
+    from conftest import tiny_train_args
+    from test_hostile import build_with_member
+
+    build, shard, key = build_with_member(tmp_path, sample_build, ".json", data)
+    main, args = {
+        "train": (sslmask_main, tiny_train_args("byol", build, tmp_path / "r")),
+        "knn": (
+            sslmask_main,
+            [
+                "eval",
+                "knn",
+                "--checkpoint",
+                "random",
+                "--arch",
+                "resnet_tiny",
+                "--train",
+                str(build),
+                "--val",
+                str(build),
+                "--workers",
+                "0",
+            ],
+        ),  # fmt: skip
+        "deep fit": (
+            maskgen_main,
+            [
+                "deep",
+                "fit",
+                "--shards",
+                str(build),
+                "--backbone",
+                "random",
+                "--arch",
+                "resnet_tiny",
+                "--out",
+                str(tmp_path / "h.safetensors"),
+            ],
+        ),  # fmt: skip
+    }[command]
+    one_line_failure(capsys, main(args), str(shard), f"sample {key}", "json")

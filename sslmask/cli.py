@@ -256,8 +256,9 @@ def knn(
     (ftr, ytr, fva, yva), scored = _features(
         checkpoint, arch, branch, train_spec, val_spec, image_size, batch_size, workers
     )
-    if max(ks) > len(ytr):  # the neighbours would include every sample: a top-1 of 0.0, not an answer
-        raise click.UsageError(f"--k {max(ks)}: more neighbours than the {len(ytr)} samples of --train")
+    if max(ks) > len(ytr):  # every sample votes: said, and recorded as k_used in the result
+        click.echo(f"note: --k {max(ks)} is more than the {len(ytr)} samples of --train; those k use all "
+                   f"{len(ytr)} (k_used in the result)", err=True)  # fmt: skip
     result = knn_eval(ftr, ytr, fva, yva, tuple(ks), temperature)
     _report("knn", checkpoint, scored, ytr, yva, out_file, temperature=temperature, accuracy=result)
 

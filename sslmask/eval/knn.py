@@ -60,11 +60,13 @@ def knn_eval(
     ks: tuple[int, ...] = (10, 20, 30),
     temperature: float = 0.07,
 ) -> dict[str, dict[str, float]]:
-    """Top-1/top-5 accuracy (%) for each k."""
+    """Top-1/top-5 accuracy (%) for each k; a k larger than the bank uses the whole bank and
+    says so (``k_used``)."""
     train_labels, val_labels, num_classes = compact_labels(train_labels, val_labels)
-    return {
-        f"k={k}": topk_accuracy(
-            knn_predict(train_feats, train_labels, val_feats, k, temperature, num_classes), val_labels
-        )
-        for k in ks
-    }
+    out: dict[str, dict[str, float]] = {}
+    for k in ks:
+        scores = knn_predict(train_feats, train_labels, val_feats, k, temperature, num_classes)
+        out[f"k={k}"] = topk_accuracy(scores, val_labels)
+        if k > len(train_labels):
+            out[f"k={k}"]["k_used"] = len(train_labels)
+    return out

@@ -11,9 +11,12 @@ It runs, in order (docs/DESIGN "The GPU check"; the whole check fits in 8 minute
 2. HARL and BYOL training steps, ResNet-50, ``--batch`` images, bf16 autocast, channels_last:
    images/s and the HARL/BYOL step-time ratio (on fixed synthetic batches); DINO (multi-crop)
    and MoCo v3 steps with ViT-S/16 at batch 128.
-3. A 200-step HARL training run (``sslmask train`` on the step-1 build), SIGKILLed at step ~120
+3. HARL's step in each precision (issue 43): float32, bf16 and fp16 autocast with
+   channels_last, and bf16 compiled (``torch.compile``; its compile time is reported apart):
+   images/s and peak GPU memory of each.
+4. A 200-step HARL training run (``sslmask train`` on the step-1 build), SIGKILLed at step ~120
    and resumed with ``--resume auto``: it must reach its last step.
-4. Everything, with the GPU's name and the torch and CUDA versions, into ``--out``.
+5. Everything, with the GPU's name and the torch and CUDA versions, into ``--out``.
 
 ``--dry-run`` runs the same functions at a tiny size on the CPU (the test suite does), so a
 typo cannot waste the few minutes a GPU machine is lent for. A failed check prints its reason
@@ -46,7 +49,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from train_step import step_times  # noqa: E402 -- a sibling benchmark, found through sys.path
+from train_step import precision_args, step_times  # noqa: E402 -- a sibling benchmark, found through sys.path
 
 from maskgen.cli import main as maskgen  # noqa: E402
 from maskgen.methods.deep.model import SaliencyNet, save_head  # noqa: E402
@@ -233,6 +236,28 @@ def check_vit_steps(sizes: Sizes, device: str) -> dict[str, Any]:
     return out
 
 
+GPU_PRECISIONS = ("fp32-cl", "bf16-cl", "fp16-cl", "bf16-cl-compile")
+CPU_PRECISIONS = ("fp32", "bf16", "fp16")  # the dry run: every autocast path, no compile (minutes on CPU)
+
+
+def check_precisions(sizes: Sizes, device: str) -> dict[str, Any]:
+    """HARL's step (the training-step check's size) in each precision: images/s and peak memory."""
+    base = SimpleNamespace(arch=sizes.train_arch, batch=sizes.train_batch, size=sizes.train_size,
+                           steps=sizes.steps, device=device, amp="none", channels_last=False, set=[])  # fmt: skip
+    out: dict[str, Any] = {"method": "harl", "arch": sizes.train_arch, "batch": sizes.train_batch, "ok": True}
+    for mode in GPU_PRECISIONS if device == "cuda" else CPU_PRECISIONS:
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        times = step_times("harl", precision_args(base, mode))
+        out[mode] = {
+            "images_per_second": round(sizes.train_batch / statistics.median(times), 1),
+            "first_steps_s": round(time.perf_counter() - t0 - sum(times), 1),  # warm-up (and compile)
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+        }
+    return out
+
+
 def _last_step(run: Path) -> int:
     """The last step in ``log.jsonl`` (a torn last line is skipped)."""
     step = -1
@@ -252,7 +277,7 @@ def check_kill_resume(shards: Path, sizes: Sizes, work: Path, device: str) -> di
     overrides = [f"model.arch={sizes.run_arch}", f"data.batch_size={sizes.run_batch}",
                  f"data.image_size={sizes.run_size}", f"data.samples_per_epoch={sizes.run_batch * sizes.run_steps}",
                  "train.epochs=1", f"train.ckpt_every={max(1, sizes.kill_at // 5)}", "train.log_every=1",
-                 "data.workers=4", f"train.amp={'bf16' if device == 'cuda' else 'none'}",
+                 "data.workers=4", "train.amp=bf16",
                  f"train.channels_last={str(device == 'cuda').lower()}"]  # fmt: skip
     cmd = [sys.executable, "-m", "sslmask.cli", "train", str(shards), "--method", "harl", "--out", str(run)]
     for o in overrides:
@@ -312,6 +337,12 @@ def print_table(result: dict[str, Any]) -> None:
               f"{str(v[name + '_images_per_second']) + ' images/s':>22}  yes")  # fmt: skip
     ratio = v["scfs_over_dino_step_time"]
     print(f"{'SCFS / DINO step time (goal <= 1.35)':<52}{ratio:>22}  {'met' if ratio <= 1.35 else 'missed'}")
+    pr = result["precisions"]
+    for mode, row in pr.items():
+        if isinstance(row, dict):
+            peak = f", peak {row['peak_gib']} GiB" if row["peak_gib"] is not None else ""
+            print(f"{'HARL step, ' + pr['arch'] + ', ' + mode + peak:<52}"
+                  f"{str(row['images_per_second']) + ' images/s':>22}  yes")  # fmt: skip
     k = result["kill_resume"]
     print(f"{'HARL run killed at step ' + str(k['killed_at_step']) + ', resumed':<52}"
           f"{'reached step ' + str(k['final_step']):>22}  {'yes' if k['ok'] else 'NO: ' + k['reason']}")  # fmt: skip
@@ -338,6 +369,7 @@ def main() -> int:
         result = {"environment": environment(device), "sizes": sizes.__dict__, "builds": builds}
         result["train_steps"] = check_train_steps(sizes, device)
         result["vit_steps"] = check_vit_steps(sizes, device)
+        result["precisions"] = check_precisions(sizes, device)
         built = [b for b in builds if "out" in b]
         result["kill_resume"] = (
             check_kill_resume(Path(built[0]["out"]), sizes, work, device)

@@ -5,6 +5,11 @@ backbone's bare forward + backward over the same views.
                                      [--repeats 3] [--device cpu|cuda] [--amp bf16]
                                      [--methods byol harl dino mocov2 mocov3] [--set KEY=VALUE ...]
     python benchmarks/train_step.py --arch vit_tiny --methods mocov3 lodisc lodisc-sal=lodisc:lodisc.mode=saliency
+    python benchmarks/train_step.py --precisions fp32 bf16 bf16-cl bf16-compile   # images/s per precision
+
+``--precisions`` (issue 43) times the engine step alone (no bare replay) per method and per
+precision: ``fp32``, ``bf16`` (autocast), ``-cl`` channels_last, ``-compile`` torch.compile
+(the compile itself is excluded: warm-up steps), interleaved, with the machine's CPU and flags.
 
 A step is the engine's: forward (every view, online and target networks), backward, the
 method's hooks around a LARS step (EMA, queue, centre), on fixed synthetic batches (data
@@ -109,10 +114,11 @@ def engine_step(name: str, args):
     method, batch = make(name, args)
     opt = build_optimizer("lars", method.param_groups(1e-6), 0.1)
     dtype = amp_dtype(args)
+    forward = torch.compile(method) if getattr(args, "compile", False) else method
 
     def step(i: int) -> None:
         with torch.autocast(args.device, dtype=dtype, enabled=dtype is not None):
-            loss = method(batch, Progress(i, 100, 10))["loss"]
+            loss = forward(batch, Progress(i, 100, 10))["loss"]
         if not torch.isfinite(loss):  # a step that produces NaN is not a step worth timing
             raise RuntimeError(f"{name}: loss is not finite at step {i}")
         opt.zero_grad(set_to_none=True)
@@ -248,6 +254,37 @@ def step_and_bare(name: str, args) -> tuple[list[float], list[float]]:
     return step_times_, _timed(bare, args)
 
 
+def precision_args(args, mode: str):
+    """``args`` for one ``--precisions`` entry: fp32 | bf16 | fp16, then -cl and/or -compile."""
+    amp, *extras = mode.split("-")
+    if amp not in ("fp32", "bf16", "fp16") or not set(extras) <= {"cl", "compile"}:
+        raise SystemExit(f"--precisions {mode}: fp32|bf16|fp16 with optional -cl and -compile")
+    return argparse.Namespace(**{**vars(args), "amp": "none" if amp == "fp32" else amp,
+                                 "channels_last": "cl" in extras, "compile": "compile" in extras})  # fmt: skip
+
+
+def precision_table(args) -> None:
+    """Images/s of each method in each precision (median of the repeats' median steps)."""
+    from machine import describe
+
+    times = {(m, p): [] for m in args.methods for p in args.precisions}
+    for _ in range(args.repeats):  # interleaved: a load change hits every cell alike
+        for name in args.methods:
+            for mode in args.precisions:
+                times[name, mode].append(statistics.median(step_times(name, precision_args(args, mode))))
+    print(describe())
+    print(f"{args.arch}, batch {args.batch}, {args.size}px, {args.device}: images/s, median of {args.repeats}"
+          f" (x: speed-up over {args.precisions[0]})")  # fmt: skip
+    print(f"{'method':<12}" + "".join(f"{p:>20}" for p in args.precisions))
+    for name in args.methods:
+        base = statistics.median(times[name, args.precisions[0]])
+        cells = []
+        for mode in args.precisions:
+            t = statistics.median(times[name, mode])
+            cells.append(f"{args.batch / t:>12.1f} ({base / t:.2f}x)")
+        print(f"{parse_variant(name)[0]:<12}" + "".join(f"{c:>20}" for c in cells))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="resnet18")
@@ -261,7 +298,11 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["byol", "harl", "dino", "mocov2", "mocov3"])
     ap.add_argument("--set", action="append", default=[], help="A config override for every method.")
     ap.add_argument("--flops", action="store_true", help="Count FLOPs of one step instead of timing.")
+    ap.add_argument("--precisions", nargs="+", help="Time each method in these precisions (see above).")
     args = ap.parse_args()
+    if args.precisions:
+        precision_table(args)
+        return
     if args.flops:
         print_flops(args)
         return

@@ -20,7 +20,9 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from maskio.atomic import atomic_open
 from maskio.buildlock import reading_builds
+from maskio.memory import check_fits
 from maskio.records import Records, index_cached
 from maskio.safeload import UnsafeDocument, check_depth
 from sslmask import distributed as D
@@ -41,6 +43,7 @@ from sslmask.eval.knn import knn_eval
 from sslmask.features import extract_features_sharded
 from sslmask.methods import METHODS, SSLMethod, build_method
 from sslmask.optim import build_optimizer, clip_gradients
+from sslmask.precision import PrecisionError, amp_dtype, resolve_amp
 from sslmask.progress import Progress
 from sslmask.schedules import cosine, warmup_cosine
 from sslmask.settings import OptimSettings, RunSettings, TrainSettings
@@ -109,7 +112,8 @@ def _prepare_run_dir(run: Path, cfg: dict[str, Any], resume: bool, info: D.DistI
         if missing:
             raise CheckpointError(f"{ckpt_path}: not an sslmask run checkpoint (no {', '.join(missing)})")
         check_resume_state(ckpt, ckpt_path)
-        changed = [k for k in diff(ckpt["config"], cfg) if k != "train.epochs"]
+        # more epochs extend a run; the precision is the checkpoint's own (run_precision)
+        changed = [k for k in diff(ckpt["config"], cfg) if k not in ("train.epochs", "train.amp")]
         if changed:
             raise TrainingError(f"{run}: the config differs from the run's on {', '.join(changed)}")
         if info.main:
@@ -121,9 +125,8 @@ def _prepare_run_dir(run: Path, cfg: dict[str, Any], resume: bool, info: D.DistI
     if info.main:
         run.mkdir(parents=True, exist_ok=True)
         (run / LOG_FILE).unlink(missing_ok=True)
-        tmp = saved_cfg.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        tmp.replace(saved_cfg)
+        with atomic_open(saved_cfg, "w") as fh:
+            fh.write(yaml.safe_dump(cfg, sort_keys=False))
     D.barrier(info)
     return None
 
@@ -153,6 +156,7 @@ def check_resume_state(ckpt: dict[str, Any], path: Path) -> None:
             and all(isinstance(v, int) for v in ckpt["rng"]["python"])
         ),  # fmt: skip
         "eval_branch": "eval_branch" in ckpt and ckpt["eval_branch"] not in ("online", "momentum"),
+        "amp": "amp" in ckpt and ckpt["amp"] not in ("bf16", "fp16", "none"),
     }
     bad = [name for name, wrong in problems.items() if wrong]
     if bad:
@@ -181,9 +185,8 @@ def _truncate_log(path: Path, step: int) -> None:
         # that epoch (before_epoch) anew
         if record["step"] < step or (record["step"] == step and record.get("kind") != "epoch"):
             kept.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    with atomic_open(path, "w") as fh:
+        fh.write("".join(line + "\n" for line in kept))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -228,7 +231,44 @@ def check_config(cfg: dict[str, Any], info: D.DistInfo) -> RunSettings:
     s = RunSettings.of(cfg)
     if s.train.sync_bn and info.world_size > 1 and info.device.type != "cuda":
         raise ConfigError("train.sync_bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel)")
+    try:
+        resolve_amp(s.train.amp, info.device)
+    except PrecisionError as exc:
+        raise ConfigError(str(exc)) from None
     return s
+
+
+def check_model_memory(cfg: dict[str, Any]) -> None:
+    """The model built on the meta device (no memory), its parameters and buffers counted: their
+    bytes four times over (weights, gradients, optimiser state, momentum copies) must fit the
+    memory left, or a size such as ``model.proj_hidden=100000000`` is one ConfigError line
+    instead of an allocation failure or an OOM kill."""
+    try:
+        with torch.device("meta"):
+            method = build_method(cfg)
+    except ValueError as exc:  # what the real build would refuse, said before it
+        raise ConfigError(str(exc)) from exc
+    n = sum(t.numel() for t in (*method.parameters(), *method.buffers()))
+    try:
+        check_fits(4 * 4 * n, f"{cfg['method']} with {cfg['model']['arch']} ({n / 1e6:,.0f} M parameters)")
+    except MemoryError as exc:
+        raise ConfigError(
+            f"{exc}: lower model.proj_hidden, model.proj_dim or the method's head sizes"
+        ) from None
+
+
+def run_precision(requested: str, ckpt: dict[str, Any] | None, info: D.DistInfo) -> str:
+    """The precision this run computes in: a resumed run keeps the one it started with (a
+    checkpoint from before ``amp`` was recorded ran float32 on CPU, ``train.amp`` on CUDA); a
+    new run resolves ``train.amp`` on this device."""
+    if ckpt is None:
+        return resolve_amp(requested, info.device)
+    recorded = ckpt.get("amp", requested if info.device.type == "cuda" else "none")
+    if recorded == "auto":  # an old CUDA checkpoint of an auto config cannot exist: auto is new
+        recorded = resolve_amp(recorded, info.device)
+    if recorded == "fp16" and info.device.type != "cuda":
+        raise CheckpointError(f"the run trained in fp16 on CUDA; resume it on a GPU, not {info.device.type}")
+    return recorded
 
 
 def load_records(shards: list[str], cfg: dict[str, Any], run: Path, info: D.DistInfo) -> Records:
@@ -259,7 +299,7 @@ class Loop:
     warmup: int
     base_lr: float
     memory_format: torch.memory_format
-    amp_dtype: torch.dtype | None
+    amp: str  # the resolved precision: bf16, fp16 or none (sslmask.precision)
     step: int = 0
     nan_skips: int = 0
     last_saved: int = 0
@@ -270,8 +310,9 @@ class Loop:
         return Progress(self.step, self.total, self.steps_per_epoch, self.s.train.seed, self.info.rank)
 
 
-def build_loop(method: SSLMethod, cfg: dict[str, Any], info: D.DistInfo, spe: int) -> Loop:
-    """Device, optimiser (with the method's parameter groups), AMP and the DDP wrapper."""
+def build_loop(method: SSLMethod, cfg: dict[str, Any], info: D.DistInfo, spe: int, amp: str) -> Loop:
+    """Device, optimiser (with the method's parameter groups), AMP (``amp`` resolved: bf16, fp16
+    or none) and the DDP wrapper."""
     s = RunSettings.of(cfg)
     if s.train.sync_bn and info.world_size > 1:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
@@ -280,7 +321,6 @@ def build_loop(method: SSLMethod, cfg: dict[str, Any], info: D.DistInfo, spe: in
     base_lr = s.optim.lr * s.data.batch_size * info.world_size / 256
     groups = method.param_groups(s.optim.weight_decay, decay_exclude(method, cfg))
     optimizer = build_optimizer(s.optim.name, groups, base_lr, s.optim.momentum)
-    amp = s.train.amp if info.device.type == "cuda" else "none"
     model: torch.nn.Module = method
     if info.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -290,7 +330,7 @@ def build_loop(method: SSLMethod, cfg: dict[str, Any], info: D.DistInfo, spe: in
         method=method,
         forward=torch.compile(model) if s.train.compile else model,
         optimizer=optimizer,
-        scaler=torch.amp.GradScaler("cuda", enabled=amp == "fp16"),
+        scaler=torch.amp.GradScaler(info.device.type, enabled=amp == "fp16"),
         cfg=cfg,
         s=s,
         info=info,
@@ -299,7 +339,7 @@ def build_loop(method: SSLMethod, cfg: dict[str, Any], info: D.DistInfo, spe: in
         warmup=spe * s.optim.warmup_epochs,
         base_lr=base_lr,
         memory_format=memory_format,
-        amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp),
+        amp=amp,
     )
 
 
@@ -356,7 +396,8 @@ def train_step(loop: Loop, batch: dict[str, torch.Tensor]) -> dict[str, float] |
     logged = apply_schedules(loop)
     inputs = device_inputs(loop, batch)
     progress = loop.progress
-    with torch.autocast(loop.info.device.type, dtype=loop.amp_dtype, enabled=loop.amp_dtype is not None):
+    dtype = amp_dtype(loop.amp)
+    with torch.autocast(loop.info.device.type, dtype=dtype, enabled=dtype is not None):
         out = loop.forward(inputs, progress)
     loss = out["loss"]
     if not D.all_true(bool(torch.isfinite(loss)), loop.info):
@@ -391,6 +432,7 @@ def _save(loop: Loop, run: Path) -> None:
             "config": loop.cfg,
             "rng": _rng_state(),
             "eval_branch": loop.method.eval_branch,
+            "amp": loop.amp,
         }
         save_atomic(state, run_checkpoint_path(run))
     D.barrier(loop.info)
@@ -481,6 +523,7 @@ def _train(shards: list[str], cfg: dict[str, Any], run: Path, resume: bool) -> P
     s = check_config(cfg, info)
     _set_determinism(s.train, info)
     method_cls = METHODS[s.method]
+    check_model_memory(cfg)
     try:
         method = build_method(cfg, init=True)  # a resume then overwrites these weights
     except ValueError as exc:
@@ -497,7 +540,7 @@ def _train(shards: list[str], cfg: dict[str, Any], run: Path, resume: bool) -> P
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     ckpt = _prepare_run_dir(run, cfg, resume, info)
-    loop = build_loop(method, cfg, info, spe)
+    loop = build_loop(method, cfg, info, spe, run_precision(s.train.amp, ckpt, info))
     if ckpt is not None:
         restore(loop, ckpt, run)
     views = method_cls.view_specs(cfg)
@@ -506,7 +549,7 @@ def _train(shards: list[str], cfg: dict[str, Any], run: Path, resume: bool) -> P
     log = RunLog(run, info.main)
     if info.main and loop.step == 0:
         log.write({"kind": "start", "step": 0, "samples": len(records), "steps_per_epoch": spe,
-                   "total_steps": loop.total, "views": len(views)})  # fmt: skip
+                   "total_steps": loop.total, "views": len(views), "amp": loop.amp})  # fmt: skip
     progress = None
     if info.main:
         from tqdm import tqdm

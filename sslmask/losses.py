@@ -121,6 +121,7 @@ def calibrated_target(
     sim: torch.Tensor, label: torch.Tensor, tau_k: float, tau_rho: float, mu: str = "mean"
 ) -> torch.Tensor:
     """Eqs. 6-9 for one level: B x M key-prototype cosines and B k-means labels -> B x M targets."""
+    sim = sim.float()  # bf16 under autocast: the thresholds and the softmax run in float32
     threshold = mu_threshold(sim, mu)
     p = torch.softmax(torch.where(sim < threshold, torch.full_like(sim, -1.0), sim) / tau_k, dim=1)
     rho = confidence(p).unsqueeze(1)
@@ -130,4 +131,5 @@ def calibrated_target(
 
 def procr_loss(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Eq. 4 per sample: KL(target || softmax(logits)), with 0 log 0 = 0."""
-    return (torch.xlogy(target, target) - target * torch.log_softmax(logits, dim=1)).sum(1)
+    target = target.float()
+    return (torch.xlogy(target, target) - target * torch.log_softmax(logits.float(), dim=1)).sum(1)

@@ -205,7 +205,7 @@ class TrainSettings(Section):
     section = "train"
     epochs: int = setting(ge=1)
     seed: int = setting(ge=0, le=2**32 - 1)  # numpy's and torch's generators take 32 or 64 bits
-    amp: str = setting(choices=("bf16", "fp16", "none"))
+    amp: str = setting(choices=("auto", "bf16", "fp16", "none"))
     channels_last: bool = setting()
     compile: bool = setting()
     sync_bn: bool = setting()

@@ -63,6 +63,24 @@ def test_batched_prediction_equals_one_image_at_a_time_and_bf16_stays_close():
         predict_maps(net, images, short_side=40, precision="fp8")
 
 
+def test_channels_last_head_on_cpu_gives_the_contiguous_maps_in_fp32_and_bf16():
+    """The CUDA layout (issue 43), run on CPU: the network and its input in channels_last."""
+    import copy
+
+    from maskgen.methods.deep.model import memory_format_of, prepare_for_device
+
+    net = _net()
+    nhwc = prepare_for_device(copy.deepcopy(net), "cpu", channels_last=True)
+    assert memory_format_of(nhwc) == torch.channels_last and memory_format_of(net) == torch.contiguous_format
+    assert memory_format_of(prepare_for_device(copy.deepcopy(net), "cpu")) == torch.contiguous_format
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for hw in [(50, 80), (50, 80), (64, 64)]]
+    for precision, atol in (("fp32", 1e-5), ("bf16", 0.05)):
+        plain = predict_maps(net, images, short_side=40, precision=precision)
+        for a, b in zip(plain, predict_maps(nhwc, images, short_side=40, precision=precision), strict=True):
+            np.testing.assert_allclose(a, b, atol=atol)
+
+
 def test_deep_method_on_cpu_asks_for_no_gpu_and_records_its_precision(tmp_path):
     from maskgen.methods import make_method
 
@@ -130,7 +148,7 @@ def test_device_decoding_matches_the_workers_decoding_up_to_rounding():
 def test_build_with_device_decoding_keeps_jpegs_and_records_bad_ones(tmp_path):
     from test_bad_inputs import BAD, GOOD
 
-    from maskio.shard_format import decode_mask_png
+    from maskio.shard_format import decode_gray_png
 
     root = tmp_path / "images"
     root.mkdir()
@@ -163,7 +181,7 @@ def test_build_with_device_decoding_keeps_jpegs_and_records_bad_ones(tmp_path):
         if name in ("good_rgb.jpg", "gray.jpg"):  # plain JPEGs: kept byte for byte, decoded by the method
             assert dev["jpg"] == pil["jpg"] == data
         assert json.loads(dev["json"])["method_params"]["decode"] == "device"
-        sal_dev, sal_pil = (decode_mask_png(x["sal.png"]).astype(int) for x in (dev, pil))
+        sal_dev, sal_pil = (decode_gray_png(x["sal.png"]).astype(int) for x in (dev, pil))
         assert sal_dev.shape == shape and np.abs(sal_dev - sal_pil).mean() < 3  # of 255
 
 

@@ -178,7 +178,7 @@ def test_dino_clips_per_tensor_and_cancels_the_last_layer_after_clipping(monkeyp
     torch.manual_seed(0)
     method = build_method(cfg)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    loop = engine.build_loop(method, cfg, info, spe=10)
+    loop = engine.build_loop(method, cfg, info, spe=10, amp="none")
     calls = []
     monkeypatch.setattr(engine, "clip_gradients", lambda params, c, mode: calls.append(("clip", c, mode)))
     hook = method.before_optimizer_step

@@ -32,10 +32,11 @@ def test_gpu_check_dry_run_runs_every_check_and_writes_the_json(tmp_path):
         and result["vit_steps"]["scfs_images_per_second"] > 0
         and result["vit_steps"]["scfs_over_dino_step_time"] > 0
     )
+    assert all(result["precisions"][m]["images_per_second"] > 0 for m in ("fp32", "bf16", "fp16"))
     kill = result["kill_resume"]
     assert 0 < kill["killed_at_step"] < kill["steps"] <= kill["final_step"]
     table = res.stdout.splitlines()
-    assert table[0].startswith("GPU check on CPU (dry run)") and len(table) == 16
+    assert table[0].startswith("GPU check on CPU (dry run)") and len(table) == 19
 
 
 def test_gpu_check_refuses_to_run_the_real_check_without_a_gpu(tmp_path):

@@ -57,7 +57,7 @@ class DINOHead(nn.Module):
         g.requires_grad_(not norm_last_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(F.normalize(self.mlp(x), dim=-1, p=2))
+        return self.last_layer(F.normalize(self.mlp(x).float(), dim=-1, p=2))
 
 
 @dataclass(frozen=True)

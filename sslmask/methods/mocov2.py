@@ -100,14 +100,14 @@ class MoCoV2(MomentumMethod):
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised queries, BatchNorm over each emulated process's own slice."""
-        embed = lambda part: F.normalize(self.projector(self.backbone.pooled(part)), dim=1)  # noqa: E731
+        embed = lambda part: F.normalize(self.projector(self.backbone.pooled(part)).float(), dim=1)  # noqa: E731
         return in_groups(embed, x, self.bn_groups(x.shape[0]))
 
     @torch.no_grad()
     def keys(self, x: torch.Tensor, progress: Progress) -> torch.Tensor:
         """L2-normalised keys of this process's images, with shuffled BatchNorm under DDP (or
         emulated on one process)."""
-        embed = lambda part: F.normalize(self.key_projector(self.key_backbone.pooled(part)), dim=1)  # noqa: E731
+        embed = lambda part: F.normalize(self.key_projector(self.key_backbone.pooled(part)).float(), dim=1)  # noqa: E731
         if D.world_size() == 1:
             groups = self.bn_groups(x.shape[0])
             if groups == 1:
@@ -120,7 +120,9 @@ class MoCoV2(MomentumMethod):
         perm = shuffle_perm(everything.shape[0], progress.seed, progress.step, x.device)
         rank, n = D.rank(), x.shape[0]
         mine = everything[perm[rank * n : (rank + 1) * n]]
-        shuffled = D.all_gather(F.normalize(self.key_projector(self.key_backbone.pooled(mine)), dim=1))
+        shuffled = D.all_gather(
+            F.normalize(self.key_projector(self.key_backbone.pooled(mine)).float(), dim=1)
+        )
         keys = torch.empty_like(shuffled)
         keys[perm] = shuffled  # undo the shuffle
         return keys[rank * n : (rank + 1) * n]

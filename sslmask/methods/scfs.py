@@ -69,7 +69,7 @@ class SearchHead(nn.Module):
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.block(grid) + grid)
-        return F.normalize(self.mlp(x.mean(dim=(2, 3))), dim=-1)
+        return F.normalize(self.mlp(x.mean(dim=(2, 3))).float(), dim=-1)
 
 
 def search_query(grid: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

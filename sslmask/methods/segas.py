@@ -193,14 +193,14 @@ class SegAS(MoCoV2):
         }
 
     def embed_keys(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.key_projector(self.key_backbone.pooled(x)), dim=1)
+        return F.normalize(self.key_projector(self.key_backbone.pooled(x)).float(), dim=1)
 
     def embed_foreground(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The key of the foreground alone: MAP of the momentum encoder's last grid with the
         mask (GAP where the mask is empty), through the key projector."""
         grid = self.key_backbone(x)
         pooled = masked_average_pool(grid, downsample_mask(mask, grid.shape[-2:]))
-        return F.normalize(self.key_projector(pooled), dim=1)
+        return F.normalize(self.key_projector(pooled).float(), dim=1)
 
     def forward(self, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
         q1 = self.query(batch["view0"])
@@ -215,7 +215,9 @@ class SegAS(MoCoV2):
         targets = [calibrated_target(k @ c.T, y, s.tau_key, s.tau_rho, s.mu)
                    for c, y in zip(self.prototypes, labels, strict=True)]  # fmt: skip
         logits1 = [q1 @ c.T / s.tau_query for c in self.prototypes]
-        x2, filtered, info = self.filtered_view(batch, torch.softmax(logits1[0].detach(), dim=1), progress)
+        x2, filtered, info = self.filtered_view(
+            batch, torch.softmax(logits1[0].detach().float(), dim=1), progress
+        )
         q2 = self.query(x2)
         logits2 = [q2 @ c.T / s.tau_query for c in self.prototypes]
         hprocr1 = torch.stack(
@@ -235,8 +237,8 @@ class SegAS(MoCoV2):
         """Eq. 12 at level 1, averaged over the filtered samples (``diversity_on: filtered``)
         or all of them."""
         c = target.argmax(1, keepdim=True)
-        p1 = torch.softmax(logits1, dim=1).gather(1, c)[:, 0]
-        p2 = torch.softmax(logits2, dim=1).gather(1, c)[:, 0]
+        p1 = torch.softmax(logits1.float(), dim=1).gather(1, c)[:, 0]
+        p2 = torch.softmax(logits2.float(), dim=1).gather(1, c)[:, 0]
         per_sample = F.relu(p2 - p1 + self.s.margin) + (q1 * q2).sum(1)
         if self.s.diversity_on == "all":
             return per_sample.mean()

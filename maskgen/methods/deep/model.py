@@ -113,7 +113,8 @@ def predict_maps(
 
     Images that resize to the same shape run as one batch (so a batch is exact, never padded:
     each map equals the image's own forward pass); ``precision="bf16"`` runs the network under
-    bfloat16 autocast. On CUDA the input is channels_last, matching :func:`prepare_for_device`.
+    bfloat16 autocast. The input takes the network's memory format (channels_last where
+    :func:`prepare_for_device` put the network in it).
     """
     small = [torch.from_numpy(resize_short_side(image, short_side)).permute(2, 0, 1) for image in images]
     return _forward_grouped(net, small, [im.shape[:2] for im in images], device, precision, max_batch)
@@ -189,7 +190,7 @@ def _forward_grouped(
     for i, s in enumerate(small):
         by_shape.setdefault(tuple(s.shape[-2:]), []).append(i)
     cuda = str(device).startswith("cuda")
-    layout = torch.channels_last if cuda else torch.contiguous_format
+    layout = memory_format_of(net)
     out: list[np.ndarray] = [np.empty(0, np.float32)] * len(small)
     for group in by_shape.values():
         for start in range(0, len(group), max_batch):
@@ -207,10 +208,22 @@ def _forward_grouped(
     return out
 
 
-def prepare_for_device(net: SaliencyNet, device: str) -> SaliencyNet:
-    """Move the network to ``device``; channels_last on CUDA (faster convolutions there)."""
+def prepare_for_device(net: SaliencyNet, device: str, channels_last: bool | None = None) -> SaliencyNet:
+    """Move the network to ``device``; channels_last by default on CUDA (faster convolutions
+    there; pass True to run it on CPU too)."""
     net = net.to(device)
-    return net.to(memory_format=torch.channels_last) if str(device).startswith("cuda") else net
+    if channels_last is None:
+        channels_last = str(device).startswith("cuda")
+    return net.to(memory_format=torch.channels_last) if channels_last else net
+
+
+def memory_format_of(net: torch.nn.Module) -> torch.memory_format:
+    """channels_last when the network's first spatial convolution is stored that way."""
+    for p in net.parameters():
+        if p.dim() == 4 and p.shape[-1] > 1:
+            nhwc = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+            return torch.channels_last if nhwc else torch.contiguous_format
+    return torch.contiguous_format
 
 
 def save_head(net: SaliencyNet, path: str | Path, meta: dict[str, Any]) -> None:
@@ -250,11 +263,20 @@ def _read_head(path: str | Path, tensors: bool) -> tuple[dict[str, Any], dict[st
 
 
 def _refuse_non_finite(path: str | Path, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """A head with NaN or infinite weights predicts NaN maps, and every mask of a build would
-    silently fall back to the centre prior: refuse it instead."""
+    """A head with NaN or infinite weights, integer weights or a negative BatchNorm variance
+    predicts NaN or constant maps, and every mask of a build would silently fall back to the
+    centre prior: refuse it instead."""
     for name, tensor in tensors:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if name.endswith("num_batches_tracked"):
+            continue
+        if not tensor.is_floating_point():
+            raise HeadFileError(
+                f"{path}: tensor {name} is {str(tensor.dtype).removeprefix('torch.')}, not floating point"
+            )
+        if not bool(torch.isfinite(tensor).all()):
             raise HeadFileError(f"{path}: tensor {name} holds NaN or infinite values")
+        if name.endswith("running_var") and bool((tensor < 0).any()):
+            raise HeadFileError(f"{path}: tensor {name} holds negative variances")
 
 
 def check_head(path: str | Path) -> None:

@@ -1,0 +1,47 @@
+"""The machine a benchmark ran on, in one line: speed figures from two CPUs are told apart by it."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_model() -> str:
+    """``model name`` from /proc/cpuinfo (Linux), else what ``platform`` says."""
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        for line in info.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The instruction-set flags that decide the fast kernels (bf16 autocast, numba, OpenCV)."""
+    info = Path("/proc/cpuinfo")
+    if not info.is_file():
+        return []
+    for line in info.read_text().splitlines():
+        if line.startswith("flags"):
+            have = set(line.split(":", 1)[1].split())
+            return [f for f in FLAGS if f in have]
+    return []
+
+
+def describe() -> str:
+    """``CPU model (N cores usable; flags ...); torch X, CPU capability Y``."""
+    text = f"{cpu_model()} ({len(os.sched_getaffinity(0))} cores usable; flags {' '.join(cpu_flags()) or 'none'})"
+    try:
+        import torch
+
+        text += f"; torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    except ImportError:
+        pass
+    return text
+
+
+if __name__ == "__main__":
+    print(describe())

@@ -475,7 +475,15 @@ def main(argv: list[str] | None = None) -> int:
         where = ctx.command_path if ctx is not None else prog
         click.echo(f"{where}: error: {printable(exc.format_message())}", err=True)
         return exc.exit_code
-    except (BuildError, SourceError, ModelError, RecipeError, ShardError, CheckpointError) as exc:
+    except (
+        BuildError,
+        SourceError,
+        ModelError,
+        RecipeError,
+        ShardError,
+        CheckpointError,
+        MemoryError,
+    ) as exc:
         click.echo(f"{prog}: error: {error_line(exc)}", err=True)
         return 1
     except OSError as exc:  # a full disk, an unwritable --out, a vanished file

@@ -28,6 +28,7 @@ from maskio.shard_format import (
     FIELD_SALIENCY,
     MANIFEST,
     SHARDS_DIR,
+    check_mask_shape,
     decode_gray_png,
     decode_mask_png,
     decode_meta,
@@ -40,11 +41,7 @@ from maskio.shard_format import (
 def check_same_size(mask: np.ndarray, soft: np.ndarray, meta: dict[str, Any]) -> None:
     """The mask, its saliency map and the image the json describes share one size (a mask of
     another size would be scored against a resized ground truth, some metrics as NaN)."""
-    image = (meta.get("height"), meta.get("width"))
-    if None not in image and mask.shape != image:
-        raise ShardFormatError(
-            f"{FIELD_MASK}: {mask.shape[1]}x{mask.shape[0]}, its image {image[1]}x{image[0]}"
-        )
+    check_mask_shape(mask, meta)
     if soft.shape != mask.shape:
         raise ShardFormatError(f"{FIELD_SALIENCY}: {soft.shape[1]}x{soft.shape[0]}, its mask "
                                f"{mask.shape[1]}x{mask.shape[0]}")  # fmt: skip
@@ -84,6 +81,18 @@ def evaluate_shards(specs: list[str], gt_dir: str) -> dict[str, Any]:
     return {"n_images": n, "n_with_gt": sums.n, **sums.results()}
 
 
+def check_shards_match_stats(out: Path, index: list[dict[str, Any]]) -> None:
+    """Each shard is the file its stats describe (size): a shard swapped or truncated after the
+    build would otherwise rewrite report.json from what is left."""
+    for entry in index:
+        path = out / entry["url"]
+        size = path.stat().st_size if path.is_file() else None
+        if size != entry["filesize"]:
+            found = "missing" if size is None else f"{size} bytes"
+            raise BuildError(f"{path}: {found}, its stats say {entry['filesize']} bytes; "
+                             "the shard was replaced after the build (rebuild it)")  # fmt: skip
+
+
 def evaluate_build(out: str | os.PathLike, gt_dir: str | None = None) -> dict[str, Any]:
     out = Path(out)
     manifest_path = out / MANIFEST
@@ -99,6 +108,7 @@ def evaluate_build(out: str | os.PathLike, gt_dir: str | None = None) -> dict[st
             f"cannot reopen the build's source for ground truth ({exc}); give --gt DIR"
         ) from None
     agg = aggregate(out, manifest["n_shards"])
+    check_shards_match_stats(out, agg.index)
     sums = MetricSums()
     best: list[tuple[float, str]] = []
     worst: list[tuple[float, str]] = []
@@ -109,13 +119,18 @@ def evaluate_build(out: str | os.PathLike, gt_dir: str | None = None) -> dict[st
         shard_worst: list[tuple[float, str]] = []
         fields_wanted = {FIELD_MASK, FIELD_SALIENCY, FIELD_META}
         shard = out / SHARDS_DIR / shard_name(i)
+        seen = 0
         for key, fields in iter_tar_samples(shard, fields_wanted):
+            seen += 1
             scored = _scored_sample(shard, key, fields, gt_of)
             if scored is None:
                 continue
             mask, soft, gt, has_sal = scored
             used_saliency = has_sal if used_saliency is None else used_saliency and has_sal
             push_extremes(shard_best, shard_worst, sums.add(mask, soft, gt), key)
+        if seen != agg.index[i]["nsamples"]:
+            raise BuildError(f"{shard}: holds {seen} samples, its stats say {agg.index[i]['nsamples']}; "
+                             "the shard was replaced after the build (rebuild it)")  # fmt: skip
         kept = shard_best + [(-v, k) for v, k in shard_worst]
         agg.shard_of_key.update((k, i) for _, k in kept)
         best.extend(shard_best)

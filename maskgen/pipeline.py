@@ -121,16 +121,24 @@ _RAY_ADDRESS = re.compile(r"(?:ray://)?(\[[0-9a-fA-F:]+\]|[\w.-]+):(\d{1,5})")
 RAY_PROBE_S = 5.0
 
 
-def check_ray_address(address: str) -> None:
-    """``--ray-address``: ``auto``, or ``[ray://]HOST:PORT`` on which something answers within a
-    few seconds; one line otherwise (Ray itself retried a dead address for minutes, printing
-    GCS time-outs)."""
+def check_ray_address(address: str) -> tuple[str, int] | None:
+    """``--ray-address``: ``auto`` (None), or ``[ray://]HOST:PORT`` (its host and port); one
+    line otherwise. Syntax only: :func:`probe_ray_address` asks the network."""
     if address == "auto":
-        return
+        return None
     match = _RAY_ADDRESS.fullmatch(address)
     if not match or not 0 < int(match.group(2)) < 65536:
         raise BuildError(f"--ray-address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
-    host, port = match.group(1).strip("[]"), int(match.group(2))
+    return match.group(1).strip("[]"), int(match.group(2))
+
+
+def probe_ray_address(address: str) -> None:
+    """Something answers on ``--ray-address`` within a few seconds; one line otherwise (Ray
+    itself retried a dead address for minutes, printing GCS time-outs)."""
+    where = check_ray_address(address)
+    if where is None:
+        return
+    host, port = where
     try:
         socket.create_connection((host, port), timeout=RAY_PROBE_S).close()
     except OSError as exc:
@@ -351,6 +359,8 @@ def run_build(opts: BuildOptions, stream: TextIO | None = None) -> dict[str, Any
     if opts.dry_run:
         describe_plan(plan, completed_shards(out, plan.fingerprint, len(plan.jobs)), opts, sys.stdout)
         return {}
+    if opts.ray_address is not None:  # the network probe: a real build only, before anything is written
+        probe_ray_address(opts.ray_address)
     with build_lock(out):
         return _run_locked(plan, opts, out, stream)
 
@@ -444,6 +454,10 @@ def _run_locked(plan: Plan, opts: BuildOptions, out: Path, stream: TextIO) -> di
         out, manifest, agg, throughput(manifest), gt_of=GroundTruthLookup(plan.source, items=plan.items)
     )
     _summary(report, agg, out, stream)
+    if report["n_images"] == 0 and report["n_errors"] > 0:  # outputs kept: report.html says why
+        skipped = ", ".join(f"{n} {r}" for r, n in sorted(agg.errors_by_reason.items()))
+        raise BuildError(f"{out}: every one of the {report['n_errors']} images was skipped ({skipped}); "
+                         f"the build holds no sample (report: {out / REPORT_HTML})")  # fmt: skip
     return report
 
 
@@ -467,6 +481,13 @@ def _summary(report: dict[str, Any], agg, out: Path, stream: TextIO) -> None:
         print(f"maskgen: vs ground truth on {report['n_with_gt']} images: mIoU {_fmt(report['miou'])}, "
               f"MAE {_fmt(report['mae'])}, max F-beta {_fmt(report['max_fbeta'])}, "
               f"S {_fmt(report['s_measure'])}, E {_fmt(report['e_measure'])}", file=stream)  # fmt: skip
+    fallbacks = {k: n for k, n in sorted(agg.status_counts.items()) if k.startswith("fallback:")}
+    if fallbacks:  # a mask replaced by the centre prior is not the method's: said, and loudly when most are
+        share = sum(fallbacks.values()) / max(report["n_images"], 1)
+        print(f"maskgen: {'warning: ' if share >= 0.5 else ''}{sum(fallbacks.values())} of {report['n_images']} "
+              f"masks were empty or full and replaced by the centre prior "
+              f"({', '.join(f'{n} {k}' for k, n in fallbacks.items())}; --fallback keep keeps them)",
+              file=stream)  # fmt: skip
     if report.get("ran_on"):
         print(f"maskgen: ran on {describe_runtime(report)}", file=stream)
     if gpu_fallback_shards(report):

@@ -110,9 +110,11 @@ def scrubbed_hub_output(say: Callable[[str], None]) -> Iterator[None]:
     the server's ``X-HF-Warning`` headers, and Python warnings) goes through ``say`` instead of
     straight to stderr; ``say`` must scrub."""
 
+    retries = RetryLines(say)
+
     class Echo(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            say(f"huggingface_hub: {record.getMessage()}")
+            retries.say(f"huggingface_hub: {record.getMessage()}")
 
     lib = logging.getLogger("huggingface_hub")
     saved = lib.handlers[:], lib.propagate
@@ -123,6 +125,39 @@ def scrubbed_hub_output(say: Callable[[str], None]) -> Iterator[None]:
             yield
     finally:
         lib.handlers, lib.propagate = saved
+        retries.close()
+
+
+class RetryLines:
+    """huggingface_hub logs two lines per retry of a failing request (``HTTP Error 500 thrown
+    while requesting ...``, ``Retrying in 8s [Retry 3/5].``): 11 lines over 23 s on one 500.
+    The first failure is said once; the retries after it are counted and summed up in one
+    line when the block ends (or when another message comes)."""
+
+    PATTERN = re.compile(
+        r"huggingface_hub: (?:HTTP Error \d+|'.*') thrown while requesting|huggingface_hub: Retrying in "
+    )
+
+    def __init__(self, say: Callable[[str], None]):
+        self._say, self.quiet = say, 0
+        self._first: str | None = None
+
+    def say(self, text: str) -> None:
+        if not self.PATTERN.match(text):
+            self.close()
+            self._say(text)
+        elif self._first is None:
+            self._first = text
+            self._say(f"{text} (retrying)")
+        else:
+            self.quiet += text.startswith("huggingface_hub: Retrying in ")
+
+    def close(self) -> None:
+        if self._first is not None and self.quiet:
+            self._say(
+                f"huggingface_hub: {self.quiet} retries after: {self._first.removeprefix('huggingface_hub: ')}"
+            )
+        self._first, self.quiet = None, 0
 
 
 def _stderr(text: str) -> None:

@@ -164,9 +164,42 @@ def _decode_png(data: bytes, field: str) -> np.ndarray:
         raise ShardFormatError(f"{field}: not a readable PNG ({type(exc).__name__})") from None
 
 
-def decode_mask_png(data: bytes) -> np.ndarray:
+def decode_mask_png(data: bytes, name: str = FIELD_MASK) -> np.ndarray:
     """Decode a ``mask.png`` to a bool array (True = foreground)."""
-    return _decode_png(data, FIELD_MASK) > 127
+    return mask_levels(data, name) > 127
+
+
+def check_mask_shape(mask: np.ndarray, meta: dict[str, Any], image: np.ndarray | None = None) -> None:
+    """The mask has its image's height and width (the decoded image's, else the json's): a mask
+    of another size would be resized, or scored against a resized ground truth, in silence."""
+    shape = image.shape[:2] if image is not None else (meta.get("height"), meta.get("width"))
+    if None not in shape and mask.shape[:2] != tuple(shape):
+        raise ShardFormatError(
+            f"{FIELD_MASK}: {mask.shape[1]}x{mask.shape[0]}, its image {shape[1]}x{shape[0]}"
+        )
+
+
+def mask_levels(data: bytes, name: str = FIELD_MASK) -> np.ndarray:
+    """A ``mask.png`` as the contract has it: 8-bit single channel (PNG mode L) holding only 0
+    and 255. An RGB, 16-bit or palette mask, or one with grey levels, is a ShardFormatError:
+    read any other way it would silently binarise to a different mask than its writer meant."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open_limited(data, name) as im:
+            if im.mode != "L":
+                raise ShardFormatError(
+                    f"{name}: must be an 8-bit single-channel PNG (mode L), not mode {im.mode}"
+                )
+            levels = np.asarray(im).copy()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        if isinstance(exc, ShardFormatError):
+            raise
+        raise ShardFormatError(f"{name}: not a readable PNG ({type(exc).__name__})") from None
+    stray = (levels != 0) & (levels != 255)
+    if stray.any():
+        raise ShardFormatError(f"{name}: values must be 0 or 255, found {int(levels[stray][0])}")
+    return levels
 
 
 def decode_gray_png(data: bytes) -> np.ndarray:
@@ -262,6 +295,14 @@ def _check_extent(path: str | Path, member, file_size: int) -> None:
         raise EOFError
 
 
+def _check_new_key(path, key: str, seen: set[str], member: str) -> None:
+    """A sample's members are adjacent (WebDataset groups by consecutive key): a key that comes
+    back later would be a second sample of the same name, counted and scored twice."""
+    if key in seen:
+        raise ShardFormatError(f"{path}: sample {key} appears twice (again at member {member!r})")
+    seen.add(key)
+
+
 def iter_tar_samples(path: str | Path, fields: set[str] | None = None):
     """Yield ``(key, {field: bytes})`` from a maskgen shard, in tar order.
 
@@ -274,6 +315,7 @@ def iter_tar_samples(path: str | Path, fields: set[str] | None = None):
 
     current_key: str | None = None
     current: dict[str, bytes] = {}
+    seen: set[str] = set()
     try:
         size = Path(path).stat().st_size
         with tarfile.open(path, mode="r:") as tar:
@@ -285,7 +327,10 @@ def iter_tar_samples(path: str | Path, fields: set[str] | None = None):
                 if key != current_key:
                     if current_key is not None:
                         yield current_key, current
+                    _check_new_key(path, key, seen, member.name)
                     current_key, current = key, {}
+                elif ext in current:
+                    raise ShardFormatError(f"{path}: member {member.name!r} appears twice")
                 if fields is None or ext in fields:
                     f = tar.extractfile(member)
                     data = f.read() if f is not None else b""
@@ -308,6 +353,7 @@ def index_tar(path: str | Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     import tarfile
 
     out: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    seen: set[str] = set()
     try:
         size = Path(path).stat().st_size
         with tarfile.open(path, mode="r:") as tar:
@@ -317,7 +363,10 @@ def index_tar(path: str | Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
                 _check_extent(path, member, size)
                 key, ext = _split_member(member.name)
                 if not out or out[-1][0] != key:
+                    _check_new_key(path, key, seen, member.name)
                     out.append((key, {}))
+                elif ext in out[-1][1]:
+                    raise ShardFormatError(f"{path}: member {member.name!r} appears twice")
                 out[-1][1][ext] = (member.offset_data, member.size)
     except (tarfile.TarError, EOFError) as exc:
         raise _unreadable(path, exc) from None

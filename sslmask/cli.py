@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from maskio.atomic import atomic_open
 from maskio.clitypes import Finite
 from maskio.errors import ShardError, describe_os_error, error_line, printable
 from maskio.outputs import refuse_protected
@@ -231,9 +232,8 @@ def _emit(result: dict, out_file: str | None) -> None:
     text = json.dumps(result, indent=2)
     if out_file:
         Path(out_file).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(out_file).with_suffix(".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(out_file)
+        with atomic_open(out_file, "w") as fh:  # a full disk: one line naming the file, no temp left
+            fh.write(text + "\n")
     click.echo(text)
 
 
@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{ctx.command_path if ctx else 'sslmask'}: error: {printable(exc.format_message())}", err=True
         )
         return exc.exit_code
-    except (ShardError, ConfigError, CheckpointError, TrainingError) as exc:
+    except (ShardError, ConfigError, CheckpointError, TrainingError, MemoryError) as exc:
         click.echo(f"sslmask: error: {error_line(exc)}", err=True)
         return 1
     except OSError as exc:  # a full disk, an unwritable --out, a vanished file

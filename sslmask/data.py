@@ -21,6 +21,7 @@ from maskio.shard_format import (
     FIELD_IMAGE,
     FIELD_MASK,
     FIELD_META,
+    check_mask_shape,
     decode_class,
     decode_mask_png,
     decode_meta,
@@ -60,6 +61,7 @@ def _decode_sample(url: str, key: str, raw: dict[str, bytes], require_images: bo
         meta = decode_meta(raw[FIELD_META]) if FIELD_META in raw else {}
         label = decode_class(raw[FIELD_CLASS]) if FIELD_CLASS in raw else meta.get("label")
         mask = decode_mask_png(raw[FIELD_MASK])
+        check_mask_shape(mask, meta, image)
     return Sample(key, image, mask, label, meta)
 
 

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, Sampler
 
 from maskio.errors import ShardError, ShardFormatError
 from maskio.records import FileReader, Records, read_image
-from maskio.shard_format import open_limited
+from maskio.shard_format import mask_levels
 from sslmask.transforms import ViewSpec, eval_view, make_view, mask_integral
 
 
@@ -39,13 +39,12 @@ def read_mask(
     if rec.mask is None:
         return None
     try:
-        with open_limited(reader.read(*rec.mask[index]), f"{name}: mask") as im:
-            mask = im.convert("L")
+        mask = Image.fromarray(mask_levels(reader.read(*rec.mask[index]), f"{name}: mask"))
     except ShardFormatError as exc:
         raise ShardError(str(exc)) from None
     if mask.size != size:
-        raise ShardError(f"{name}: mask size {mask.size} differs from image size {size}")
-    return mask.point(lambda v: 255 if v > 127 else 0)
+        raise ShardError(f"{name}: mask {mask.size[0]}x{mask.size[1]}, its image {size[0]}x{size[1]}")
+    return mask
 
 
 class ViewsDataset(Dataset):

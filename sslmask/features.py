@@ -30,6 +30,43 @@ def trunk_embedding(trunk: Backbone, kind: str) -> Callable[[torch.Tensor], torc
     raise ValueError(f"a trunk embeds as {' or '.join(TRUNK_EMBEDDINGS)}, not {kind!r}")
 
 
+def check_batch_memory(
+    backbone: torch.nn.Module, image_size: int, batch_size: int, training: bool = False, hint: str = ""
+) -> None:
+    """MemoryError (one line) when a batch of ``batch_size`` images of ``image_size`` px cannot
+    fit: one image through a meta-device copy of the network (no memory, milliseconds) gives its
+    activations; inference holds the input and about three of the largest at once, training
+    keeps all of them for the backward. An in-range ``--image-size 4096`` would otherwise
+    allocate tens of GB before failing. CPU only: on a GPU, torch's out-of-memory error comes
+    before anything is lost, and host memory is not what runs out."""
+    if next(backbone.parameters()).device.type != "cpu":
+        return
+    import copy
+
+    from maskio.memory import check_fits
+
+    meta = copy.deepcopy(backbone).to("meta").eval()
+    sizes: list[int] = []
+
+    def record(_module, _inputs, output) -> None:
+        sizes.extend(t.numel() for t in (output if isinstance(output, (tuple, list)) else (output,))
+                     if isinstance(t, torch.Tensor))  # fmt: skip
+
+    # leaves that allocate (an in-place ReLU writes over its input)
+    leaves = [m for m in meta.modules() if not list(m.children()) and not getattr(m, "inplace", False)]
+    hooks = [m.register_forward_hook(record) for m in leaves]
+    with torch.no_grad():
+        getattr(meta, "pooled", meta)(torch.empty(1, 3, image_size, image_size, device="meta"))
+    for h in hooks:
+        h.remove()
+    held = sum(sizes) if training else 3 * max(sizes, default=0)
+    needed = batch_size * 4 * (3 * image_size**2 + held)
+    try:
+        check_fits(needed, f"a batch of {batch_size} images at {image_size} px")
+    except MemoryError as exc:
+        raise MemoryError(f"{exc}: lower {hint or '--image-size or --batch-size'}") from None
+
+
 @torch.no_grad()
 def extract_features(
     backbone: Backbone,
@@ -44,6 +81,11 @@ def extract_features(
     """``(N x C float32 features, N labels)`` in record order; ``backbone`` (any module) runs in
     eval mode, and ``embed`` (default: ``backbone.pooled``) maps a normalised batch to features;
     with ``masks`` it is called as ``embed(x, m)``, m the centre-cropped masks in [0, 1]."""
+    trunk = backbone if isinstance(backbone, Backbone) else getattr(backbone, "backbone", None)
+    if isinstance(
+        trunk, Backbone
+    ):  # a method (embedding through its heads): its trunk's activations dominate
+        check_batch_memory(trunk, image_size, batch_size)
     embed = embed or backbone.pooled
     was_training = backbone.training
     backbone.eval()

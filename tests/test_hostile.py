@@ -376,19 +376,45 @@ def test_a_full_disk_is_one_line_and_leaves_no_temp(tmp_path, capsys, monkeypatc
     assert str(run) in line
     assert not [p for p in run.iterdir() if ".tmp" in p.name]
 
+    # issue 47: eval --out on a full disk named no path and left a 0-byte knn.tmp
+    result = tmp_path / "res" / "knn.json"
+    rc = sslmask_main(["eval", "knn", "--checkpoint", "random", "--arch", "resnet_tiny", "--workers", "0",
+                       "--train", str(sample_build), "--val", str(sample_build), "--out", str(result)])  # fmt: skip
+    one_line_failure(capsys, rc, str(result), "no space left on device (writing)")
+    assert not list(result.parent.iterdir())
 
-def test_a_head_with_nan_weights_is_refused_before_the_build(tmp_path, capsys):
-    from maskgen.methods.deep.model import SaliencyNet, save_head
+
+@pytest.mark.parametrize(
+    ("doctor", "needle"),
+    [("nan", "NaN"), ("int64", "is int64, not floating point"), ("negative variance", "negative variances")],
+)
+def test_a_head_with_unusable_weights_is_refused_before_the_build(tmp_path, capsys, doctor, needle):
+    """Each would send every mask of the build to the centre-prior fallback (issue 47)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from maskgen.methods.deep.model import HeadFileError, SaliencyNet, load_head, save_head
     from sslmask.backbones import build_backbone
 
     net = SaliencyNet(build_backbone("resnet_tiny", 16))
-    with torch.no_grad():
-        next(net.parameters()).fill_(float("nan"))
-    head = tmp_path / "nan.safetensors"
+    head = tmp_path / "bad.safetensors"
     save_head(net, head, {"arch": "resnet_tiny", "out_stride": 16, "short_side": 48})
+    with safe_open(str(head), framework="pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    first = next(k for k in state if k.endswith("weight"))
+    if doctor == "nan":
+        state[first] = torch.full_like(state[first], float("nan"))
+    elif doctor == "int64":
+        state[first] = state[first].round().to(torch.int64)
+    else:
+        var = next(k for k in state if k.endswith("running_var"))
+        state[var] = -torch.ones_like(state[var])
+    save_file(state, str(head), metadata=meta)
+    with pytest.raises(HeadFileError, match=needle):
+        load_head(head)
     out = tmp_path / "out"
     rc = maskgen_main([*BUILD, "--method", "deep", "--head", str(head), "--out", str(out)])
-    one_line_failure(capsys, rc, str(head), "NaN")
+    one_line_failure(capsys, rc, str(head), needle)
     assert not out.exists() or not any(out.rglob("*.tar"))
 
 
@@ -774,3 +800,33 @@ def test_a_checkpoint_whose_config_lacks_model_is_one_line(tmp_path, capsys, sam
     rc = sslmask_main(["eval", "knn", "--checkpoint", str(tmp_path / "ckpt.pt"), "--train", str(sample_build),
                        "--val", str(sample_build), "--workers", "0", "--image-size", "32"])  # fmt: skip
     one_line_failure(capsys, rc, "ckpt.pt", "no model section")
+
+
+def test_a_model_too_large_for_this_machine_is_refused_before_allocating(tmp_path, capsys, sample_build):
+    """Issue 47 item 7: ``model.proj_hidden=100000000`` allocated until it failed (51 GB)."""
+    from conftest import refused_train
+
+    err = refused_train("byol", sample_build, tmp_path / "run", ["model.proj_hidden=100000000"], capsys)
+    assert "GiB available" in err and "model.proj_hidden" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_image_size_too_large_for_this_machine_is_refused_before_allocating(
+    monkeypatch, capsys, sample_build
+):
+    """Issue 47 item 7: ``eval knn --image-size 4096`` is in range and allocated tens of GB; the
+    estimate (one image through a meta-device copy) is checked against the memory left, here
+    pinned to 8 GiB so the test means the same on every machine."""
+    import maskio.memory
+
+    monkeypatch.setattr(maskio.memory, "available_bytes", lambda: 8 * 2**30)
+    base = ["eval", "knn", "--checkpoint", "random", "--arch", "resnet_tiny", "--workers", "0",
+            "--train", str(sample_build), "--val", str(sample_build)]  # fmt: skip
+    one_line_failure(capsys, sslmask_main([*base, "--image-size", "4096"]), "4096 px", "GiB available",
+                     "lower --image-size or --batch-size")  # fmt: skip
+    assert sslmask_main([*base, "--image-size", "32"]) == 0
+    capsys.readouterr()
+    rc = maskgen_main(["deep", "fit", "--shards", str(sample_build), "--backbone", "random", "--arch", "resnet_tiny",
+                       "--short-side", "4000", "--out", str(sample_build.parent / "never.safetensors")])  # fmt: skip
+    one_line_failure(capsys, rc, "4000 px", "GiB available", "lower --short-side or --batch-size")
+    assert not (sample_build.parent / "never.safetensors").exists()

@@ -400,6 +400,12 @@ def test_a_bad_or_dead_ray_address_is_one_line_in_seconds(tmp_path, capsys, addr
                        str(tmp_path / "b"), "--ray-address", address, "--no-progress"])  # fmt: skip
     one_line_failure(capsys, rc, "--ray-address", needle)
     assert time.perf_counter() - started < 20
+    assert not (tmp_path / "b").exists()  # refused before anything was written
+    dry = maskgen_main(["build", "--source", "sample", "--sample-size", "2", "--method", "center", "--out",
+                        str(tmp_path / "b"), "--ray-address", address, "--dry-run"])  # fmt: skip
+    assert dry == (
+        0 if address == "127.0.0.1:1" else 1
+    )  # a plan asks no network; the syntax is still checked
 
 
 @pytest.mark.parametrize("data", [b"[1, 2]", b"{not json", b'"a string"', b"[" * 5000 + b"]" * 5000,

@@ -183,3 +183,23 @@ def test_a_silent_endpoint_is_a_bounded_wait_then_one_line(tmp_path):
             assert "Traceback" not in res.stderr
     finally:
         silent.stop()
+
+
+def test_retry_logging_of_a_failing_request_is_one_line_and_a_count():
+    """Issue 47 item 8: publish printed 11 retry lines over 23 s on one 500."""
+    import logging
+
+    from maskio.hubtoken import scrubbed_hub_output
+
+    lines: list[str] = []
+    log = logging.getLogger("huggingface_hub.utils._http")
+    with scrubbed_hub_output(lines.append):
+        for n in range(1, 6):
+            log.warning("HTTP Error 500 thrown while requesting POST http://hub/api/x")
+            log.warning(f"Retrying in {2**n}s [Retry {n}/5].")
+        log.warning("something else")
+    assert lines == [
+        "huggingface_hub: HTTP Error 500 thrown while requesting POST http://hub/api/x (retrying)",
+        "huggingface_hub: 5 retries after: HTTP Error 500 thrown while requesting POST http://hub/api/x",
+        "huggingface_hub: something else",
+    ]

@@ -50,15 +50,19 @@ class TeacherCrops(Dataset):
 
     def mask(self, index: int) -> np.ndarray:
         """The teacher's mask as a bool array."""
-        assert self.records.mask is not None
-        return decode_mask_png(self.reader.read(*self.records.mask[index]))
+        rec = self.records
+        assert rec.mask is not None
+        name = f"{rec.files[rec.mask[index, 0]]}:{rec.names[index]}: mask"
+        return decode_mask_png(self.reader.read(*rec.mask[index]), name)
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, index = item
         image = tv_tensors.Image(np.asarray(self.image(index)).transpose(2, 0, 1).copy())
         mask = tv_tensors.Mask(torch.from_numpy(self.mask(index))[None].to(torch.uint8))
         if mask.shape[-2:] != image.shape[-2:]:
-            raise ShardError(f"{self.records.names[index]}: mask size differs from image size")
+            rec = self.records
+            raise ShardError(f"{rec.files[rec.mask[index, 0]]}:{rec.names[index]}: mask "
+                             f"{mask.shape[-1]}x{mask.shape[-2]}, its image {image.shape[-1]}x{image.shape[-2]}")  # fmt: skip
         seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -42,6 +42,7 @@ from maskio.records import Records, index_shards
 from maskio.shard_format import FIELD_META, MANIFEST, decode_meta, in_sample, index_tar
 from sslmask.backbones import normalize
 from sslmask.checkpoint import infer_arch, load_backbone
+from sslmask.features import check_batch_memory
 
 # which backbone stages train besides the head; "all" also updates BatchNorm statistics
 FINETUNE = {"none": (), "layer4": ("layer4",), "layer3": ("layer3", "layer4"), "all": ("",)}
@@ -274,6 +275,9 @@ def _fit_head(cfg: FitConfig, echo: Callable[[str], None]) -> dict[str, Any]:
     records = index_shards(cfg.shards, require_masks=True, images=cfg.images)
     trunk = load_backbone(cfg.backbone, cfg.arch, cfg.out_stride)
     net = SaliencyNet(trunk, cfg.decoder).to(device)
+    check_batch_memory(
+        net, cfg.short_side, cfg.batch_size, training=True, hint="--short-side or --batch-size"
+    )
     opt = torch.optim.AdamW(trainable_parameters(net, cfg.finetune), lr=cfg.lr, weight_decay=1e-4)
     val_idx, train_idx = split_val(len(records), cfg.val_fraction, cfg.seed)
     if not train_idx:

@@ -56,6 +56,29 @@ class Backbone(Protocol):
         ...
 
 
+@runtime_checkable
+class ViTBackbone(Backbone, Protocol):
+    """What a ViT trunk offers beyond :class:`Backbone` (``sslmask.vit.ViTTrunk``): the patch
+    embedding MoCo v3 freezes, and the attention maps LoDisc ranks patches by."""
+
+    patch_embed: nn.Module
+
+    def pooled_and_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(CLS token, per block the softmaxed attention averaged over heads)`` from one pass."""
+        ...
+
+    def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per block, the softmaxed attention averaged over heads: N x T x T."""
+        ...
+
+
+def as_vit(trunk: Backbone, why: str) -> ViTBackbone:
+    """``trunk`` as a :class:`ViTBackbone`; ValueError naming ``why`` for a ResNet."""
+    if not trunk.is_vit or not isinstance(trunk, ViTBackbone):
+        raise ValueError(f"{why} needs a ViT trunk, got {type(trunk).__name__}")
+    return trunk
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -19,13 +19,12 @@ from sslmask.settings import MAX_IMAGE_SIZE, SHARED_SECTIONS, ConfigError, close
 __all__ = ["MAX_IMAGE_SIZE", "ConfigError", "available_methods", "diff", "load_config", "validate"]
 
 
-BASE = "base"
-
-
 def available_methods() -> list[str]:
-    files = resources.files("sslmask.configs").iterdir()
-    names = (f.name[:-5] for f in files if f.name.endswith(".yaml") and "-" not in f.name)
-    return sorted(n for n in names if n != BASE)
+    """The registered methods (``sslmask.methods.METHODS``, the one registry), each with its
+    packaged ``configs/NAME.yaml``; a config file alone (an overlay) is not a method."""
+    from sslmask.methods import METHODS
+
+    return sorted(METHODS)
 
 
 def _packaged(name: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ online networks, and the one update they share."""
 from __future__ import annotations
 
 import copy
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -17,8 +18,12 @@ def ema_rate(ema: EMASettings, step: int, total: int) -> float:
     return cosine_ramp(ema.tau_base, step, total) if ema.schedule == "cosine" else ema.tau_base
 
 
-def frozen_copy(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` that no optimiser updates (its EMA target starts equal to it)."""
+M = TypeVar("M", bound=nn.Module)
+
+
+def frozen_copy(module: M) -> M:
+    """A copy of ``module`` that no optimiser updates (its EMA target starts equal to it); of
+    ``module``'s own type, so a trunk's copy is still a :class:`~sslmask.backbones.Backbone`."""
     target = copy.deepcopy(module)
     for p in target.parameters():
         p.requires_grad_(False)

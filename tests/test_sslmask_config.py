@@ -7,6 +7,21 @@ import pytest
 from sslmask.config import ConfigError, available_methods, diff, load_config, parse_set
 
 
+def test_the_method_registry_is_the_one_list_and_each_method_ships_its_config():
+    """Issue 45 item 3: the CLI listed every dash-less YAML as a method; now the registry
+    (METHODS) is the list, and a registered method without its packaged config is a bug."""
+    from importlib import resources
+
+    from sslmask.methods import METHODS
+
+    assert available_methods() == sorted(METHODS)
+    for name, cls in METHODS.items():
+        assert cls.name == name and resources.files("sslmask.configs").joinpath(f"{name}.yaml").is_file()
+        assert load_config(name)["method"] == name
+    packaged = {f.name[:-5] for f in resources.files("sslmask.configs").iterdir() if f.name.endswith(".yaml")}
+    assert "base" in packaged and "base" not in available_methods()  # a config file alone is no method
+
+
 def test_methods_and_overlay_precedence(tmp_path):
     assert available_methods() == ["byol", "dino", "harl", "lodisc", "mocov2", "mocov3", "scfs", "segas"]
     overlay = tmp_path / "o.yaml"

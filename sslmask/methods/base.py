@@ -89,14 +89,11 @@ class SSLMethod(nn.Module):
         """The modules the optimiser updates."""
         raise NotImplementedError
 
-    def branch_backbone(self, branch: str) -> nn.Module:
-        """The ``online`` trunk or its ``momentum`` (EMA) copy."""
+    def branch_backbone(self, branch: str) -> Backbone:
+        """The ``online`` trunk (a method without momentum encoders has no other)."""
         if branch == "online":
             return self.backbone
-        copies = [m for n, m in self.named_children() if n.endswith("_backbone") and n != "backbone"]
-        if len(copies) != 1:
-            raise ValueError(f"{self.name} has no momentum encoder")
-        return copies[0]
+        raise ValueError(f"{self.name} has no momentum encoder")
 
     def embed(self, x: torch.Tensor, kind: str = "backbone", branch: str = "online") -> torch.Tensor:
         """A normalised batch's ``kind`` embedding: the trunk's (``TRUNK_EMBEDDINGS``, of
@@ -139,6 +136,16 @@ class MomentumMethod(SSLMethod):
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)
         self.ema_settings = EMASettings.of(cfg)
+
+    def branch_backbone(self, branch: str) -> Backbone:
+        """The ``online`` trunk or its ``momentum`` copy: the EMA partner of ``self.backbone``
+        in ``self.ema`` (whatever the method names it: target, teacher, key)."""
+        if branch == "online":
+            return self.backbone
+        for online, target in self.ema.pairs:
+            if online is self.backbone:
+                return target
+        raise ValueError(f"{self.name} has no momentum copy of its backbone")
 
     @torch.no_grad()
     def after_optimizer_step(self, progress: Progress) -> dict[str, float]:

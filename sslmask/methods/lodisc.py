@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslmask import distributed as D
-from sslmask.backbones import Backbone
+from sslmask.backbones import Backbone, as_vit
 from sslmask.losses import embedding_std, moco_v3_loss
 from sslmask.methods.mocov3 import MoCoV3, head_layout, mlp
 from sslmask.momentum import ema_rate
@@ -177,7 +177,7 @@ class LoDisc(MoCoV3):
         if mode == "saliency" and not fallback.any():
             pooled = self.key_backbone.pooled(x)  # no attention extraction at all
         else:
-            pooled, maps = self.key_backbone.pooled_and_attention(x)
+            pooled, maps = as_vit(self.key_backbone, "lodisc").pooled_and_attention(x)
             attention = fused_attention(maps)
         keep = select_patches(n_keep, grid, attention, saliency, mode, self.c.gamma, self.c.salient_min)
         if mode != "attention" and fallback.any():

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from sslmask import distributed as D
-from sslmask.backbones import Backbone
+from sslmask.backbones import Backbone, as_vit
 from sslmask.losses import embedding_std, moco_v3_loss
 from sslmask.methods.base import MomentumMethod, SSLMethod
 from sslmask.momentum import MomentumPairs, frozen_copy
@@ -76,7 +76,9 @@ class MoCoV3(MomentumMethod):
         super().__init__(backbone, cfg)
         self.moco = MoCoV3Settings.of(cfg)
         if backbone.is_vit and self.moco.stop_grad_conv1:
-            for p in backbone.patch_embed.parameters():  # vits.py: patch_embed.proj weight and bias
+            for p in as_vit(
+                backbone, "stop_grad_conv1"
+            ).patch_embed.parameters():  # vits.py: patch_embed.proj
                 p.requires_grad_(False)
         self.projector, self.predictor = self.build_heads(backbone, cfg)
         self.key_backbone = frozen_copy(backbone)

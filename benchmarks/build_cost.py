@@ -62,9 +62,10 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(
-        f"\nmaskgen build on {n} photos of {args.root}, {args.workers} Ray workers, median of {args.repeats}"
-    )
+    from machine import describe, drfi_kernels
+
+    print(f"\n{describe()}\n{drfi_kernels()}")
+    print(f"maskgen build on {n} photos of {args.root}, {args.workers} Ray workers, median of {args.repeats}")
     print(f"{'method':<8} {'images/s':>9} {'per core':>9} {'ImageNet-1k train, core-hours':>31}")
     for method, runs in rates.items():
         rate = statistics.median(runs)

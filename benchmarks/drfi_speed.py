@@ -116,8 +116,11 @@ def main() -> None:
             ratio[name].append(s / ref)
 
     h, w = photos[0].shape[:2]
+    from machine import describe, drfi_kernels
+
+    print(f"\n{describe()}\n{drfi_kernels()}")
     print(
-        f"\n{len(photos)} {args.photos} photos (first {w}x{h}), 1 thread, per photo the median of {args.repeats}"
+        f"{len(photos)} {args.photos} photos (first {w}x{h}), 1 thread, per photo the median of {args.repeats}"
     )
     print(f"{'pipeline':<66} {'ms/photo':>9} {'x felzenszwalb':>15}")
     for name in runs:

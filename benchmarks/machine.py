@@ -43,5 +43,35 @@ def describe() -> str:
     return text
 
 
+def drfi_kernels() -> str:
+    """Which compiled kernels DRFI's timings come from: numba's target CPU (what LLVM compiled
+    the loops for), OpenCV's baseline and dispatched SIMD, numpy's version."""
+    parts = []
+    try:
+        import llvmlite.binding as llvm
+        import numba
+
+        parts.append(f"numba {numba.__version__} for {llvm.get_host_cpu_name()}")
+    except ImportError:
+        parts.append("numba absent (pure-numpy loops)")
+    try:
+        import cv2
+
+        simd = {}
+        for line in cv2.getBuildInformation().splitlines():
+            key, _, value = line.strip().partition(":")
+            if key in ("Baseline", "Dispatched code generation"):
+                simd[key] = value.split()
+        parts.append(f"OpenCV {cv2.__version__} (SIMD {' '.join(simd.get('Baseline', []))}, dispatched "
+                     f"{' '.join(simd.get('Dispatched code generation', []))})")  # fmt: skip
+    except ImportError:
+        parts.append("OpenCV absent")
+    import numpy
+
+    parts.append(f"numpy {numpy.__version__}")
+    return "; ".join(parts)
+
+
 if __name__ == "__main__":
     print(describe())
+    print(drfi_kernels())

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from maskio.records import Records
 from sslmask import distributed as D
-from sslmask.backbones import Backbone, normalize
+from sslmask.backbones import Backbone, check_batch_memory, normalize
 from sslmask.dataset import EvalDataset
 
 # what a trunk embeds an image as: ``backbone``, its pooled feature (ResNet GAP, ViT CLS);
@@ -28,43 +28,6 @@ def trunk_embedding(trunk: Backbone, kind: str) -> Callable[[torch.Tensor], torc
     if kind == "gap":
         return lambda x: trunk(x).mean(dim=(2, 3))
     raise ValueError(f"a trunk embeds as {' or '.join(TRUNK_EMBEDDINGS)}, not {kind!r}")
-
-
-def check_batch_memory(
-    backbone: torch.nn.Module, image_size: int, batch_size: int, training: bool = False, hint: str = ""
-) -> None:
-    """MemoryError (one line) when a batch of ``batch_size`` images of ``image_size`` px cannot
-    fit: one image through a meta-device copy of the network (no memory, milliseconds) gives its
-    activations; inference holds the input and about three of the largest at once, training
-    keeps all of them for the backward. An in-range ``--image-size 4096`` would otherwise
-    allocate tens of GB before failing. CPU only: on a GPU, torch's out-of-memory error comes
-    before anything is lost, and host memory is not what runs out."""
-    if next(backbone.parameters()).device.type != "cpu":
-        return
-    import copy
-
-    from maskio.memory import check_fits
-
-    meta = copy.deepcopy(backbone).to("meta").eval()
-    sizes: list[int] = []
-
-    def record(_module, _inputs, output) -> None:
-        sizes.extend(t.numel() for t in (output if isinstance(output, (tuple, list)) else (output,))
-                     if isinstance(t, torch.Tensor))  # fmt: skip
-
-    # leaves that allocate (an in-place ReLU writes over its input)
-    leaves = [m for m in meta.modules() if not list(m.children()) and not getattr(m, "inplace", False)]
-    hooks = [m.register_forward_hook(record) for m in leaves]
-    with torch.no_grad():
-        getattr(meta, "pooled", meta)(torch.empty(1, 3, image_size, image_size, device="meta"))
-    for h in hooks:
-        h.remove()
-    held = sum(sizes) if training else 3 * max(sizes, default=0)
-    needed = batch_size * 4 * (3 * image_size**2 + held)
-    try:
-        check_fits(needed, f"a batch of {batch_size} images at {image_size} px")
-    except MemoryError as exc:
-        raise MemoryError(f"{exc}: lower {hint or '--image-size or --batch-size'}") from None
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_hostile import build_with_member, one_line_failure
+from test_hostile import build_with_member, deep_fit_args, one_line_failure
 
 from maskgen.cli import main as maskgen_main
 from maskio.errors import ShardFormatError
@@ -77,21 +77,7 @@ def _readers(build, tmp_path) -> dict[str, tuple]:
             ["eval", "occlusion", *random, "--train", str(build), "--val", str(build), "--image-size", "32"],
         ),
         "maskgen eval": (maskgen_main, ["eval", str(build)]),
-        "deep fit": (
-            maskgen_main,
-            [
-                "deep",
-                "fit",
-                "--shards",
-                str(build),
-                "--backbone",
-                "random",
-                "--arch",
-                "resnet_tiny",
-                "--out",
-                str(tmp_path / "h.safetensors"),
-            ],  # fmt: skip
-        ),
+        "deep fit": (maskgen_main, deep_fit_args(build, tmp_path / "h.safetensors")),
     }
 
 

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_hostile import one_line_failure
+from test_hostile import deep_fit_args, one_line_failure
 
 from maskgen.cli import main as maskgen_main
 from sslmask.cli import main as sslmask_main
@@ -437,20 +437,6 @@ def test_a_malformed_sample_json_is_refused_by_every_reader(sample_build, tmp_pa
                 "0",
             ],
         ),  # fmt: skip
-        "deep fit": (
-            maskgen_main,
-            [
-                "deep",
-                "fit",
-                "--shards",
-                str(build),
-                "--backbone",
-                "random",
-                "--arch",
-                "resnet_tiny",
-                "--out",
-                str(tmp_path / "h.safetensors"),
-            ],
-        ),  # fmt: skip
+        "deep fit": (maskgen_main, deep_fit_args(build, tmp_path / "h.safetensors")),
     }[command]
     one_line_failure(capsys, main(args), str(shard), f"sample {key}", "json")

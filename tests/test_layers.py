@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # sslmask's public backbone API: what maskgen's deep method may use
 PUBLIC_BACKBONE_API = {
-    "sslmask.backbones": {"Backbone", "ResNetTrunk", "build_backbone", "normalize"},
+    "sslmask.backbones": {"Backbone", "ResNetTrunk", "build_backbone", "check_batch_memory", "normalize"},
     "sslmask.checkpoint": {"infer_arch", "load_backbone"},
 }
 

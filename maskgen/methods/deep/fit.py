@@ -40,9 +40,8 @@ from maskio.buildlock import reading_builds
 from maskio.metadata import read_manifest
 from maskio.records import Records, index_shards
 from maskio.shard_format import FIELD_META, MANIFEST, decode_meta, in_sample, index_tar
-from sslmask.backbones import normalize
+from sslmask.backbones import check_batch_memory, normalize
 from sslmask.checkpoint import infer_arch, load_backbone
-from sslmask.features import check_batch_memory
 
 # which backbone stages train besides the head; "all" also updates BatchNorm statistics
 FINETUNE = {"none": (), "layer4": ("layer4",), "layer3": ("layer3", "layer4"), "all": ("",)}

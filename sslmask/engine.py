@@ -461,8 +461,8 @@ SCHEDULED = ("lr", "wd", "tau", "teacher_temp")  # logged as of the last step, n
 class StepLog:
     """Averages the logged terms over ``log_every`` steps (and over ranks) into one line."""
 
-    def __init__(self, log: RunLog, every: int, info: D.DistInfo, progress):
-        self.log, self.every, self.info, self.progress = log, every, info, progress
+    def __init__(self, log: RunLog, every: int, info: D.DistInfo, bar):
+        self.log, self.every, self.info, self.bar = log, every, info, bar  # bar: the tqdm bar (rank 0)
         self.sums: dict[str, float] = {}
         self.n = 0
         self.t0, self.images = time.perf_counter(), 0
@@ -479,11 +479,11 @@ class StepLog:
             record = {"kind": "train", "step": step, "epoch": epoch, **schedules, **means}
             record["images_per_s"] = self.images / max(time.perf_counter() - self.t0, 1e-9)
             self.log.write(record)
-            if self.progress is not None:
-                self.progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
             self.sums, self.n, self.t0, self.images = {}, 0, time.perf_counter(), 0
-        if self.progress is not None:
-            self.progress.update(1)
+        if self.bar is not None:
+            self.bar.update(1)
 
 
 def run_epoch(loop: Loop, dataset: ViewsDataset, epoch: int, log: RunLog, steps: StepLog, run: Path) -> None:
@@ -550,16 +550,16 @@ def _train(shards: list[str], cfg: dict[str, Any], run: Path, resume: bool) -> P
     if info.main and loop.step == 0:
         log.write({"kind": "start", "step": 0, "samples": len(records), "steps_per_epoch": spe,
                    "total_steps": loop.total, "views": len(views), "amp": loop.amp})  # fmt: skip
-    progress = None
+    bar = None
     if info.main:
         from tqdm import tqdm
 
-        progress = tqdm(total=loop.total, initial=loop.step, unit="step", dynamic_ncols=True, desc=s.method)
+        bar = tqdm(total=loop.total, initial=loop.step, unit="step", dynamic_ncols=True, desc=s.method)
     try:
-        _run_epochs(loop, records, dataset, log, StepLog(log, s.train.log_every, info, progress), run)
+        _run_epochs(loop, records, dataset, log, StepLog(log, s.train.log_every, info, bar), run)
     finally:
-        if progress is not None:
-            progress.close()
+        if bar is not None:
+            bar.close()
         log.close()
     D.shutdown(info)
     if loop.nan_skips:  # the run ended inside a run of non-finite losses: it did not train to the end

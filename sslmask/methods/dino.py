@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.parametrizations import weight_norm
 
 from sslmask import distributed as D
 from sslmask.backbones import Backbone
+from sslmask.heads import DINOHead
 from sslmask.losses import dino_loss, embedding_std
 from sslmask.methods.base import MomentumMethod
 from sslmask.momentum import MomentumPairs, frozen_copy
@@ -32,32 +32,6 @@ from sslmask.progress import Progress
 from sslmask.schedules import linear_warmup
 from sslmask.settings import DataSettings, ModelSettings, Section, setting
 from sslmask.transforms import ViewSpec, multi_crop_views
-
-
-class DINOHead(nn.Module):
-    """MLP (GELU, no BatchNorm) to a bottleneck, L2 normalisation, weight-normalised prototypes."""
-
-    def __init__(self, in_dim: int, hidden: int, bottleneck: int, out_dim: int, norm_last_layer: bool = True):
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden),
-            nn.GELU(),
-            nn.Linear(hidden, hidden),
-            nn.GELU(),
-            nn.Linear(hidden, bottleneck),
-        )
-        for m in self.mlp:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-        self.last_layer = weight_norm(nn.Linear(bottleneck, out_dim, bias=False))
-        g = self.last_layer.parametrizations.weight.original0
-        with torch.no_grad():
-            g.fill_(1.0)
-        g.requires_grad_(not norm_last_layer)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(F.normalize(self.mlp(x).float(), dim=-1, p=2))
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,9 @@ from torch import nn
 
 from sslmask import distributed as D
 from sslmask.backbones import Backbone, as_vit
+from sslmask.heads import mlp
 from sslmask.losses import embedding_std, moco_v3_loss
-from sslmask.methods.mocov3 import MoCoV3, head_layout, mlp
+from sslmask.methods.mocov3 import MoCoV3, head_layout
 from sslmask.momentum import ema_rate
 from sslmask.pooling import usable_masks
 from sslmask.progress import Progress

@@ -26,17 +26,13 @@ from torch import nn
 
 from sslmask import distributed as D
 from sslmask.backbones import Backbone
+from sslmask.heads import moco_mlp
 from sslmask.losses import embedding_std, info_nce
 from sslmask.methods.base import MomentumMethod
 from sslmask.momentum import MomentumPairs, frozen_copy
 from sslmask.progress import Progress
 from sslmask.settings import DataSettings, ModelSettings, Section, setting
 from sslmask.transforms import ViewSpec, moco_v2_views
-
-
-def moco_mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
-    """MoCo v2's projector: Linear-ReLU-Linear (no BatchNorm)."""
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
 
 
 def shuffle_perm(n: int, seed: int, step: int, device: torch.device) -> torch.Tensor:

@@ -21,32 +21,13 @@ from torch import nn
 
 from sslmask import distributed as D
 from sslmask.backbones import Backbone, as_vit
+from sslmask.heads import mlp
 from sslmask.losses import embedding_std, moco_v3_loss
 from sslmask.methods.base import MomentumMethod, SSLMethod
 from sslmask.momentum import MomentumPairs, frozen_copy
 from sslmask.progress import Progress
 from sslmask.settings import ModelSettings, Section, setting
 from sslmask.vit import VIT_ARCHS
-
-
-def mlp(
-    in_dim: int, hidden: int, out_dim: int, layers: int, last_bn: bool, dropout: float = 0.0
-) -> nn.Sequential:
-    """MoCo v3's ``_build_mlp``: (Linear-BN-ReLU[-Dropout]) x (layers - 1), Linear (no bias),
-    and with ``last_bn`` a BatchNorm without affine.
-
-    ``dropout`` > 0 adds LoDisc's Dropout after each hidden ReLU (its ``builder.py``)."""
-    mods: list[nn.Module] = []
-    dim = in_dim
-    for _ in range(layers - 1):
-        mods += [nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
-        if dropout > 0:
-            mods.append(nn.Dropout(dropout))
-        dim = hidden
-    mods.append(nn.Linear(dim, out_dim, bias=False))
-    if last_bn:
-        mods.append(nn.BatchNorm1d(out_dim, affine=False))
-    return nn.Sequential(*mods)
 
 
 def head_layout(vit: bool) -> dict[str, tuple[int, bool]]:

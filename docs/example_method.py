@@ -32,7 +32,7 @@ class MyMethod(MomentumMethod):
 
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)
-        self.s = MyMethodSettings.of(cfg)  # already checked when the YAML was loaded
+        self.mine = MyMethodSettings.of(cfg)  # already checked when the YAML was loaded
         model = ModelSettings.of(cfg)
         self.projector = mlp(backbone.num_features, model.proj_hidden, model.proj_dim, layers=2, last_bn=True)
         self.key_backbone, self.key_projector = frozen_copy(backbone), frozen_copy(self.projector)
@@ -45,7 +45,7 @@ class MyMethod(MomentumMethod):
         q = self.projector(self.backbone.pooled(batch["view0"]))
         with torch.no_grad():
             k = self.key_projector(self.key_backbone.pooled(batch["view1"]))
-        return {"loss": moco_v3_loss(q, k, self.s.temperature)}
+        return {"loss": moco_v3_loss(q, k, self.mine.temperature)}
 
 
 # --- the guide's example ends ---

@@ -383,6 +383,6 @@ def test_segas_offers_the_papers_x_q2_from_x_q1():
     p[:, 0] = 1.0  # confident: every sample fires
     x2, fired, _ = m.filtered_view({"view0": x, "view1": torch.randn(4, 3, 32, 32)}, p, Progress(0, 10, 10))
     with torch.no_grad():
-        keep = apfs_keep(channel_heatmap(m.key_backbone(x), (32, 32)), m.s.omega, m.s.sigma)
+        keep = apfs_keep(channel_heatmap(m.key_backbone(x), (32, 32)), m.segas.omega, m.segas.sigma)
     assert fired.all()
     torch.testing.assert_close(x2, x * keep)

@@ -232,10 +232,10 @@ def test_diversity_on_filtered_averages_over_the_filtered_samples_only():
         F.normalize(torch.randn(4, 8, generator=g), dim=1),
     )
     fired = torch.tensor([True, False, False, True])
-    m.s = replace(m.s, diversity_on="all")
+    m.segas = replace(m.segas, diversity_on="all")
     each = [float(m.diversity(target[i : i + 1], l1[i : i + 1], l2[i : i + 1], q1[i : i + 1], q2[i : i + 1],
                               fired[i : i + 1])) for i in range(4)]  # fmt: skip
-    m.s = replace(m.s, diversity_on="filtered")
+    m.segas = replace(m.segas, diversity_on="filtered")
     assert float(m.diversity(target, l1, l2, q1, q2, fired)) == pytest.approx(
         (each[0] + each[3]) / 2, rel=1e-5
     )
@@ -281,7 +281,7 @@ def test_filtering_applies_apfs_or_random_cells_to_the_fired_samples():
     assert fire.all() and float(info["filtered"]) == 1.0
     with torch.no_grad():
         heat = channel_heatmap(m.key_backbone(batch["view2"]), (32, 32))
-    soft = apfs_keep(heat, m.s.omega, m.s.sigma)
+    soft = apfs_keep(heat, m.segas.omega, m.segas.sigma)
     x = batch["view2"]
     is_apfs = [torch.allclose(x2[i], x[i] * soft[i], atol=1e-6) for i in range(16)]
     for i in range(16):
@@ -322,7 +322,7 @@ def test_salient_filtering_only_erases_inside_the_mask():
 
 def test_the_guard_halves_the_filtered_area_when_little_foreground_would_remain():
     m = _masked_method()
-    m.s = replace(m.s, apfs_prob=0.0, random_grid=4)  # random cells: areas are counts of cells
+    m.segas = replace(m.segas, apfs_prob=0.0, random_grid=4)  # random cells: areas are counts of cells
     size, b = 32, 4
     heat = torch.zeros(b, 1, size, size)
     heat[:, :, :16, :] = 1.0  # {A > sigma}: the top half, 8 of 16 cells at a 4 x 4 grid

@@ -53,10 +53,10 @@ class HARL(BYOL):
 
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)
-        self.h = HARLSettings.of(cfg)
+        self.harl = HARLSettings.of(cfg)
 
     def coefficients(self, step: int, total_steps: int) -> tuple[float, float]:
-        h = self.h
+        h = self.harl
         alpha = cosine_ramp(h.alpha_base, step, total_steps) if h.alpha_schedule == "cosine" else h.alpha_base
         if h.loss == "mask":
             return alpha, 1.0
@@ -70,8 +70,8 @@ class HARL(BYOL):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h_f, h_b on the feature grid; h_g the backbone's pooled feature (ResNet: GAP; ViT: CLS)."""
         cls, fmap = backbone.features(x) if backbone.is_vit else (None, backbone(x))
-        m = downsample_mask(mask, fmap.shape[-2:], self.h.mask_mode)
-        norm = self.h.pool_norm
+        m = downsample_mask(mask, fmap.shape[-2:], self.harl.mask_mode)
+        norm = self.harl.pool_norm
         fg, bg = masked_average_pool(fmap, m, norm), masked_average_pool(fmap, 1 - m, norm)
         # a ResNet's GAP is taken after the masked pools: the order in which their gradients
         # add up on the grid then stays the one HARL's weights are pinned with
@@ -86,7 +86,7 @@ class HARL(BYOL):
             online.append([self.online_predict(t) for t in pooled])  # [(p, z)] for fg, bg, global
             with torch.no_grad():
                 target.append([self.target_project(t) for t in self._pool(self.target_backbone, x, mask)])
-        ok = usable_masks([batch["mask0"], batch["mask1"]], self.h.fallback_min, self.h.fallback_max)
+        ok = usable_masks([batch["mask0"], batch["mask1"]], self.harl.fallback_min, self.harl.fallback_max)
         total = fg_t = bg_t = glob_t = 0.0
         for a, b in ((0, 1), (1, 0)):
             (p_f, _), (p_b, _), (p_g, _) = online[a]

@@ -130,7 +130,7 @@ class LoDisc(MoCoV3):
                 f"lodisc needs a ViT backbone (model.arch vit_*), got {ModelSettings.of(cfg).arch!r}"
             )
         super().__init__(backbone, cfg)
-        self.c = LoDiscSettings.of(cfg)
+        self.lodisc = LoDiscSettings.of(cfg)
 
     @classmethod
     def uses_masks(cls, cfg: dict[str, Any]) -> bool:
@@ -141,7 +141,7 @@ class LoDisc(MoCoV3):
         """The reference moves its momentum encoder ``momentum_updates`` times a step (4), each
         time towards the same online weights: exactly one move at m ** 4."""
         m = ema_rate(self.ema_settings, progress.step, progress.total_steps)
-        tau = m**self.c.momentum_updates
+        tau = m**self.lodisc.momentum_updates
         self.ema.update(tau)
         return {"tau": tau}
 
@@ -167,12 +167,12 @@ class LoDisc(MoCoV3):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(key of x, key of its masked view, which samples fell back to attention)."""
         grid = (-(-x.shape[-2] // PATCH), -(-x.shape[-1] // PATCH))
-        n_keep = max(1, math.floor(grid[0] * grid[1] * (1 - self.c.mask_ratio)))
-        mode = self.c.mode
+        n_keep = max(1, math.floor(grid[0] * grid[1] * (1 - self.lodisc.mask_ratio)))
+        mode = self.lodisc.mode
         fallback = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         saliency = None
         if mode != "attention":
-            fallback = ~usable_masks([mask], self.c.fallback_min, self.c.fallback_max)
+            fallback = ~usable_masks([mask], self.lodisc.fallback_min, self.lodisc.fallback_max)
             saliency = patch_saliency(mask, grid)
         attention = None
         if mode == "saliency" and not fallback.any():
@@ -180,7 +180,9 @@ class LoDisc(MoCoV3):
         else:
             pooled, maps = as_vit(self.key_backbone, "lodisc").pooled_and_attention(x)
             attention = fused_attention(maps)
-        keep = select_patches(n_keep, grid, attention, saliency, mode, self.c.gamma, self.c.salient_min)
+        keep = select_patches(
+            n_keep, grid, attention, saliency, mode, self.lodisc.gamma, self.lodisc.salient_min
+        )
         if mode != "attention" and fallback.any():
             plain = select_patches(n_keep, grid, attention, None, "attention")
             keep = torch.where(fallback.view(-1, 1), plain, keep)
@@ -189,7 +191,7 @@ class LoDisc(MoCoV3):
         return key, masked, fallback
 
     def forward(self, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
-        tau = self.moco.temperature
+        tau = self.mocov3.temperature
         q = [self.query(batch[f"view{v}"]) for v in range(2)]
         keys = [self._keys(batch[f"view{v}"], batch.get(f"mask{v}")) for v in range(2)]
         offset = D.rank() * q[0].shape[0]
@@ -198,7 +200,7 @@ class LoDisc(MoCoV3):
         glob = moco_v3_loss(q[0], k[1], tau, offset) + moco_v3_loss(q[1], k[0], tau, offset)
         local = moco_v3_loss(q[0], k_m[1], tau, offset) + moco_v3_loss(q[1], k_m[0], tau, offset)
         out = {"loss": glob + local, "loss_global": glob.detach(), "loss_local": local.detach()}
-        if self.c.mode != "attention":
+        if self.lodisc.mode != "attention":
             out["fallback"] = torch.cat([f for _, _, f in keys]).float().mean()
         out["z_std"] = embedding_std(q[0])
         return out

@@ -64,7 +64,7 @@ class MoCoV2(MomentumMethod):
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)
         m, c = ModelSettings.of(cfg), MoCoV2Settings.of(cfg)
-        self.moco = c
+        self.mocov2 = c
         self.projector = moco_mlp(backbone.num_features, m.proj_hidden, m.proj_dim)
         self.key_backbone = frozen_copy(backbone)
         self.key_projector = frozen_copy(self.projector)
@@ -91,7 +91,7 @@ class MoCoV2(MomentumMethod):
     def bn_groups(self, batch: int) -> int:
         """How many emulated processes one process's batch stands for (1 under DDP, which
         shuffles across its real processes, or with the emulation off)."""
-        size = self.moco.shuffle_bn_batch
+        size = self.mocov2.shuffle_bn_batch
         return max(1, batch // size) if size and D.world_size() == 1 else 1
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,7 +126,7 @@ class MoCoV2(MomentumMethod):
     def forward(self, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
         q = self.query(batch["view0"])
         k = self.keys(batch["view1"], progress)
-        loss = info_nce(q, k, self.queue, self.moco.temperature).mean()
+        loss = info_nce(q, k, self.queue, self.mocov2.temperature).mean()
         self._pending = k.detach()
         return {"loss": loss, "z_std": embedding_std(q)}
 

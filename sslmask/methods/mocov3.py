@@ -55,8 +55,8 @@ class MoCoV3(MomentumMethod):
 
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)
-        self.moco = MoCoV3Settings.of(cfg)
-        if backbone.is_vit and self.moco.stop_grad_conv1:
+        self.mocov3 = MoCoV3Settings.of(cfg)
+        if backbone.is_vit and self.mocov3.stop_grad_conv1:
             for p in as_vit(
                 backbone, "stop_grad_conv1"
             ).patch_embed.parameters():  # vits.py: patch_embed.proj
@@ -101,7 +101,7 @@ class MoCoV3(MomentumMethod):
         return self.key_projector(self.key_backbone.pooled(x))
 
     def forward(self, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
-        tau = self.moco.temperature
+        tau = self.mocov3.temperature
         q = [self.query(batch[f"view{v}"]) for v in range(2)]
         k = [self.key(batch[f"view{v}"]) for v in range(2)]
         offset = D.rank() * q[0].shape[0]

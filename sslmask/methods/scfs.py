@@ -113,7 +113,7 @@ class SCFS(DINO):
 
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)
-        s = self.s = SCFSSettings.of(cfg)
+        s = self.scfs = SCFSSettings.of(cfg)
         if self.d.local_crops < 1:
             raise ValueError("scfs: dino.local_crops must be >= 1 (the search runs from the local crops)")
         self.taps = list(s.vit_blocks if backbone.is_vit else s.layers)
@@ -140,28 +140,28 @@ class SCFS(DINO):
     def _mask_plan(self, batch: dict[str, torch.Tensor], n_local: int) -> dict[str, torch.Tensor] | None:
         """Which samples use their masks (``use``, B) and which local crops stay in the search
         loss (``keep``, n_local x B); None in plain SCFS."""
-        mode = self.s.mask_mode
+        mode = self.scfs.mask_mode
         if mode == "none":
             return None
-        use = usable_masks([batch["mask0"], batch["mask1"]], self.s.fallback_min, self.s.fallback_max)
+        use = usable_masks([batch["mask0"], batch["mask1"]], self.scfs.fallback_min, self.scfs.fallback_max)
         keep = torch.ones(n_local, use.shape[0], dtype=torch.bool, device=use.device)
         if mode == "key_query_gate":
             for n in range(n_local):
-                small = batch[f"mask{2 + n}"].float().mean(dim=(1, 2, 3)) < self.s.gate_min_fg
+                small = batch[f"mask{2 + n}"].float().mean(dim=(1, 2, 3)) < self.scfs.gate_min_fg
                 keep[n] = ~(use & small)
         return {"use": use, "keep": keep}
 
     def _weights(self, batch: dict[str, torch.Tensor], view: int, size, use: torch.Tensor) -> torch.Tensor:
         """View ``view``'s mask on a grid of ``size``; all ones for samples that fall back."""
-        m = downsample_mask(batch[f"mask{view}"], size, self.s.mask_downsample)
+        m = downsample_mask(batch[f"mask{view}"], size, self.scfs.mask_downsample)
         return torch.where(use.view(-1, 1, 1, 1), m, torch.ones_like(m))
 
     @torch.no_grad()
     def _search_inputs(self, local_grids: list[torch.Tensor], teacher_grids: list[torch.Tensor],
                        batch: dict[str, torch.Tensor], plan) -> torch.Tensor:  # fmt: skip
         """The teacher's augmented maps A ⊙ F'_g for every (global g, local n), g-major."""
-        n_globals = 2 if self.s.search_globals == "both" else 1
-        mode = self.s.mask_mode
+        n_globals = 2 if self.scfs.search_globals == "both" else 1
+        mode = self.scfs.mask_mode
         queries = []
         for n, grid in enumerate(local_grids):
             if mode in ("key_query", "key_query_gate"):
@@ -206,7 +206,7 @@ class SCFS(DINO):
     def _stage_terms(self, grids_g, grids_l, t_grids, batch, plan, temp: float) -> dict[str, torch.Tensor]:
         """Σ_i of each stage's loss: the local search term and, optionally, the global term."""
         n_local = self.d.local_crops
-        n_globals = 2 if self.s.search_globals == "both" else 1
+        n_globals = 2 if self.scfs.search_globals == "both" else 1
         tau_s = self.d.student_temp
         keep = plan["keep"] if plan is not None else None
         weights = keep.float() if keep is not None else torch.ones(n_local, grids_l[0].shape[0] // n_local)
@@ -221,7 +221,7 @@ class SCFS(DINO):
                 target_local = F.softmax(t_local.float() / temp, dim=-1)
             local = search_loss(s_local.repeat(n_globals, 1), target_local, weights, tau_s)
             layer = local
-            if self.s.layer_global_term:
+            if self.scfs.layer_global_term:
                 s_glob = head(grids_g[i]).chunk(2)
                 with torch.no_grad():
                     t_glob = t_head(t_grids[i])

@@ -126,7 +126,7 @@ class SegAS(MoCoV2):
 
     def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
         super().__init__(backbone, cfg)
-        self.s = SegASSettings.of(cfg)
+        self.segas = SegASSettings.of(cfg)
         self.prototypes: list[torch.Tensor] = []  # per level, M_l x D (empty before clustering)
         self.instance_labels = torch.zeros(0, 0, dtype=torch.long)  # L x n
         self.clustered_epoch = -1
@@ -165,19 +165,19 @@ class SegAS(MoCoV2):
         """Re-cluster the momentum encoder's embeddings of centre crops (rank 0 clusters; the
         result is broadcast). Leaves the global RNG as it found it."""
         epoch = progress.epoch
-        if epoch < self.s.warmup_epochs or self.clustered_epoch == epoch:
+        if epoch < self.segas.warmup_epochs or self.clustered_epoch == epoch:
             return {}
         t0 = time.perf_counter()
-        foreground = self.s.cluster_on == "foreground"
+        foreground = self.segas.cluster_on == "foreground"
         with torch.random.fork_rng(devices=[]):
             feats, _ = extract_features_sharded(
                 self.key_backbone, records, DataSettings.of(self.cfg).image_size, info,
                 embed=self.embed_foreground if foreground else self.embed_keys, masks=foreground,
             )  # fmt: skip
-        sizes = prototype_sizes(self.s.prototypes, len(records))
+        sizes = prototype_sizes(self.segas.prototypes, len(records))
         if info.main:
-            cents, labels = hierarchical_kmeans(feats.numpy(), sizes, self.s.kmeans_iters,
-                                                self.s.kmeans_redo, progress.seed + 1000 * epoch)  # fmt: skip
+            cents, labels = hierarchical_kmeans(feats.numpy(), sizes, self.segas.kmeans_iters,
+                                                self.segas.kmeans_redo, progress.seed + 1000 * epoch)  # fmt: skip
             cents = [torch.from_numpy(c) for c in cents]
             labels = torch.from_numpy(np.stack(labels))
         else:
@@ -205,12 +205,12 @@ class SegAS(MoCoV2):
     def forward(self, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
         q1 = self.query(batch["view0"])
         k = self.keys(batch["view1"], progress)
-        loss_i = info_nce(q1, k, self.queue, self.moco.temperature).mean()
+        loss_i = info_nce(q1, k, self.queue, self.mocov2.temperature).mean()
         self._pending = k.detach()
         out = {"loss_info": loss_i.detach(), "z_std": embedding_std(q1)}
         if not self.prototypes:
             return {"loss": loss_i, **out}
-        s = self.s
+        s = self.segas
         labels = self.instance_labels[:, batch["index"]]
         targets = [calibrated_target(k @ c.T, y, s.tau_key, s.tau_rho, s.mu)
                    for c, y in zip(self.prototypes, labels, strict=True)]  # fmt: skip
@@ -239,8 +239,8 @@ class SegAS(MoCoV2):
         c = target.argmax(1, keepdim=True)
         p1 = torch.softmax(logits1.float(), dim=1).gather(1, c)[:, 0]
         p2 = torch.softmax(logits2.float(), dim=1).gather(1, c)[:, 0]
-        per_sample = F.relu(p2 - p1 + self.s.margin) + (q1 * q2).sum(1)
-        if self.s.diversity_on == "all":
+        per_sample = F.relu(p2 - p1 + self.segas.margin) + (q1 * q2).sum(1)
+        if self.segas.diversity_on == "all":
             return per_sample.mean()
         weight = filtered.to(per_sample.dtype)
         return (per_sample * weight).sum() / weight.sum().clamp_min(1.0)
@@ -251,24 +251,26 @@ class SegAS(MoCoV2):
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """x^{q2}, which samples were filtered, and what to log. The coins come from a generator
         seeded by (seed, step, rank), so a resumed run draws what an uninterrupted one did."""
-        source = 0 if self.s.q2_from == "q1" else 2  # x^{q2} = ApFS(x^{q1}) on the same crop, or a 2nd view
+        source = (
+            0 if self.segas.q2_from == "q1" else 2
+        )  # x^{q2} = ApFS(x^{q1}) on the same crop, or a 2nd view
         x = batch[f"view{source}"]
         b, size = x.shape[0], x.shape[-2:]
         g = torch.Generator().manual_seed((progress.seed * 1_000_003 + progress.step) * 257 + progress.rank)
         fire = torch.rand(b, generator=g).to(x.device) < confidence(p_q1)  # Eq. 11
-        use_apfs = torch.rand(b, generator=g).to(x.device) < self.s.apfs_prob
+        use_apfs = torch.rand(b, generator=g).to(x.device) < self.segas.apfs_prob
         grid = self.key_backbone(x)
         heat = channel_heatmap(grid, size)
         mask = batch.get(f"mask{source}")
         salient = torch.zeros(b, dtype=torch.bool, device=x.device)
-        if self.s.mask_mode == "salient":
-            salient = usable_masks([mask], self.s.fallback_min, self.s.fallback_max)
+        if self.segas.mask_mode == "salient":
+            salient = usable_masks([mask], self.segas.fallback_min, self.segas.fallback_max)
             heat = torch.where(salient.view(-1, 1, 1, 1), normalise_per_image(heat * mask), heat)
         keep = self.filter_weights(heat, mask, salient, use_apfs, g)
         x2 = torch.where(fire.view(-1, 1, 1, 1), x * keep.to(x.dtype), x)
         info = {"filtered": fire.float().mean(), "apfs": (fire & use_apfs).float().mean(),
                 "rho_q1": confidence(p_q1).mean()}  # fmt: skip
-        if self.s.mask_mode == "salient":
+        if self.segas.mask_mode == "salient":
             info["fallback"] = 1 - salient.float().mean()
         return x2, fire, info
 
@@ -278,9 +280,9 @@ class SegAS(MoCoV2):
         salient samples the random cells are drawn among those the mask touches and erase only
         its pixels, and the guard halves the area when less than ``guard_min`` of the
         foreground would remain."""
-        b, grid_size = heat.shape[0], (self.s.random_grid, self.s.random_grid)
-        sigma = torch.full((b, 1, 1, 1), self.s.sigma, device=heat.device)
-        area = (heat > self.s.sigma).float().mean(dim=(1, 2, 3))
+        b, grid_size = heat.shape[0], (self.segas.random_grid, self.segas.random_grid)
+        sigma = torch.full((b, 1, 1, 1), self.segas.sigma, device=heat.device)
+        area = (heat > self.segas.sigma).float().mean(dim=(1, 2, 3))
         n_cells = (area * grid_size[0] * grid_size[1]).round().long()
         allowed = torch.ones((b, *grid_size), dtype=torch.bool, device=heat.device)
         within = torch.ones_like(heat)  # what random filtering may erase
@@ -290,13 +292,13 @@ class SegAS(MoCoV2):
             within = torch.where(salient.view(-1, 1, 1, 1), mask.float(), within)
         state = g.get_state()
         keep = self._keep(heat, sigma, n_cells, allowed, within, use_apfs, g)
-        if mask is not None and self.s.mask_mode == "salient":
+        if mask is not None and self.segas.mask_mode == "salient":
             fg = mask.float().sum(dim=(1, 2, 3)).clamp_min(1e-6)
             remaining = (mask.float() * keep).sum(dim=(1, 2, 3)) / fg
-            halve = salient & (remaining < self.s.guard_min)
+            halve = salient & (remaining < self.segas.guard_min)
             if halve.any():  # sigma at the median heat above it halves the ApFS area
                 above = torch.where(heat > sigma, heat, torch.full_like(heat, float("nan")))
-                median = above.flatten(1).nanquantile(0.5, dim=1).nan_to_num(self.s.sigma)
+                median = above.flatten(1).nanquantile(0.5, dim=1).nan_to_num(self.segas.sigma)
                 sigma = torch.where(halve.view(-1, 1, 1, 1), median.view(-1, 1, 1, 1), sigma)
                 n_cells = torch.where(halve, n_cells // 2, n_cells)
                 g.set_state(state)  # the same random cells, fewer of them
@@ -304,6 +306,6 @@ class SegAS(MoCoV2):
         return keep
 
     def _keep(self, heat, sigma, n_cells, allowed, within, use_apfs, g) -> torch.Tensor:
-        soft = apfs_keep(heat, self.s.omega, sigma)
+        soft = apfs_keep(heat, self.segas.omega, sigma)
         hard = 1 - (1 - random_cells_keep(n_cells, allowed, heat.shape[-2:], g)) * within
         return torch.where(use_apfs.view(-1, 1, 1, 1), soft, hard)

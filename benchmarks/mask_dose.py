@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def plot(points: list[tuple], png: str, twin: str, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
-    print(f"wrote {png}")
+    print(f"wrote {png}", file=sys.stderr)  # stdout is the table alone
 
 
 def main() -> None:

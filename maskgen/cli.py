@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import re
 import sys
-from typing import Any
+from dataclasses import fields
+from typing import Any, get_type_hints
 
 import click
 
-from maskgen.imaging import DEFAULT_MAX_PIXELS
 from maskgen.methods import METHODS
 from maskgen.methods.drfi.scoring import ModelError
-from maskgen.pipeline import IMAGE_FORMATS, BuildError, BuildOptions, run_build
+from maskgen.pipeline import BuildError, BuildOptions, option_flag, run_build
 from maskgen.recipe import RecipeError
 from maskgen.sources import SOURCES, SourceError
 from maskgen.sources.sample import DEFAULT_LABELS, DEFAULT_SAMPLE_SIZE, LABELINGS, MAX_SAMPLE_SIZE
@@ -142,6 +142,24 @@ def _unprotected_out(ctx: click.Context, param: click.Parameter, value: str | No
     return value
 
 
+def build_option(name: str) -> Any:
+    """``maskgen build``'s click option for a BuildOptions setting: its flag, type, range,
+    choices, default and help all come from the field's declaration (maskgen.pipeline)."""
+    f = next(f for f in fields(BuildOptions) if f.name == name)
+    m, hint, flag = f.metadata, get_type_hints(BuildOptions)[name], option_flag(name)
+    if hint is bool:
+        decls = [f"{flag}/--no-{flag[2:]}"] if f.default else [flag]
+        return click.option(*decls, is_flag=True, default=f.default, help=m["help"])
+    if m["choices"] is not None:
+        kind: Any = click.Choice(m["choices"])
+    elif hint in (int, int | None):
+        low = m["ge"] if m["ge"] is not None else None if m["gt"] is None else m["gt"] + 1
+        kind = click.IntRange(min=low, max=m["le"])
+    else:
+        raise TypeError(f"build_option: no click type for {name}: {hint}")
+    return click.option(flag, type=kind, default=f.default, help=m["help"])
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="maskgen-sslmask")
 def cli() -> None:
@@ -161,40 +179,22 @@ def cli() -> None:
 @click.option(
     "--threshold", default="0.5", callback=lambda c, p, v: _threshold(v), help="Number in [0,1] or 'otsu'."
 )
-@click.option("--fallback", type=click.Choice(["center", "keep"]), default="center",
-              help="For empty (<1%) or full (>99%) masks: use the centre-prior mask, or keep and flag.")  # fmt: skip
-@click.option("--save-saliency", is_flag=True, help="Also store the soft map as KEY.sal.png.")
+@build_option("fallback")
+@build_option("save_saliency")
 @click.option("--out", required=True, type=str, help="Output folder.")
-@click.option("--shard-size", type=click.IntRange(min=1), default=1000, help="Images per shard.")
-@click.option(
-    "--workers",
-    type=click.IntRange(min=1),
-    default=2,
-    help="Local Ray workers (in-flight tasks with --ray-address).",
-)
+@build_option("shard_size")
+@build_option("workers")
 @click.option(
     "--ray-address", type=str, help="Run on an existing Ray cluster (ADDR:PORT); OUT must be shared storage."
 )
-@click.option("--executor", type=click.Choice(["ray", "local"]), default="ray",
-              help="'local' runs shards one by one in this process (debugging).")  # fmt: skip
-@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N images (sorted order).")
-@click.option("--overwrite", is_flag=True, help="Delete an existing build in OUT and start over.")
-@click.option("--dry-run", is_flag=True, help="Print the plan and what is already done; write nothing.")
-@click.option("--image-format", type=click.Choice(IMAGE_FORMATS), default="keep",
-              help="keep: original JPEG bytes when possible; jpg: always re-encode; none: masks only.")  # fmt: skip
-@click.option(
-    "--seed",
-    type=click.IntRange(0, 2**32 - 1),
-    default=0,
-    help="Seed for every random choice (sample scenes, methods).",
-)
-@click.option(
-    "--max-pixels",
-    type=click.IntRange(min=1),
-    default=DEFAULT_MAX_PIXELS,
-    help="Decompression-bomb limit (pixels).",
-)
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@build_option("executor")
+@build_option("limit")
+@build_option("overwrite")
+@build_option("dry_run")
+@build_option("image_format")
+@build_option("seed")
+@build_option("max_pixels")
+@build_option("progress")
 def build(**kw: Any) -> None:
     """Generate masks for every image of a source and write WebDataset shards plus a report."""
     opts = BuildOptions.from_cli(

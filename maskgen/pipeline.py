@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, get_type_hints
 
 from maskgen import __version__
 from maskgen.distribute import ShardJob, run_jobs
@@ -40,6 +41,7 @@ from maskio.atomic import remove_stale_temps, write_json
 from maskio.buildlock import LOCK, shared_holders
 from maskio.errors import ShardError, error_line
 from maskio.metadata import read_manifest, read_shard_stats
+from maskio.settings import SettingError, checked, setting
 from maskio.shard_format import (
     ERRORS,
     INDEX,
@@ -68,7 +70,10 @@ OUTPUT_OPTIONS = ("image_format", "save_saliency", "max_pixels")
 
 @dataclass
 class BuildOptions:
-    """One build's options (``maskgen build``'s flags, or a Python caller's), checked on creation."""
+    """One build's options (``maskgen build``'s flags, or a Python caller's), checked on creation.
+
+    Each ``setting`` field declares its default, limits and help once: ``__post_init__`` checks
+    them, and ``maskgen build`` derives its click option from them (``maskgen.cli.build_option``)."""
 
     source: str
     source_config: dict[str, Any]
@@ -76,35 +81,37 @@ class BuildOptions:
     out: str
     method_params: dict[str, Any] = field(default_factory=dict)
     threshold: float | str = 0.5
-    fallback: str = "center"
-    save_saliency: bool = False
-    shard_size: int = 1000
-    workers: int = 2
+    fallback: str = setting("center", choices=("center", "keep"),
+                            help="For empty (<1%) or full (>99%) masks: use the centre-prior mask, or keep and flag.")  # fmt: skip
+    save_saliency: bool = setting(False, help="Also store the soft map as KEY.sal.png.")
+    shard_size: int = setting(1000, ge=1, help="Images per shard.")
+    workers: int = setting(2, ge=1, help="Local Ray workers (in-flight tasks with --ray-address).")
     ray_address: str | None = None
-    executor: str = "ray"  # ray | local
-    limit: int | None = None
-    overwrite: bool = False
-    dry_run: bool = False
-    image_format: str = "keep"
-    seed: int = 0
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    progress: bool = True
+    executor: str = setting("ray", choices=("ray", "local"),
+                            help="'local' runs shards one by one in this process (debugging).")  # fmt: skip
+    limit: int | None = setting(None, ge=1, help="Use only the first N images (sorted order).")
+    overwrite: bool = setting(False, help="Delete an existing build in OUT and start over.")
+    dry_run: bool = setting(False, help="Print the plan and what is already done; write nothing.")
+    image_format: str = setting("keep", choices=IMAGE_FORMATS,
+                                help="keep: original JPEG bytes when possible; jpg: always re-encode; none: masks only.")  # fmt: skip
+    seed: int = setting(0, ge=0, le=2**32 - 1, help="Seed for every random choice (sample scenes, methods).")
+    max_pixels: int = setting(DEFAULT_MAX_PIXELS, ge=1, help="Decompression-bomb limit (pixels).")
+    progress: bool = setting(True, help="Show a progress bar.")
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise BuildError(
                 f"--method {self.method}: unknown method; choose from {', '.join(sorted(METHODS))}"
             )
-        for name in ("shard_size", "workers", "max_pixels", "limit"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise BuildError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        hints = _option_hints()
+        for f in fields(self):
+            if "help" in f.metadata:  # a setting: typed and range-checked as declared
+                try:
+                    checked(option_flag(f.name), getattr(self, f.name), hints[f.name], f.metadata)
+                except SettingError as exc:
+                    raise BuildError(str(exc)) from None
         if self.ray_address is not None:
             check_ray_address(self.ray_address)
-        if self.image_format not in IMAGE_FORMATS:
-            raise BuildError(
-                f"--image-format must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}"
-            )
 
     @classmethod
     def from_cli(cls, flags: dict[str, Any], **derived: Any) -> BuildOptions:
@@ -119,6 +126,16 @@ class BuildOptions:
 
 _RAY_ADDRESS = re.compile(r"(?:ray://)?(\[[0-9a-fA-F:]+\]|[\w.-]+):(\d{1,5})")
 RAY_PROBE_S = 5.0
+
+
+@functools.cache
+def _option_hints() -> dict[str, Any]:
+    return get_type_hints(BuildOptions)
+
+
+def option_flag(name: str) -> str:
+    """A BuildOptions field's command-line flag: ``shard_size`` -> ``--shard-size``."""
+    return "--" + name.replace("_", "-")
 
 
 def check_ray_address(address: str) -> tuple[str, int] | None:

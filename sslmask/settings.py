@@ -11,30 +11,18 @@ every saved run loads unchanged.
 
 from __future__ import annotations
 
-import difflib
 import functools
-import math
-import types
-from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, TypeVar, get_type_hints
 
+from maskio.settings import SettingError, checked, closest, setting
 from sslmask.optim import CLIP_MODES, DECAY_EXCLUDE, OPTIMIZERS
+
+__all__ = ["ConfigError", "Section", "closest", "setting"]  # setting, closest: maskio's, re-exported
 
 
 class ConfigError(Exception):
     """A config that cannot be used (unknown method or key, wrong type, unreadable file)."""
-
-
-def setting(*, ge=None, gt=None, le=None, lt=None, choices: tuple[Any, ...] | None = None) -> Any:
-    """A field that must be >= ge, > gt, <= le, < lt and/or one of ``choices`` (None: not checked).
-    The value itself comes from the YAML: a section field has no default."""
-    return field(metadata={"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices})
-
-
-def closest(name: str, valid: list[str], prefix: str = "") -> str:
-    """``"; did you mean 'section.key'?"`` for the valid name nearest a misspelt one, or ``""``."""
-    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
-    return f"; did you mean '{prefix}{match[0]}'?" if match else ""
 
 
 S = TypeVar("S", bound="Section")
@@ -67,8 +55,10 @@ class Section:
             key = f"{cls.section}.{f.name}"
             if f.name not in values:
                 raise ConfigError(f"{key}: missing from the config")
-            kwargs[f.name] = _typed(key, values[f.name], hints[f.name])
-            _check_limits(key, kwargs[f.name], f.metadata)
+            try:
+                kwargs[f.name] = checked(key, values[f.name], hints[f.name], f.metadata)
+            except SettingError as exc:
+                raise ConfigError(str(exc)) from None
         out = cls(**kwargs)
         try:
             out.check()
@@ -81,55 +71,6 @@ class Section:
 
 
 _hints = functools.cache(get_type_hints)  # a section's field types, read once per class
-
-
-def _typed(key: str, value: Any, hint: Any) -> Any:
-    """``value`` as ``hint`` says (int, float, bool, str, list[...], X | None), or a ConfigError."""
-    origin, args = get_origin(hint), get_args(hint)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (hint,) = [a for a in args if a is not type(None)]
-        origin, args = get_origin(hint), get_args(hint)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        return [_typed(key, v, args[0]) for v in value]
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }[hint]
-    if not ok:
-        raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}")
-    return float(value) if hint is float else value
-
-
-def _range_text(m: dict[str, Any]) -> str:
-    low = f"[{m['ge']:g}" if m["ge"] is not None else f"({m['gt']:g}" if m["gt"] is not None else None
-    high = f"{m['le']:g}]" if m["le"] is not None else f"{m['lt']:g})" if m["lt"] is not None else None
-    if high is None:
-        return f">= {m['ge']:g}" if m["ge"] is not None else f"> {m['gt']:g}"
-    if low is None:
-        return f"<= {m['le']:g}" if m["le"] is not None else f"< {m['lt']:g}"
-    return f"in {low}, {high}"
-
-
-def _check_limits(key: str, value: Any, m: Any) -> None:
-    if not m or value is None:
-        return
-    if m["choices"] is not None and value not in m["choices"]:
-        raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, m['choices']))}")
-    limited = [m[k] is not None for k in ("ge", "gt", "le", "lt")]
-    for v in value if isinstance(value, list) else [value]:
-        if not any(limited) or isinstance(v, str):
-            continue
-        bad = not math.isfinite(v)
-        bad |= (m["ge"] is not None and v < m["ge"]) or (m["gt"] is not None and v <= m["gt"])
-        bad |= (m["le"] is not None and v > m["le"]) or (m["lt"] is not None and v >= m["lt"])
-        if bad:
-            raise ConfigError(f"{key}={value}: must be {_range_text(m)}")
 
 
 # The largest view or evaluation side: 4096 px is 16x ImageNet's 224 and still fits in memory;

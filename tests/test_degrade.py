@@ -5,6 +5,7 @@ same seed gives the same masks, and the build's report measures what was asked f
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -130,15 +131,15 @@ def test_exact_mode_keeps_what_the_default_replaces(tmp_path):
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"quality": 0}, "quality=0: must be a number > 0"),
-        ({"quality": 1.5}, "quality=1.5: must be a number <= 1"),
+        ({"quality": 0}, "quality=0: must be a number in (0, 1]"),
+        ({"quality": 1.5}, "quality=1.5: must be a number in (0, 1]"),
         ({"quality": "high"}, "quality=high: must be a number"),
         ({"seed": 2}, "only with --param quality"),
         ({"exact": "yes"}, "exact=yes: must be true or false"),
-        ({"quality": 0.7, "seed": -1}, "seed=-1: must be an integer >= 0"),
+        ({"quality": 0.7, "seed": -1}, "seed=-1: must be an integer in [0, 4294967295]"),
     ],
 )
 def test_bad_gt_params_are_one_line(params, message):
-    with pytest.raises(ValueError, match=message.replace("+", r"\+")) as info:
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
         make_method("gt", params)
     assert "\n" not in str(info.value)

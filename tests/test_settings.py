@@ -96,3 +96,67 @@ def test_a_value_the_merge_cannot_type_is_refused_by_its_section():
         load_config("segas", None, ["segas.prototypes=many"])
     with pytest.raises(ConfigError, match="data.samples_per_epoch=0: must be >= 1"):
         load_config("byol", None, ["data.samples_per_epoch=0"])
+
+
+# ---------------------------------------------------------------- one mechanism for both packages
+
+
+def test_maskio_settings_type_and_range_text():
+    from maskio.settings import SettingError, checked, range_text
+
+    limits = {"ge": 0, "gt": None, "le": 2**32 - 1, "lt": None, "choices": None}
+    assert range_text(limits) == "in [0, 4294967295]"  # not 4.29497e+09
+    assert range_text({"ge": None, "gt": 0, "le": None, "lt": 1e-6}) == "in (0, 1e-06)"
+    assert checked("t", 0.5, float | str, {}) == 0.5 and checked("t", "otsu", float | str, {}) == "otsu"
+    assert checked("n", 3, int | None, limits) == 3 and checked("n", None, int | None, limits) is None
+    for value, message in [
+        (True, "n must be int"),
+        (2**32, "n=4294967296: must be in"),
+        (1.0, "n must be int"),
+    ]:
+        with pytest.raises(SettingError, match=message):
+            checked("n", value, int, limits)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"shard_size": 0}, "--shard-size=0: must be >= 1"),
+        ({"workers": 0}, "--workers=0: must be >= 1"),
+        ({"limit": 0}, "--limit=0: must be >= 1"),
+        ({"max_pixels": -5}, "--max-pixels=-5: must be >= 1"),
+        ({"seed": -1}, "--seed=-1: must be in [0, 4294967295]"),
+        ({"image_format": "png"}, "--image-format='png': must be one of keep, jpg, none"),
+        ({"executor": "dask"}, "--executor='dask': must be one of ray, local"),
+        ({"fallback": "zero"}, "--fallback='zero': must be one of center, keep"),
+        ({"progress": "yes"}, "--progress must be bool, got 'yes'"),
+        ({"workers": 2.0}, "--workers must be int, got 2.0"),
+    ],
+)
+def test_build_options_check_what_their_fields_declare(option, message):
+    """A Python caller gets the check the CLI gets, from the same declaration."""
+    from maskgen.pipeline import BuildError, BuildOptions
+
+    with pytest.raises(BuildError) as info:
+        BuildOptions(source="sample", source_config={}, method="center", out="o", **option)
+    assert str(info.value) == message
+
+
+def test_build_cli_options_are_derived_from_the_build_options():
+    """Every setting field of BuildOptions is a `maskgen build` option with the field's default,
+    choices and range: one declaration, no second copy to drift."""
+    import click
+
+    from maskgen.cli import build
+    from maskgen.pipeline import BuildOptions
+
+    params = {p.name: p for p in build.params}
+    settings = [f for f in dataclasses.fields(BuildOptions) if "help" in f.metadata]
+    assert len(settings) >= 12
+    for f in settings:
+        p = params[f.name]
+        assert p.default == f.default and p.help == f.metadata["help"], f.name
+        if f.metadata["choices"] is not None:
+            assert tuple(p.type.choices) == tuple(f.metadata["choices"]), f.name
+        elif isinstance(p.type, click.IntRange):
+            assert (p.type.min, p.type.max) == (f.metadata["ge"], f.metadata["le"]), f.name

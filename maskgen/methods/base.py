@@ -7,13 +7,14 @@ can schedule it.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+
+from maskio.settings import SettingError, check_limits, range_text
 
 
 @dataclass(frozen=True)
@@ -80,17 +81,15 @@ def param_number(
     name: str, value: Any, low: float, strict: bool = False, integer: bool = False, high: float | None = None
 ) -> float:
     """``value`` as a finite number ``>= low`` (``> low`` when ``strict``) and ``<= high``, or a
-    ValueError naming ``--param``."""
+    ValueError naming ``--param``. The range is checked as every setting's is (maskio.settings)."""
     kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"--param {name}={value}: must be {kind}")
-    if (
-        not math.isfinite(value)
-        or (integer and value != int(value))
-        or value < low
-        or (strict and value == low)
-    ):
-        raise ValueError(f"--param {name}={value}: must be {kind} {'>' if strict else '>='} {low:g}")
-    if high is not None and value > high:
-        raise ValueError(f"--param {name}={value}: must be {kind} <= {high:g}")
+    limits = {"ge": None if strict else low, "gt": low if strict else None, "le": high, "lt": None}
+    try:
+        check_limits(name, value, limits)
+    except SettingError:
+        raise ValueError(f"--param {name}={value}: must be {kind} {range_text(limits)}") from None
+    if integer and value != int(value):
+        raise ValueError(f"--param {name}={value}: must be {kind}")
     return float(value)

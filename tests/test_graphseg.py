@@ -12,7 +12,7 @@ from PIL import Image
 from scipy import sparse
 
 from maskgen.methods.drfi import graphseg, kernels
-from maskgen.methods.drfi.features import chi2_pairwise, chi2_self, pixel_features
+from maskgen.methods.drfi.features import adjacency, chi2_pairwise, chi2_self, lm_responses, pixel_features
 from maskgen.methods.drfi.method import DRFI
 from maskgen.methods.drfi.refine import overlap_counts, region_means
 from maskgen.methods.drfi.segment import DRFI15_LEVELS, MULTI_LEVELS, segment, segment_levels
@@ -73,6 +73,17 @@ def test_labels_are_cv2_ximgproc_on_photos_at_every_drfi_level(dataset):
             np.testing.assert_array_equal(labels, cv2_labels(rgb, *level), err_msg=f"{f.name} {level}")
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_radix_order_of_the_halved_edges_is_first_copies_of_all_four(seed):
+    """Sorting only the down and right edges (stable) gives the edge list that sorting all four
+    directions and keeping each pair's first copy gives, ties included (flat blocks: many)."""
+    graph = graphseg.SortedGraph(flat_blocks(seed), 0.5)
+    h, w = graph.shape
+    full = graphseg._unpack_first_copies(graphseg.radix_sort(graphseg._edge_keys(graph._blurred)), w, h * w)
+    for got, want in zip(graph._radix, full, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_tie_check_is_what_keeps_the_radix_order_exact():
     """On images with many equal weights the stable radix order and std::sort's order give
     different labels; the tie check must notice exactly those levels and fall back."""
@@ -81,7 +92,7 @@ def test_tie_check_is_what_keeps_the_radix_order_exact():
         rgb = flat_blocks(seed)
         graph = graphseg.SortedGraph(rgb, 0.5)
         h, w = graph.shape
-        keys = graph._keys.copy()
+        keys = graphseg._edge_keys(graph._blurred)
         graphseg.stl_sort(keys)
         stl = graphseg._unpack_first_copies(keys, w, h * w)
         exact, _ = graphseg._segment_sorted(*stl, h * w, np.float32(50), 5, False)
@@ -178,6 +189,87 @@ def test_region_means_and_overlaps_equal_bincount_and_coo():
     ones = np.ones(lab.size)
     coo = sparse.coo_matrix((ones, (lab, coarse)), shape=dense.shape).tocsr()
     assert (dense != coo).nnz == 0 and np.array_equal(dense.indices, coo.indices)
+
+
+def test_region_counts_and_coordinates_equal_bincount():
+    pix, lab, n = level_inputs()
+    h, w = pix.height, pix.width
+    for bins, nb in zip(pix.bins, pix.n_bins, strict=True):
+        want = np.bincount(lab * nb + bins, minlength=n * nb).reshape(n, nb)
+        np.testing.assert_array_equal(kernels.region_counts(lab, bins, n, nb), want)
+    ys, xs = np.divmod(np.arange(lab.size), w)
+    sum_x, sum_y, cols, rows = kernels.region_coordinates(lab.reshape(h, w), n)
+    np.testing.assert_array_equal(sum_x, np.bincount(lab, xs, n))
+    np.testing.assert_array_equal(sum_y, np.bincount(lab, ys, n))
+    np.testing.assert_array_equal(cols, np.bincount(lab * w + xs, minlength=n * w).reshape(n, w))
+    np.testing.assert_array_equal(rows, np.bincount(lab * h + ys, minlength=n * h).reshape(n, h))
+
+
+def slow_boundaries(lab2d: np.ndarray, n: int):
+    """Outline and edge pixel counts and the adjacency, pixel by pixel in Python."""
+    h, w = lab2d.shape
+    inner, edge, pairs = np.zeros(n, int), np.zeros(n, int), set()
+    for y in range(h):
+        for x in range(w):
+            r = lab2d[y, x]
+            edge[r] += y in (0, h - 1) or x in (0, w - 1)
+            others = [lab2d[yy, xx] for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1))
+                      if 0 <= yy < h and 0 <= xx < w and lab2d[yy, xx] != r]  # fmt: skip
+            inner[r] += bool(others)
+            pairs |= {(r, o) for o in others}
+    dense = np.zeros((n, n), np.float32)
+    for a, b in pairs:
+        dense[a, b] = 1
+    return inner, edge, dense
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (6, 1), (9, 13)])
+def test_region_boundaries_equal_a_pixel_by_pixel_count(shape):
+    rng = np.random.default_rng(sum(shape))
+    lab2d = rng.integers(0, 4, shape)
+    _, lab2d = np.unique(lab2d, return_inverse=True)
+    lab2d = lab2d.reshape(shape)
+    n = int(lab2d.max()) + 1
+    inner, edge, keys = kernels.region_boundaries(lab2d, n)
+    want_inner, want_edge, dense = slow_boundaries(lab2d, n)
+    np.testing.assert_array_equal(inner, want_inner)
+    np.testing.assert_array_equal(edge, want_edge)
+    adj = adjacency(lab2d, n)
+    np.testing.assert_array_equal(adj.toarray(), dense)
+    assert adj.has_sorted_indices and adj.dtype == np.float32
+
+
+def test_adjacency_keeps_the_scipy_construction_to_the_index():
+    """The same CSR arrays as the COO -> CSR -> symmetric -> (> 0) chain it replaced."""
+    pix, lab, n = level_inputs()
+    lab2d = lab.reshape(pix.height, pix.width)
+    a = np.concatenate([lab2d[:, :-1].ravel(), lab2d[:-1, :].ravel()])
+    b = np.concatenate([lab2d[:, 1:].ravel(), lab2d[1:, :].ravel()])
+    keep = a != b
+    m = sparse.coo_matrix((np.ones(keep.sum(), np.float32), (a[keep], b[keep])), shape=(n, n)).tocsr()
+    want = ((m + m.T) > 0).astype(np.float32)
+    got = adjacency(lab2d, n)
+    for name in ("data", "indices", "indptr"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+
+
+def test_masked_mean_and_joint_bins_equal_the_numpy_expressions():
+    pix, _, _ = level_inputs()
+    mask = pix.border
+    want = pix.values[mask, :24].astype(np.float64).mean(axis=0)
+    assert kernels.masked_mean(pix.values, mask, 24).tobytes() == want.tobytes()
+    a = np.random.default_rng(0).uniform(-0.3, 1.3, (17, 23, 3)).astype(np.float32)
+    a[0, 0] = (1.0, 0.0, 0.999999)
+    for x in (a, np.clip(a, 0, 1)):
+        q = np.clip((x * 8).astype(np.int32), 0, 7)
+        np.testing.assert_array_equal(kernels.joint_bins(x, 8), (q[..., 0] * 8 + q[..., 1]) * 8 + q[..., 2])
+
+
+def test_textons_are_the_argmax_of_the_responses():
+    gray = cv2.cvtColor(render_scene(2, 3)[0], cv2.COLOR_RGB2GRAY)
+    gray[:8, :8] = 0  # a flat patch: every response ties there
+    responses, texton = lm_responses(gray, 1.0)
+    np.testing.assert_array_equal(texton, np.stack(responses, axis=2).argmax(axis=2))
 
 
 @pytest.mark.parametrize("bins", [1, 7, 8, 98, 128, 129, 221, 512, 2000])

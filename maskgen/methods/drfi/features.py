@@ -24,6 +24,7 @@ Order of the 93 dimensions (``FEATURE_NAMES``), as in DRFI:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import cv2
 import numpy as np
@@ -101,8 +102,7 @@ def lbp_codes(gray: np.ndarray) -> np.ndarray:
 
 def _quantize3(a: np.ndarray) -> np.ndarray:
     """H x W x 3 in [0, 1] -> joint bin index of an 8 x 8 x 8 histogram."""
-    q = np.clip((a * HIST_BINS).astype(np.int32), 0, HIST_BINS - 1)
-    return (q[..., 0] * HIST_BINS + q[..., 1]) * HIST_BINS + q[..., 2]
+    return kernels.joint_bins(np.ascontiguousarray(a, np.float32), HIST_BINS)
 
 
 @dataclass
@@ -126,6 +126,23 @@ class PixelFeatures:
     def lbp_value(self) -> np.ndarray:
         """LBP code / 255 (N view), which DRFI uses only through its variance."""
         return self.values[:, 24]
+
+    # What every segmentation level reads about the pseudo-background, computed once per image.
+    @cached_property
+    def background(self) -> np.ndarray:
+        """N bool: the border band, or the whole image when the band is empty (tiny images)."""
+        return self.border if self.border.any() else np.ones(self.border.size, bool)
+
+    @cached_property
+    def background_mean(self) -> np.ndarray:
+        """The pseudo-background's mean of the 24 channels (float64)."""
+        return kernels.masked_mean(self.values, self.background, 24)  # values[bg, :24] mean, bit for bit
+
+    @cached_property
+    def background_counts(self) -> tuple[np.ndarray, ...]:
+        """The pseudo-background's histogram of each of the five bin indices."""
+        bg = self.background
+        return tuple(np.bincount(b[bg], minlength=nb) for b, nb in zip(self.bins, self.n_bins, strict=True))
 
 
 def blurred_rgb(rgb: np.ndarray) -> np.ndarray:
@@ -153,27 +170,11 @@ def pixel_features(rgb: np.ndarray, texture_scale: float = 0.5) -> PixelFeatures
     hsv = cv2.cvtColor(rgb_f, cv2.COLOR_RGB2HSV)
     hsv[..., 0] /= 360.0
     gray = cv2.cvtColor(blur, cv2.COLOR_RGB2GRAY)
-
-    small = gray.astype(np.float32) / 255.0
-    if texture_scale < 1.0 and min(h, w) * texture_scale >= 8:
-        small = cv2.resize(small, (max(1, round(w * texture_scale)), max(1, round(h * texture_scale))),
-                           interpolation=cv2.INTER_AREA)  # fmt: skip
-    small_resp = np.empty(small.shape + (N_FILTERS,), np.float32)
-    for i in range(N_FILTERS):
-        r = np.abs(cv2.filter2D(small, cv2.CV_32F, _LM[i], borderType=cv2.BORDER_REFLECT))
-        lo, hi = float(r.min()), float(r.max())
-        small_resp[..., i] = (r - lo) / (hi - lo) if hi > lo else 0.0
-    texton = small_resp.argmax(axis=2).astype(np.uint8)  # index of the strongest filter
-    values = np.empty((h, w, 25), np.float32)  # N x 25, written in place: one copy per image
-    values[..., 0:3], values[..., 3:6], values[..., 6:9] = rgb_f, lab, hsv
-    if small.shape != (h, w):
-        for i in range(N_FILTERS):
-            values[..., 9 + i] = cv2.resize(small_resp[..., i], (w, h), interpolation=cv2.INTER_LINEAR)
-        texton = cv2.resize(texton, (w, h), interpolation=cv2.INTER_NEAREST)
-    else:
-        values[..., 9:24] = small_resp
+    responses, texton = lm_responses(gray, texture_scale)
     lbp = lbp_codes(gray)
-    values[..., 24] = lbp.astype(np.float32) / 255.0
+    # the 25 planes interleaved by one cv2.merge: per-channel strided writes cost 4x as much
+    values = cv2.merge([rgb_f, lab, hsv, *responses,
+                        lbp.astype(np.float32) / 255.0])  # fmt: skip
 
     b = int(np.floor(15 * max(h, w) / 400))
     border = np.zeros((h, w), bool)
@@ -185,8 +186,8 @@ def pixel_features(rgb: np.ndarray, texture_scale: float = 0.5) -> PixelFeatures
         values=values.reshape(h * w, 25),
         bins=(
             _quantize3(rgb_f).reshape(-1),
-            _quantize3(np.clip(lab, 0, 1)).reshape(-1),
-            _quantize3(np.clip(hsv, 0, 1)).reshape(-1),
+            _quantize3(lab).reshape(-1),  # _quantize3 clips: the same bins as clipping lab first
+            _quantize3(hsv).reshape(-1),
             texton.reshape(-1).astype(np.int64),
             lbp.reshape(-1).astype(np.int64),
         ),
@@ -195,9 +196,36 @@ def pixel_features(rgb: np.ndarray, texture_scale: float = 0.5) -> PixelFeatures
     )
 
 
-def _histograms(labels: np.ndarray, bins: np.ndarray, n_regions: int, n_bins: int) -> np.ndarray:
-    """Row-normalised per-region histograms (R x used bins; bins no region uses are dropped)."""
-    counts = np.bincount(labels * n_bins + bins, minlength=n_regions * n_bins).reshape(n_regions, n_bins)
+def lm_responses(gray: np.ndarray, texture_scale: float) -> tuple[list[np.ndarray], np.ndarray]:
+    """The 15 |LM| responses of a grey image, each min-max scaled to [0, 1], at full size, and
+    the texton map (the index of the strongest response, the first on ties)."""
+    h, w = gray.shape
+    small = gray.astype(np.float32) / 255.0
+    if texture_scale < 1.0 and min(h, w) * texture_scale >= 8:
+        small = cv2.resize(small, (max(1, round(w * texture_scale)), max(1, round(h * texture_scale))),
+                           interpolation=cv2.INTER_AREA)  # fmt: skip
+    responses = []
+    for i in range(N_FILTERS):
+        r = np.abs(cv2.filter2D(small, cv2.CV_32F, _LM[i], borderType=cv2.BORDER_REFLECT))
+        lo, hi = float(r.min()), float(r.max())
+        responses.append((r - lo) / (hi - lo) if hi > lo else np.zeros_like(r))
+    best, texton = responses[0], np.zeros(small.shape, np.uint8)
+    for i in range(1, N_FILTERS):
+        stronger = responses[i] > best
+        texton[stronger] = i
+        best = np.maximum(best, responses[i])
+    if small.shape != (h, w):
+        responses = [cv2.resize(r, (w, h), interpolation=cv2.INTER_LINEAR) for r in responses]
+        texton = cv2.resize(texton, (w, h), interpolation=cv2.INTER_NEAREST)
+    return responses, texton
+
+
+def _histograms(
+    lab: np.ndarray, bins: np.ndarray, n_regions: int, n_bins: int, background: np.ndarray
+) -> np.ndarray:
+    """Row-normalised histograms of every region and, as the last row, of the pseudo-background
+    (R + 1 x used bins; bins no row uses are dropped)."""
+    counts = np.vstack([kernels.region_counts(lab, bins, n_regions, n_bins), background[None]])
     counts = counts[:, counts.any(axis=0)].astype(np.float32)
     return counts / counts.sum(axis=1, keepdims=True)
 
@@ -235,43 +263,26 @@ class RegionStats:
     sides: np.ndarray  # R x 4 bool: touches the top, bottom, left, right edge
 
 
-def _outline_counts(lab2d: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per region: pixels with a 4-neighbour of another label; pixels on the image edge."""
-    inner = np.zeros(lab2d.shape, bool)
-    dh = lab2d[:, 1:] != lab2d[:, :-1]
-    dv = lab2d[1:, :] != lab2d[:-1, :]
-    inner[:, 1:] |= dh
-    inner[:, :-1] |= dh
-    inner[1:, :] |= dv
-    inner[:-1, :] |= dv
-    edge = np.zeros(lab2d.shape, bool)
-    edge[0], edge[-1], edge[:, 0], edge[:, -1] = True, True, True, True
-    return (
-        np.bincount(lab2d[inner], minlength=n),
-        np.bincount(lab2d[edge], minlength=n),
-    )
-
-
 def adjacency(lab2d: np.ndarray, n: int) -> sparse.csr_matrix:
     """R x R, 1 where two of the ``n`` regions of ``lab2d`` touch (4-neighbourhood)."""
-    a = np.concatenate([lab2d[:, :-1].ravel(), lab2d[:-1, :].ravel()])
-    b = np.concatenate([lab2d[:, 1:].ravel(), lab2d[1:, :].ravel()])
-    keep = a != b
-    a, b = a[keep], b[keep]
-    m = sparse.coo_matrix((np.ones(a.size, np.float32), (a, b)), shape=(n, n)).tocsr()
-    m = ((m + m.T) > 0).astype(np.float32)
-    return m
+    return _adjacency_from_keys(kernels.region_boundaries(lab2d, n)[2], n)
 
 
-def _percentiles(
-    coord: np.ndarray, labels: np.ndarray, area: np.ndarray, size: int, qs: tuple[float, ...]
-) -> np.ndarray:
-    """Per-region lower percentiles of an integer pixel coordinate (0..size-1): the value at
-    index floor(q * (n - 1)) of the region's sorted coordinates, read off cumulative
-    per-region histograms instead of sorting the pixels."""
-    n = area.size
-    cdf = np.cumsum(np.bincount(labels * size + coord, minlength=n * size).reshape(n, size), axis=1)
-    out = np.empty((n, len(qs)))
+def _adjacency_from_keys(keys: np.ndarray, n: int) -> sparse.csr_matrix:
+    """The symmetric float32 CSR matrix (sorted indices) of unique pair keys ``i * n + j``, i < j."""
+    both = np.sort(np.concatenate([keys, (keys % n) * n + keys // n]))
+    rows, cols = np.divmod(both, n)
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))])
+    return sparse.csr_matrix((np.ones(both.size, np.float32), cols.astype(np.int32), indptr.astype(np.int32)),
+                             shape=(n, n))  # fmt: skip
+
+
+def _percentiles(counts: np.ndarray, area: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
+    """Per-region lower percentiles of an integer pixel coordinate, from each region's pixel
+    counts per coordinate (R x size): the value at index floor(q * (n - 1)) of the region's
+    sorted coordinates, read off the cumulative counts instead of sorting the pixels."""
+    cdf = np.cumsum(counts, axis=1)
+    out = np.empty((area.size, len(qs)))
     for j, q in enumerate(qs):
         rank = np.floor(q * (area - 1))
         out[:, j] = (cdf <= rank[:, None]).sum(axis=1)  # first coordinate whose cdf exceeds the rank
@@ -293,22 +304,17 @@ def region_features(pix: PixelFeatures, labels: np.ndarray) -> tuple[np.ndarray,
     # E[x^2] - E[x]^2, which needs float64 for its cancellation
     var = region_squared_deviations(lab, feats, mean.astype(np.float32)).astype(np.float64) / area[:, None]
 
-    ys, xs = np.divmod(np.arange(npx), w)
-    cx, cy = np.bincount(lab, xs, n) / area / w, np.bincount(lab, ys, n) / area / h
-    px = _percentiles(xs, lab, area, w, (0.1, 0.9)) / w
-    py = _percentiles(ys, lab, area, h, (0.1, 0.9)) / h
+    lab2d = lab.reshape(h, w)
+    sum_x, sum_y, col_counts, row_counts = kernels.region_coordinates(lab2d, n)
+    cx, cy = sum_x / area / w, sum_y / area / h
+    px = _percentiles(col_counts, area, (0.1, 0.9)) / w
+    py = _percentiles(row_counts, area, (0.1, 0.9)) / h
 
     # --- pseudo-background: the border band as one extra "region"
-    bg = pix.border
-    if not bg.any():
-        bg = np.ones(npx, bool)
-    bg_mean = feats[bg, :24].astype(np.float64).mean(axis=0)
-
+    bg_mean = pix.background_mean
     hist_dist_c, hist_dist_b = [], []
-    ext_lab = np.concatenate([lab, np.full(int(bg.sum()), n)])
-    for bins, nb in zip(pix.bins, pix.n_bins, strict=True):
-        ext_bins = np.concatenate([bins, bins[bg]])
-        hist = _histograms(ext_lab, ext_bins, n + 1, nb)
+    for bins, nb, bg_counts in zip(pix.bins, pix.n_bins, pix.background_counts, strict=True):
+        hist = _histograms(lab, bins, n, nb, bg_counts)
         hist_dist_c.append(chi2_self(hist[:n]))
         hist_dist_b.append(chi2_pairwise(hist[:n], hist[n:])[:, 0])
 
@@ -332,9 +338,8 @@ def region_features(pix: PixelFeatures, labels: np.ndarray) -> tuple[np.ndarray,
         background[:, 24 + k] = dvec
 
     # --- properties
-    lab2d = lab.reshape(h, w)
-    inner, edge = _outline_counts(lab2d, n)
-    adjacency_matrix = adjacency(lab2d, n)
+    inner, edge, pair_keys = kernels.region_boundaries(lab2d, n)
+    adjacency_matrix = _adjacency_from_keys(pair_keys, n)
     props = np.empty((n, 35))
     props[:, 0], props[:, 1] = cx, cy
     props[:, 2], props[:, 3], props[:, 4], props[:, 5] = px[:, 0], py[:, 0], px[:, 1], py[:, 1]

@@ -9,6 +9,17 @@ NumPy/SciPy expression it replaces (tests/test_graphseg.py compares them bit for
 - ``chi2_self``: the chi-square distances between every two histograms, with each entry's bins
   summed as NumPy's float32 ``sum`` sums a row (pairwise: 8 running sums up to 128 terms, halves
   beyond), so the matrix equals ``features.chi2_pairwise(h, h)`` to the bit;
+- ``masked_mean``: the float64 column means of the rows a mask selects, summed row by row as
+  NumPy's ``values[mask].astype(np.float64).mean(axis=0)`` sums a C-ordered array, without the
+  gathered copy;
+- ``joint_bins``: the 8 x 8 x 8 joint bin of each pixel, what ``clip(int32(a * 8), 0, 7)``
+  per channel gives, in one pass instead of five temporaries;
+- ``region_counts``: per-region histograms of one bin index, what ``np.bincount(labels * n_bins
+  + bins)`` counts, without the N-long temporary;
+- ``region_coordinates``: per-region sums of x and y (integers, so exact in any order) and
+  per-region counts of pixels per column and per row, for centroids and percentiles;
+- ``region_boundaries``: per region, its outline pixels (a 4-neighbour of another label) and
+  its image-edge pixels, and every touching pair of regions once, in one pass;
 - ``forest_mean``: each tree walked with sklearn's ``x <= threshold`` in float64, the leaf
   values summed over trees in order and divided by their number, as ``value[node].mean(0)``.
 
@@ -58,6 +69,95 @@ def region_means(labels: np.ndarray, values: np.ndarray, area: np.ndarray) -> np
         for c in range(values.shape[1]):
             out[r, c] /= area[r]
     return out
+
+
+@njit(cache=True)
+def joint_bins(a: np.ndarray, bins: int) -> np.ndarray:
+    """H x W x 3 float32 -> H x W int32 joint bin index, each channel's bin clipped to 0..bins-1."""
+    h, w = a.shape[:2]
+    out = np.empty((h, w), np.int32)
+    scale = np.float32(bins)
+    for y in range(h):
+        for x in range(w):
+            index = 0
+            for c in range(3):
+                q = np.int32(a[y, x, c] * scale)  # truncates toward zero, as astype(np.int32)
+                index = index * bins + min(max(q, 0), bins - 1)
+            out[y, x] = index
+    return out
+
+
+@njit(cache=True)
+def masked_mean(values: np.ndarray, mask: np.ndarray, n_cols: int) -> np.ndarray:
+    """The mean of ``values[mask, :n_cols]`` over its rows, in float64."""
+    total = np.zeros(n_cols, np.float64)
+    rows = 0
+    for p in range(values.shape[0]):
+        if mask[p]:
+            rows += 1
+            for c in range(n_cols):
+                total[c] += np.float64(values[p, c])
+    return total / rows
+
+
+@njit(cache=True)
+def region_counts(labels: np.ndarray, bins: np.ndarray, n_regions: int, n_bins: int) -> np.ndarray:
+    """R x B int64: how many pixels of each region fall in each bin."""
+    out = np.zeros((n_regions, n_bins), np.int64)
+    for p in range(labels.size):
+        out[labels[p], bins[p]] += 1
+    return out
+
+
+@njit(cache=True)
+def region_coordinates(labels2d: np.ndarray, n_regions: int):
+    """Per region of an H x W label map: the sums of x and of y (float64), and its pixel counts
+    per column (R x W) and per row (R x H)."""
+    h, w = labels2d.shape
+    sum_x = np.zeros(n_regions, np.float64)
+    sum_y = np.zeros(n_regions, np.float64)
+    cols = np.zeros((n_regions, w), np.int64)
+    rows = np.zeros((n_regions, h), np.int64)
+    for y in range(h):
+        for x in range(w):
+            r = labels2d[y, x]
+            sum_x[r] += x
+            sum_y[r] += y
+            cols[r, x] += 1
+            rows[r, y] += 1
+    return sum_x, sum_y, cols, rows
+
+
+@njit(cache=True)
+def region_boundaries(labels2d: np.ndarray, n_regions: int):
+    """Per region: pixels with a 4-neighbour of another label, pixels on the image edge; and the
+    touching pairs as sorted unique keys ``min * R + max``."""
+    h, w = labels2d.shape
+    inner = np.zeros(n_regions, np.int64)
+    edge = np.zeros(n_regions, np.int64)
+    keys = np.empty(2 * h * w, np.int64)
+    k = 0
+    for y in range(h):
+        for x in range(w):
+            r = labels2d[y, x]
+            if y == 0 or y == h - 1 or x == 0 or x == w - 1:
+                edge[r] += 1
+            outline = False
+            if x + 1 < w and labels2d[y, x + 1] != r:
+                s = labels2d[y, x + 1]
+                keys[k] = min(r, s) * n_regions + max(r, s)
+                k += 1
+                outline = True
+            if y + 1 < h and labels2d[y + 1, x] != r:
+                s = labels2d[y + 1, x]
+                keys[k] = min(r, s) * n_regions + max(r, s)
+                k += 1
+                outline = True
+            if not outline:
+                outline = (x > 0 and labels2d[y, x - 1] != r) or (y > 0 and labels2d[y - 1, x] != r)
+            if outline:
+                inner[r] += 1
+    return inner, edge, np.unique(keys[:k])
 
 
 @njit(cache=True)
@@ -139,16 +239,35 @@ def _pairwise_sum(buf: np.ndarray, lo: int, n: int) -> np.float32:
 
 @njit(cache=True)
 def chi2_self(h: np.ndarray, eps: np.float32) -> np.ndarray:
-    """R x R float32: 0.5 * sum_k (h_ik - h_jk)^2 / (h_ik + h_jk + eps), symmetric."""
+    """R x R float32: 0.5 * sum_k (h_ik - h_jk)^2 / (h_ik + h_jk + eps), symmetric.
+
+    A bin empty in both histograms contributes exactly +0.0, so only the bins where either is
+    non-zero are computed (histograms of small regions are sparse); the sum still runs over
+    every bin in NumPy's order, so the result is the same to the bit."""
     n, bins = h.shape
     out = np.empty((n, n), np.float32)
-    terms = np.empty(bins, np.float32)
+    terms = np.zeros(bins, np.float32)
+    start = np.zeros(n + 1, np.int64)
+    for i in range(n):
+        start[i + 1] = start[i] + np.count_nonzero(h[i])
+    nonzero = np.empty(start[n], np.int64)
+    for i in range(n):
+        m = start[i]
+        for k in range(bins):
+            if h[i, k] != 0:
+                nonzero[m] = k
+                m += 1
     for i in range(n):
         for j in range(i, n):
-            for k in range(bins):
-                d = np.float32(h[i, k] - h[j, k])
-                terms[k] = np.float32(np.float32(d * d) / np.float32(np.float32(h[i, k] + h[j, k]) + eps))
+            for row in (i, j):
+                for m in range(start[row], start[row + 1]):
+                    k = nonzero[m]
+                    d = np.float32(h[i, k] - h[j, k])
+                    terms[k] = np.float32(np.float32(d * d) / np.float32(np.float32(h[i, k] + h[j, k]) + eps))
             out[i, j] = out[j, i] = np.float32(np.float32(0.5) * _pairwise_sum(terms, 0, bins))
+            for row in (i, j):
+                for m in range(start[row], start[row + 1]):
+                    terms[nonzero[m]] = 0
     return out
 
 

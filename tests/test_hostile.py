@@ -59,7 +59,10 @@ BUILD = [
             ["--method", "drfi", "--param", "levels=harl", "--param", "min_size=99999999999999999999999"],
             ["min_size=", "in [1, 89478485]"],
         ),  # issue 35: an OverflowError on every image, exit 0
-        (["--method", "drfi", "--param", "levels=harl", "--param", "k=1e300"], ["k=1e+300", "in (0, 1000000000]"]),
+        (
+            ["--method", "drfi", "--param", "levels=harl", "--param", "k=1e300"],
+            ["k=1e+300", "in (0, 1000000000]"],
+        ),
         (["--method", "drfi", "--param", "levels=harl", "--param", "sigma=abc"], ["sigma=abc", "number"]),
         (["--method", "center", "--param", "nosuch=1"], ["nosuch", "no such parameter", "sigma"]),
         (["--method", "deep", "--param", "short_side=-5"], ["short_side=-5", ">= 16"]),

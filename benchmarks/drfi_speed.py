@@ -102,6 +102,7 @@ def main() -> None:
             model="unsupervised", levels="harl", refine=0
         ).saliency,
         "drfi 3 levels, rbd": DRFI(scorer="rbd", refine=0).saliency,
+        "drfi multi6 (6 levels), forest with cues, refine": DRFI(levels="multi6").saliency,
         "drfi drfi15 (15 levels), forest with cues, refine": DRFI(levels="drfi15").saliency,
     }
     for fn in runs.values():  # compile and warm every path once

@@ -12,6 +12,7 @@ import click
 
 from maskgen.methods import METHODS
 from maskgen.methods.drfi.scoring import ModelError
+from maskgen.methods.drfi.segment import LEVEL_SETS
 from maskgen.pipeline import BuildError, BuildOptions, option_flag, run_build
 from maskgen.recipe import RecipeError
 from maskgen.sources import SOURCES, SourceError
@@ -173,7 +174,7 @@ def cli() -> None:
               help="Saliency head file for --method deep (from `maskgen deep fit`; default: the shipped one).")  # fmt: skip
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Method parameter, repeatable (drfi: scorer=forest|heuristic|rbd|mr or several joined "
-                   "by '+', model=default|unsupervised|FILE, levels=harl|multi|drfi15, refine=0|1, "
+                   "by '+', model=default|unsupervised|FILE, levels=harl|multi|multi6|drfi15, refine=0|1, fusion=auto|uniform|learned, "
                    "sigma=, k=, min_size=; deep: refine=1, precision=auto|fp32|bf16, "
                    "gpu_share=, short_side=; gt: exact=true, quality=Q in (0, 1], seed=).")  # fmt: skip
 @click.option(
@@ -262,8 +263,11 @@ def drfi() -> None:
 @click.option("--out", required=True, type=str, callback=_unprotected_out, help="Model file to write (.npz).")
 @click.option("--labels", type=click.Choice(["auto", "pseudo", "gt"]), default="auto",
               help="Region labels: boundary-prior pseudo labels or ground truth (auto: gt when --gt is given).")  # fmt: skip
-@click.option("--levels", type=click.Choice(["harl", "multi", "drfi15"]), default="multi",
+@click.option("--levels", type=click.Choice(list(LEVEL_SETS)), default="multi",
               help="Segmentation levels the training regions come from.")  # fmt: skip
+@click.option("--fusion", type=click.Choice(["uniform", "learned"]), default="uniform",
+              help="learned (with --labels gt): also fit the levels' fusion weights for refine=1 "
+                   "(cross-fitted on two halves of the photos) and store them in the model.")  # fmt: skip
 @click.option(
     "--rounds",
     type=click.IntRange(min=0),
@@ -296,7 +300,7 @@ def drfi_fit(**kw: Any) -> None:
     try:
         forest = fit_drfi(source, kw["source"], labels=labels, levels=kw["levels"], rounds=kw["rounds"],
                           features=kw["features"], round_labels=kw["round_labels"], limit=kw["limit"],
-                          seed=kw["seed"], jobs=kw["jobs"], n_estimators=kw["trees"],
+                          seed=kw["seed"], jobs=kw["jobs"], fusion=kw["fusion"], n_estimators=kw["trees"],
                           min_samples_leaf=kw["min_leaf"])  # fmt: skip
     except ValueError as exc:
         raise BuildError(str(exc)) from None

@@ -26,6 +26,7 @@ import numpy as np
 
 from maskgen.imaging import ImageDecodeError, decode_image
 from maskgen.methods.drfi.features import RegionStats, pixel_features
+from maskgen.methods.drfi.fusion import FUSION_KEY, fusion_info, fusion_rows, simplex_least_squares
 from maskgen.methods.drfi.method import describe_level, level_values
 from maskgen.methods.drfi.refine import LevelGraph
 from maskgen.methods.drfi.scoring import (
@@ -57,7 +58,8 @@ class _Level:
 @dataclass
 class _Image:
     levels: list[_Level]
-    graph: LevelGraph | None  # for labels from the method's own masks
+    graph: LevelGraph | None  # for labels from the method's own masks, and for fusion
+    gt_finest: np.ndarray | None = None  # each finest region's ground-truth foreground share
 
 
 def extract_levels(
@@ -89,6 +91,11 @@ def extract_levels(
             segmentations.append(labels)
         if need_graph:
             image.graph = LevelGraph.build(pix, segmentations, [lv.stats for lv in image.levels])
+            if gt is not None:
+                finest = image.graph.finest
+                fg = np.bincount(segmentations[finest].reshape(-1), gt.reshape(-1).astype(np.float64),
+                                 image.graph.areas[finest].size)  # fmt: skip
+                image.gt_finest = fg / image.graph.areas[finest]
         out.append(image)
         if n % 50 == 0:
             print(f"drfi fit: described {n}/{len(items)} images ({time.time() - t0:.0f} s)", file=log)
@@ -129,6 +136,43 @@ def mask_labels(image: _Image, scorers: list) -> list[np.ndarray]:
     return [purity_rule(share) for share in image.graph.share_on_levels(fg)]
 
 
+def fit_fusion(images: list[_Image], seed: int, jobs: int, **forest_kw: Any) -> np.ndarray:
+    """Level weights for ``refine=1`` (fusion.py), cross-fitted: the photos are split in two
+    (alternate photos), each half's levels are scored by a forest fitted on the other half's
+    regions, and one simplex-constrained least-squares fit runs over all photos."""
+    rng = np.random.default_rng(seed + 7919)  # its own stream: the model's forest is unchanged
+    rows = []
+    halves = [images[0::2], images[1::2]]
+    for train, held in ((halves[0], halves[1]), (halves[1], halves[0])):
+        data = [lv for im in train for lv in im.levels]
+        x, y = _balanced(
+            np.concatenate([d.feats for d in data]), np.concatenate([d.gt_labels for d in data]), rng
+        )
+        scorer = ForestScorer(fit_forest(x, y, seed, {}, jobs, **forest_kw), "half", "")
+        for im in held:
+            assert im.graph is not None and im.gt_finest is not None
+            values = [level_values([scorer.score(lv.feats, lv.stats)]) for lv in im.levels]
+            area = im.graph.areas[im.graph.finest]
+            rows.append(fusion_rows([p / area for p in im.graph.pooled_levels(values)], area, im.gt_finest))
+    x, y, w = (np.concatenate(parts) for parts in zip(*rows, strict=True))
+    return simplex_least_squares(x, y, w)
+
+
+def _check_fit_choices(labels: str, levels: str, features: str, round_labels: str, fusion: str) -> None:
+    if features not in FEATURE_SETS:
+        raise ValueError(f"drfi fit: features must be one of {', '.join(FEATURE_SETS)}, got {features!r}")
+    if labels not in ("pseudo", "gt"):
+        raise ValueError(f"drfi fit: labels must be 'pseudo' or 'gt', got {labels!r}")
+    if round_labels not in ROUND_LABELS:
+        raise ValueError(
+            f"drfi fit: round labels must be one of {', '.join(ROUND_LABELS)}, got {round_labels!r}"
+        )
+    if fusion not in ("uniform", "learned"):
+        raise ValueError(f"drfi fit: fusion must be 'uniform' or 'learned', got {fusion!r}")
+    if fusion == "learned" and (labels != "gt" or len(LEVEL_SETS[levels]) < 2):
+        raise ValueError("drfi fit: --fusion learned needs ground truth (--labels gt) and two or more levels")
+
+
 def fit_drfi(
     source: Source,
     source_name: str,
@@ -142,24 +186,20 @@ def fit_drfi(
     seed: int = 0,
     log: TextIO | None = None,
     jobs: int = 1,
+    fusion: str = "uniform",
     **forest_kw: Any,
 ) -> Forest:
     """Fit a forest on ``source``; ``labels`` is 'pseudo' or 'gt'; ``features`` 'drfi' (DRFI's
-    93-d descriptor) or 'drfi+cues' (plus the 6 background cues of ``cues``)."""
+    93-d descriptor) or 'drfi+cues' (plus the 6 background cues of ``cues``); ``fusion``
+    'learned' (ground truth only) also fits the levels' weights for ``refine=1``."""
     log = log or sys.stderr
-    if features not in FEATURE_SETS:
-        raise ValueError(f"drfi fit: features must be one of {', '.join(FEATURE_SETS)}, got {features!r}")
-    if labels not in ("pseudo", "gt"):
-        raise ValueError(f"drfi fit: labels must be 'pseudo' or 'gt', got {labels!r}")
-    if round_labels not in ROUND_LABELS:
-        raise ValueError(
-            f"drfi fit: round labels must be one of {', '.join(ROUND_LABELS)}, got {round_labels!r}"
-        )
+    _check_fit_choices(labels, levels, features, round_labels, fusion)
     by_masks = labels == "pseudo" and rounds > 0 and round_labels == "masks"
     items = source.list_items()[:limit] if limit else source.list_items()
     images, skipped = extract_levels(
-        source, items, levels, labels == "gt", log, need_graph=by_masks, cues=features == "drfi+cues"
-    )
+        source, items, levels, labels == "gt", log, need_graph=by_masks or fusion == "learned",
+        cues=features == "drfi+cues",
+    )  # fmt: skip
     if not images:
         raise ValueError("drfi fit: no usable images" + (" with ground truth" if labels == "gt" else ""))
     data = [lv for im in images for lv in im.levels]
@@ -180,7 +220,14 @@ def fit_drfi(
     if labels == "gt":
         y_all = np.concatenate([d.gt_labels for d in data])
         x, y = _balanced(x_all, y_all, rng)
-        return fit_forest(x, y, seed, info, jobs, **forest_kw)
+        forest = fit_forest(x, y, seed, info, jobs, **forest_kw)
+        if fusion == "learned":
+            weights = fit_fusion(images, seed, jobs, **forest_kw)
+            forest.info[FUSION_KEY] = fusion_info(levels, True, weights, len(images))
+            print(
+                f"drfi fit: fusion weights {np.round(weights, 3).tolist()} ({len(images)} photos)", file=log
+            )
+        return forest
 
     scorer: HeuristicScorer | ForestScorer = HeuristicScorer()
     forest = None

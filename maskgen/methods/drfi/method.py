@@ -11,6 +11,7 @@ import numpy as np
 from maskgen.methods.base import Resources, SaliencyMethod, param_number
 from maskgen.methods.drfi.cues import region_cues
 from maskgen.methods.drfi.features import PixelFeatures, RegionStats, minmax, pixel_features, region_features
+from maskgen.methods.drfi.fusion import fusion_weights
 from maskgen.methods.drfi.refine import LevelGraph
 from maskgen.methods.drfi.scoring import CueScorer, ForestScorer, HeuristicScorer
 from maskgen.methods.drfi.segment import LEVEL_SETS, resolve_backend, segment_levels
@@ -47,6 +48,7 @@ def fuse(maps: list[np.ndarray]) -> np.ndarray:
 
 
 SCORERS = ("forest", "heuristic", "rbd", "mr")
+FUSIONS = ("auto", "uniform", "learned")
 
 
 def make_scorers(scorer: str, model: str | None) -> list:
@@ -97,6 +99,7 @@ class DRFI(SaliencyMethod):
         min_size: int | None = None,
         refine: bool | int = True,
         backend: str | None = None,
+        fusion: str = "auto",
     ):
         if levels not in LEVEL_SETS:
             raise ValueError(f"drfi: levels must be one of {', '.join(LEVEL_SETS)}, got {levels!r}")
@@ -121,6 +124,26 @@ class DRFI(SaliencyMethod):
         self.scorers = make_scorers(scorer, model)
         self.refine = bool(refine)
         self.backend = resolve_backend(backend, "drfi")
+        self.fusion_weights = self._fusion_weights(fusion)
+
+    def _fusion_weights(self, fusion: str) -> np.ndarray | None:
+        """``auto``: the forest's learned level weights when it carries them for these levels and
+        this refine setting, else uniform; ``uniform``: always uniform; ``learned``: the forest's,
+        or an error."""
+        if fusion not in FUSIONS:
+            raise ValueError(f"drfi: fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+        forests = [sc for sc in self.scorers if isinstance(sc, ForestScorer)]
+        if fusion == "uniform" or not forests:
+            if fusion == "learned":
+                raise ValueError("drfi: fusion=learned needs a forest scorer whose model has fusion weights")
+            return None
+        weights = fusion_weights(forests[0].forest.info, self.levels_name, len(self.levels), self.refine)
+        if weights is None and fusion == "learned":
+            raise ValueError(
+                f"drfi: fusion=learned: {forests[0].source} has no fusion weights for levels={self.levels_name} "
+                f"refine={int(self.refine)} (maskgen drfi fit --fusion learned)"
+            )
+        return weights
 
     @classmethod
     def canonical_args(cls, args: dict[str, Any]) -> dict[str, Any]:
@@ -140,6 +163,8 @@ class DRFI(SaliencyMethod):
             refine=self.refine,
             backend=self.backend,
         )
+        if self.fusion_weights is not None:  # absent for uniform fusion: older manifests unchanged
+            params["fusion"] = [round(float(w), 6) for w in self.fusion_weights]
         return params
 
     def saliency(self, rgb: np.ndarray) -> np.ndarray:
@@ -153,7 +178,7 @@ class DRFI(SaliencyMethod):
             scores.append([sc.score(feats, st) for sc in self.scorers])
         if self.refine and max(st.area.size for st in stats) > 1:
             graph = LevelGraph.build(pix, labels, stats)
-            refined = graph.refine([level_values(s) for s in scores])
+            refined = graph.refine([level_values(s) for s in scores], self.fusion_weights)
             return refined[labels[graph.finest]].astype(np.float32)
         return fuse([level_map(s, lab) for ss, lab in zip(scores, labels, strict=True) for s in ss])
 

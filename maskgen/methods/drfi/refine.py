@@ -133,20 +133,31 @@ class LevelGraph:
             finest=finest,
         )  # fmt: skip
 
-    def refine(self, level_values: list[np.ndarray]) -> np.ndarray:
+    def refine(self, level_values: list[np.ndarray], weights: np.ndarray | None = None) -> np.ndarray:
         """DRFI's ``refine=1``: refine each level's region values (in [0, 1]) on its own regions,
-        average the refined levels over the finest level's regions, min-max, refine on the
-        finest level (a single level: its refined values as they are). One value per finest
-        region."""
-        refined = [
+        average the refined levels over the finest level's regions (``weights``: a learned
+        weighted sum instead, docs/drfi.md "Fusion"), min-max, refine on the finest level (a
+        single level: its refined values as they are). One value per finest region."""
+        if len(level_values) == 1:  # one level: nothing to fuse, it is already refined on the finest regions
+            return self.refine_levels(level_values)[0]
+        pooled = self.pooled_levels(level_values)
+        if weights is None:
+            prior = minmax(sum(pooled) / (len(pooled) * self.areas[self.finest]))
+        else:
+            prior = minmax(sum(w * p for w, p in zip(weights, pooled, strict=True)) / self.areas[self.finest])
+        return refine_regions(prior, self.lab_means[self.finest], self.adjacencies[self.finest])
+
+    def refine_levels(self, level_values: list[np.ndarray]) -> list[np.ndarray]:
+        """Each level's region values refined on that level's own regions."""
+        return [
             refine_regions(v, m, a)
             for v, m, a in zip(level_values, self.lab_means, self.adjacencies, strict=True)
         ]
-        if len(refined) == 1:  # one level: nothing to fuse, it is already refined on the finest regions
-            return refined[0]
-        pooled = sum(o @ r for o, r in zip(self.overlaps, refined, strict=True))
-        prior = minmax(pooled / (len(refined) * self.areas[self.finest]))
-        return refine_regions(prior, self.lab_means[self.finest], self.adjacencies[self.finest])
+
+    def pooled_levels(self, level_values: list[np.ndarray]) -> list[np.ndarray]:
+        """Each level's refined values summed over every finest region's pixels (divide by the
+        finest areas for means): what the levels' fusion weighs."""
+        return [o @ r for o, r in zip(self.overlaps, self.refine_levels(level_values), strict=True)]
 
     def share_on_levels(self, finest_values: np.ndarray) -> list[np.ndarray]:
         """Each level's regions' pixel-weighted mean of a finest-level region vector."""

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from maskgen.methods.drfi.features import BACKGROUND, CONTRAST, CUE_NAMES, N_FEATURES, RegionStats, minmax
+from maskgen.methods.drfi.fusion import FUSION_KEY, check_fusion_entry
 from maskgen.methods.drfi.kernels import forest_mean
 from maskio.safeload import loads_json
 
@@ -158,6 +159,11 @@ class Forest:
             info = loads_json(str(data["info"]))
         except ValueError as exc:  # not JSON, or nested past the limit
             raise ModelError(f"{path}: unreadable model info ({str(exc).splitlines()[0]})") from None
+        if isinstance(info, dict) and FUSION_KEY in info:
+            try:
+                check_fusion_entry(info[FUSION_KEY])
+            except ValueError as exc:
+                raise ModelError(f"{path}: {exc}") from None
         return cls(
             feature=data["feature"].astype(np.int32),
             threshold=data["threshold"].astype(np.float64),

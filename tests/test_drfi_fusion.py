@@ -97,7 +97,7 @@ def test_drfi_uses_the_models_weights_for_its_levels_only(tmp_path):
     assert "fusion" not in DRFI(model=model, levels="multi6").params
     with pytest.raises(ValueError, match="fusion=learned: .* no fusion weights for levels=multi6"):
         DRFI(model=model, levels="multi6", fusion="learned")
-    with pytest.raises(ValueError, match="fusion must be one of"):
+    with pytest.raises(ValueError, match="--param fusion=.mean.: must be one of auto, uniform, learned"):
         DRFI(fusion="mean")
 
 

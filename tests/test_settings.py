@@ -160,3 +160,22 @@ def test_build_cli_options_are_derived_from_the_build_options():
             assert tuple(p.type.choices) == tuple(f.metadata["choices"]), f.name
         elif isinstance(p.type, click.IntRange):
             assert (p.type.min, p.type.max) == (f.metadata["ge"], f.metadata["le"]), f.name
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "message"),
+    [
+        ("deep", {"gpu_share": 1.5}, "--param gpu_share=1.5: must be a number in (0, 1]"),
+        ("deep", {"precision": "fp8"}, "--param precision='fp8': must be one of auto, fp32, bf16"),
+        ("deep", {"decode": "gpu"}, "--param decode='gpu': must be one of auto, pil, device"),
+        ("drfi", {"levels": "nine"}, "--param levels='nine': must be one of harl, multi, multi6, drfi15"),
+        ("drfi", {"fusion": "mean"}, "--param fusion='mean': must be one of auto, uniform, learned"),
+        ("center", {"sigma": 0}, "--param sigma=0: must be a number > 0"),
+    ],
+)
+def test_method_params_are_checked_by_the_same_mechanism(method, params, message):
+    from maskgen.methods import make_method
+
+    with pytest.raises(ValueError) as info:
+        make_method(method, params)
+    assert str(info.value) == message

@@ -93,3 +93,12 @@ def param_number(
     if integer and value != int(value):
         raise ValueError(f"--param {name}={value}: must be {kind}")
     return float(value)
+
+
+def param_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    """``value`` if it is one of ``choices``, or a ValueError naming ``--param`` and the choices."""
+    try:
+        check_limits(f"--param {name}", value, {"choices": tuple(choices)})
+    except SettingError as exc:
+        raise ValueError(str(exc)) from None
+    return value

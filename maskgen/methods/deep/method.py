@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from maskgen.methods.base import Resources, SaliencyMethod, param_number
+from maskgen.methods.base import Resources, SaliencyMethod, param_choice, param_number
 
 GPU_BATCH, CPU_BATCH = 64, 8
 DEFAULT_HEAD = Path(__file__).parent / "default_head.safetensors"
@@ -72,12 +72,9 @@ class DeepSaliency(SaliencyMethod):
 
         from maskgen.methods.deep.model import PRECISIONS, HeadFileError, check_head, read_head_meta
 
-        if precision not in ("auto", *PRECISIONS):
-            raise ValueError(f"--param precision must be auto, fp32 or bf16, got {precision!r}")
-        if not 0.0 < param_number("gpu_share", gpu_share, low=0.0, strict=True) <= 1.0:
-            raise ValueError(f"--param gpu_share={gpu_share}: must be in (0, 1]")
-        if decode not in DECODERS:
-            raise ValueError(f"--param decode must be one of {', '.join(DECODERS)}, got {decode!r}")
+        param_choice("precision", precision, ("auto", *PRECISIONS))
+        param_number("gpu_share", gpu_share, low=0.0, strict=True, high=1.0)
+        param_choice("decode", decode, DECODERS)
         self.refine = bool(int(refine))
         if decode == "device" and self.refine:
             raise ValueError("deep: refine=1 needs the decoded image on the CPU; use decode=pil or auto")

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from maskgen.methods.base import Resources, SaliencyMethod, param_number
+from maskgen.methods.base import Resources, SaliencyMethod, param_choice, param_number
 from maskgen.methods.drfi.cues import region_cues
 from maskgen.methods.drfi.features import PixelFeatures, RegionStats, minmax, pixel_features, region_features
 from maskgen.methods.drfi.fusion import fusion_weights
@@ -101,8 +101,7 @@ class DRFI(SaliencyMethod):
         backend: str | None = None,
         fusion: str = "auto",
     ):
-        if levels not in LEVEL_SETS:
-            raise ValueError(f"drfi: levels must be one of {', '.join(LEVEL_SETS)}, got {levels!r}")
+        param_choice("levels", levels, tuple(LEVEL_SETS))
         self.levels_name = levels
         self.levels = list(LEVEL_SETS[levels])
         if any(v is not None for v in (sigma, k, min_size)):
@@ -130,8 +129,7 @@ class DRFI(SaliencyMethod):
         """``auto``: the forest's learned level weights when it carries them for these levels and
         this refine setting, else uniform; ``uniform``: always uniform; ``learned``: the forest's,
         or an error."""
-        if fusion not in FUSIONS:
-            raise ValueError(f"drfi: fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+        param_choice("fusion", fusion, FUSIONS)
         forests = [sc for sc in self.scorers if isinstance(sc, ForestScorer)]
         if fusion == "uniform" or not forests:
             if fusion == "learned":

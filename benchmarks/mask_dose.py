@@ -119,7 +119,8 @@ def report(args: argparse.Namespace) -> None:
         gains = []
         for metric in METRICS:
             mean, se, n = paired_gain(results, twin, metric)
-            gains.append("" if label in (args.twin_label, "random") or not n else f"{mean:+.1f} ± {se:.1f}")
+            spread = f" ± {se:.1f}" if n > 1 else " (1 seed)"
+            gains.append("" if label in (args.twin_label, "random") or not n else f"{mean:+.1f}{spread}")
             if label not in (args.twin_label, "random") and n and miou is not None:
                 points.append((label, miou, metric, mean, se))
         miou_text = "—" if miou is None or label == args.twin_label else f"{miou:.3f}"  # the twin reads none

@@ -20,6 +20,7 @@ from PIL import Image
 
 from maskgen.groundtruth import GroundTruthLookup, safe_lookup
 from maskgen.metrics import MetricSums
+from maskgen.templating import template
 from maskgen.worker import N_EXTREMES
 from maskio.atomic import atomic_open, write_json
 from maskio.errors import ShardFormatError
@@ -265,11 +266,8 @@ def _histogram(hist: list[int], width: int = 400, height: int = 120) -> dict[str
 
 
 def _template() -> jinja2.Template:
-    """report.html's template; autoescaping, so no path, key or error text from a build
-    (a file may be named ``<script>``) reaches the page unescaped."""
-    env = jinja2.Environment(loader=jinja2.PackageLoader("maskgen", "templates"), autoescape=True,
-                             undefined=jinja2.StrictUndefined)  # fmt: skip
-    return env.get_template("report.html")
+    """report.html's template (autoescaped: ``maskgen.templating``)."""
+    return template("report.html")
 
 
 def render_html(

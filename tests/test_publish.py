@@ -184,6 +184,29 @@ def test_card_metadata_rules():
     ]
 
 
+def test_the_card_is_one_jinja_template_that_writes_values_as_given():
+    """One template, one engine (issue 45): the card body comes from maskgen/templates through
+    the engine report.html uses; a value that looks like a placeholder is written as given,
+    every placeholder is filled, and a value the card needs but lacks is an error."""
+    from maskgen.publish.card import render_card
+    from maskgen.templating import template
+
+    manifest = {"source": "folder", "n_samples": 3, "method": "drfi", "method_params": {}, "threshold": 0.5,
+                "command": "maskgen build --out '{{ repo }}' ${repo}", "n_shards": 2, "class_names": ["a"]}  # fmt: skip
+    card = render_card(manifest, {}, "me/masks", masks_only=True)
+    assert "`maskgen build --out '{{ repo }}' ${repo}`" in card  # the command, not re-rendered
+    assert "maskgen-{000000..000001}.tar" in card and "hf download me/masks" in card
+    body = card.split("---\n", 2)[2]
+    assert "{{" not in body.replace("'{{ repo }}'", "") and card.endswith("\n")
+    with pytest.raises(Exception, match="'pretty_name' is undefined"):
+        template("dataset_card.md").render({})
+    package = Path(__file__).resolve().parents[1] / "maskgen"
+    assert (
+        not list((package / "publish").glob("*.md"))
+        and "string.Template" not in (package / "publish" / "card.py").read_text()
+    )
+
+
 @pytest.mark.parametrize(
     "mode",
     ["warning", "zero_width", "whoami_list", "repo_url", "combining", "filler", "nested_name", "percent_url"],

@@ -1,14 +1,14 @@
 """The dataset card: Hub metadata (YAML front matter) and a body rendered from
-``data_cards/template.md`` (``${name}`` placeholders, ``string.Template``)."""
+``maskgen/templates/dataset_card.md`` (Jinja2, as report.html: ``maskgen.templating``)."""
 
 from __future__ import annotations
 
 import json
-import string
-from importlib import resources
 from typing import Any
 
 import yaml
+
+from maskgen.templating import template
 
 # licence metadata per source; ImageNet-derived data is "other" with ImageNet's terms
 LICENSES: dict[str, dict[str, str]] = {
@@ -103,7 +103,6 @@ def render_card(
     license_id: str | None = None,
 ) -> str:
     meta = card_metadata(manifest, repo, masks_only, license_id)
-    template = resources.files("maskgen.publish").joinpath("dataset_card_template.md").read_text()
     fields = ["| `KEY.jpg` | the image (original bytes when they were JPEG) |"] if not masks_only else []
     fields.append("| `KEY.mask.png` | the binary foreground mask, 8-bit 0/255, the image's size |")
     if manifest.get("save_saliency"):
@@ -144,6 +143,6 @@ def render_card(
         "local_name": repo.split("/")[-1],
         "extra_limitations": "\n".join(extra),
     }
-    body = string.Template(template).substitute(values)
+    body = template("dataset_card.md").render(values)
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000)
     return f"---\n{front}---\n\n{body}"

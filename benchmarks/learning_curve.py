@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ssl_compare import SHARED, evaluate
 
-from sslmask.config import load_config
+from sslmask.config import load_settings
 from sslmask.engine import snapshot_path, train
 
 
@@ -50,17 +50,17 @@ def main() -> None:
             f"train.epochs={epochs[-1]}",
             f"train.snapshot_epochs={epochs}",
         ]
-        cfg = load_config(method, args.config, sets)
-        size = args.image_size or cfg["data"]["image_size"]
+        cfg = load_settings(method, args.config, sets)
+        size = args.image_size or cfg.data.image_size
         if not points:
-            points.append(point("random", 0, "random", cfg["model"]["arch"], args, size))
+            points.append(point("random", 0, "random", cfg.model.arch, args, size))
         run = out / f"{method}-seed{args.seed}"
         t0 = time.perf_counter()
         train(args.train, cfg, run, resume=True)
         print(f"{method}: trained in {(time.perf_counter() - t0) / 60:.1f} min (this invocation)", flush=True)
         for epoch in epochs:
             snap = str(snapshot_path(run, epoch))
-            points.append(point(method, epoch, snap, cfg["model"]["arch"], args, size))
+            points.append(point(method, epoch, snap, cfg.model.arch, args, size))
     (out / "curve.json").write_text(json.dumps(points, indent=2))
     print(f"\n{'backbone':<10}{'epochs':>7}{'k-NN k=20':>11}{'linear':>9}   (top-1 %, {args.val[0]})")
     for p in points:

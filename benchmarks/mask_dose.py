@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> None:
         arch = None
         for label, build, method, sets in arms:
             cfg_label, cfg = variant_config(":".join([method, *sets]), args.config, args.overrides, seed)
-            arch = cfg["model"]["arch"]
+            arch = cfg.model.arch
             if (label, seed) in done_runs(out):
                 continue
             folder = out / f"{label}-seed{seed}"

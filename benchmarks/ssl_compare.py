@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sslmask.config import default_config, load_config
+from sslmask.config import RunSettings, default_config, load_settings
 from sslmask.engine import train
 from sslmask.eval.features import labelled_features, split_features
 from sslmask.eval.knn import knn_eval
@@ -81,12 +81,12 @@ def parse_variant(spec: str) -> tuple[str, str, list[str]]:
     return label, method, sets
 
 
-def variant_config(spec: str, config: str | None, overrides: list[str], seed: int) -> tuple[str, dict]:
-    """The label and config of one row: the overrides whose section the method has, then its own."""
+def variant_config(spec: str, config: str | None, overrides: list[str], seed: int) -> tuple[str, RunSettings]:
+    """The label and settings of one row: the overrides whose section the method has, then its own."""
     label, method, sets = parse_variant(spec)
     sections = set(default_config(method))
     mine = [o for o in overrides if o.split(".")[0] in sections]
-    return label, load_config(method, config, [*mine, *sets, f"train.seed={seed}"])
+    return label, load_settings(method, config, [*mine, *sets, f"train.seed={seed}"])
 
 
 def evaluate(checkpoint: str, arch: str, train_spec, val_spec, size: int, seed: int,
@@ -138,13 +138,13 @@ def main() -> None:
         arch = None
         for spec in args.methods:
             label, cfg = variant_config(spec, args.config, args.overrides, seed)
-            arch = cfg["model"]["arch"]
+            arch = cfg.model.arch
             run = out / f"{label}-seed{seed}"
             t0 = time.perf_counter()
             train(args.train, cfg, run, resume=True)
             minutes = (time.perf_counter() - t0) / 60
             for branch in args.branches:
-                kind = RETRIEVAL_FEATURES.get(cfg["method"], "backbone")
+                kind = RETRIEVAL_FEATURES.get(cfg.method, "backbone")
                 row = evaluate(str(run), arch, bank, args.val, args.image_size, seed, branch, kind)
                 row.update(segas_evaluations(str(run), arch, args, seed, branch))
                 rows[label + suffix(branch)].append(row)

@@ -34,7 +34,7 @@ import time
 import torch
 from ssl_compare import parse_variant
 
-from sslmask.config import default_config, load_config
+from sslmask.config import RunSettings, default_config, load_settings
 from sslmask.methods import METHODS, build_method
 from sslmask.optim import build_optimizer
 from sslmask.progress import Progress
@@ -55,18 +55,18 @@ def seed_prototypes(method, dim: int, n: int = 2600) -> None:
     method.instance_labels = torch.from_numpy(np.stack(labels)).to(method.queue.device)
 
 
-def make_config(label: str, args) -> dict:
+def make_config(label: str, args) -> RunSettings:
     """The config of a ``--methods`` entry (a name, or ``LABEL=METHOD:KEY=VALUE...``)."""
     _, name, own = parse_variant(label)
     sets = [f"model.arch={args.arch}", f"data.image_size={args.size}", *args.set]
     sections = set(default_config(name))  # scfs takes dino.* sets too
-    return load_config(name, None, [*[s for s in sets if s.split(".")[0] in sections], *own])
+    return load_settings(name, None, [*[s for s in sets if s.split(".")[0] in sections], *own])
 
 
 def make(label: str, args):
     """The method of a ``--methods`` entry and a fixed batch of its views and masks."""
     cfg = make_config(label, args)
-    name = cfg["method"]
+    name = cfg.method
     torch.manual_seed(0)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     method = build_method(cfg).to(args.device, memory_format=fmt)
@@ -80,7 +80,7 @@ def make(label: str, args):
         batch[f"mask{v}"] = mask.to(args.device)
     batch["index"] = torch.arange(args.batch, device=args.device)
     if name == "segas":
-        seed_prototypes(method, cfg["model"]["proj_dim"])
+        seed_prototypes(method, cfg.model.proj_dim)
     return method, batch
 
 

@@ -4,7 +4,6 @@ imports it and trains it two steps, so the guide's code cannot drift from the AP
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -15,7 +14,7 @@ from sslmask.losses import moco_v3_loss
 from sslmask.methods.base import MomentumMethod
 from sslmask.momentum import MomentumPairs, frozen_copy
 from sslmask.progress import Progress
-from sslmask.settings import ModelSettings, Section, setting
+from sslmask.settings import RunSettings, Section, setting
 
 
 # --- the guide's example begins ---
@@ -30,10 +29,10 @@ class MyMethod(MomentumMethod):
     name = "mine"
     sections = (MyMethodSettings,)  # a subclass of another method adds to its parent's
 
-    def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
-        super().__init__(backbone, cfg)
-        self.mine = MyMethodSettings.of(cfg)  # already checked when the YAML was loaded
-        model = ModelSettings.of(cfg)
+    def __init__(self, backbone: Backbone, settings: RunSettings):
+        super().__init__(backbone, settings)
+        self.mine = settings.section(MyMethodSettings)  # typed and checked when the YAML was loaded
+        model = settings.model
         self.projector = mlp(backbone.num_features, model.proj_hidden, model.proj_dim, layers=2, last_bn=True)
         self.key_backbone, self.key_projector = frozen_copy(backbone), frozen_copy(self.projector)
         self.ema = MomentumPairs((self.backbone, self.key_backbone), (self.projector, self.key_projector))

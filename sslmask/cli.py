@@ -14,7 +14,7 @@ from maskio.errors import ShardError, describe_os_error, error_line, printable
 from maskio.outputs import refuse_protected
 from maskio.records import resolve_shards
 from sslmask.checkpoint import CheckpointError
-from sslmask.config import MAX_IMAGE_SIZE, ConfigError, available_methods, load_config
+from sslmask.config import MAX_IMAGE_SIZE, ConfigError, available_methods, load_settings
 from sslmask.data import dumps, summarize
 from sslmask.eval.features import FEATURE_KINDS
 
@@ -112,15 +112,15 @@ def train(
     extra = ([f"train.seed={seed}"] if seed is not None else []) + (
         ["train.deterministic=true"] if deterministic else []
     )
-    cfg = load_config(method, config_file, [*overrides, *extra])
+    settings = load_settings(method, config_file, [*overrides, *extra])
     if images is not None:  # a path, whatever it looks like (--set would type "2024" as a number)
-        cfg["data"]["images"] = str(Path(images).resolve())
+        settings = settings.replace("data", images=str(Path(images).resolve()))
     if print_config:
         import yaml
 
-        click.echo(yaml.safe_dump(cfg, sort_keys=False), nl=False)
+        click.echo(yaml.safe_dump(settings.to_config(), sort_keys=False), nl=False)
         return
-    ckpt = run_training(list(shards), cfg, run, resume=resume == "auto")
+    ckpt = run_training(list(shards), settings, run, resume=resume == "auto")
     click.echo(f"sslmask: trained {method} -> {ckpt}", err=True)
 
 

@@ -5,18 +5,30 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import yaml
 
 from maskio.errors import KeyValueError
 from maskio.keyvalue import parse_value, split_pair
 from maskio.safeload import UnsafeDocument, safe_yaml
-from sslmask.settings import MAX_IMAGE_SIZE, SHARED_SECTIONS, ConfigError, closest
+from maskio.settings import SettingError, checked
+from sslmask.settings import MAX_IMAGE_SIZE, SHARED_SECTIONS, ConfigError, RunSettings, Section, closest
 
-__all__ = ["MAX_IMAGE_SIZE", "ConfigError", "available_methods", "diff", "load_config", "validate"]
+__all__ = [
+    "MAX_IMAGE_SIZE",
+    "ConfigError",
+    "RunSettings",
+    "available_methods",
+    "diff",
+    "load_config",
+    "load_settings",
+    "parse",
+    "saved_settings",
+]
 
 
 def available_methods() -> list[str]:
@@ -59,34 +71,56 @@ def packaged_overlay(name: str) -> Path | None:
     return Path(str(path)) if path.is_file() else None
 
 
-def _check_type(key: str, old: Any, new: Any, where: str) -> Any:
-    if old is None or new is None:
-        return new
-    if isinstance(new, str) and isinstance(old, (int, float)) and not isinstance(old, bool):
-        with contextlib.suppress(ValueError):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            new = float(new)
-    if isinstance(old, bool) != isinstance(new, bool):
-        raise ConfigError(f"{where}: {key} must be {type(old).__name__}, got {new!r}")
-    if isinstance(old, float) and isinstance(new, int):
-        return float(new)
-    if isinstance(old, int) and isinstance(new, float) and new.is_integer():
-        return int(new)
-    if type(old) is not type(new) and not (isinstance(old, (int, float)) and isinstance(new, (int, float))):
-        raise ConfigError(f"{where}: {key} must be {type(old).__name__}, got {new!r}")
-    return new
+def _yaml_number(value: Any, hint: Any) -> Any:
+    """What YAML and ``--set`` give for a number, as the field's type wants it: YAML 1.1 reads
+    "1e-3" (no dot) as a string, and "2.0" for an int field means 2."""
+    if isinstance(value, str) and float in get_args(hint) + (hint,):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    if isinstance(value, float) and value.is_integer() and int in get_args(hint) + (hint,):
+        return int(value)
+    return value
 
 
-def _merge(base: dict[str, Any], overlay: dict[str, Any], where: str, prefix: str = "") -> None:
-    for key, value in overlay.items():
-        full = f"{prefix}{key}"
-        if key not in base:
-            raise ConfigError(f"{where}: unknown config key {full!r}{closest(key, list(base), prefix)}")
-        if isinstance(base[key], dict):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}: {full} is a section, got {value!r}")
-            _merge(base[key], value, where, f"{full}.")
-        else:
-            base[key] = _check_type(full, base[key], value, where)
+def _section_classes(method: str) -> dict[str, type[Section]]:
+    """Section name -> class, for the shared sections and those ``method`` declares."""
+    from sslmask.methods import METHODS
+
+    own = METHODS[method].sections if method in METHODS else ()
+    return {cls.section: cls for cls in (*SHARED_SECTIONS, *own)}
+
+
+def _merge(base: dict[str, Any], overlay: dict[str, Any], where: str) -> None:
+    """``overlay`` into ``base``, every key known and every value checked as its setting
+    declares it (``sslmask.settings``), the message naming where it came from."""
+    classes = _section_classes(base["method"])
+    for name, values in overlay.items():
+        if name not in base:
+            raise ConfigError(f"{where}: unknown config key {name!r}{closest(name, list(base))}")
+        if not isinstance(base[name], dict) or name not in classes:
+            raise ConfigError(f"{where}: {name} is not a section one can set")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: {name} is a section, got {values!r}")
+        base[name].update(_checked_values(classes[name], base[name], values, where))
+
+
+def _checked_values(kind: type[Section], current: dict[str, Any], values: dict[str, Any], where: str) -> dict:
+    known = {f.name: f for f in fields(kind)}
+    hints = get_type_hints(kind)
+    out = {}
+    for key, value in values.items():
+        full = f"{kind.section}.{key}"
+        if key not in current or key not in known:
+            raise ConfigError(
+                f"{where}: unknown config key {full!r}{closest(key, list(current), kind.section + '.')}"
+            )
+        if isinstance(value, dict):
+            raise ConfigError(f"{where}: {full} is a setting, not a section; got {value!r}")
+        try:
+            out[key] = checked(full, _yaml_number(value, hints[key]), hints[key], known[key].metadata)
+        except SettingError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return out
 
 
 def parse_set(item: str) -> dict[str, Any]:
@@ -105,9 +139,22 @@ def parse_set(item: str) -> dict[str, Any]:
     return out
 
 
+def load_settings(
+    method: str, config_file: str | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> RunSettings:
+    """The method's packaged config, the overlay file, then ``--set`` overrides, each value
+    checked as it is merged; then the whole parsed once into typed settings."""
+    return parse(_merged(method, config_file, overrides))
+
+
 def load_config(
     method: str, config_file: str | None = None, overrides: list[str] | tuple[str, ...] = ()
-) -> dict:
+) -> dict[str, Any]:
+    """The same, as the plain mapping a run saves (``load_settings(...).to_config()``)."""
+    return load_settings(method, config_file, overrides).to_config()
+
+
+def _merged(method: str, config_file: str | None, overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     cfg = copy.deepcopy(default_config(method))
     if config_file:
         path = Path(config_file)
@@ -125,7 +172,6 @@ def load_config(
         _merge(cfg, _shared_overlay(overlay, cfg), str(config_file))
     for item in overrides:
         _merge(cfg, parse_set(item), f"--set {item}")
-    validate(cfg)
     return cfg
 
 
@@ -137,16 +183,32 @@ def _shared_overlay(overlay: dict[str, Any], cfg: dict[str, Any]) -> dict[str, A
     return {k: v for k, v in overlay.items() if k in cfg or k not in methods}
 
 
-def validate(cfg: dict[str, Any]) -> None:
-    """One ConfigError line naming the first bad value: every section is built as its typed
-    class (``sslmask.settings``: the shared ones, and those the method declares)."""
+def parse(cfg: dict[str, Any]) -> RunSettings:
+    """A merged config mapping as typed settings, or one ConfigError line naming the first bad
+    value: every section is built as its class (the shared ones and those the method declares)."""
     from sslmask.methods import METHODS
 
     name = cfg.get("method")
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-    for section in (*SHARED_SECTIONS, *METHODS[name].sections):
-        section.of(cfg)
+    unknown = [key for key in cfg if key != "method" and key not in _section_classes(name)]
+    if unknown:
+        raise ConfigError(f"unknown config section {unknown[0]!r} for method {name}")
+    return RunSettings.parse(cfg, METHODS[name].sections)
+
+
+def saved_settings(saved: dict[str, Any]) -> RunSettings:
+    """A saved run's config (checkpoint, config.yaml) as settings. A run saved before a key
+    existed gets that key's packaged default, and a key since removed is dropped, so every old
+    run can be rebuilt for evaluation; the values it did save are checked as any config's."""
+    method = saved.get("method")
+    if method not in available_methods():
+        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(available_methods())}")
+    cfg = copy.deepcopy(default_config(method))
+    for name, values in saved.items():
+        if isinstance(values, dict) and isinstance(cfg.get(name), dict):
+            cfg[name].update({k: v for k, v in values.items() if k in cfg[name]})
+    return parse(cfg)
 
 
 def diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

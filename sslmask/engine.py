@@ -37,7 +37,7 @@ from sslmask.checkpoint import (
     run_checkpoint_path,
     save_atomic,
 )
-from sslmask.config import ConfigError, diff, validate
+from sslmask.config import ConfigError, diff
 from sslmask.dataset import EpochBatchSampler, ViewsDataset, steps_per_epoch
 from sslmask.eval.knn import knn_eval
 from sslmask.features import extract_features_sharded
@@ -46,7 +46,7 @@ from sslmask.optim import build_optimizer, clip_gradients
 from sslmask.precision import PrecisionError, amp_dtype, resolve_amp
 from sslmask.progress import Progress
 from sslmask.schedules import cosine, warmup_cosine
-from sslmask.settings import OptimSettings, RunSettings, TrainSettings
+from sslmask.settings import RunSettings, TrainSettings
 
 TB_DIR = "tb"
 
@@ -102,8 +102,9 @@ def _set_determinism(train: TrainSettings, info: D.DistInfo) -> None:
 RUN_CHECKPOINT_KEYS = ("method", "optimizer", "scaler", "step", "config", "rng")
 
 
-def _prepare_run_dir(run: Path, cfg: dict[str, Any], resume: bool, info: D.DistInfo) -> dict[str, Any] | None:
+def _prepare_run_dir(run: Path, s: RunSettings, resume: bool, info: D.DistInfo) -> dict[str, Any] | None:
     """Create or check the run folder; the checkpoint to resume from, if any."""
+    cfg = s.to_config()
     ckpt_path = run_checkpoint_path(run)
     saved_cfg = run / CONFIG_FILE
     if resume and ckpt_path.exists():
@@ -225,32 +226,30 @@ def knn_monitor(
     return {"knn_top1": res[f"k={k}"]["top1"]}
 
 
-def check_config(cfg: dict[str, Any], info: D.DistInfo) -> RunSettings:
-    """Refuse what cannot run, before anything is read or written; the typed shared sections."""
-    validate(cfg)
-    s = RunSettings.of(cfg)
+def check_config(s: RunSettings, info: D.DistInfo) -> None:
+    """Refuse what cannot run on this machine, before anything is read or written (the values
+    themselves were checked when the config was parsed)."""
     if s.train.sync_bn and info.world_size > 1 and info.device.type != "cuda":
         raise ConfigError("train.sync_bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel)")
     try:
         resolve_amp(s.train.amp, info.device)
     except PrecisionError as exc:
         raise ConfigError(str(exc)) from None
-    return s
 
 
-def check_model_memory(cfg: dict[str, Any]) -> None:
+def check_model_memory(s: RunSettings) -> None:
     """The model built on the meta device (no memory), its parameters and buffers counted: their
     bytes four times over (weights, gradients, optimiser state, momentum copies) must fit the
     memory left, or a size such as ``model.proj_hidden=100000000`` is one ConfigError line
     instead of an allocation failure or an OOM kill."""
     try:
         with torch.device("meta"):
-            method = build_method(cfg)
+            method = build_method(s)
     except ValueError as exc:  # what the real build would refuse, said before it
         raise ConfigError(str(exc)) from exc
     n = sum(t.numel() for t in (*method.parameters(), *method.buffers()))
     try:
-        check_fits(4 * 4 * n, f"{cfg['method']} with {cfg['model']['arch']} ({n / 1e6:,.0f} M parameters)")
+        check_fits(4 * 4 * n, f"{s.method} with {s.model.arch} ({n / 1e6:,.0f} M parameters)")
     except MemoryError as exc:
         raise ConfigError(
             f"{exc}: lower model.proj_hidden, model.proj_dim or the method's head sizes"
@@ -271,10 +270,10 @@ def run_precision(requested: str, ckpt: dict[str, Any] | None, info: D.DistInfo)
     return recorded
 
 
-def load_records(shards: list[str], cfg: dict[str, Any], run: Path, info: D.DistInfo) -> Records:
+def load_records(shards: list[str], s: RunSettings, run: Path, info: D.DistInfo) -> Records:
     """Rank 0 indexes the shards (or reads its cache); the others then read that cache."""
-    needs_masks = METHODS[cfg["method"]].reads_masks(cfg)
-    images = cfg["data"]["images"]
+    needs_masks = METHODS[s.method].reads_masks(s)
+    images = s.data.images
     if info.main:
         records = index_cached(shards, needs_masks, run / INDEX_CACHE, images)
     D.barrier(info)
@@ -291,8 +290,7 @@ class Loop:
     forward: Any  # what runs the batch: the method, DDP-wrapped and/or compiled
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    cfg: dict[str, Any]  # as saved in the checkpoint
-    s: RunSettings  # its shared sections, typed
+    s: RunSettings  # the run's settings (saved in the checkpoint as ``s.to_config()``)
     info: D.DistInfo
     steps_per_epoch: int
     total: int
@@ -310,16 +308,15 @@ class Loop:
         return Progress(self.step, self.total, self.steps_per_epoch, self.s.train.seed, self.info.rank)
 
 
-def build_loop(method: SSLMethod, cfg: dict[str, Any], info: D.DistInfo, spe: int, amp: str) -> Loop:
+def build_loop(method: SSLMethod, s: RunSettings, info: D.DistInfo, spe: int, amp: str) -> Loop:
     """Device, optimiser (with the method's parameter groups), AMP (``amp`` resolved: bf16, fp16
     or none) and the DDP wrapper."""
-    s = RunSettings.of(cfg)
     if s.train.sync_bn and info.world_size > 1:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     memory_format = torch.channels_last if s.train.channels_last else torch.contiguous_format
     method = method.to(info.device, memory_format=memory_format)
     base_lr = s.optim.lr * s.data.batch_size * info.world_size / 256
-    groups = method.param_groups(s.optim.weight_decay, decay_exclude(method, cfg))
+    groups = method.param_groups(s.optim.weight_decay, decay_exclude(method, s))
     optimizer = build_optimizer(s.optim.name, groups, base_lr, s.optim.momentum)
     model: torch.nn.Module = method
     if info.world_size > 1:
@@ -331,7 +328,6 @@ def build_loop(method: SSLMethod, cfg: dict[str, Any], info: D.DistInfo, spe: in
         forward=torch.compile(model) if s.train.compile else model,
         optimizer=optimizer,
         scaler=torch.amp.GradScaler(info.device.type, enabled=amp == "fp16"),
-        cfg=cfg,
         s=s,
         info=info,
         steps_per_epoch=spe,
@@ -343,10 +339,10 @@ def build_loop(method: SSLMethod, cfg: dict[str, Any], info: D.DistInfo, spe: in
     )
 
 
-def decay_exclude(method: SSLMethod, cfg: dict[str, Any]) -> str:
+def decay_exclude(method: SSLMethod, s: RunSettings) -> str:
     """``optim.decay_exclude`` with ``auto`` resolved to the method's reference rule."""
-    rule = OptimSettings.of(cfg).decay_exclude
-    return type(method).reference_decay_exclude(cfg) if rule == "auto" else rule
+    rule = s.optim.decay_exclude
+    return type(method).reference_decay_exclude(s) if rule == "auto" else rule
 
 
 def restore(loop: Loop, ckpt: dict[str, Any], run: Path) -> None:
@@ -429,7 +425,7 @@ def _save(loop: Loop, run: Path) -> None:
             "optimizer": loop.optimizer.state_dict(),
             "scaler": loop.scaler.state_dict(),
             "step": loop.step,
-            "config": loop.cfg,
+            "config": loop.s.to_config(),
             "rng": _rng_state(),
             "eval_branch": loop.method.eval_branch,
             "amp": loop.amp,
@@ -511,24 +507,24 @@ def run_epoch(loop: Loop, dataset: ViewsDataset, epoch: int, log: RunLog, steps:
             _save(loop, run)
 
 
-def train(shards: list[str], cfg: dict[str, Any], run: str | Path, resume: bool = False) -> Path:
-    """Train ``cfg["method"]`` on ``shards`` into the folder ``run``; returns the checkpoint path.
-    The builds it reads stay locked against a rebuild while it runs (``maskio.buildlock``)."""
+def train(shards: list[str], settings: RunSettings, run: str | Path, resume: bool = False) -> Path:
+    """Train ``settings.method`` on ``shards`` into the folder ``run``; returns the checkpoint
+    path. The builds it reads stay locked against a rebuild while it runs (``maskio.buildlock``)."""
     with reading_builds(shards):
-        return _train(shards, cfg, Path(run), resume)
+        return _train(shards, settings, Path(run), resume)
 
 
-def _train(shards: list[str], cfg: dict[str, Any], run: Path, resume: bool) -> Path:
+def _train(shards: list[str], s: RunSettings, run: Path, resume: bool) -> Path:
     info = D.init_distributed()
-    s = check_config(cfg, info)
+    check_config(s, info)
     _set_determinism(s.train, info)
     method_cls = METHODS[s.method]
-    check_model_memory(cfg)
+    check_model_memory(s)
     try:
-        method = build_method(cfg, init=True)  # a resume then overwrites these weights
+        method = build_method(s, init=True)  # a resume then overwrites these weights
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    records = load_records(shards, cfg, run, info)
+    records = load_records(shards, s, run, info)
     spe = steps_per_epoch(len(records), s.data.batch_size, info.world_size, s.data.samples_per_epoch)
     if spe == 0:
         raise TrainingError(
@@ -536,16 +532,16 @@ def _train(shards: list[str], cfg: dict[str, Any], run: Path, resume: bool) -> P
             f"({s.data.batch_size} x {info.world_size} processes)"
         )
     try:
-        method_cls.check_data(cfg, len(records))
+        method_cls.check_data(s, len(records))
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    ckpt = _prepare_run_dir(run, cfg, resume, info)
-    loop = build_loop(method, cfg, info, spe, run_precision(s.train.amp, ckpt, info))
+    ckpt = _prepare_run_dir(run, s, resume, info)
+    loop = build_loop(method, s, info, spe, run_precision(s.train.amp, ckpt, info))
     if ckpt is not None:
         restore(loop, ckpt, run)
-    views = method_cls.view_specs(cfg)
-    dataset = ViewsDataset(records, views, s.train.seed, masks=method_cls.uses_masks(cfg),
-                           crop_masks=method_cls.reads_masks(cfg))  # fmt: skip
+    views = method_cls.view_specs(s)
+    dataset = ViewsDataset(records, views, s.train.seed, masks=method_cls.uses_masks(s),
+                           crop_masks=method_cls.reads_masks(s))  # fmt: skip
     log = RunLog(run, info.main)
     if info.main and loop.step == 0:
         log.write({"kind": "start", "step": 0, "samples": len(records), "steps_per_epoch": spe,

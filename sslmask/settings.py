@@ -11,6 +11,7 @@ every saved run loads unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, TypeVar, get_type_hints
@@ -68,6 +69,14 @@ class Section:
 
     def check(self) -> None:
         """Relations between fields; a ValueError whose text starts with the field's name."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The section as its config mapping (lists copied, so the mapping can be edited)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 _hints = functools.cache(get_type_hints)  # a section's field types, read once per class
@@ -183,7 +192,11 @@ SHARED_SECTIONS: tuple[type[Section], ...] = (
 
 @dataclass(frozen=True)
 class RunSettings:
-    """The sections every run has, typed: what the training loop reads."""
+    """A run's whole config, parsed and checked once (``sslmask.config.parse``): the shared
+    sections the training loop reads and the method's own sections (``sections``, in the
+    order the method declares them), all typed. Methods are built from it and read their
+    section with ``section(Kind)``; ``to_config`` gives back the plain mapping a checkpoint
+    and ``config.yaml`` save, so saved runs stay readable without this package."""
 
     method: str
     data: DataSettings
@@ -192,7 +205,27 @@ class RunSettings:
     ema: EMASettings
     train: TrainSettings
     monitor: MonitorSettings
+    sections: tuple[Section, ...] = ()
 
     @classmethod
-    def of(cls, cfg: dict[str, Any]) -> RunSettings:
-        return cls(cfg["method"], *(section.of(cfg) for section in SHARED_SECTIONS))
+    def parse(cls, cfg: dict[str, Any], own: tuple[type[Section], ...]) -> RunSettings:
+        """``cfg`` (a merged config mapping) with ``own``, the method's section classes."""
+        shared = (section.of(cfg) for section in SHARED_SECTIONS)
+        return cls(cfg["method"], *shared, sections=tuple(section.of(cfg) for section in own))
+
+    def section(self, kind: type[S]) -> S:
+        """The method's section of class ``kind`` (e.g. ``HARLSettings``)."""
+        for section in self.sections:
+            if type(section) is kind:
+                return section
+        raise ConfigError(f"a {self.method} config has no {kind.section!r} section")
+
+    def replace(self, section: str, **values: Any) -> RunSettings:
+        """A copy with ``values`` changed in the shared ``section``, checked as loading checks them."""
+        old = getattr(self, section)
+        return dataclasses.replace(self, **{section: type(old).from_dict({**old.as_dict(), **values})})
+
+    def to_config(self) -> dict[str, Any]:
+        """The plain mapping (method, shared sections, the method's own), as a run saves it."""
+        shared = (getattr(self, s.section) for s in SHARED_SECTIONS)
+        return {"method": self.method, **{s.section: s.as_dict() for s in (*shared, *self.sections)}}

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from ddp_reference import global_batch
 
-from sslmask.config import load_config
+from sslmask.config import load_settings
 from sslmask.methods import build_method
 from sslmask.progress import Progress
 
@@ -18,7 +18,7 @@ SETS = ["model.proj_hidden=32", "model.pred_hidden=32", "model.proj_dim=16", "mo
 
 
 def make(name: str):
-    cfg = load_config(name, "cpu-demo", [s for s in SETS if s.split(".")[0] in ("model", name)])
+    cfg = load_settings(name, "cpu-demo", [s for s in SETS if s.split(".")[0] in ("model", name)])
     torch.manual_seed(0)
     return build_method(cfg)
 
@@ -31,9 +31,9 @@ def main(name: str, out: str) -> None:
     batch = {k: v for k, v in global_batch().items() if k.startswith("view")}
     half = len(batch["view0"]) // world
     local = {k: v[rank * half : (rank + 1) * half] for k, v in batch.items()}
-    loss = model(local, Progress(3, 10, 10, method.cfg["train"]["seed"], rank))["loss"]
+    loss = model(local, Progress(3, 10, 10, method.settings.train.seed, rank))["loss"]
     loss.backward()
-    method.after_optimizer_step(Progress(3, 10, 10, method.cfg["train"]["seed"], rank))
+    method.after_optimizer_step(Progress(3, 10, 10, method.settings.train.seed, rank))
     reduced = loss.detach().clone()
     dist.all_reduce(reduced)
     grads = {n: p.grad for n, p in method.named_parameters() if p.grad is not None}

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from sslmask.config import load_config
+from sslmask.config import load_settings
 from sslmask.methods import build_method
 
 
 def make_method():
-    cfg = load_config(
+    cfg = load_settings(
         "harl", "cpu-demo", ["model.proj_hidden=32", "model.pred_hidden=32", "model.proj_dim=16"]
     )
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ from sslmask.checkpoint import (
     resolve_branch,
     save_atomic,
 )
-from sslmask.config import load_config
+from sslmask.config import load_config, load_settings
 from sslmask.engine import decay_exclude
 from sslmask.methods import build_method
 from sslmask.optim import clip_gradients
@@ -28,7 +28,7 @@ TINY = ["model.proj_hidden=32", "model.pred_hidden=24", "model.proj_dim=16"]
 
 def _method(name: str, *sets: str, config: str = "cpu-demo"):
     torch.manual_seed(0)
-    return build_method(load_config(name, config, [*TINY, *sets]))
+    return build_method(load_settings(name, config, [*TINY, *sets]))
 
 
 def _layout(seq: nn.Sequential) -> list[str]:
@@ -125,13 +125,12 @@ def test_lodisc_trains_its_patch_embedding():
 )
 def test_auto_weight_decay_rule_is_each_references(method, sets, rule):
     m = _method(method, *sets)
-    cfg = m.cfg
-    assert cfg["optim"]["decay_exclude"] == "auto"
-    assert decay_exclude(m, cfg) == rule
+    assert m.settings.optim.decay_exclude == "auto"
+    assert decay_exclude(m, m.settings) == rule
     decayed, rest = m.param_groups(1e-4, rule)
     one_d = [p for mod in m.online_modules() for p in mod.parameters() if p.requires_grad and p.ndim <= 1]
     assert len(rest["params"]) == (0 if rule == "none" else len(one_d))
-    forced = load_config(method, "cpu-demo", [*TINY, *sets, "optim.decay_exclude=bias_norm_tokens"])
+    forced = load_settings(method, "cpu-demo", [*TINY, *sets, "optim.decay_exclude=bias_norm_tokens"])
     assert decay_exclude(m, forced) == "bias_norm_tokens"  # one switch overrides the reference
 
 
@@ -172,9 +171,9 @@ def test_dino_clips_per_tensor_and_cancels_the_last_layer_after_clipping(monkeyp
     from sslmask import engine
     from sslmask.distributed import DistInfo
 
-    cfg = load_config("dino", "dino-cpu", ["data.image_size=32", "dino.local_size=16", "dino.out_dim=64",
+    cfg = load_settings("dino", "dino-cpu", ["data.image_size=32", "dino.local_size=16", "dino.out_dim=64",
                                            "model.proj_hidden=32", "model.proj_dim=16"])  # fmt: skip
-    assert (cfg["optim"]["grad_clip"], cfg["optim"]["clip_mode"]) == (3.0, "per_tensor")
+    assert (cfg.optim.grad_clip, cfg.optim.clip_mode) == (3.0, "per_tensor")
     torch.manual_seed(0)
     method = build_method(cfg)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -188,7 +187,7 @@ def test_dino_clips_per_tensor_and_cancels_the_last_layer_after_clipping(monkeyp
         f"view{v}": torch.randint(
             0, 255, (4, 3, 32 if v < 2 else 16, 32 if v < 2 else 16), dtype=torch.uint8, generator=g
         )
-        for v in range(2 + cfg["dino"]["local_crops"])
+        for v in range(2 + method.dino.local_crops)
     }
     batch["index"] = torch.arange(4)
     assert engine.train_step(loop, batch) is not None
@@ -204,7 +203,7 @@ def _run(tmp_path, name: str, *sets: str, eval_branch: str | None = "default"):
     with torch.no_grad():
         for p in m.branch_backbone("momentum").parameters():
             p.add_(0.5)
-    ckpt = {"method": m.state_dict(), "step": 3, "config": m.cfg}
+    ckpt = {"method": m.state_dict(), "step": 3, "config": m.settings.to_config()}
     if eval_branch is not None:
         ckpt["eval_branch"] = m.eval_branch if eval_branch == "default" else eval_branch
     run = tmp_path / name
@@ -369,13 +368,13 @@ def test_segas_offers_the_papers_x_q2_from_x_q1():
     """Issue 42 item 5: the paper fits x^{q2} = ApFS(x^{q1}) on the same crop; offered next to
     today's second aug+ view. With ``q2_from: q1`` the run has two views, and the filtered view
     is view 0 weighted by the momentum encoder's heatmap of view 0."""
-    from sslmask.config import load_config as load
+    from sslmask.config import load_settings as load
     from sslmask.methods.segas import SegAS, apfs_keep
     from sslmask.pooling import channel_heatmap
 
     cfg = load("segas", "cpu-demo", [*TINY, "segas.q2_from=q1", "segas.apfs_prob=1.0"])
     assert len(SegAS.view_specs(cfg)) == 2 and len(SegAS.view_specs(load("segas"))) == 3
-    assert load("segas")["segas"]["q2_from"] == "second_view"
+    assert load("segas").to_config()["segas"]["q2_from"] == "second_view"
     torch.manual_seed(0)
     m = build_method(cfg).eval()
     x = torch.randn(4, 3, 32, 32)

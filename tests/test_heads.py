@@ -74,7 +74,7 @@ def test_the_guides_example_method_is_the_tested_file_and_trains_two_steps(monke
     from pathlib import Path
 
     from sslmask import engine
-    from sslmask.config import load_config
+    from sslmask.config import load_config, parse
     from sslmask.distributed import DistInfo
     from sslmask.methods import METHODS, build_method
 
@@ -90,10 +90,11 @@ def test_the_guides_example_method_is_the_tested_file_and_trains_two_steps(monke
     monkeypatch.setitem(sys.modules, "example_method", example)  # dataclasses look their module up
     spec.loader.exec_module(example)
     monkeypatch.setitem(METHODS, "mine", example.MyMethod)
-    cfg = load_config(
+    shared = load_config(
         "mocov3", "cpu-demo", ["model.proj_hidden=32", "model.proj_dim=16", "data.image_size=32"]
     )
-    cfg = {**cfg, "method": "mine", "mine": {"temperature": 0.2, "mode": "a"}}
+    del shared["mocov3"]
+    cfg = parse({**shared, "method": "mine", "mine": {"temperature": 0.2, "mode": "a"}})
     torch.manual_seed(0)
     method = build_method(cfg)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

@@ -525,13 +525,16 @@ def test_tar_level_corruption_gives_one_line_errors_only(tmp_path, kind, fractio
 def test_export_refuses_to_overwrite_the_runs_own_files(tmp_path, capsys, target):
     """Issue 35 item 7: `sslmask export RUN --out RUN/checkpoint.pt` destroyed the resumable run."""
     from sslmask.checkpoint import save_atomic
-    from sslmask.config import load_config
+    from sslmask.config import load_settings
     from sslmask.methods import build_method
 
-    cfg = load_config("byol", "cpu-demo")
+    cfg = load_settings("byol", "cpu-demo")
     run = tmp_path / "run"
     run.mkdir()
-    save_atomic({"method": build_method(cfg).state_dict(), "step": 1, "config": cfg}, run / "checkpoint.pt")
+    save_atomic(
+        {"method": build_method(cfg).state_dict(), "step": 1, "config": cfg.to_config()},
+        run / "checkpoint.pt",
+    )
     for name in ("config.yaml", "log.jsonl"):
         (run / name).write_text("kept\n")
     before = {f.name: f.read_bytes() for f in run.iterdir()}
@@ -811,10 +814,10 @@ def test_a_plain_pickle_is_refused_in_exactly_one_line(tmp_path, capsys):
 def test_a_checkpoint_whose_config_lacks_model_is_one_line(tmp_path, capsys, sample_build):
     """Issue 35 item 6: a run checkpoint whose config has no model section (KeyError traceback)."""
     from sslmask.checkpoint import save_atomic
-    from sslmask.config import load_config
+    from sslmask.config import load_settings
     from sslmask.methods import build_method
 
-    cfg = load_config("byol", "cpu-demo")
+    cfg = load_settings("byol", "cpu-demo")
     state = build_method(cfg).state_dict()
     save_atomic({"method": state, "step": 1, "config": {k: v for k, v in cfg.items() if k != "model"}},
                 tmp_path / "ckpt.pt")  # fmt: skip

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import refused_train, tiny_train_args
 
-from sslmask.config import load_config
+from sslmask.config import load_config, load_settings
 from sslmask.eval.retrieval import retrieval_metrics
 from sslmask.losses import moco_v3_loss
 from sslmask.methods import build_method
@@ -21,7 +21,7 @@ from sslmask.progress import Progress
 
 
 def _method(*sets: str):
-    cfg = load_config("lodisc", "cpu-demo", ["model.arch=vit_micro", "model.proj_hidden=32", "model.pred_hidden=32",
+    cfg = load_settings("lodisc", "cpu-demo", ["model.arch=vit_micro", "model.proj_hidden=32", "model.pred_hidden=32",
                                              "model.proj_dim=16", *sets])  # fmt: skip
     torch.manual_seed(0)
     return build_method(cfg)
@@ -127,7 +127,7 @@ def test_lodisc_loss_is_the_four_contrastive_terms(mode):
     m = _method(f"lodisc.mode={mode}").eval()  # eval: no dropout, running BN statistics
     batch = _batch()
     out = m(batch, Progress(0, 10, 10))
-    tau = m.cfg["mocov3"]["temperature"]
+    tau = m.mocov3.temperature
     with torch.no_grad():
         q = [m.predictor(m.projector(m.backbone.pooled(batch[f"view{v}"]))) for v in range(2)]
         k, km = [], []
@@ -175,7 +175,7 @@ def test_the_momentum_encoder_moves_as_the_references_four_updates_per_step():
         for p in m.backbone.parameters():
             p.add_(0.1)
     tau = m.after_optimizer_step(Progress(3, 10, 10))["tau"]
-    base = m.cfg["ema"]["tau_base"]
+    base = m.settings.ema.tau_base
     m_step = 1 - 0.5 * (1 + math.cos(math.pi * 3 / 10)) * (1 - base)  # main.py adjust_moco_momentum
     assert tau == pytest.approx(m_step**4)
     for p, old, s in zip(m.key_backbone.parameters(), before, m.backbone.parameters(), strict=True):
@@ -218,7 +218,7 @@ def test_lodisc_paper_heads_add_the_mocov3_vit_projector_with_dropout():
                                     "Linear(32,16,False)", "BN(16,False)"]  # fmt: skip
     assert _layout(m.predictor) == ["Linear(16,32,False)", "BN(32,True)", "ReLU", "Dropout(0.2)",
                                     "Linear(32,16,False)", "BN(16,False)"]  # fmt: skip
-    mocov3 = build_method(load_config("mocov3", "cpu-demo", ["model.arch=vit_micro", "model.proj_hidden=32",
+    mocov3 = build_method(load_settings("mocov3", "cpu-demo", ["model.arch=vit_micro", "model.proj_hidden=32",
                                                               "model.pred_hidden=32", "model.proj_dim=16"]))  # fmt: skip
     assert not any(isinstance(x, torch.nn.Dropout) for x in [*mocov3.projector, *mocov3.predictor])
 

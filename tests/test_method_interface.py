@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sslmask.backbones import Backbone, build_backbone
-from sslmask.config import load_config
+from sslmask.config import load_settings
 from sslmask.features import trunk_embedding
 from sslmask.methods import METHODS, build_method
 
@@ -34,7 +34,7 @@ def test_a_module_without_the_trunk_calls_is_not_a_backbone():
 
 def _method(name: str):
     arch = ARCH.get(name, "resnet_tiny")
-    return build_method(load_config(name, "cpu-demo", [*SMALL, f"model.arch={arch}"])).eval()
+    return build_method(load_settings(name, "cpu-demo", [*SMALL, f"model.arch={arch}"])).eval()
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sslmask import engine
-from sslmask.config import load_config
+from sslmask.config import load_settings
 from sslmask.distributed import DistInfo
 from sslmask.methods import METHODS, build_method
 from sslmask.precision import PrecisionError, resolve_amp
@@ -91,7 +91,7 @@ def _seed_prototypes(method) -> None:
 
 def _steps(variant: str, amp: str, audit: LowPrecisionAudit | None = None, sets: tuple[str, ...] = ()):
     name, overlay, own = VARIANTS[variant]
-    cfg = load_config(name, overlay, [*SMALL, *own, *sets])
+    cfg = load_settings(name, overlay, [*SMALL, *own, *sets])
     torch.manual_seed(0)
     method = build_method(cfg, init=True)
     if name == "segas":
@@ -163,7 +163,7 @@ def test_fp16_gradscaler_skips_an_overflowing_step_and_lowers_its_scale():
     """The engine's fp16 path through GradScaler's public API (CPU autocast takes fp16 too):
     a step whose gradients hold an inf leaves the weights alone and halves the scale, the
     schedule still advances, and the next clean step updates."""
-    cfg = load_config("byol", "cpu-demo", SMALL)
+    cfg = load_settings("byol", "cpu-demo", SMALL)
     torch.manual_seed(0)
     method = build_method(cfg, init=True)
     loop = engine.build_loop(method, cfg, CPU, spe=10, amp="fp16")

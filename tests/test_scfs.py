@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import refused_train
 
 from sslmask.backbones import build_backbone
-from sslmask.config import ConfigError, load_config
+from sslmask.config import ConfigError, load_settings
 from sslmask.losses import search_loss
 from sslmask.methods import build_method
 from sslmask.methods.scfs import SearchHead, search_attention, search_query
@@ -25,7 +25,7 @@ B, GLOBAL, LOCAL, N_LOCAL = 4, 32, 16, 2
 
 def _method(arch: str = "resnet_tiny", *sets: str):
     taps = ["scfs.vit_blocks=[1, 2]"] if arch.startswith("vit") else []
-    cfg = load_config("scfs", "cpu-demo", [
+    cfg = load_settings("scfs", "cpu-demo", [
         f"model.arch={arch}", "model.proj_hidden=32", "model.proj_dim=16", "dino.out_dim=24",
         f"dino.local_crops={N_LOCAL}", f"dino.local_size={LOCAL}", "scfs.head_bottleneck=8",
         "scfs.head_hidden=16", "scfs.head_dim=12", "train.epochs=10", *taps, *sets,
@@ -103,7 +103,7 @@ def _one(t: torch.Tensor, b: int) -> torch.Tensor:
 @torch.no_grad()
 def slow_scfs_loss(m, batch, progress: Progress) -> dict[str, float]:
     """The SCFS loss of ``m`` (in eval mode) with a loop over samples, crops, globals and cells."""
-    s, d = m.cfg["scfs"], m.cfg["dino"]
+    s, d = m.settings.to_config()["scfs"], m.settings.to_config()["dino"]
     tau_s, temp = d["student_temp"], m.teacher_temp(progress)
     views = [batch[f"view{v}"] for v in range(2 + N_LOCAL)]
     fg = [[float(batch[f"mask{v}"][b].mean()) for b in range(B)] for v in range(2 + N_LOCAL)]
@@ -191,7 +191,7 @@ def test_scfs_loss_equals_a_per_sample_loop(arch, mode, globals_, layer_global):
         p.add_(0.05 * torch.randn(p.shape, generator=g))
     m.eval()
     batch = _batch()
-    at37 = Progress(37, 100, 100 // m.cfg["train"]["epochs"])  # as when the step came with train.epochs
+    at37 = Progress(37, 100, 100 // m.settings.train.epochs)  # as when the step came with train.epochs
     out = m(batch, at37)
     ref = slow_scfs_loss(m, batch, at37)
     assert float(out["loss_dino"]) == pytest.approx(ref["loss_dino"], rel=1e-5)
@@ -303,7 +303,7 @@ def test_bad_scfs_values_are_one_clear_line(sets, message, tmp_path, sample_buil
 def test_scfs_reads_masks_only_in_a_mask_mode():
     from sslmask.methods import METHODS
 
-    assert not METHODS["scfs"].uses_masks(load_config("scfs"))
-    assert METHODS["scfs"].uses_masks(load_config("scfs", None, ["scfs.mask_mode=key"]))
+    assert not METHODS["scfs"].uses_masks(load_settings("scfs"))
+    assert METHODS["scfs"].uses_masks(load_settings("scfs", None, ["scfs.mask_mode=key"]))
     with pytest.raises(ConfigError, match="unknown config key 'scfs.mode'"):
-        load_config("scfs", None, ["scfs.mode=key"])
+        load_settings("scfs", None, ["scfs.mode=key"])

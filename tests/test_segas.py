@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import refused_train, tiny_train_args
 
-from sslmask.config import load_config
+from sslmask.config import load_settings
 from sslmask.losses import calibrated_target, confidence, procr_loss
 from sslmask.methods import build_method
 from sslmask.methods.segas import apfs_keep, random_cells_keep
@@ -25,7 +25,7 @@ SMALL = ["model.arch=resnet_tiny", "model.proj_hidden=32", "model.proj_dim=16", 
 
 
 def _method(*sets: str):
-    cfg = load_config("segas", "cpu-demo", [*SMALL, *sets])
+    cfg = load_settings("segas", "cpu-demo", [*SMALL, *sets])
     torch.manual_seed(0)
     return build_method(cfg)
 
@@ -178,7 +178,7 @@ def test_forward_equals_a_per_sample_reference(monkeypatch, mu_mode):
     fired = torch.tensor([True, False, True, True, False, False])
     monkeypatch.setattr(m, "filtered_view", lambda b, p, step: (x2, fired, {}))
     out = m(batch, Progress(0, 10, 10))
-    s, tau = m.cfg["segas"], m.cfg["mocov2"]["temperature"]
+    s, tau = m.settings.to_config()["segas"], m.settings.to_config()["mocov2"]["temperature"]
     total = 0.0
     terms = {"info": 0.0, "h1": 0.0, "h2": 0.0, "div": 0.0}
     with torch.no_grad():
@@ -293,7 +293,7 @@ def test_filtering_applies_apfs_or_random_cells_to_the_fired_samples():
 
 def _masked_method():
     m = _method("segas.mask_mode=salient")
-    assert type(m).uses_masks(m.cfg)
+    assert type(m).uses_masks(m.settings)
     return m
 
 
@@ -352,7 +352,7 @@ def test_refused_segas_values_give_one_line(sample_build, tmp_path, capsys):
 
 def test_foreground_embedding_is_the_masked_average_of_the_key_grid():
     m = _method("segas.cluster_on=foreground").eval()
-    assert type(m).uses_masks(m.cfg)
+    assert type(m).uses_masks(m.settings)
     x = _batch(b=3)["view0"]
     mask = torch.zeros(3, 1, 32, 32)
     mask[0, :, :16, :16] = 1  # one cell of the 2 x 2 grid

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from sslmask.config import ConfigError, available_methods, load_config
-from sslmask.methods import METHODS
+from sslmask.config import ConfigError, available_methods, load_config, load_settings, parse, saved_settings
+from sslmask.methods import METHODS, build_method
 from sslmask.settings import SHARED_SECTIONS, FallbackBand, Section, setting
 
 
@@ -179,3 +179,101 @@ def test_method_params_are_checked_by_the_same_mechanism(method, params, message
     with pytest.raises(ValueError) as info:
         make_method(method, params)
     assert str(info.value) == message
+
+
+# --- one typed RunSettings from the YAML to the method (issue 45 item 1) ---
+
+OVERLAYS = (None, "cpu-demo", "moco-cpu", "dino-cpu", "vit-cpu", "imagenette-cpu")
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_settings_give_back_exactly_the_mapping_they_were_parsed_from(method):
+    """``to_config`` is what a run saves: equal to the merged YAML, value for value and type for
+    type, so a saved config.yaml is what it was before RunSettings existed."""
+    from sslmask import config
+
+    for overlay in OVERLAYS:
+        cfg = config._merged(method, overlay, ())  # the YAML files merged, before any parsing
+        settings = parse(cfg)
+        back = settings.to_config()
+        assert back == cfg, overlay
+        for name, section in cfg.items():
+            if isinstance(section, dict):
+                assert {k: type(v) for k, v in back[name].items()} == {k: type(v) for k, v in section.items()}
+        assert parse(back) == settings
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_a_method_is_built_from_settings_and_holds_no_mapping(method):
+    sets = ["model.proj_hidden=32", "model.pred_hidden=32", "model.proj_dim=16"]
+    if method in ("mocov3", "lodisc"):
+        sets.append("model.arch=vit_micro")
+    settings = load_settings(method, "cpu-demo", sets)
+    built = build_method(settings)
+    assert built.settings is settings and not hasattr(built, "cfg")
+    plain = [k for k, v in vars(built).items() if isinstance(v, dict) and not k.startswith("_")]
+    assert plain == [], plain  # the YAML's mapping does not reach a method
+    for kind in METHODS[method].sections:
+        assert isinstance(settings.section(kind), kind)
+
+
+def test_a_section_the_method_lacks_is_one_line():
+    from sslmask.methods.harl import HARLSettings
+
+    with pytest.raises(ConfigError, match="a byol config has no 'harl' section"):
+        load_settings("byol").section(HARLSettings)
+
+
+def test_replace_checks_the_new_value_as_loading_does():
+    settings = load_settings("byol")
+    assert settings.replace("data", images="2024").data.images == "2024"  # a path, kept a string
+    assert settings.data.images is None  # frozen: the original is unchanged
+    with pytest.raises(ConfigError, match="data.batch_size=0: must be >= 1"):
+        settings.replace("data", batch_size=0)
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("data.batch_size=0", r"--set data.batch_size=0: data.batch_size=0: must be >= 1"),
+        ("optim.lr=fast", r"--set optim.lr=fast: optim.lr must be float, got 'fast'"),
+        ("train.compile=1", r"--set train.compile=1: train.compile must be bool, got 1"),
+        ("optim.lr.x=1", r"--set optim.lr.x=1: optim.lr is a setting, not a section"),
+        ("optim=1", r"--set optim=1: optim is a section, got 1"),
+    ],
+)
+def test_a_bad_set_names_where_it_came_from_and_the_range(item, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings("byol", None, [item])
+
+
+def test_what_yaml_gives_for_a_number_is_typed_by_the_field(tmp_path):
+    """YAML 1.1 reads 1e-3 as a string, and 2.0 for an int field means 2."""
+    overlay = tmp_path / "o.yaml"
+    overlay.write_text("optim:\n  lr: 1e-3\ntrain:\n  epochs: 2.0\n")
+    settings = load_settings("byol", str(overlay))
+    assert settings.optim.lr == 0.001 and isinstance(settings.optim.lr, float)
+    assert settings.train.epochs == 2 and isinstance(settings.train.epochs, int)
+    assert isinstance(settings.to_config()["train"]["epochs"], int)
+    with pytest.raises(ConfigError, match=r"o2.yaml: train.epochs must be int, got 2.5"):
+        (tmp_path / "o2.yaml").write_text("train:\n  epochs: 2.5\n")
+        load_settings("byol", str(tmp_path / "o2.yaml"))
+
+
+def test_an_old_runs_config_reads_back_with_todays_defaults_for_new_keys():
+    """A run saved before ``segas.mu`` and ``segas.q2_from`` existed (and with a key since
+    removed) is rebuilt for evaluation: the new keys take their packaged default, the old
+    spelling ``max`` still reads, the removed key is dropped; what it saved is still checked."""
+    old = load_config("segas")
+    del old["segas"]["q2_from"]
+    old["segas"]["mu"] = "max"
+    old["segas"]["a_key_since_removed"] = 1
+    settings = saved_settings(old)
+    segas = settings.to_config()["segas"]
+    assert segas["q2_from"] == load_config("segas")["segas"]["q2_from"] and segas["mu"] == "max"
+    assert "a_key_since_removed" not in segas
+    old["data"]["batch_size"] = 0
+    with pytest.raises(ConfigError, match="data.batch_size=0"):
+        saved_settings(old)
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        saved_settings({"method": "nope"})

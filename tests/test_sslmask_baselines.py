@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sslmask.config import load_config
+from sslmask.config import load_settings
 from sslmask.losses import dino_loss, info_nce, moco_v3_loss
 from sslmask.methods import build_method
 from sslmask.progress import Progress
@@ -74,7 +74,7 @@ def test_dino_loss_over_all_crop_pairs_but_same_view_equals_a_slow_loop():
 
 
 def _method(name: str, *sets: str):
-    cfg = load_config(name, "cpu-demo", [*SMALL, *sets])
+    cfg = load_settings(name, "cpu-demo", [*SMALL, *sets])
     torch.manual_seed(0)
     return build_method(cfg), cfg
 
@@ -195,7 +195,7 @@ def test_moco_v2_two_processes_equal_one_with_the_doubled_batch(tmp_path):
     method = make("mocov2")
     batch = global_batch()
     queue = method.queue.clone()
-    perm = shuffle_perm(8, method.cfg["train"]["seed"], 3, torch.device("cpu"))
+    perm = shuffle_perm(8, method.settings.train.seed, 3, torch.device("cpu"))
     with torch.no_grad():
         shuffled = batch["view1"][perm]
         k = torch.cat([F.normalize(_embed(method.key_backbone, method.key_projector, shuffled[i * 4 : (i + 1) * 4]), dim=1)
@@ -217,8 +217,8 @@ def test_moco_v2_two_processes_equal_one_with_the_doubled_batch(tmp_path):
     from ddp_baselines_worker import SETS
 
     torch.manual_seed(0)
-    emulated = build_method(load_config("mocov2", "cpu-demo", [*SETS, "mocov2.shuffle_bn_batch=4"]))
-    progress = Progress(3, 10, 10, emulated.cfg["train"]["seed"], 0)
+    emulated = build_method(load_settings("mocov2", "cpu-demo", [*SETS, "mocov2.shuffle_bn_batch=4"]))
+    progress = Progress(3, 10, 10, emulated.settings.train.seed, 0)
     out = emulated({k: v for k, v in batch.items() if k.startswith("view")}, progress)
     out["loss"].backward()
     emulated.after_optimizer_step(progress)
@@ -236,7 +236,7 @@ def test_moco_v3_two_processes_equal_one_with_the_doubled_batch(tmp_path):
     ddp = _torchrun("mocov3", tmp_path / "ddp.pt")
     method = make("mocov3")
     batch = global_batch()
-    tau = method.cfg["mocov3"]["temperature"]
+    tau = method.mocov3.temperature
     halves = [{k: v[r * 4 : (r + 1) * 4] for k, v in batch.items()} for r in range(2)]
     with torch.no_grad():
         keys = [torch.cat([_embed(method.key_backbone, method.key_projector, h[f"view{v}"]) for h in halves])

@@ -187,11 +187,11 @@ def test_a_mask_free_twin_gets_the_mask_aware_methods_crops(sample_build):
 
 
 def test_which_runs_read_masks():
-    from sslmask.config import load_config
+    from sslmask.config import load_settings
     from sslmask.methods import METHODS
 
-    byol, harl = load_config("byol"), load_config("harl")
-    assert harl["data"]["min_fg"] == 0.0  # the paper's plain random crops; the re-crop is opt-in
+    byol, harl = load_settings("byol"), load_settings("harl")
+    assert harl.data.min_fg == 0.0  # the paper's plain random crops; the re-crop is opt-in
     assert not METHODS["byol"].reads_masks(byol) and METHODS["harl"].reads_masks(harl)
-    byol["data"]["min_fg"] = 0.2
+    byol = byol.replace("data", min_fg=0.2)
     assert METHODS["byol"].reads_masks(byol) and not METHODS["byol"].uses_masks(byol)

@@ -11,7 +11,7 @@ import torchvision
 
 from sslmask.backbones import build_backbone
 from sslmask.checkpoint import CheckpointError, infer_arch, load_backbone, save_atomic
-from sslmask.config import load_config
+from sslmask.config import load_settings
 from sslmask.eval.knn import knn_eval, knn_predict
 from sslmask.eval.linear import linear_probe
 from sslmask.export import export_backbone
@@ -56,12 +56,12 @@ def test_knn_and_linear_probe_on_separable_clusters():
 
 
 def _fake_run(tmp_path, arch="resnet18"):
-    cfg = load_config("byol", None, [f"model.arch={arch}", "model.proj_hidden=32", "model.pred_hidden=32"])
+    cfg = load_settings("byol", None, [f"model.arch={arch}", "model.proj_hidden=32", "model.pred_hidden=32"])
     torch.manual_seed(0)
     method = build_method(cfg)
     run = tmp_path / "run"
     run.mkdir()
-    save_atomic({"method": method.state_dict(), "step": 7, "config": cfg}, run / "checkpoint.pt")
+    save_atomic({"method": method.state_dict(), "step": 7, "config": cfg.to_config()}, run / "checkpoint.pt")
     return run, method
 
 

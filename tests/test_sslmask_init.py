@@ -8,7 +8,7 @@ import torch
 from sslmask.backbones import build_backbone
 from sslmask.checkpoint import CheckpointError
 from sslmask.cli import main
-from sslmask.config import ConfigError, load_config, validate
+from sslmask.config import ConfigError, load_settings
 from sslmask.methods import build_method
 
 TINY_SETS = ["model.proj_hidden=32", "model.pred_hidden=32", "model.proj_dim=16", "data.image_size=48"]
@@ -36,7 +36,7 @@ def test_init_loads_moco_v2_layout_into_online_and_momentum_backbones(tmp_path):
     obj = {"state_dict": {**{f"module.encoder_q.{k}": v for k, v in state.items()},
                           "module.encoder_q.fc.0.weight": torch.zeros(4, 4)}}  # fmt: skip
     torch.save(obj, tmp_path / "moco_v2.pth.tar")
-    cfg = load_config("byol", "cpu-demo", [*TINY_SETS, f"model.init={tmp_path / 'moco_v2.pth.tar'}"])
+    cfg = load_settings("byol", "cpu-demo", [*TINY_SETS, f"model.init={tmp_path / 'moco_v2.pth.tar'}"])
     byol = build_method(cfg, init=True)
     _assert_copies(byol.backbone, state)
     _assert_copies(byol.target_backbone, state)
@@ -50,7 +50,7 @@ def test_init_loads_a_published_vit_layout_for_mocov3(tmp_path):
     obj = {"state_dict": {**{f"module.base_encoder.{k}": v for k, v in state.items()},
                           "module.base_encoder.head.0.weight": torch.zeros(4, 4)}}  # fmt: skip
     torch.save(obj, tmp_path / "mocov3.pth.tar")
-    cfg = load_config(
+    cfg = load_settings(
         "mocov3", None, [*TINY_SETS, "model.arch=vit_micro", f"model.init={tmp_path}/mocov3.pth.tar"]
     )
     method = build_method(cfg, init=True)
@@ -60,15 +60,14 @@ def test_init_loads_a_published_vit_layout_for_mocov3(tmp_path):
 
 def test_init_that_does_not_fit_is_one_clear_error(tmp_path):
     torch.save(_saved_trunk("resnet18"), tmp_path / "r18.pt")
-    cfg = load_config("byol", "cpu-demo", [*TINY_SETS, f"model.init={tmp_path}/r18.pt"])
+    cfg = load_settings("byol", "cpu-demo", [*TINY_SETS, f"model.init={tmp_path}/r18.pt"])
     with pytest.raises(CheckpointError, match=r"r18.pt: does not fit resnet_tiny"):
         build_method(cfg, init=True)
-    cfg["model"]["init"] = str(tmp_path / "missing.pt")
+    cfg = cfg.replace("model", init=str(tmp_path / "missing.pt"))
     with pytest.raises(CheckpointError, match="missing.pt: no such checkpoint"):
         build_method(cfg, init=True)
-    cfg["model"]["init"] = 3
     with pytest.raises(ConfigError, match="model.init must be str, got 3"):
-        validate(cfg)
+        cfg.replace("model", init=3)
 
 
 def test_training_starts_from_an_exported_backbone(sample_build, tmp_path, capsys):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sslmask.config import load_config
+from sslmask.config import load_settings
 from sslmask.losses import embedding_std, harl_hybrid_loss, harl_mask_loss, regression_loss
 from sslmask.methods import build_method
 from sslmask.progress import Progress
@@ -54,12 +54,10 @@ def test_collapse_monitor():
 
 
 def _tiny_cfg(method: str, **harl):
-    cfg = load_config(
-        method, "cpu-demo", ["model.proj_hidden=32", "model.pred_hidden=32", "model.proj_dim=16"]
+    sets = [f"harl.{key}={value}" for key, value in harl.items()] if method == "harl" else []
+    return load_settings(
+        method, "cpu-demo", ["model.proj_hidden=32", "model.pred_hidden=32", "model.proj_dim=16", *sets]
     )
-    if method == "harl":
-        cfg["harl"].update(harl)
-    return cfg
 
 
 def _batch(masks=None, n=4, size=64):

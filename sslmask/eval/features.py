@@ -67,6 +67,7 @@ def load_run_method(spec: str) -> SSLMethod:
     from pathlib import Path
 
     from sslmask.checkpoint import CheckpointError, load_file, run_checkpoint_path
+    from sslmask.config import ConfigError, saved_settings
     from sslmask.methods import build_method
 
     path = Path(spec)
@@ -76,9 +77,9 @@ def load_run_method(spec: str) -> SSLMethod:
     if not isinstance(obj, dict) or not isinstance(obj.get("config"), dict) or "method" not in obj:
         raise CheckpointError(f"{spec}: --features predictor needs an sslmask run (folder or checkpoint.pt)")
     try:
-        method = build_method(obj["config"])
+        method = build_method(saved_settings(obj["config"]))
         method.load_state_dict(obj["method"])
-    except (KeyError, RuntimeError, ValueError) as exc:
+    except (ConfigError, KeyError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{spec}: cannot rebuild its method ({str(exc).splitlines()[0]})") from None
     return method.eval()
 

@@ -18,7 +18,7 @@ what a method changes there must be in its ``state_dict``, so a resume continues
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ from sslmask.features import TRUNK_EMBEDDINGS, trunk_embedding
 from sslmask.momentum import MomentumPairs, ema_rate
 from sslmask.optim import param_groups
 from sslmask.progress import Progress
-from sslmask.settings import DataSettings, EMASettings, Section
+from sslmask.settings import RunSettings, Section
 from sslmask.transforms import ViewSpec, byol_views
 
 if TYPE_CHECKING:
@@ -51,37 +51,37 @@ class SSLMethod(nn.Module):
     # whether the reference builds its ResNet with torchvision's zero_init_residual=True
     zero_init_residual: ClassVar[bool] = False
 
-    def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
+    def __init__(self, backbone: Backbone, settings: RunSettings):
         super().__init__()
         self.backbone = backbone
-        self.cfg = cfg
+        self.settings = settings
 
     @classmethod
-    def view_specs(cls, cfg: dict[str, Any]) -> list[ViewSpec]:
+    def view_specs(cls, settings: RunSettings) -> list[ViewSpec]:
         """The views each sample gives (default: BYOL's asymmetric pair)."""
-        data = DataSettings.of(cfg)
+        data = settings.data
         return list(byol_views(data.image_size, data.min_fg, data.crop_min_scale))
 
     @classmethod
-    def uses_masks(cls, cfg: dict[str, Any]) -> bool:
+    def uses_masks(cls, settings: RunSettings) -> bool:
         """Whether this run's method uses masks (a method with a mask-free mode overrides this)."""
         return cls.needs_masks
 
     @classmethod
-    def reads_masks(cls, cfg: dict[str, Any]) -> bool:
+    def reads_masks(cls, settings: RunSettings) -> bool:
         """Whether this run reads masks at all: for the method, or only to place its crops
         (``data.min_fg`` > 0, the mask-guided re-crop, which a mask-free twin such as BYOL can
         share with HARL so that the two differ only in how the method uses masks)."""
-        return cls.uses_masks(cfg) or DataSettings.of(cfg).min_fg > 0
+        return cls.uses_masks(settings) or settings.data.min_fg > 0
 
     @classmethod
-    def reference_decay_exclude(cls, cfg: dict[str, Any]) -> str:
+    def reference_decay_exclude(cls, settings: RunSettings) -> str:
         """What ``optim.decay_exclude: auto`` means for this method: the parameters its reference
         code keeps out of weight decay (BYOL and DINO: biases and norms; see docs/methods.md)."""
         return "bias_norm"
 
     @classmethod
-    def check_data(cls, cfg: dict[str, Any], n_images: int) -> None:
+    def check_data(cls, settings: RunSettings, n_images: int) -> None:
         """Refuse (ValueError, one line) settings that cannot work on ``n_images`` training
         images, before the run starts rather than epochs later (SegAS's prototype counts)."""
 
@@ -133,9 +133,8 @@ class MomentumMethod(SSLMethod):
 
     ema: MomentumPairs
 
-    def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
-        super().__init__(backbone, cfg)
-        self.ema_settings = EMASettings.of(cfg)
+    def __init__(self, backbone: Backbone, settings: RunSettings):
+        super().__init__(backbone, settings)
 
     def branch_backbone(self, branch: str) -> Backbone:
         """The ``online`` trunk or its ``momentum`` copy: the EMA partner of ``self.backbone``
@@ -149,6 +148,6 @@ class MomentumMethod(SSLMethod):
 
     @torch.no_grad()
     def after_optimizer_step(self, progress: Progress) -> dict[str, float]:
-        tau = ema_rate(self.ema_settings, progress.step, progress.total_steps)
+        tau = ema_rate(self.settings.ema, progress.step, progress.total_steps)
         self.ema.update(tau)
         return {"tau": tau}

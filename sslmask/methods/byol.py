@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -13,16 +11,16 @@ from sslmask.losses import embedding_std, regression_loss
 from sslmask.methods.base import MomentumMethod, SSLMethod
 from sslmask.momentum import MomentumPairs, frozen_copy
 from sslmask.progress import Progress
-from sslmask.settings import ModelSettings
+from sslmask.settings import RunSettings
 
 
 class BYOL(MomentumMethod):
     name = "byol"
     embeddings = (*SSLMethod.embeddings, "predictor")
 
-    def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
-        super().__init__(backbone, cfg)
-        model = ModelSettings.of(cfg)
+    def __init__(self, backbone: Backbone, settings: RunSettings):
+        super().__init__(backbone, settings)
+        model = settings.model
         dim = backbone.num_features
         self.projector = MLPHead(dim, model.proj_hidden, model.proj_dim)
         self.predictor = MLPHead(model.proj_dim, model.pred_hidden, model.proj_dim)

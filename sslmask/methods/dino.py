@@ -15,7 +15,6 @@ The teacher is what DINO evaluates and exports (``eval_branch``; docs/methods.md
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,7 +29,7 @@ from sslmask.methods.base import MomentumMethod
 from sslmask.momentum import MomentumPairs, frozen_copy
 from sslmask.progress import Progress
 from sslmask.schedules import linear_warmup
-from sslmask.settings import DataSettings, ModelSettings, Section, setting
+from sslmask.settings import RunSettings, Section, setting
 from sslmask.transforms import ViewSpec, multi_crop_views
 
 
@@ -64,10 +63,10 @@ class DINO(MomentumMethod):
     eval_branch = "momentum"  # eval_knn.py / eval_linear.py read --checkpoint_key teacher
     sections = (DINOSettings,)
 
-    def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
-        super().__init__(backbone, cfg)
-        m, d = ModelSettings.of(cfg), DINOSettings.of(cfg)
-        self.d = d
+    def __init__(self, backbone: Backbone, settings: RunSettings):
+        super().__init__(backbone, settings)
+        m, d = settings.model, settings.section(DINOSettings)
+        self.dino = d
         self.head = DINOHead(backbone.num_features, m.proj_hidden, m.proj_dim, d.out_dim, d.norm_last_layer)
         self.teacher_backbone = frozen_copy(backbone)
         self.teacher_head = frozen_copy(self.head)
@@ -76,9 +75,9 @@ class DINO(MomentumMethod):
         self._batch_center: torch.Tensor | None = None
 
     @classmethod
-    def view_specs(cls, cfg: dict[str, Any]) -> list[ViewSpec]:
-        d = DINOSettings.of(cfg)
-        return multi_crop_views(DataSettings.of(cfg).image_size, tuple(d.global_scale), d.local_crops,
+    def view_specs(cls, settings: RunSettings) -> list[ViewSpec]:
+        d = settings.section(DINOSettings)
+        return multi_crop_views(settings.data.image_size, tuple(d.global_scale), d.local_crops,
                                 d.local_size, tuple(d.local_scale))  # fmt: skip
 
     def online_modules(self) -> list[nn.Module]:
@@ -88,7 +87,7 @@ class DINO(MomentumMethod):
         """DINO's ``np.linspace(warmup_teacher_temp, teacher_temp, W)`` indexed by epoch, which
         reaches ``teacher_temp`` at epoch W - 1, sampled per step: equal at every epoch start
         (a one-epoch warm-up keeps ``warmup_teacher_temp`` for that epoch, as linspace's one value)."""
-        d, spe = self.d, progress.steps_per_epoch
+        d, spe = self.dino, progress.steps_per_epoch
         if d.warmup_teacher_temp_epochs == 1:
             return d.warmup_teacher_temp if progress.step < spe else d.teacher_temp
         warmup = max(d.warmup_teacher_temp_epochs - 1, 0) * spe
@@ -108,7 +107,7 @@ class DINO(MomentumMethod):
         return out
 
     def forward(self, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
-        n_views = 2 + self.d.local_crops
+        n_views = 2 + self.dino.local_crops
         crops = [batch[f"view{v}"] for v in range(n_views)]
         student = self._embed(self.backbone, self.head, crops)
         with torch.no_grad():
@@ -116,12 +115,12 @@ class DINO(MomentumMethod):
             temp = self.teacher_temp(progress)
             targets = [F.softmax((t.float() - self.center) / temp, dim=-1) for t in teacher]
             self._batch_center = torch.cat(teacher).float().mean(0, keepdim=True)
-        loss = dino_loss(student, targets, self.d.student_temp)
+        loss = dino_loss(student, targets, self.dino.student_temp)
         return {"loss": loss, "teacher_temp": torch.tensor(temp), "z_std": embedding_std(student[0])}
 
     def before_optimizer_step(self, progress: Progress) -> None:
         """DINO keeps the prototypes still for the first ``freeze_last_layer`` epochs."""
-        if progress.epoch < self.d.freeze_last_layer:
+        if progress.epoch < self.dino.freeze_last_layer:
             for p in self.head.last_layer.parameters():
                 p.grad = None
 
@@ -129,7 +128,7 @@ class DINO(MomentumMethod):
     def after_optimizer_step(self, progress: Progress) -> dict[str, float]:
         out = super().after_optimizer_step(progress)  # the EMA first, then the centre
         if self._batch_center is not None:
-            update_center(self.center, self._batch_center, self.d.center_momentum)
+            update_center(self.center, self._batch_center, self.dino.center_momentum)
             self._batch_center = None
         return out
 

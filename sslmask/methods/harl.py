@@ -16,7 +16,6 @@ alone (docs/methods.md §6); the fraction of such samples is logged as ``fallbac
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -26,7 +25,7 @@ from sslmask.methods.byol import BYOL
 from sslmask.pooling import DOWNSAMPLE_MODES, POOL_NORMS, downsample_mask, masked_average_pool, usable_masks
 from sslmask.progress import Progress
 from sslmask.schedules import cosine_ramp
-from sslmask.settings import FallbackBand, setting
+from sslmask.settings import FallbackBand, RunSettings, setting
 
 LOSS_MODES = ("hybrid", "mask")
 SCHEDULES = ("cosine", "fixed")
@@ -51,9 +50,9 @@ class HARL(BYOL):
     needs_masks = True
     sections = (HARLSettings,)
 
-    def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
-        super().__init__(backbone, cfg)
-        self.harl = HARLSettings.of(cfg)
+    def __init__(self, backbone: Backbone, settings: RunSettings):
+        super().__init__(backbone, settings)
+        self.harl = settings.section(HARLSettings)
 
     def coefficients(self, step: int, total_steps: int) -> tuple[float, float]:
         h = self.harl

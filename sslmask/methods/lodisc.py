@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +43,7 @@ from sslmask.methods.mocov3 import MoCoV3, head_layout
 from sslmask.momentum import ema_rate
 from sslmask.pooling import usable_masks
 from sslmask.progress import Progress
-from sslmask.settings import FallbackBand, ModelSettings, setting
+from sslmask.settings import FallbackBand, RunSettings, setting
 from sslmask.vit import PATCH
 
 MODES = ("attention", "saliency", "product")
@@ -124,42 +123,38 @@ class LoDisc(MoCoV3):
     name = "lodisc"
     sections = (*MoCoV3.sections, LoDiscSettings)
 
-    def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
+    def __init__(self, backbone: Backbone, settings: RunSettings):
         if not backbone.is_vit:
-            raise ValueError(
-                f"lodisc needs a ViT backbone (model.arch vit_*), got {ModelSettings.of(cfg).arch!r}"
-            )
-        super().__init__(backbone, cfg)
-        self.lodisc = LoDiscSettings.of(cfg)
+            raise ValueError(f"lodisc needs a ViT backbone (model.arch vit_*), got {settings.model.arch!r}")
+        super().__init__(backbone, settings)
+        self.lodisc = settings.section(LoDiscSettings)
 
     @classmethod
-    def uses_masks(cls, cfg: dict[str, Any]) -> bool:
-        return LoDiscSettings.of(cfg).mode != "attention"
+    def uses_masks(cls, settings: RunSettings) -> bool:
+        return settings.section(LoDiscSettings).mode != "attention"
 
     @torch.no_grad()
     def after_optimizer_step(self, progress: Progress) -> dict[str, float]:
         """The reference moves its momentum encoder ``momentum_updates`` times a step (4), each
         time towards the same online weights: exactly one move at m ** 4."""
-        m = ema_rate(self.ema_settings, progress.step, progress.total_steps)
+        m = ema_rate(self.settings.ema, progress.step, progress.total_steps)
         tau = m**self.lodisc.momentum_updates
         self.ema.update(tau)
         return {"tau": tau}
 
     @classmethod
-    def build_heads(cls, backbone: Backbone, cfg: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
+    def build_heads(cls, backbone: Backbone, settings: RunSettings) -> tuple[nn.Module, nn.Module]:
         """``paper``: MoCo v3's ViT heads; ``code``: no projector, a predictor CLS -> CLS width."""
-        if LoDiscSettings.of(cfg).heads == "paper":
-            return super().build_heads(backbone, cfg)
+        if settings.section(LoDiscSettings).heads == "paper":
+            return super().build_heads(backbone, settings)
         width = backbone.num_features
         layers, last_bn = head_layout(vit=True)["predictor"]
-        predictor = mlp(
-            width, ModelSettings.of(cfg).pred_hidden, width, layers, last_bn, cls.head_dropout(cfg)
-        )
+        predictor = mlp(width, settings.model.pred_hidden, width, layers, last_bn, cls.head_dropout(settings))
         return nn.Identity(), predictor
 
     @classmethod
-    def head_dropout(cls, cfg: dict[str, Any]) -> float:
-        return LoDiscSettings.of(cfg).mlp_dropout
+    def head_dropout(cls, settings: RunSettings) -> float:
+        return settings.section(LoDiscSettings).mlp_dropout
 
     @torch.no_grad()
     def _keys(

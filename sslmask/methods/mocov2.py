@@ -18,7 +18,6 @@ batch, then the keys are put back in order: what the same global batch gives on
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +30,7 @@ from sslmask.losses import embedding_std, info_nce
 from sslmask.methods.base import MomentumMethod
 from sslmask.momentum import MomentumPairs, frozen_copy
 from sslmask.progress import Progress
-from sslmask.settings import DataSettings, ModelSettings, Section, setting
+from sslmask.settings import RunSettings, Section, setting
 from sslmask.transforms import ViewSpec, moco_v2_views
 
 
@@ -61,9 +60,9 @@ class MoCoV2(MomentumMethod):
     name = "mocov2"
     sections = (MoCoV2Settings,)
 
-    def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
-        super().__init__(backbone, cfg)
-        m, c = ModelSettings.of(cfg), MoCoV2Settings.of(cfg)
+    def __init__(self, backbone: Backbone, settings: RunSettings):
+        super().__init__(backbone, settings)
+        m, c = settings.model, settings.section(MoCoV2Settings)
         self.mocov2 = c
         self.projector = moco_mlp(backbone.num_features, m.proj_hidden, m.proj_dim)
         self.key_backbone = frozen_copy(backbone)
@@ -75,13 +74,13 @@ class MoCoV2(MomentumMethod):
         self._pending: torch.Tensor | None = None
 
     @classmethod
-    def view_specs(cls, cfg: dict[str, Any]) -> list[ViewSpec]:
+    def view_specs(cls, settings: RunSettings) -> list[ViewSpec]:
         """Query ("aug+") first, then the key (``mocov2.weak_key``: crop and flip only)."""
-        data = DataSettings.of(cfg)
-        return moco_v2_views(data.image_size, data.crop_min_scale, MoCoV2Settings.of(cfg).weak_key)
+        data = settings.data
+        return moco_v2_views(data.image_size, data.crop_min_scale, settings.section(MoCoV2Settings).weak_key)
 
     @classmethod
-    def reference_decay_exclude(cls, cfg: dict[str, Any]) -> str:
+    def reference_decay_exclude(cls, settings: RunSettings) -> str:
         """MoCo's (and HCSC's) SGD decays every parameter (``SGD(model.parameters(), ...)``)."""
         return "none"
 

@@ -14,7 +14,6 @@ Views: BYOL's asymmetric pair.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +25,7 @@ from sslmask.losses import embedding_std, moco_v3_loss
 from sslmask.methods.base import MomentumMethod, SSLMethod
 from sslmask.momentum import MomentumPairs, frozen_copy
 from sslmask.progress import Progress
-from sslmask.settings import ModelSettings, Section, setting
+from sslmask.settings import RunSettings, Section, setting
 from sslmask.vit import VIT_ARCHS
 
 
@@ -53,23 +52,23 @@ class MoCoV3(MomentumMethod):
     sections = (MoCoV3Settings,)
     zero_init_residual = True  # main_moco.py: torchvision_models.__dict__[arch](zero_init_residual=True)
 
-    def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
-        super().__init__(backbone, cfg)
-        self.mocov3 = MoCoV3Settings.of(cfg)
+    def __init__(self, backbone: Backbone, settings: RunSettings):
+        super().__init__(backbone, settings)
+        self.mocov3 = settings.section(MoCoV3Settings)
         if backbone.is_vit and self.mocov3.stop_grad_conv1:
             for p in as_vit(
                 backbone, "stop_grad_conv1"
             ).patch_embed.parameters():  # vits.py: patch_embed.proj
                 p.requires_grad_(False)
-        self.projector, self.predictor = self.build_heads(backbone, cfg)
+        self.projector, self.predictor = self.build_heads(backbone, settings)
         self.key_backbone = frozen_copy(backbone)
         self.key_projector = frozen_copy(self.projector)
         self.ema = MomentumPairs((self.backbone, self.key_backbone), (self.projector, self.key_projector))
 
     @classmethod
-    def build_heads(cls, backbone: Backbone, cfg: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
+    def build_heads(cls, backbone: Backbone, settings: RunSettings) -> tuple[nn.Module, nn.Module]:
         """(projector, predictor) in the official layout for ``backbone``."""
-        m, p = ModelSettings.of(cfg), cls.head_dropout(cfg)
+        m, p = settings.model, cls.head_dropout(settings)
         layout = head_layout(backbone.is_vit)
         layers, last_bn = layout["projector"]
         projector = mlp(backbone.num_features, m.proj_hidden, m.proj_dim, layers, last_bn, p)
@@ -78,15 +77,15 @@ class MoCoV3(MomentumMethod):
         return projector, predictor
 
     @classmethod
-    def head_dropout(cls, cfg: dict[str, Any]) -> float:
+    def head_dropout(cls, settings: RunSettings) -> float:
         """Dropout between the MLP layers (none in MoCo v3)."""
         return 0.0
 
     @classmethod
-    def reference_decay_exclude(cls, cfg: dict[str, Any]) -> str:
+    def reference_decay_exclude(cls, settings: RunSettings) -> str:
         """ResNet recipe: LARS, which neither decays nor adapts 1-D tensors; ViT recipe:
         ``AdamW(model.parameters(), weight_decay=0.1)``, every parameter decayed."""
-        return "none" if ModelSettings.of(cfg).arch in VIT_ARCHS else "bias_norm"
+        return "none" if settings.model.arch in VIT_ARCHS else "bias_norm"
 
     def online_modules(self) -> list[nn.Module]:
         return [self.backbone, self.projector, self.predictor]

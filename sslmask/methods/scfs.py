@@ -26,7 +26,6 @@ either global view uses plain SCFS; ``fallback`` and ``gated`` log how often.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +37,7 @@ from sslmask.methods.dino import DINO, update_center
 from sslmask.momentum import MomentumPairs, frozen_copy
 from sslmask.pooling import DOWNSAMPLE_MODES, downsample_mask, masked_average_pool, usable_masks
 from sslmask.progress import Progress
-from sslmask.settings import FallbackBand, setting
+from sslmask.settings import FallbackBand, RunSettings, setting
 
 MASK_MODES = ("none", "key", "key_query", "key_query_gate")
 SEARCH_GLOBALS = ("first", "both")
@@ -111,10 +110,10 @@ class SCFS(DINO):
     name = "scfs"
     sections = (*DINO.sections, SCFSSettings)
 
-    def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
-        super().__init__(backbone, cfg)
-        s = self.scfs = SCFSSettings.of(cfg)
-        if self.d.local_crops < 1:
+    def __init__(self, backbone: Backbone, settings: RunSettings):
+        super().__init__(backbone, settings)
+        s = self.scfs = settings.section(SCFSSettings)
+        if self.dino.local_crops < 1:
             raise ValueError("scfs: dino.local_crops must be >= 1 (the search runs from the local crops)")
         self.taps = list(s.vit_blocks if backbone.is_vit else s.layers)
         channels = backbone.stage_channels(self.taps)
@@ -131,8 +130,8 @@ class SCFS(DINO):
         self._batch_layer_center: torch.Tensor | None = None
 
     @classmethod
-    def uses_masks(cls, cfg: dict[str, Any]) -> bool:
-        return SCFSSettings.of(cfg).mask_mode != "none"
+    def uses_masks(cls, settings: RunSettings) -> bool:
+        return settings.section(SCFSSettings).mask_mode != "none"
 
     def online_modules(self) -> list[nn.Module]:
         return [self.backbone, self.head, self.search_heads]
@@ -182,7 +181,7 @@ class SCFS(DINO):
         return torch.cat(out).to(teacher_grids[0].dtype)
 
     def forward(self, batch: dict[str, torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
-        n_local = self.d.local_crops
+        n_local = self.dino.local_crops
         crops = [batch[f"view{v}"] for v in range(2 + n_local)]
         plan = self._mask_plan(batch, n_local)
         pooled_g, grids_g = self.backbone.stage_features(torch.cat(crops[:2]), self.taps)
@@ -194,7 +193,7 @@ class SCFS(DINO):
             teacher = self.teacher_head(t_pooled).chunk(2)
             targets = [F.softmax((t.float() - self.center) / temp, dim=-1) for t in teacher]
             self._batch_center = torch.cat(teacher).float().mean(0, keepdim=True)
-        loss_dino = dino_loss(student, targets, self.d.student_temp)
+        loss_dino = dino_loss(student, targets, self.dino.student_temp)
         terms = self._stage_terms(grids_g, grids_l, t_grids, batch, plan, temp)
         out = {"loss": loss_dino + terms.pop("loss_layers"), "loss_dino": loss_dino.detach(), **terms}
         out["teacher_temp"] = torch.tensor(temp)
@@ -205,9 +204,9 @@ class SCFS(DINO):
 
     def _stage_terms(self, grids_g, grids_l, t_grids, batch, plan, temp: float) -> dict[str, torch.Tensor]:
         """Σ_i of each stage's loss: the local search term and, optionally, the global term."""
-        n_local = self.d.local_crops
+        n_local = self.dino.local_crops
         n_globals = 2 if self.scfs.search_globals == "both" else 1
-        tau_s = self.d.student_temp
+        tau_s = self.dino.student_temp
         keep = plan["keep"] if plan is not None else None
         weights = keep.float() if keep is not None else torch.ones(n_local, grids_l[0].shape[0] // n_local)
         weights = weights.reshape(-1).repeat(n_globals).to(grids_l[0].device)
@@ -241,6 +240,6 @@ class SCFS(DINO):
     def after_optimizer_step(self, progress: Progress) -> dict[str, float]:
         out = super().after_optimizer_step(progress)
         if self._batch_layer_center is not None:
-            update_center(self.layer_center, self._batch_layer_center, self.d.center_momentum)
+            update_center(self.layer_center, self._batch_layer_center, self.dino.center_momentum)
             self._batch_layer_center = None
         return out

@@ -53,7 +53,7 @@ from sslmask.pooling import (
 )
 from sslmask.progress import Progress
 from sslmask.prototypes import hierarchical_kmeans, prototype_sizes
-from sslmask.settings import DataSettings, FallbackBand, setting
+from sslmask.settings import FallbackBand, RunSettings, setting
 from sslmask.transforms import ViewSpec
 
 if TYPE_CHECKING:
@@ -124,31 +124,31 @@ class SegAS(MoCoV2):
     name = "segas"
     sections = (*MoCoV2.sections, SegASSettings)
 
-    def __init__(self, backbone: Backbone, cfg: dict[str, Any]):
-        super().__init__(backbone, cfg)
-        self.segas = SegASSettings.of(cfg)
+    def __init__(self, backbone: Backbone, settings: RunSettings):
+        super().__init__(backbone, settings)
+        self.segas = settings.section(SegASSettings)
         self.prototypes: list[torch.Tensor] = []  # per level, M_l x D (empty before clustering)
         self.instance_labels = torch.zeros(0, 0, dtype=torch.long)  # L x n
         self.clustered_epoch = -1
 
     @classmethod
-    def view_specs(cls, cfg: dict[str, Any]) -> list[ViewSpec]:
+    def view_specs(cls, settings: RunSettings) -> list[ViewSpec]:
         """x^{q1} (aug+), the key x^k and, with ``q2_from: second_view``, a second aug+ view that
         x^{q2} is filtered from (with ``q1``, x^{q2} is x^{q1} filtered: the same crop)."""
-        query, key = MoCoV2.view_specs(cfg)
-        return [query, key] if SegASSettings.of(cfg).q2_from == "q1" else [query, key, query]
+        query, key = MoCoV2.view_specs(settings)
+        return [query, key] if settings.section(SegASSettings).q2_from == "q1" else [query, key, query]
 
     @classmethod
-    def uses_masks(cls, cfg: dict[str, Any]) -> bool:
-        s = SegASSettings.of(cfg)
+    def uses_masks(cls, settings: RunSettings) -> bool:
+        s = settings.section(SegASSettings)
         return s.mask_mode != "none" or s.cluster_on == "foreground"
 
     # the prototypes live outside DDP's buffers (their shape is set by the data, and DDP would
     # broadcast n labels every step); they travel in the checkpoint as extra state
     @classmethod
-    def check_data(cls, cfg: dict[str, Any], n_images: int) -> None:
+    def check_data(cls, settings: RunSettings, n_images: int) -> None:
         """The prototype counts must fit the training set (checked again at each re-clustering)."""
-        prototype_sizes(SegASSettings.of(cfg).prototypes, n_images)
+        prototype_sizes(settings.section(SegASSettings).prototypes, n_images)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"epoch": self.clustered_epoch, "labels": self.instance_labels.cpu(),
@@ -171,7 +171,7 @@ class SegAS(MoCoV2):
         foreground = self.segas.cluster_on == "foreground"
         with torch.random.fork_rng(devices=[]):
             feats, _ = extract_features_sharded(
-                self.key_backbone, records, DataSettings.of(self.cfg).image_size, info,
+                self.key_backbone, records, self.settings.data.image_size, info,
                 embed=self.embed_foreground if foreground else self.embed_keys, masks=foreground,
             )  # fmt: skip
         sizes = prototype_sizes(self.segas.prototypes, len(records))

@@ -819,7 +819,7 @@ def test_a_checkpoint_whose_config_lacks_model_is_one_line(tmp_path, capsys, sam
 
     cfg = load_settings("byol", "cpu-demo")
     state = build_method(cfg).state_dict()
-    save_atomic({"method": state, "step": 1, "config": {k: v for k, v in cfg.items() if k != "model"}},
+    save_atomic({"method": state, "step": 1, "config": {k: v for k, v in cfg.to_config().items() if k != "model"}},
                 tmp_path / "ckpt.pt")  # fmt: skip
     rc = sslmask_main(["eval", "knn", "--checkpoint", str(tmp_path / "ckpt.pt"), "--train", str(sample_build),
                        "--val", str(sample_build), "--workers", "0", "--image-size", "32"])  # fmt: skip

@@ -291,16 +291,17 @@ def drfi() -> None:
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0)
 def drfi_fit(**kw: Any) -> None:
     """Fit DRFI's random-forest region regressor and save it (plain arrays, no pickle)."""
-    from maskgen.methods.drfi.fit import fit_drfi
+    from maskgen.methods.drfi.fit import FitRecipe, fit_drfi
     from maskgen.sources import make_source
 
     labels = kw["labels"] if kw["labels"] != "auto" else ("gt" if kw["gt"] else "pseudo")
     source = make_source(kw["source"], source_config(kw["source"], kw, kw["seed"]))
     provenance = parse_params(kw["info"], "--info")
     try:
-        forest = fit_drfi(source, kw["source"], labels=labels, levels=kw["levels"], rounds=kw["rounds"],
-                          features=kw["features"], round_labels=kw["round_labels"], limit=kw["limit"],
-                          seed=kw["seed"], jobs=kw["jobs"], fusion=kw["fusion"], n_estimators=kw["trees"],
+        recipe = FitRecipe(labels=labels, levels=kw["levels"], features=kw["features"], rounds=kw["rounds"],
+                           round_labels=kw["round_labels"], fusion=kw["fusion"], limit=kw["limit"],
+                           seed=kw["seed"])  # fmt: skip
+        forest = fit_drfi(source, kw["source"], recipe, jobs=kw["jobs"], n_estimators=kw["trees"],
                           min_samples_leaf=kw["min_leaf"])  # fmt: skip
     except ValueError as exc:
         raise BuildError(str(exc)) from None

@@ -351,14 +351,14 @@ def test_masks_round_fits_on_the_methods_own_mask_labels(monkeypatch):
     monkeypatch.setattr(
         fit, "mask_labels", lambda image, scorers: seen.append(real(image, scorers)) or seen[-1]
     )
-    forest = fit.fit_drfi(source, "sample", levels="multi", rounds=1, round_labels="masks", limit=3,
-                          n_estimators=4, log=io.StringIO())  # fmt: skip
+    recipe = fit.FitRecipe(levels="multi", rounds=1, round_labels="masks", limit=3)
+    forest = fit.fit_drfi(source, "sample", recipe, n_estimators=4, log=io.StringIO())
     assert len(seen) == 3  # round 1 re-labelled every image from its refined mask
     y = np.concatenate([lv for image in seen for lv in image])
     assert forest.info["round_labels"] == "masks"
     assert forest.info["n_train_regions"] == 2 * min((y == 1).sum(), (y == 0).sum())  # balanced
     with pytest.raises(ValueError, match="round labels"):
-        fit.fit_drfi(source, "sample", rounds=1, round_labels="border", limit=1, log=io.StringIO())
+        fit.FitRecipe(rounds=1, round_labels="border", limit=1)
 
 
 def test_shipped_models_say_what_they_were_fitted_on():

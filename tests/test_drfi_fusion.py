@@ -118,9 +118,11 @@ def test_a_malformed_fusion_entry_is_refused_on_load(tmp_path, entry):
 
 def test_fit_learns_weights_without_changing_the_forest():
     source = make_source("sample", {"sample_size": 4, "seed": 3})
-    kw = dict(labels="gt", levels="multi", limit=8, n_estimators=4, log=io.StringIO())
-    plain = fit.fit_drfi(source, "sample", **kw)
-    fused = fit.fit_drfi(source, "sample", fusion="learned", **kw)
+    kw = dict(n_estimators=4, log=io.StringIO())
+    plain = fit.fit_drfi(source, "sample", fit.FitRecipe(labels="gt", levels="multi", limit=8), **kw)
+    fused = fit.fit_drfi(
+        source, "sample", fit.FitRecipe(labels="gt", levels="multi", limit=8, fusion="learned"), **kw
+    )
     for name in ("feature", "threshold", "left", "right", "value", "roots"):
         np.testing.assert_array_equal(getattr(plain, name), getattr(fused, name))
     entry = fused.info[FUSION_KEY]
@@ -133,7 +135,7 @@ def test_fit_learns_weights_without_changing_the_forest():
     assert weights is not None and weights.min() >= 0 and abs(weights.sum() - 1) < 1e-9
     assert FUSION_KEY not in plain.info
     with pytest.raises(ValueError, match="needs ground truth"):
-        fit.fit_drfi(source, "sample", labels="pseudo", fusion="learned", limit=2, log=io.StringIO())
+        fit.FitRecipe(labels="pseudo", fusion="learned", limit=2)
 
 
 def test_cli_fits_fused_model_and_a_build_records_its_weights(tmp_path, capsys):

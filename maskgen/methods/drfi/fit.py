@@ -158,87 +158,114 @@ def fit_fusion(images: list[_Image], seed: int, jobs: int, **forest_kw: Any) -> 
     return simplex_least_squares(x, y, w)
 
 
-def _check_fit_choices(labels: str, levels: str, features: str, round_labels: str, fusion: str) -> None:
-    if features not in FEATURE_SETS:
-        raise ValueError(f"drfi fit: features must be one of {', '.join(FEATURE_SETS)}, got {features!r}")
-    if labels not in ("pseudo", "gt"):
-        raise ValueError(f"drfi fit: labels must be 'pseudo' or 'gt', got {labels!r}")
-    if round_labels not in ROUND_LABELS:
-        raise ValueError(
-            f"drfi fit: round labels must be one of {', '.join(ROUND_LABELS)}, got {round_labels!r}"
-        )
-    if fusion not in ("uniform", "learned"):
-        raise ValueError(f"drfi fit: fusion must be 'uniform' or 'learned', got {fusion!r}")
-    if fusion == "learned" and (labels != "gt" or len(LEVEL_SETS[levels]) < 2):
-        raise ValueError("drfi fit: --fusion learned needs ground truth (--labels gt) and two or more levels")
+@dataclass(frozen=True)
+class FitRecipe:
+    """What ``maskgen drfi fit`` fits: ``labels`` 'pseudo' or 'gt'; ``levels`` a LEVEL_SETS
+    name; ``features`` 'drfi' (DRFI's 93-d descriptor) or 'drfi+cues' (plus the 6 background
+    cues of ``cues``); ``rounds`` of self-training on ``round_labels``; ``fusion`` 'learned'
+    (ground truth only) also fits the levels' weights for ``refine=1``; the first ``limit``
+    images; ``seed`` for balancing and the trees."""
+
+    labels: str = "pseudo"
+    levels: str = "harl"
+    features: str = "drfi+cues"
+    rounds: int = 0
+    round_labels: str = "boundary"
+    fusion: str = "uniform"
+    limit: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.features not in FEATURE_SETS:
+            raise ValueError(
+                f"drfi fit: features must be one of {', '.join(FEATURE_SETS)}, got {self.features!r}"
+            )
+        if self.labels not in ("pseudo", "gt"):
+            raise ValueError(f"drfi fit: labels must be 'pseudo' or 'gt', got {self.labels!r}")
+        if self.round_labels not in ROUND_LABELS:
+            raise ValueError(
+                f"drfi fit: round labels must be one of {', '.join(ROUND_LABELS)}, got {self.round_labels!r}"
+            )
+        if self.fusion not in ("uniform", "learned"):
+            raise ValueError(f"drfi fit: fusion must be 'uniform' or 'learned', got {self.fusion!r}")
+        if self.fusion == "learned" and (self.labels != "gt" or len(LEVEL_SETS[self.levels]) < 2):
+            raise ValueError(
+                "drfi fit: --fusion learned needs ground truth (--labels gt) and two or more levels"
+            )
+
+    @property
+    def rounds_on_masks(self) -> bool:
+        """Later rounds label regions by the previous round's whole masks (not its boundary)."""
+        return self.labels == "pseudo" and self.rounds > 0 and self.round_labels == "masks"
+
+    def info(self) -> dict[str, Any]:
+        """What the fitted model records of its recipe."""
+        out = {"labels": self.labels, "levels": self.levels, "features": self.features, "rounds": self.rounds}
+        if self.rounds > 0 and self.labels == "pseudo":
+            out["round_labels"] = self.round_labels
+        return {**out, "seed": self.seed}
 
 
 def fit_drfi(
     source: Source,
     source_name: str,
+    recipe: FitRecipe = FitRecipe(),
     *,
-    labels: str = "pseudo",
-    levels: str = "harl",
-    features: str = "drfi+cues",
-    rounds: int = 0,
-    round_labels: str = "boundary",
-    limit: int | None = None,
-    seed: int = 0,
     log: TextIO | None = None,
     jobs: int = 1,
-    fusion: str = "uniform",
     **forest_kw: Any,
 ) -> Forest:
-    """Fit a forest on ``source``; ``labels`` is 'pseudo' or 'gt'; ``features`` 'drfi' (DRFI's
-    93-d descriptor) or 'drfi+cues' (plus the 6 background cues of ``cues``); ``fusion``
-    'learned' (ground truth only) also fits the levels' weights for ``refine=1``."""
+    """Fit a forest on ``source`` by ``recipe``; ``forest_kw`` go to the trees (``n_estimators``,
+    ``min_samples_leaf``); ``jobs`` threads build them (the forest is the same for any count)."""
     log = log or sys.stderr
-    _check_fit_choices(labels, levels, features, round_labels, fusion)
-    by_masks = labels == "pseudo" and rounds > 0 and round_labels == "masks"
-    items = source.list_items()[:limit] if limit else source.list_items()
+    items = source.list_items()[: recipe.limit] if recipe.limit else source.list_items()
+    gt = recipe.labels == "gt"
     images, skipped = extract_levels(
-        source, items, levels, labels == "gt", log, need_graph=by_masks or fusion == "learned",
-        cues=features == "drfi+cues",
+        source, items, recipe.levels, gt, log, need_graph=recipe.rounds_on_masks or recipe.fusion == "learned",
+        cues=recipe.features == "drfi+cues",
     )  # fmt: skip
     if not images:
-        raise ValueError("drfi fit: no usable images" + (" with ground truth" if labels == "gt" else ""))
-    data = [lv for im in images for lv in im.levels]
-    rng = np.random.default_rng(seed)
-    x_all = np.concatenate([d.feats for d in data])
-    info = {
-        "source": source_name,
-        "source_config": source.config(),
-        "images": len(items) - skipped,
-        "labels": labels,
-        "levels": levels,
-        "features": features,
-        "rounds": rounds,
-        **({"round_labels": round_labels} if rounds > 0 and labels == "pseudo" else {}),
-        "seed": seed,
-        "segmentation_backend": DEFAULT_BACKEND,
-    }
-    if labels == "gt":
-        y_all = np.concatenate([d.gt_labels for d in data])
-        x, y = _balanced(x_all, y_all, rng)
-        forest = fit_forest(x, y, seed, info, jobs, **forest_kw)
-        if fusion == "learned":
-            weights = fit_fusion(images, seed, jobs, **forest_kw)
-            forest.info[FUSION_KEY] = fusion_info(levels, True, weights, len(images))
-            print(
-                f"drfi fit: fusion weights {np.round(weights, 3).tolist()} ({len(images)} photos)", file=log
-            )
-        return forest
+        raise ValueError("drfi fit: no usable images" + (" with ground truth" if gt else ""))
+    info = {"source": source_name, "source_config": source.config(), "images": len(items) - skipped,
+            **recipe.info(), "segmentation_backend": DEFAULT_BACKEND}  # fmt: skip
+    fit = _fit_on_ground_truth if gt else _fit_self_trained
+    return fit(images, recipe, info, log, jobs, forest_kw)
 
+
+def _fit_on_ground_truth(
+    images, recipe: FitRecipe, info: dict, log: TextIO, jobs: int, forest_kw: dict
+) -> Forest:
+    """One forest on the regions' ground-truth labels (and, with ``fusion: learned``, the
+    levels' weights, cross-fitted)."""
+    data = [lv for im in images for lv in im.levels]
+    x, y = _balanced(np.concatenate([d.feats for d in data]), np.concatenate([d.gt_labels for d in data]),
+                     np.random.default_rng(recipe.seed))  # fmt: skip
+    forest = fit_forest(x, y, recipe.seed, info, jobs, **forest_kw)
+    if recipe.fusion == "learned":
+        weights = fit_fusion(images, recipe.seed, jobs, **forest_kw)
+        forest.info[FUSION_KEY] = fusion_info(recipe.levels, True, weights, len(images))
+        print(f"drfi fit: fusion weights {np.round(weights, 3).tolist()} ({len(images)} photos)", file=log)
+    return forest
+
+
+def _fit_self_trained(
+    images, recipe: FitRecipe, info: dict, log: TextIO, jobs: int, forest_kw: dict
+) -> Forest:
+    """Round 0 on the boundary-prior heuristic's pseudo labels, then ``rounds`` more, each on
+    the labels of the previous round's forest (its boundary, or its whole masks)."""
+    data = [lv for im in images for lv in im.levels]
+    rng = np.random.default_rng(recipe.seed)
+    x_all = np.concatenate([d.feats for d in data])
     scorer: HeuristicScorer | ForestScorer = HeuristicScorer()
     forest = None
-    for r in range(rounds + 1):
-        if r > 0 and by_masks:
+    for r in range(recipe.rounds + 1):
+        if r > 0 and recipe.rounds_on_masks:
             scorers = [scorer, HeuristicScorer()]
             y_all = np.concatenate([y for im in images for y in mask_labels(im, scorers)])
         else:
             y_all = np.concatenate([pseudo_labels(scorer.score(d.feats, d.stats), d.stats) for d in data])
         x, y = _balanced(x_all, y_all, rng)
-        forest = fit_forest(x, y, seed + r, {**info, "round": r}, jobs, **forest_kw)
+        forest = fit_forest(x, y, recipe.seed + r, {**info, "round": r}, jobs, **forest_kw)
         print(f"drfi fit: round {r}: {x.shape[0]} balanced regions", file=log)
         scorer = ForestScorer(forest, "round", "")
     assert forest is not None

@@ -137,9 +137,58 @@ def test_exact_mode_keeps_what_the_default_replaces(tmp_path):
         ({"seed": 2}, "only with --param quality"),
         ({"exact": "yes"}, "exact=yes: must be true or false"),
         ({"quality": 0.7, "seed": -1}, "seed=-1: must be an integer in [0, 4294967295]"),
+        ({"shape": "circle"}, "--param shape='circle': must be one of mask, box"),
+        ({"shape": "box", "quality": 0.7}, "shape=box: not with --param quality"),
     ],
 )
 def test_bad_gt_params_are_one_line(params, message):
     with pytest.raises(ValueError, match=re.escape(message)) as info:
         make_method("gt", params)
     assert "\n" not in str(info.value)
+
+
+def slow_object_boxes(mask: np.ndarray) -> np.ndarray:
+    """Each 8-connected component's bounding box, by a flood fill written here."""
+    h, w = mask.shape
+    seen = np.zeros_like(mask, bool)
+    out = np.zeros((h, w), np.uint8)
+    for y0 in range(h):
+        for x0 in range(w):
+            if not mask[y0, x0] or seen[y0, x0]:
+                continue
+            stack, ys, xs = [(y0, x0)], [], []
+            seen[y0, x0] = True
+            while stack:
+                y, x = stack.pop()
+                ys.append(y)
+                xs.append(x)
+                for dy in (-1, 0, 1):
+                    for dx in (-1, 0, 1):
+                        v, u = y + dy, x + dx
+                        if 0 <= v < h and 0 <= u < w and mask[v, u] and not seen[v, u]:
+                            seen[v, u] = True
+                            stack.append((v, u))
+            out[min(ys) : max(ys) + 1, min(xs) : max(xs) + 1] = 1
+    return out
+
+
+def test_box_shape_fills_each_object_to_its_box():
+    """``shape=box``: the mask a box per object gives (issue 41's box arm), checked against a
+    flood fill; two objects stay two boxes, diagonal neighbours are one object."""
+    from maskgen.methods.truth import object_boxes
+
+    mask = np.zeros((20, 30), bool)
+    mask[2:6, 3:5] = True
+    mask[6, 5] = True  # touches the first by a corner: one object
+    mask[10:18, 20:22] = mask[12, 15:25] = True  # a cross: its box is wider than either bar
+    boxes = object_boxes(mask)
+    np.testing.assert_array_equal(boxes, slow_object_boxes(mask))
+    assert boxes[2:7, 3:6].all() and boxes[10:18, 15:25].all() and boxes.sum() == 5 * 3 + 8 * 10
+    for i in range(4):
+        rgb, truth = scene(i)
+        method = make_method("gt", {"shape": "box"})
+        (box,) = method.predict_with_truth([rgb], [truth.astype(np.uint8)])
+        np.testing.assert_array_equal(box, slow_object_boxes(truth))
+        assert (box >= truth).all() and method.exact_masks
+    assert make_method("gt", {"shape": "box"}).params == {"exact": True, "shape": "box"}
+    assert make_method("gt", {}).params == {}  # the default's fingerprint is unchanged

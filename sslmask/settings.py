@@ -206,12 +206,20 @@ class RunSettings:
     train: TrainSettings
     monitor: MonitorSettings
     sections: tuple[Section, ...] = ()
+    # each section's keys in the order its YAML gave them, so a saved config.yaml reads as the
+    # packaged file does (the values do not depend on it)
+    key_order: tuple[tuple[str, tuple[str, ...]], ...] = dataclasses.field(
+        default=(), compare=False, repr=False
+    )
 
     @classmethod
     def parse(cls, cfg: dict[str, Any], own: tuple[type[Section], ...]) -> RunSettings:
         """``cfg`` (a merged config mapping) with ``own``, the method's section classes."""
         shared = (section.of(cfg) for section in SHARED_SECTIONS)
-        return cls(cfg["method"], *shared, sections=tuple(section.of(cfg) for section in own))
+        order = tuple((name, tuple(keys)) for name, keys in cfg.items() if isinstance(keys, dict))
+        return cls(
+            cfg["method"], *shared, sections=tuple(section.of(cfg) for section in own), key_order=order
+        )
 
     def section(self, kind: type[S]) -> S:
         """The method's section of class ``kind`` (e.g. ``HARLSettings``)."""
@@ -228,4 +236,8 @@ class RunSettings:
     def to_config(self) -> dict[str, Any]:
         """The plain mapping (method, shared sections, the method's own), as a run saves it."""
         shared = (getattr(self, s.section) for s in SHARED_SECTIONS)
-        return {"method": self.method, **{s.section: s.as_dict() for s in (*shared, *self.sections)}}
+        out = {"method": self.method, **{s.section: s.as_dict() for s in (*shared, *self.sections)}}
+        for name, keys in self.key_order:
+            if name in out and set(keys) == set(out[name]):
+                out[name] = {key: out[name][key] for key in keys}
+        return out

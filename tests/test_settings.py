@@ -197,6 +197,9 @@ def test_settings_give_back_exactly_the_mapping_they_were_parsed_from(method):
         settings = parse(cfg)
         back = settings.to_config()
         assert back == cfg, overlay
+        assert [(k, list(v) if isinstance(v, dict) else v) for k, v in back.items()] == [
+            (k, list(v) if isinstance(v, dict) else v) for k, v in cfg.items()
+        ]  # in the YAML's order too: a saved config.yaml reads as before
         for name, section in cfg.items():
             if isinstance(section, dict):
                 assert {k: type(v) for k, v in back[name].items()} == {k: type(v) for k, v in section.items()}

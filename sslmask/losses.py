@@ -34,6 +34,15 @@ def harl_hybrid_loss(mask_loss: torch.Tensor, global_loss: torch.Tensor, lam: fl
     return lam * mask_loss + (1 - lam) * global_loss
 
 
+def float32_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` in float32 even inside autocast. Casting the inputs is not enough: autocast
+    runs every matrix product in bf16 (fp16 on CUDA) whatever its inputs, so similarities that
+    a temperature of 0.1-0.2 then sharpens would carry bf16's 3 significant digits. For the
+    methods whose reference trains in float32 (MoCo v2's InfoNCE, SegAS's prototype scores)."""
+    with torch.autocast(a.device.type, enabled=False):
+        return a.float() @ b.float().T
+
+
 def embedding_std(z: torch.Tensor) -> torch.Tensor:
     """Collapse monitor: mean per-dimension std of L2-normalised embeddings.
 
@@ -48,7 +57,7 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float) 
     ``q``, ``k``: N x D, ``queue``: K x D, all L2-normalised; ``-log softmax([q.k, q.queue] / tau)[0]``.
     """
     q, k, queue = q.float(), k.float().detach(), queue.float().detach()
-    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1) / tau
+    logits = torch.cat([(q * k).sum(1, keepdim=True), float32_products(q, queue)], dim=1) / tau
     return -F.log_softmax(logits, dim=1)[:, 0]
 
 

@@ -42,7 +42,14 @@ import torch.nn.functional as F
 from sslmask import distributed as D
 from sslmask.backbones import Backbone
 from sslmask.features import extract_features_sharded
-from sslmask.losses import calibrated_target, confidence, embedding_std, info_nce, procr_loss
+from sslmask.losses import (
+    calibrated_target,
+    confidence,
+    embedding_std,
+    float32_products,
+    info_nce,
+    procr_loss,
+)
 from sslmask.methods.mocov2 import MoCoV2
 from sslmask.pooling import (
     channel_heatmap,
@@ -212,14 +219,14 @@ class SegAS(MoCoV2):
             return {"loss": loss_i, **out}
         s = self.segas
         labels = self.instance_labels[:, batch["index"]]
-        targets = [calibrated_target(k @ c.T, y, s.tau_key, s.tau_rho, s.mu)
+        targets = [calibrated_target(float32_products(k, c), y, s.tau_key, s.tau_rho, s.mu)
                    for c, y in zip(self.prototypes, labels, strict=True)]  # fmt: skip
-        logits1 = [q1 @ c.T / s.tau_query for c in self.prototypes]
+        logits1 = [float32_products(q1, c) / s.tau_query for c in self.prototypes]
         x2, filtered, info = self.filtered_view(
             batch, torch.softmax(logits1[0].detach().float(), dim=1), progress
         )
         q2 = self.query(x2)
-        logits2 = [q2 @ c.T / s.tau_query for c in self.prototypes]
+        logits2 = [float32_products(q2, c) / s.tau_query for c in self.prototypes]
         hprocr1 = torch.stack(
             [procr_loss(t, lg).mean() for t, lg in zip(targets, logits1, strict=True)]
         ).mean()

@@ -124,3 +124,29 @@ def test_every_evaluation_of_random_scores_the_same_network():
     second, _ = _scored_backbone("random", "resnet_tiny", "auto")
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_ssl_compare_reports_the_occlusion_probes_own_clean_top1(sample_build):
+    # the occluded columns of benchmarks/ssl_compare.py are read against the clean top-1 of the
+    # same probe (SegAS's schedule), not against `eval linear`'s, whose schedule differs
+    import argparse
+    import sys
+    from pathlib import Path
+
+    from sslmask.checkpoint import load_backbone
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from ssl_compare import EXTRA_COLUMNS, segas_evaluations
+
+    build = [str(sample_build)]
+    args = argparse.Namespace(occlusion=True, bank=None, train=build, val=build, image_size=32, loc_val=None)
+    row = segas_evaluations("random", "resnet_tiny", args, seed=3)
+    assert set(row) == {"occ_clean", "occ_rand50", "occ_fg", "occ_bg"} <= set(EXTRA_COLUMNS)
+    torch.manual_seed(3)
+    backbone = load_backbone("random", "resnet_tiny")
+    plan = conditions(backbone, (0.5,), (), 7, 3, saliency=True)
+    plan.pop("attention")
+    records = index_any(build)
+    want = occlusion_eval(backbone, records, records, 32, plan, LOADER)
+    assert row["occ_clean"] == want["clean"] and row["occ_rand50"] == want["random"]["0.5"]
+    assert (row["occ_fg"], row["occ_bg"]) == (want["saliency"]["foreground"], want["saliency"]["background"])

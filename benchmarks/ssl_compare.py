@@ -37,7 +37,13 @@ from sslmask.eval.linear import linear_probe
 from sslmask.eval.retrieval import retrieval_metrics
 
 COLUMNS = {"knn20": "k-NN k=20", "linear": "linear", "rank1": "Rank-1", "rank5": "Rank-5", "mAP": "mAP"}
-EXTRA_COLUMNS = {"occ_clean": "occ clean", "occ_rand50": "occ rand .5", "occ_fg": "occ fg", "occ_bg": "occ bg", "loc": "loc"}
+EXTRA_COLUMNS = {
+    "occ_clean": "occ clean",
+    "occ_rand50": "occ rand .5",
+    "occ_fg": "occ fg",
+    "occ_bg": "occ bg",
+    "loc": "loc",
+}
 
 
 def segas_evaluations(checkpoint: str, arch: str, args, seed: int, branch: str = "auto") -> dict[str, float]:

@@ -21,6 +21,8 @@ from pathlib import Path
 from PIL import Image
 
 from maskgen.boxscore import Box, box_mask, read_box_csv
+from maskgen.pipeline import BuildError
+from maskio.atomic import atomic_open
 
 
 def write_tree(boxes: dict[str, list[Box]], root: Path, split: str, out: Path) -> int:
@@ -38,7 +40,8 @@ def write_tree(boxes: dict[str, list[Box]], root: Path, split: str, out: Path) -
             mask = box_mask(photo_boxes, (image.height, image.width)).astype("uint8") * 255
         target = out / "boxes" / sub.with_suffix(".png")
         target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(mask).save(target)
+        with atomic_open(target) as fh:  # a crash never leaves a partial mask under its name
+            Image.fromarray(mask).save(fh, format="PNG")
     return len(chosen)
 
 
@@ -51,7 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--split", default="train", help="keep rows whose path starts with SPLIT/")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    n = write_tree(read_box_csv(args.boxes), args.root, args.split, args.out)
+    try:
+        n = write_tree(read_box_csv(args.boxes), args.root, args.split, args.out)
+    except (BuildError, OSError) as exc:  # one line naming the file, not a traceback
+        raise SystemExit(f"box_masks: {exc}") from None
     print(f"{n} photos with boxes -> {args.out}/photos, masks -> {args.out}/boxes")
 
 

@@ -13,11 +13,12 @@ the online network otherwise; ``--branches online momentum`` scores both trunks 
 linear probe on the held-out set, and `sslmask eval retrieval`'s leave-one-out Rank-1/5 and mAP within the held-out set
 (backbone features; LoDisc's rows retrieve with its normalised predictor output, as its own
 ``validate`` does, with the backbone CLS figures beside them as ``rank1_cls`` ...), and prints
-per-seed numbers and medians. --val may be a class-folder
-tree (Imagenette, Caltech-101). SegAS's evaluations on request: ``--occlusion`` fits SegAS's own
-probe (60 epochs, lr 5.0) and adds its clean top-1 and its top-1 with half of a 7 x 7 grid
-hidden and with the foreground / background of --val's masks hidden (`sslmask eval occlusion`); ``--loc-val BUILD --loc-masks DIR`` adds
-class-agnostic localisation against ground-truth masks (`sslmask eval localization --agnostic`).
+per-seed numbers and medians. --val may be a class-folder tree (Imagenette, Caltech-101).
+SegAS's evaluations on request: ``--occlusion`` fits SegAS's own probe (60 epochs, lr 5.0) and
+adds its clean top-1 and its top-1 with half of a 7 x 7 grid hidden and with the foreground /
+background of --val's masks hidden (`sslmask eval occlusion`); ``--loc-val BUILD --loc-masks
+DIR`` adds class-agnostic localisation against ground-truth masks (`sslmask eval localization
+--agnostic`).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from maskgen.boxscore import box_mask
@@ -55,3 +56,18 @@ def test_boxed_photos_and_their_box_masks_build_exactly(tmp_path):
     ]
     assert len(masks) == 2  # byte for byte the boxes: no post-processing, no fallback
     assert all(any(np.array_equal(m, w) for m in masks) for w in want.values())
+
+
+def test_a_bad_box_csv_or_a_missing_photo_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,x0,y0,x1,y1\ntrain/a.jpg,5,5,1,1\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["--boxes", str(bad), "--root", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert str(exc.value).startswith("box_masks: ") and "bad.csv:2" in str(exc.value)
+    assert "\n" not in str(exc.value)
+    missing = tmp_path / "missing.csv"
+    missing.write_text("path,x0,y0,x1,y1\ntrain/a.jpg,1,1,5,5\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["--boxes", str(missing), "--root", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert "a.jpg" in str(exc.value) and "\n" not in str(exc.value)
+    assert not list((tmp_path / "o").rglob("*.png"))

@@ -49,13 +49,13 @@ def toy_pixels(seed: int = 0) -> PixelFeatures:
         height=H,
         width=W,
         values=rng.random((n, 25)).astype(np.float32),  # 24 channels and the LBP value
-        bins=(
+        bins=np.stack([
             rng.integers(0, 512, n),
             rng.integers(0, 512, n),
             rng.integers(0, 512, n),
             rng.integers(0, N_FILTERS, n),
             rng.integers(0, 256, n),
-        ),  # fmt: skip
+        ]).astype(np.int16),  # fmt: skip
         n_bins=(512, 512, 512, N_FILTERS, 256),
         border=border.reshape(-1),
     )
@@ -145,7 +145,7 @@ def test_region_variances_stay_exact_on_large_smooth_regions():
     lab = np.zeros((h, w), np.int64)
     lab[:, 150:] = 1
     values = (0.6 + 0.01 * rng.standard_normal((h * w, 25))).astype(np.float32)
-    pix = PixelFeatures(h, w, values, tuple(np.zeros(h * w, np.int64) for _ in range(5)),
+    pix = PixelFeatures(h, w, values, np.zeros((5, h * w), np.int16),
                         (512, 512, 512, N_FILTERS, 256), np.zeros(h * w, bool))  # fmt: skip
     feats, _ = region_features(pix, lab)
     var_cols = [FEATURE_NAMES.index(f"var_{c}") for c in COLOR_NAMES[:3]]

@@ -166,8 +166,12 @@ def level_inputs():
     return pix, labels, int(labels.max()) + 1
 
 
-def test_region_sums_and_deviations_equal_the_sparse_products():
+@pytest.mark.parametrize("labels", ["segments", "random"])
+def test_region_sums_and_deviations_equal_the_sparse_products(labels):
+    """Long runs of one region (a segmentation) and a new region at almost every pixel."""
     pix, lab, n = level_inputs()
+    if labels == "random":
+        lab = np.random.default_rng(0).integers(0, n, lab.size)
     member = sparse.csr_matrix(
         (np.ones(lab.size, np.float32), (lab, np.arange(lab.size))), shape=(n, lab.size)
     )
@@ -176,6 +180,18 @@ def test_region_sums_and_deviations_equal_the_sparse_products():
     mean = (sums.astype(np.float64) / np.bincount(lab)[:, None]).astype(np.float32)
     dev = np.square(pix.values - mean[lab])
     np.testing.assert_array_equal(kernels.region_squared_deviations(lab, pix.values, mean), member @ dev)
+
+
+def test_weighted_contrast_equals_the_einsum():
+    """The descriptor's regional contrast, to the bit, against the dense expression it replaced."""
+    pix, lab, n = level_inputs()
+    mean = kernels.region_sums(lab, pix.values, n).astype(np.float64) / np.bincount(lab)[:, None]
+    mean24 = mean[:, :24]
+    weight = np.random.default_rng(1).random((n, n))
+    np.fill_diagonal(weight, 0.0)
+    weight /= weight.sum(axis=1, keepdims=True)
+    want = np.einsum("ij,ijc->ic", weight, np.abs(mean24[:, None, :] - mean24[None, :, :]))
+    np.testing.assert_array_equal(kernels.weighted_contrast(weight, mean24), want)
 
 
 def test_region_means_and_overlaps_equal_bincount_and_coo():
@@ -191,12 +207,15 @@ def test_region_means_and_overlaps_equal_bincount_and_coo():
     assert (dense != coo).nnz == 0 and np.array_equal(dense.indices, coo.indices)
 
 
-def test_region_counts_and_coordinates_equal_bincount():
+def test_region_histograms_and_coordinates_equal_bincount():
     pix, lab, n = level_inputs()
     h, w = pix.height, pix.width
-    for bins, nb in zip(pix.bins, pix.n_bins, strict=True):
+    offsets = np.concatenate([[0], np.cumsum(pix.n_bins)])
+    counts = kernels.region_histograms(lab, pix.bins, offsets, n)
+    assert counts.shape == (n, sum(pix.n_bins))
+    for k, (bins, nb) in enumerate(zip(pix.bins, pix.n_bins, strict=True)):
         want = np.bincount(lab * nb + bins, minlength=n * nb).reshape(n, nb)
-        np.testing.assert_array_equal(kernels.region_counts(lab, bins, n, nb), want)
+        np.testing.assert_array_equal(counts[:, offsets[k] : offsets[k + 1]], want)
     ys, xs = np.divmod(np.arange(lab.size), w)
     sum_x, sum_y, cols, rows = kernels.region_coordinates(lab.reshape(h, w), n)
     np.testing.assert_array_equal(sum_x, np.bincount(lab, xs, n))

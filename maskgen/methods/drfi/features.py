@@ -23,6 +23,7 @@ Order of the 93 dimensions (``FEATURE_NAMES``), as in DRFI:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -113,7 +114,7 @@ class PixelFeatures:
     width: int
     # N x 25 float32: R G B, L a b, H S V (all in [0, 1]), 15 |LM| in [0, 1], LBP code / 255
     values: np.ndarray
-    bins: tuple[np.ndarray, ...]  # 5 x N int: rgb, lab, hsv (0..511), texton (0..14), lbp (0..255)
+    bins: np.ndarray  # 5 x N int16: rgb, lab, hsv (0..511), texton (0..14), lbp (0..255)
     n_bins: tuple[int, ...]
     border: np.ndarray  # N bool: the pseudo-background
 
@@ -184,13 +185,15 @@ def pixel_features(rgb: np.ndarray, texture_scale: float = 0.5) -> PixelFeatures
         height=h,
         width=w,
         values=values.reshape(h * w, 25),
-        bins=(
-            _quantize3(rgb_f).reshape(-1),
-            _quantize3(lab).reshape(-1),  # _quantize3 clips: the same bins as clipping lab first
-            _quantize3(hsv).reshape(-1),
-            texton.reshape(-1).astype(np.int64),
-            lbp.reshape(-1).astype(np.int64),
-        ),
+        bins=np.stack(
+            [
+                _quantize3(rgb_f).reshape(-1),
+                _quantize3(lab).reshape(-1),  # _quantize3 clips: the same bins as clipping lab first
+                _quantize3(hsv).reshape(-1),
+                texton.reshape(-1),
+                lbp.reshape(-1),
+            ]
+        ).astype(np.int16, copy=False),
         n_bins=(HIST_BINS**3, HIST_BINS**3, HIST_BINS**3, N_FILTERS, 256),
         border=border.reshape(-1),
     )
@@ -220,14 +223,17 @@ def lm_responses(gray: np.ndarray, texture_scale: float) -> tuple[list[np.ndarra
     return responses, texton
 
 
-def _histograms(
-    lab: np.ndarray, bins: np.ndarray, n_regions: int, n_bins: int, background: np.ndarray
-) -> np.ndarray:
-    """Row-normalised histograms of every region and, as the last row, of the pseudo-background
-    (R + 1 x used bins; bins no row uses are dropped)."""
-    counts = np.vstack([kernels.region_counts(lab, bins, n_regions, n_bins), background[None]])
-    counts = counts[:, counts.any(axis=0)].astype(np.float32)
-    return counts / counts.sum(axis=1, keepdims=True)
+def _histograms(pix: PixelFeatures, lab: np.ndarray, n_regions: int) -> list[np.ndarray]:
+    """For each of the five bin indices: the row-normalised histograms of every region and, as
+    the last row, of the pseudo-background (R + 1 x used bins; bins no row uses are dropped)."""
+    offsets = np.concatenate([[0], np.cumsum(pix.n_bins)]).astype(np.int64)
+    counts = kernels.region_histograms(lab, pix.bins, offsets, n_regions)
+    out = []
+    for k, background in enumerate(pix.background_counts):
+        hist = np.vstack([counts[:, offsets[k] : offsets[k + 1]], background[None]])
+        hist = hist[:, hist.any(axis=0)].astype(np.float32)
+        out.append(hist / hist.sum(axis=1, keepdims=True))
+    return out
 
 
 def chi2_pairwise(h: np.ndarray, g: np.ndarray, chunk: int = 64) -> np.ndarray:
@@ -239,9 +245,16 @@ def chi2_pairwise(h: np.ndarray, g: np.ndarray, chunk: int = 64) -> np.ndarray:
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _sum_plan(bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return kernels.pairwise_sum_plan(bins)
+
+
 def chi2_self(h: np.ndarray) -> np.ndarray:
     """``chi2_pairwise(h, h)``, bit for bit, in one compiled pass over the upper triangle."""
-    return kernels.chi2_self(np.ascontiguousarray(h, np.float32), np.float32(CHI2_EPS))
+    return kernels.chi2_self(
+        np.ascontiguousarray(h, np.float32), np.float32(CHI2_EPS), *_sum_plan(h.shape[1])
+    )
 
 
 def minmax(x: np.ndarray) -> np.ndarray:
@@ -313,8 +326,7 @@ def region_features(pix: PixelFeatures, labels: np.ndarray) -> tuple[np.ndarray,
     # --- pseudo-background: the border band as one extra "region"
     bg_mean = pix.background_mean
     hist_dist_c, hist_dist_b = [], []
-    for bins, nb, bg_counts in zip(pix.bins, pix.n_bins, pix.background_counts, strict=True):
-        hist = _histograms(lab, bins, n, nb, bg_counts)
+    for hist in _histograms(pix, lab, n):
         hist_dist_c.append(chi2_self(hist[:n]))
         hist_dist_b.append(chi2_pairwise(hist[:n], hist[n:])[:, 0])
 
@@ -328,7 +340,7 @@ def region_features(pix: PixelFeatures, labels: np.ndarray) -> tuple[np.ndarray,
     weight = np.divide(weight, wsum, out=np.zeros_like(weight), where=wsum > 0)
     mean24 = mean[:, :24]
     contrast = np.empty((n, 29))
-    contrast[:, :24] = np.einsum("ij,ijc->ic", weight, np.abs(mean24[:, None, :] - mean24[None, :, :]))
+    contrast[:, :24] = kernels.weighted_contrast(weight, mean24)
     for k, dmat in enumerate(hist_dist_c):
         contrast[:, 24 + k] = (weight * dmat).sum(axis=1)
 

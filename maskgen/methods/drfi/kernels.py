@@ -8,14 +8,17 @@ NumPy/SciPy expression it replaces (tests/test_graphseg.py compares them bit for
   weights)`` per column computes (a float64 sum in pixel order);
 - ``chi2_self``: the chi-square distances between every two histograms, with each entry's bins
   summed as NumPy's float32 ``sum`` sums a row (pairwise: 8 running sums up to 128 terms, halves
-  beyond), so the matrix equals ``features.chi2_pairwise(h, h)`` to the bit;
+  beyond; ``pairwise_sum_plan``), so the matrix equals ``features.chi2_pairwise(h, h)`` to the bit;
 - ``masked_mean``: the float64 column means of the rows a mask selects, summed row by row as
   NumPy's ``values[mask].astype(np.float64).mean(axis=0)`` sums a C-ordered array, without the
   gathered copy;
 - ``joint_bins``: the 8 x 8 x 8 joint bin of each pixel, what ``clip(int32(a * 8), 0, 7)``
   per channel gives, in one pass instead of five temporaries;
-- ``region_counts``: per-region histograms of one bin index, what ``np.bincount(labels * n_bins
-  + bins)`` counts, without the N-long temporary;
+- ``region_histograms``: per-region histograms of several bin indices, what ``np.bincount(labels
+  * n_bins + bins)`` counts for each, in one pass and without the N-long temporaries;
+- ``weighted_contrast``: sum_j w_ij |m_ic - m_jc| for every region i and channel c, summed over
+  j in order in float64 as ``np.einsum("ij,ijc->ic", w, |m_i - m_j|)`` does, without the
+  R x R x C temporary;
 - ``region_coordinates``: per-region sums of x and y (integers, so exact in any order) and
   per-region counts of pixels per column and per row, for centroids and percentiles;
 - ``region_boundaries``: per region, its outline pixels (a 4-neighbour of another label) and
@@ -35,25 +38,51 @@ from numba import njit
 
 @njit(cache=True)
 def region_sums(labels: np.ndarray, values: np.ndarray, n_regions: int) -> np.ndarray:
-    """R x C float32: the sum of ``values`` (N x C float32) over each region's pixels."""
-    out = np.zeros((n_regions, values.shape[1]), np.float32)
+    """R x C float32: the sum of ``values`` (N x C float32) over each region's pixels.
+
+    A run of pixels of one region (most pixels continue their left neighbour's region) is
+    summed in a small row and written back when the region changes: the additions, and so the
+    float32 results, are those of a plain pixel-order loop, without a load and a store of the
+    output per pixel and channel."""
+    n_channels = values.shape[1]
+    out = np.zeros((n_regions, n_channels), np.float32)
+    run = np.zeros(n_channels, np.float32)
+    r = labels[0] if labels.size else 0
     for p in range(labels.size):
-        r = labels[p]
-        for c in range(values.shape[1]):
-            out[r, c] = np.float32(out[r, c] + values[p, c])
+        if labels[p] != r:
+            out[r] = run
+            r = labels[p]
+            run[:] = out[r]
+        for c in range(n_channels):
+            run[c] = np.float32(run[c] + values[p, c])
+    if labels.size:
+        out[r] = run
     return out
 
 
 @njit(cache=True)
 def region_squared_deviations(labels: np.ndarray, values: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """R x C float32: the sum over each region's pixels of ``(value - mean[region])**2``, every
-    step rounded to float32 (``mean`` is float32)."""
+    step rounded to float32 (``mean`` is float32); runs of one region summed as in
+    ``region_sums``."""
+    n_channels = values.shape[1]
     out = np.zeros(mean.shape, np.float32)
+    run = np.zeros(n_channels, np.float32)
+    centre = np.zeros(n_channels, np.float32)
+    r = labels[0] if labels.size else 0
+    if labels.size:
+        centre[:] = mean[r]
     for p in range(labels.size):
-        r = labels[p]
-        for c in range(values.shape[1]):
-            d = np.float32(values[p, c] - mean[r, c])
-            out[r, c] = np.float32(out[r, c] + np.float32(d * d))
+        if labels[p] != r:
+            out[r] = run
+            r = labels[p]
+            run[:] = out[r]
+            centre[:] = mean[r]
+        for c in range(n_channels):
+            d = np.float32(values[p, c] - centre[c])
+            run[c] = np.float32(run[c] + np.float32(d * d))
+    if labels.size:
+        out[r] = run
     return out
 
 
@@ -73,9 +102,10 @@ def region_means(labels: np.ndarray, values: np.ndarray, area: np.ndarray) -> np
 
 @njit(cache=True)
 def joint_bins(a: np.ndarray, bins: int) -> np.ndarray:
-    """H x W x 3 float32 -> H x W int32 joint bin index, each channel's bin clipped to 0..bins-1."""
+    """H x W x 3 float32 -> H x W int16 joint bin index (bins**3 <= 32768), each channel's bin
+    clipped to 0..bins-1."""
     h, w = a.shape[:2]
-    out = np.empty((h, w), np.int32)
+    out = np.empty((h, w), np.int16)
     scale = np.float32(bins)
     for y in range(h):
         for x in range(w):
@@ -101,11 +131,29 @@ def masked_mean(values: np.ndarray, mask: np.ndarray, n_cols: int) -> np.ndarray
 
 
 @njit(cache=True)
-def region_counts(labels: np.ndarray, bins: np.ndarray, n_regions: int, n_bins: int) -> np.ndarray:
-    """R x B int64: how many pixels of each region fall in each bin."""
-    out = np.zeros((n_regions, n_bins), np.int64)
+def region_histograms(
+    labels: np.ndarray, bins: np.ndarray, offsets: np.ndarray, n_regions: int
+) -> np.ndarray:
+    """R x offsets[-1] int64: every region's histograms of the K bin indices ``bins`` (K x N),
+    histogram k in columns ``offsets[k]:offsets[k + 1]``, counted in one pass over the pixels."""
+    out = np.zeros((n_regions, offsets[-1]), np.int64)
     for p in range(labels.size):
-        out[labels[p], bins[p]] += 1
+        r = labels[p]
+        for k in range(bins.shape[0]):
+            out[r, offsets[k] + bins[k, p]] += 1
+    return out
+
+
+@njit(cache=True)
+def weighted_contrast(weight: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """R x C float64: for each region i, sum_j weight[i, j] * |mean[i] - mean[j]|."""
+    n, n_channels = mean.shape
+    out = np.zeros((n, n_channels), np.float64)
+    for i in range(n):
+        for j in range(n):
+            w = weight[i, j]
+            for c in range(n_channels):
+                out[i, c] += w * abs(mean[i, c] - mean[j, c])
     return out
 
 
@@ -160,114 +208,97 @@ def region_boundaries(labels2d: np.ndarray, n_regions: int):
     return inner, edge, np.unique(keys[:k])
 
 
+def pairwise_sum_plan(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """NumPy's pairwise float32 sum of ``n`` terms (``pairwise_sum`` in loops_utils.h) as data:
+    its leaf blocks of up to 128 terms (first index, count) in order, and a postfix program over
+    them (a block's index pushes its sum, -1 adds the top two: first half + second half). Runs
+    longer than 128 are halved, the first half a multiple of 8."""
+    first: list[int] = []
+    count: list[int] = []
+    program: list[int] = []
+
+    def split(lo: int, m: int) -> None:
+        if m <= 128:
+            program.append(len(first))
+            first.append(lo)
+            count.append(m)
+            return
+        half = m // 2 - (m // 2) % 8
+        split(lo, half)
+        split(lo + half, m - half)
+        program.append(-1)
+
+    split(0, n)
+    return np.array(first, np.int64), np.array(count, np.int64), np.array(program, np.int64)
+
+
 @njit(cache=True)
-def _block_sum(buf: np.ndarray, lo: int, n: int) -> np.float32:
-    """NumPy's float32 sum of up to 128 terms: a plain loop below 8, else 8 running sums."""
-    if n < 8:
-        res = np.float32(0.0)
-        for i in range(lo, lo + n):
-            res = np.float32(res + buf[i])
-        return res
-    if n <= 128:
-        r0 = buf[lo]
-        r1 = buf[lo + 1]
-        r2 = buf[lo + 2]
-        r3 = buf[lo + 3]
-        r4 = buf[lo + 4]
-        r5 = buf[lo + 5]
-        r6 = buf[lo + 6]
-        r7 = buf[lo + 7]
-        i = 8
-        stop = n - n % 8
-        while i < stop:
-            r0 = np.float32(r0 + buf[lo + i])
-            r1 = np.float32(r1 + buf[lo + i + 1])
-            r2 = np.float32(r2 + buf[lo + i + 2])
-            r3 = np.float32(r3 + buf[lo + i + 3])
-            r4 = np.float32(r4 + buf[lo + i + 4])
-            r5 = np.float32(r5 + buf[lo + i + 5])
-            r6 = np.float32(r6 + buf[lo + i + 6])
-            r7 = np.float32(r7 + buf[lo + i + 7])
-            i += 8
-        res = np.float32(
+def _planned_sum(terms, block_first, block_count, program, block_sums, stack) -> np.float32:
+    """NumPy's float32 sum of ``terms`` by its plan (``pairwise_sum_plan``): in a block, a plain
+    loop below 8 terms, else 8 running sums added pairwise and then the tail; blocks combined
+    by the program. ``block_sums`` and ``stack`` are scratch of the plan's block count."""
+    for b in range(block_first.size):
+        lo = block_first[b]
+        cnt = block_count[b]
+        if cnt < 8:
+            s = np.float32(0.0)
+            for k in range(lo, lo + cnt):
+                s = np.float32(s + terms[k])
+            block_sums[b] = s
+            continue
+        r0, r1, r2, r3 = terms[lo], terms[lo + 1], terms[lo + 2], terms[lo + 3]
+        r4, r5, r6, r7 = terms[lo + 4], terms[lo + 5], terms[lo + 6], terms[lo + 7]
+        stop = lo + cnt - cnt % 8
+        for k in range(lo + 8, stop, 8):
+            r0 = np.float32(r0 + terms[k])
+            r1 = np.float32(r1 + terms[k + 1])
+            r2 = np.float32(r2 + terms[k + 2])
+            r3 = np.float32(r3 + terms[k + 3])
+            r4 = np.float32(r4 + terms[k + 4])
+            r5 = np.float32(r5 + terms[k + 5])
+            r6 = np.float32(r6 + terms[k + 6])
+            r7 = np.float32(r7 + terms[k + 7])
+        s = np.float32(
             np.float32(np.float32(r0 + r1) + np.float32(r2 + r3))
             + np.float32(np.float32(r4 + r5) + np.float32(r6 + r7))
         )
-        while i < n:
-            res = np.float32(res + buf[lo + i])
-            i += 1
-        return res
-
-
-@njit(cache=True)
-def _pairwise_sum(buf: np.ndarray, lo: int, n: int) -> np.float32:
-    """NumPy's pairwise float32 sum of ``buf[lo:lo + n]`` (``pairwise_sum`` in loops_utils.h):
-    blocks of up to 128 terms, longer runs halved (the first half a multiple of 8) and the two
-    halves' sums added. Written with an explicit stack: numba cannot load a recursive function
-    from its on-disk cache."""
-    if n <= 128:
-        return _block_sum(buf, lo, n)
-    task_lo = np.empty(64, np.int64)
-    task_n = np.empty(64, np.int64)
-    task_stage = np.empty(64, np.int64)
-    sums = np.empty(64, np.float32)
-    top, n_sums = 1, 0
-    task_lo[0], task_n[0], task_stage[0] = lo, n, 0
-    while top > 0:
-        t = top - 1
-        if task_n[t] <= 128:
-            sums[n_sums] = _block_sum(buf, task_lo[t], task_n[t])
-            n_sums += 1
-            top -= 1
-            continue
-        half = task_n[t] // 2
-        half -= half % 8
-        if task_stage[t] == 0:  # the first half
-            task_stage[t] = 1
-            task_lo[top], task_n[top], task_stage[top] = task_lo[t], half, 0
+        for k in range(stop, lo + cnt):
+            s = np.float32(s + terms[k])
+        block_sums[b] = s
+    top = 0
+    for op in program:
+        if op >= 0:
+            stack[top] = block_sums[op]
             top += 1
-        elif task_stage[t] == 1:  # then the second
-            task_stage[t] = 2
-            task_lo[top], task_n[top], task_stage[top] = task_lo[t] + half, task_n[t] - half, 0
-            top += 1
-        else:  # both done: first + second
-            n_sums -= 1
-            sums[n_sums - 1] = np.float32(sums[n_sums - 1] + sums[n_sums])
+        else:
+            stack[top - 2] = np.float32(stack[top - 2] + stack[top - 1])
             top -= 1
-    return sums[0]
+    return stack[0]
 
 
-@njit(cache=True)
-def chi2_self(h: np.ndarray, eps: np.float32) -> np.ndarray:
-    """R x R float32: 0.5 * sum_k (h_ik - h_jk)^2 / (h_ik + h_jk + eps), symmetric.
-
-    A bin empty in both histograms contributes exactly +0.0, so only the bins where either is
-    non-zero are computed (histograms of small regions are sparse); the sum still runs over
-    every bin in NumPy's order, so the result is the same to the bit."""
+# error_model="numpy": no zero-divisor check in the loop (the divisor is at least eps), so the
+# per-bin terms compile to vector divisions; each term is still one IEEE float32 operation chain
+@njit(cache=True, error_model="numpy")
+def chi2_self(h, eps, block_first, block_count, program) -> np.ndarray:
+    """R x R float32: 0.5 * sum_k (h_ik - h_jk)^2 / (h_ik + h_jk + eps), symmetric, each entry's
+    bins summed by ``pairwise_sum_plan(bins)`` as NumPy sums a float32 row."""
     n, bins = h.shape
     out = np.empty((n, n), np.float32)
-    terms = np.zeros(bins, np.float32)
-    start = np.zeros(n + 1, np.int64)
+    terms = np.empty(bins, np.float32)
+    block_sums = np.empty(block_first.size, np.float32)
+    stack = np.empty(block_first.size + 1, np.float32)
     for i in range(n):
-        start[i + 1] = start[i] + np.count_nonzero(h[i])
-    nonzero = np.empty(start[n], np.int64)
-    for i in range(n):
-        m = start[i]
-        for k in range(bins):
-            if h[i, k] != 0:
-                nonzero[m] = k
-                m += 1
-    for i in range(n):
+        hi = h[i]
         for j in range(i, n):
-            for row in (i, j):
-                for m in range(start[row], start[row + 1]):
-                    k = nonzero[m]
-                    d = np.float32(h[i, k] - h[j, k])
-                    terms[k] = np.float32(np.float32(d * d) / np.float32(np.float32(h[i, k] + h[j, k]) + eps))
-            out[i, j] = out[j, i] = np.float32(np.float32(0.5) * _pairwise_sum(terms, 0, bins))
-            for row in (i, j):
-                for m in range(start[row], start[row + 1]):
-                    terms[nonzero[m]] = 0
+            hj = h[j]
+            for k in range(bins):
+                d = np.float32(hi[k] - hj[k])
+                terms[k] = np.float32(np.float32(d * d) / np.float32(np.float32(hi[k] + hj[k]) + eps))
+            v = np.float32(
+                np.float32(0.5) * _planned_sum(terms, block_first, block_count, program, block_sums, stack)
+            )
+            out[i, j] = v
+            out[j, i] = v
     return out
 
 

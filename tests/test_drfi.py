@@ -49,13 +49,7 @@ def toy_pixels(seed: int = 0) -> PixelFeatures:
         height=H,
         width=W,
         values=rng.random((n, 25)).astype(np.float32),  # 24 channels and the LBP value
-        bins=np.stack([
-            rng.integers(0, 512, n),
-            rng.integers(0, 512, n),
-            rng.integers(0, 512, n),
-            rng.integers(0, N_FILTERS, n),
-            rng.integers(0, 256, n),
-        ]).astype(np.int16),  # fmt: skip
+        bins=np.stack([rng.integers(0, nb, n) for nb in (512, 512, 512, N_FILTERS, 256)]).astype(np.int16),
         n_bins=(512, 512, 512, N_FILTERS, 256),
         border=border.reshape(-1),
     )

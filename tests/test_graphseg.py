@@ -291,6 +291,17 @@ def test_textons_are_the_argmax_of_the_responses():
     np.testing.assert_array_equal(texton, np.stack(responses, axis=2).argmax(axis=2))
 
 
+def test_planned_sum_is_numpys_float32_sum():
+    """The pairwise plan chi2_self sums by, against NumPy's own float32 sum, for every length
+    regime (plain loop, 8 running sums, halving) and values spread over six decades."""
+    rng = np.random.default_rng(0)
+    for n in [*range(1, 300), 511, 512, 513, 1000, 2000, 4097]:
+        x = (rng.random(n) * 10 ** rng.uniform(-3, 3, n)).astype(np.float32)
+        plan = kernels.pairwise_sum_plan(n)
+        scratch = np.empty(plan[0].size, np.float32), np.empty(plan[0].size + 1, np.float32)
+        assert kernels._planned_sum(x, *plan, *scratch) == x.sum(), n
+
+
 @pytest.mark.parametrize("bins", [1, 7, 8, 98, 128, 129, 221, 512, 2000])
 def test_chi2_self_equals_the_numpy_expression(bins):
     """Below 8, up to 128 and beyond: each regime of NumPy's pairwise sum."""

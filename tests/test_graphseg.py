@@ -314,7 +314,8 @@ def test_chi2_self_equals_the_numpy_expression(bins):
 
 @pytest.mark.parametrize("bins", [9, 130, 512])
 def test_chi2_self_on_very_sparse_histograms(bins):
-    """Each pair's few non-zero bins routed into NumPy's blocks and tails: still bit for bit."""
+    """Histograms of mostly empty bins (small regions), whose few terms fall in different blocks
+    and tails of NumPy's sum: still bit for bit."""
     rng = np.random.default_rng(bins + 1)
     h = rng.random((29, bins)).astype(np.float32)
     h[rng.random(h.shape) < 0.95] = 0

@@ -23,7 +23,6 @@ Order of the 93 dimensions (``FEATURE_NAMES``), as in DRFI:
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -245,15 +244,10 @@ def chi2_pairwise(h: np.ndarray, g: np.ndarray, chunk: int = 64) -> np.ndarray:
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def _sum_plan(bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return kernels.pairwise_sum_plan(bins)
-
-
 def chi2_self(h: np.ndarray) -> np.ndarray:
     """``chi2_pairwise(h, h)``, bit for bit, in one compiled pass over the upper triangle."""
     return kernels.chi2_self(
-        np.ascontiguousarray(h, np.float32), np.float32(CHI2_EPS), *_sum_plan(h.shape[1])
+        np.ascontiguousarray(h, np.float32), np.float32(CHI2_EPS), *kernels.pairwise_sum_plan(h.shape[1])
     )
 
 

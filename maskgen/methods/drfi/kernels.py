@@ -32,6 +32,8 @@ sparse product per statistic; one pass over the trees replaces a level-by-level 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import njit
 
@@ -208,6 +210,7 @@ def region_boundaries(labels2d: np.ndarray, n_regions: int):
     return inner, edge, np.unique(keys[:k])
 
 
+@functools.lru_cache(maxsize=64)  # one plan per histogram width, read-only
 def pairwise_sum_plan(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """NumPy's pairwise float32 sum of ``n`` terms (``pairwise_sum`` in loops_utils.h) as data:
     its leaf blocks of up to 128 terms (first index, count) in order, and a postfix program over
@@ -229,7 +232,10 @@ def pairwise_sum_plan(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         program.append(-1)
 
     split(0, n)
-    return np.array(first, np.int64), np.array(count, np.int64), np.array(program, np.int64)
+    plan = np.array(first, np.int64), np.array(count, np.int64), np.array(program, np.int64)
+    for part in plan:
+        part.flags.writeable = False  # cached and shared: nobody may change it
+    return plan
 
 
 @njit(cache=True)
